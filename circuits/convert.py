@@ -1,0 +1,158 @@
+"""Conversion of ordinary torch modules into circuits, by torch.fx tracing.
+
+Every traced value becomes a population; torch layers become projections carrying the layer's
+current parameters; additions become populations with several incoming Identity projections
+(residual connections); activations are folded into the population they act on when nothing
+else reads its summed input. The converted net computes exactly what the module computes.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import projections as P
+from . import rules
+from .circuit import Circuit
+from .errors import CircuitError
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.Softplus: "softplus"}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                         torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus"}
+_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _projection(module: nn.Module, name: str) -> P.Projection:
+    """The circuit projection equivalent to one torch layer, carrying its parameters."""
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if isinstance(module, nn.Linear):
+        return P.Dense(bias=module.bias is not None, state=state)
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
+        return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
+                        module.bias is not None, state=state)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return P.BatchNorm(module.eps, module.momentum, module.affine, module.track_running_stats, state=state)
+    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
+        return P.MaxPool(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if isinstance(module, nn.AvgPool2d) and module.divisor_override is None:
+        return P.AvgPool(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return P.AdaptiveAvgPool(module.output_size)
+    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
+        return P.Flatten()
+    if isinstance(module, nn.Identity):
+        return P.Identity()
+    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+
+
+def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
+    """(in_features,) for a first Linear layer; (in_channels, 224, 224) for a first Conv2d."""
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    for user in placeholder.users:
+        if user.op == "call_module":
+            first = root.get_submodule(user.target)
+            if isinstance(first, nn.Linear):
+                return (first.in_features,)
+            if isinstance(first, nn.Conv2d):
+                return (first.in_channels, 224, 224)
+    raise CircuitError("cannot infer the input shape: pass input_shape=(...) to from_torch")
+
+
+def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tuple[int, ...] | None = None,
+               rules_by_layer: Mapping[str, rules.RuleLike] | None = None, name: str | None = None) -> Circuit:
+    """Convert a torch module (fx-traceable, built from circuit layers) into a Circuit.
+
+    rule: the feedback rule of every synaptic layer; rules_by_layer overrides it per layer name
+    (the module's qualified name, e.g. "layer1.0.conv1"). input_shape: one example's input shape,
+    by default (in_features,) or (in_channels, 224, 224) from the first layer.
+    """
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {e}") from e
+    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(module, traced.graph)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    was_training = traced.training
+    traced.eval()
+    param = next(module.parameters(), None)
+    example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
+    with torch.no_grad():
+        ShapeProp(traced).propagate(*[torch.zeros(2, *input_shape, **example) for _ in placeholders])
+    traced.train(was_training)
+
+    rules_by_layer = dict(rules_by_layer or {})
+    circuit = Circuit(name or type(module).__name__, rule=rule)
+    pops: dict[str, list] = {}   # population name -> [shape, activation, is_input], in graph order
+    edges: list[tuple[str, str, P.Projection, str]] = []
+    pop_of: dict[fx.Node, str] = {}
+    used_layers: set[str] = set()
+
+    def new_population(node: fx.Node, activation: str = "identity", is_input: bool = False) -> str:
+        pops[node.name] = [tuple(node.meta["tensor_meta"].shape[1:]), activation, is_input]
+        pop_of[node] = node.name
+        return node.name
+
+    def source(node: fx.Node, arg) -> str:
+        if not isinstance(arg, fx.Node) or arg not in pop_of:
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) reads {arg!r}, which is not a population")
+        return pop_of[arg]
+
+    def activate(node: fx.Node, arg: fx.Node, act: str) -> None:
+        pre = source(node, arg)
+        if pops[pre][1] == "identity" and not pops[pre][2] and len(arg.users) == 1:
+            pops[pre][1] = act          # fold phi into the population it acts on
+            pop_of[node] = pre
+        else:
+            edges.append((pre, new_population(node, act), P.Identity(), f"{pre}->{node.name}"))
+
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            new_population(node, is_input=True)
+        elif node.op == "call_module":
+            layer = traced.get_submodule(node.target)
+            act = _ACTIVATION_MODULES.get(type(layer))
+            if act is not None:
+                activate(node, node.args[0], act)
+                continue
+            if node.target in used_layers:
+                raise CircuitError(f"layer {node.target!r} is called more than once; shared weights cannot be converted")
+            used_layers.add(node.target)
+            projection = _projection(layer, node.target)
+            edges.append((source(node, node.args[0]), new_population(node), projection, node.target))
+        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False):
+            activate(node, node.args[0], _ACTIVATION_FUNCTIONS[node.target])
+        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
+            activate(node, node.args[0], _ACTIVATION_METHODS[node.target])
+        elif node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2 and not node.kwargs:
+            a, b = (source(node, x) for x in node.args)
+            if a == b:
+                raise CircuitError(f"node {node.name!r} adds a population to itself; this cannot be converted")
+            post = new_population(node)
+            edges += [(a, post, P.Identity(), f"{a}->{post}"), (b, post, P.Identity(), f"{b}->{post}")]
+        elif (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten"):
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if start != 1 or end != -1:
+                raise CircuitError(f"node {node.name!r}: only flatten(x, 1) (all but the batch) can be converted")
+            pre = source(node, node.args[0])
+            edges.append((pre, new_population(node), P.Flatten(), f"{pre}->{node.name}"))
+        elif node.op == "output":
+            source(node, node.args[0])
+        else:
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) cannot be converted into a circuit")
+
+    for pop, (shape, act, is_input) in pops.items():
+        circuit.input(pop, shape) if is_input else circuit.population(pop, shape, act)
+    for pre, post, projection, layer in edges:
+        feedback = rules_by_layer.pop(layer, None) if projection.synaptic else None
+        circuit.connect(pre, post, projection, feedback=feedback, name=layer)
+    if rules_by_layer:
+        raise CircuitError(f"rules_by_layer names layers with no synapses in {type(module).__name__}: {sorted(rules_by_layer)}")
+    return circuit

@@ -1,0 +1,39 @@
+"""Populations: groups of neurons with a shape and a pointwise activation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .activations import activation as _activation
+from .errors import CircuitError
+
+ERROR_PREFIX = "δ"
+"""A forward population `p` has a feedback partner population named `δp` carrying its error."""
+
+
+@dataclass(frozen=True)
+class Population:
+    """A forward population of neurons.
+
+    shape: the activity of one example, without the batch dimension, e.g. (500,) or (64, 56, 56).
+    activation: the pointwise nonlinearity phi applied to the summed synaptic input.
+    is_input: an input (sensory) population, driven by data rather than by projections.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    activation: str = "identity"
+    is_input: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name.startswith(ERROR_PREFIX):
+            raise CircuitError(f"population name {self.name!r} must be a non-empty string not starting with {ERROR_PREFIX!r}")
+        shape = tuple(self.shape)
+        if not shape or any(not isinstance(n, int) or n <= 0 for n in shape):
+            raise CircuitError(f"population {self.name!r}: shape {self.shape!r} must be a tuple of positive ints")
+        object.__setattr__(self, "shape", shape)
+        _activation(self.activation)  # fails early on an unknown name
+
+    @property
+    def error_name(self) -> str:
+        """Name of the partner feedback population that carries this population's error."""
+        return ERROR_PREFIX + self.name

@@ -1,0 +1,204 @@
+"""Projections: how one population's activity drives another's summed input.
+
+Synaptic projections (Dense, Conv2d) carry a forward weight W and a feedback weight B, set by a
+feedback rule. Local projections (BatchNorm, pooling, Flatten, Identity) have no synapses: the
+error crosses them through their own local derivative, the same under every rule.
+
+A projection is a specification; `build` makes the torch module once the populations are known.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+from torch import Tensor, nn
+
+from .errors import CircuitError
+from .population import Population
+from .rules import FeedbackRule
+from .synapse import ConvOperator, DenseOperator, Synapse
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil: bool = False) -> int:
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    return (math.ceil(span / stride) if ceil else span // stride) + 1
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Base class: `output_shape` maps the input population's shape to the shape it drives."""
+
+    synaptic: ClassVar[bool] = False
+    state: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False, kw_only=True)
+    """Initial parameters and buffers (a state_dict), e.g. from a converted torch module."""
+
+    def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def check(self, pre: Population, post: Population) -> None:
+        """Raise a CircuitError naming both populations and shapes if they do not fit."""
+        expected = self.output_shape(pre, post)
+        if tuple(expected) != post.shape:
+            raise CircuitError(
+                f"{self} from {pre.name!r} (shape {pre.shape}) to {post.name!r} (shape {post.shape}): "
+                f"it maps {pre.shape} to {tuple(expected)}, which does not fit {post.name!r}")
+
+    def _require_dims(self, pop: Population, dims: int, role: str) -> None:
+        if len(pop.shape) != dims:
+            raise CircuitError(f"{self}: {role} population {pop.name!r} has shape {pop.shape}, "
+                               f"but this projection needs a {dims}-D population")
+
+    def build(self, pre: Population, post: Population, rule: FeedbackRule | None) -> nn.Module:
+        module = self._module(pre, post, rule)
+        if self.state is not None and not self.synaptic:
+            module.load_state_dict(self.state)
+        return module
+
+    def _module(self, pre: Population, post: Population, rule: FeedbackRule | None) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dense(Projection):
+    """All-to-all synapses between 1-D populations: a = W y + bias."""
+
+    synaptic: ClassVar[bool] = True
+    bias: bool = True
+
+    def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        self._require_dims(pre, 1, "input")
+        self._require_dims(post, 1, "output")
+        return post.shape
+
+    def _module(self, pre, post, rule) -> nn.Module:
+        return Synapse(DenseOperator(), (post.shape[0], pre.shape[0]), self.bias, rule, pre.shape, self.state)
+
+
+@dataclass(frozen=True)
+class Conv2d(Projection):
+    """Convolutional synapses with zero padding: a = W * y + bias. Output channels from the target."""
+
+    synaptic: ClassVar[bool] = True
+    kernel_size: int | tuple[int, int] = 3
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    groups: int = 1
+    bias: bool = False
+
+    def operator(self) -> ConvOperator:
+        return ConvOperator(_pair(self.stride), _pair(self.padding), _pair(self.dilation), self.groups)
+
+    def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        self._require_dims(pre, 3, "input")
+        self._require_dims(post, 3, "output")
+        for pop in (pre, post):
+            if pop.shape[0] % self.groups:
+                raise CircuitError(f"{self}: population {pop.name!r} has {pop.shape[0]} channels, "
+                                   f"not divisible by groups={self.groups}")
+        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        return (post.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], d[i]) for i in range(2))
+
+    def _module(self, pre, post, rule) -> nn.Module:
+        shape = (post.shape[0], pre.shape[0] // self.groups, *_pair(self.kernel_size))
+        return Synapse(self.operator(), shape, self.bias, rule, pre.shape, self.state)
+
+
+@dataclass(frozen=True)
+class BatchNorm(Projection):
+    """Batch normalisation per channel (1-D or 3-D populations), a local operation."""
+
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+
+    def output_shape(self, pre, post):
+        if len(pre.shape) not in (1, 3):
+            raise CircuitError(f"{self}: population {pre.name!r} has shape {pre.shape}; batch norm needs 1-D or 3-D")
+        return pre.shape
+
+    def _module(self, pre, post, rule):
+        cls = nn.BatchNorm1d if len(pre.shape) == 1 else nn.BatchNorm2d
+        return cls(pre.shape[0], self.eps, self.momentum, self.affine, self.track_running_stats)
+
+
+@dataclass(frozen=True)
+class MaxPool(Projection):
+    """Max pooling over 2-D windows."""
+
+    kernel_size: int | tuple[int, int] = 2
+    stride: int | tuple[int, int] | None = None
+    padding: int | tuple[int, int] = 0
+    dilation: int | tuple[int, int] = 1
+    ceil_mode: bool = False
+
+    def output_shape(self, pre, post):
+        self._require_dims(pre, 3, "input")
+        k, p, d = _pair(self.kernel_size), _pair(self.padding), _pair(self.dilation)
+        s = _pair(self.stride) if self.stride is not None else k
+        return (pre.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], d[i], self.ceil_mode) for i in range(2))
+
+    def _module(self, pre, post, rule):
+        return nn.MaxPool2d(self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
+
+
+@dataclass(frozen=True)
+class AvgPool(Projection):
+    """Average pooling over 2-D windows (zero padding counted, as torch's default)."""
+
+    kernel_size: int | tuple[int, int] = 2
+    stride: int | tuple[int, int] | None = None
+    padding: int | tuple[int, int] = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+    def output_shape(self, pre, post):
+        self._require_dims(pre, 3, "input")
+        k, p = _pair(self.kernel_size), _pair(self.padding)
+        s = _pair(self.stride) if self.stride is not None else k
+        return (pre.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(2))
+
+    def _module(self, pre, post, rule):
+        return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool(Projection):
+    """Average pooling to a fixed output size, e.g. (1, 1) before a classifier."""
+
+    output_size: int | tuple[int, int] = 1
+
+    def output_shape(self, pre, post):
+        self._require_dims(pre, 3, "input")
+        return (pre.shape[0], *_pair(self.output_size))
+
+    def _module(self, pre, post, rule):
+        return nn.AdaptiveAvgPool2d(self.output_size)
+
+
+@dataclass(frozen=True)
+class Flatten(Projection):
+    """All dimensions but the batch into one."""
+
+    def output_shape(self, pre, post):
+        return (math.prod(pre.shape),)
+
+    def _module(self, pre, post, rule):
+        return nn.Flatten()
+
+
+@dataclass(frozen=True)
+class Identity(Projection):
+    """One-to-one: the input population's activity unchanged (residual and skip connections)."""
+
+    def output_shape(self, pre, post):
+        return pre.shape
+
+    def _module(self, pre, post, rule):
+        return nn.Identity()

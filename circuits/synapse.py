@@ -1,0 +1,165 @@
+"""Synaptic projections: a forward weight W and its feedback weight B, written once for all rules.
+
+Forward:   a_{l+1} = W y_l (+ bias)          (dense product or 2-D convolution)
+Backward:  delta_l  = B^T delta_{l+1}          (the feedback pathway: B instead of W^T)
+           dL/dW    = delta_{l+1} y_l^T        (the same local rule for every method)
+
+B is stored in W's layout (out x in, or a conv kernel), so B == W means B^T = W^T in the
+paper's notation: perfect alignment. The feedback rule (circuits.rules) decides what B is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .rules import FeedbackRule
+
+
+@dataclass(frozen=True)
+class DenseOperator:
+    """a = W y (+ bias) on 1-D populations (leading batch dimensions allowed)."""
+
+    def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(y, weight, bias)
+
+    def backward(self, delta: Tensor, y: Tensor, feedback: Tensor, mask: tuple[bool, bool, bool]):
+        """(B^T delta, delta y^T, sum delta) for the requested outputs."""
+        delta2, y2 = delta.reshape(-1, delta.shape[-1]), y.reshape(-1, y.shape[-1])
+        grad_y = delta @ feedback if mask[0] else None
+        grad_w = delta2.t() @ y2 if mask[1] else None
+        grad_b = delta2.sum(0) if mask[2] else None
+        return grad_y, grad_w, grad_b
+
+    def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
+        """How many (input, output) position pairs each weight entry connects: 1 for a dense W."""
+        return torch.ones(())
+
+
+@dataclass(frozen=True)
+class ConvOperator:
+    """a = W * y (+ bias): 2-D convolution with zero padding."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(y, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, delta: Tensor, y: Tensor, feedback: Tensor, mask: tuple[bool, bool, bool]):
+        """Transposed convolution of delta with B, and the weight-gradient convolution of y and delta.
+
+        The weight gradient needs only W's shape, so one cuDNN call with B in W's place gives both.
+        """
+        return torch.ops.aten.convolution_backward(
+            delta, y, feedback, [feedback.shape[0]] if mask[2] else None,
+            self.stride, self.padding, self.dilation, False, [0, 0], self.groups, list(mask),
+        )
+
+    def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
+        """Per kernel tap (kh, kw): how many output positions see a real (non-padding) input there.
+
+        Zero padding gives border taps fewer inputs; dividing a weight-gradient correlation by
+        this count makes every tap an unbiased average.
+        """
+        ones_in, tap = torch.ones(1, 1, *in_shape[-2:]), torch.ones(1, 1, *weight_shape[-2:])
+        ones_out = torch.ones_like(F.conv2d(ones_in, tap, None, self.stride, self.padding, self.dilation))
+        return torch.ops.aten.convolution_backward(
+            ones_out, ones_in, tap, None, self.stride, self.padding, self.dilation,
+            False, [0, 0], 1, [False, True, False])[1][0, 0]
+
+
+class FeedbackPathway(torch.autograd.Function):
+    """Forward through W; send the error back through B; W's gradient as usual.
+
+    When the rule learns B by gradient (Kolen-Pollack), B receives W's gradient, and both get
+    the rule's decay: dL/dW = delta y^T + lambda W, dL/dB = delta y^T + lambda B.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
+                operator, feedback_learns: bool, decay: float) -> Tensor:
+        ctx.save_for_backward(y, weight, feedback)
+        ctx.operator, ctx.feedback_learns, ctx.decay = operator, feedback_learns, decay
+        ctx.has_bias = bias is not None
+        return operator.forward(y, weight, bias)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        y, weight, feedback = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1] or (ctx.feedback_learns and ctx.needs_input_grad[3])
+        mask = (ctx.needs_input_grad[0], need_w, ctx.has_bias and ctx.needs_input_grad[2])
+        grad_y, grad_w, grad_b = ctx.operator.backward(delta.contiguous(memory_format=_memory_format(delta)), y, feedback, mask)
+        grad_feedback = None
+        if ctx.feedback_learns and grad_w is not None:
+            grad_feedback = grad_w + ctx.decay * feedback if ctx.decay else grad_w
+            if ctx.decay:
+                grad_w = grad_w + ctx.decay * weight
+        return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None, None
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class Synapse(nn.Module):
+    """A synaptic projection W (with optional bias) and its feedback projection B.
+
+    `weight` is W; `feedback` is B in W's layout, whatever the rule (for backprop it is W itself).
+    Rules that keep a B of their own store it as the parameter `B`.
+    """
+
+    def __init__(self, operator: DenseOperator | ConvOperator, weight_shape: tuple[int, ...],
+                 bias: bool, rule: FeedbackRule, in_shape: tuple[int, ...],
+                 state: Mapping[str, Tensor] | None = None) -> None:
+        """`in_shape`: the input population's shape; `state`: initial W (and bias), else torch's init."""
+        super().__init__()
+        self.operator = operator
+        self.in_shape = tuple(in_shape)
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
+        self.reset_parameters()
+        if state is not None:
+            self.load_state_dict(state)
+        self.rule = rule
+        rule.attach(self)
+
+    def reset_parameters(self) -> None:
+        """torch's default init for nn.Linear and nn.Conv2d (Kaiming uniform, a = sqrt(5))."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def feedback(self) -> Tensor:
+        """B in W's layout, as the rule defines it now."""
+        return self.rule.feedback(self)
+
+    @feedback.setter
+    def feedback(self, value: Tensor) -> None:
+        self.rule.set_feedback(self, value)
+
+    def forward(self, y: Tensor) -> Tensor:
+        weight, bias, feedback = self.weight, self.bias, self.rule.feedback(self)
+        device = y.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            y = y.to(dtype)
+            cast = weight.to(dtype)
+            feedback = cast if feedback is weight else feedback.to(dtype)
+            weight, bias = cast, bias.to(dtype) if bias is not None else None
+        learns = self.rule.learns_by_gradient
+        return FeedbackPathway.apply(y, weight, bias, feedback, self.operator, learns, self.rule.decay if learns else 0.0)
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, {self.operator}, rule={self.rule}"

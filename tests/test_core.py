@@ -1,0 +1,272 @@
+"""The circuit core against its math: backprop equals autograd; each rule's B is what its equation says."""
+import copy
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+import circuits
+from circuits import rules
+from conftest import MODELS
+
+
+def converted(name: str, rule="bp", dtype=torch.float64):
+    make, shape = MODELS[name]
+    module = make().to(dtype)
+    net = circuits.from_torch(module, rule=rule, input_shape=shape).build().to(dtype)
+    return module, net, shape
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_backprop_circuit_equals_autograd(name):
+    module, net, shape = converted(name)
+    x, target = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 10, (6,))
+    out_ref, out = module(x), net(x)
+    assert torch.equal(out, out_ref)
+    nn.functional.cross_entropy(out_ref, target).backward()
+    nn.functional.cross_entropy(out, target).backward()
+    ref = dict(module.named_parameters())
+    checked = 0
+    for layer, synapse in net.projections():
+        assert relative(synapse.weight.grad, ref[layer + ".weight"].grad) < 1e-10
+        if synapse.bias is not None:
+            assert relative(synapse.bias.grad, ref[layer + ".bias"].grad) < 1e-10
+        checked += 1
+    for pname, p in module.named_parameters():   # batch-norm affine parameters too
+        q = net.projection(pname.rsplit(".", 1)[0]).get_parameter(pname.rsplit(".", 1)[1])
+        assert relative(q.grad, p.grad) < 1e-10, pname
+    assert checked == sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in module.modules())
+
+
+def test_hand_built_circuit_equals_functional_math():
+    c = circuits.Circuit("mlp")
+    x = c.input("retina", shape=(5,))
+    h = c.population("hidden", shape=(4,), activation="sigmoid")
+    y = c.population("output", shape=(3,))
+    c.connect(x, h, circuits.Dense())
+    c.connect(h, y, circuits.Dense(bias=False))
+    net = c.build().double()
+    W1, b1 = net.projection("retina->hidden").weight, net.projection("retina->hidden").bias
+    W2 = net.projection("hidden->output").weight
+    inp = torch.randn(7, 5, dtype=torch.float64)
+    out = net(inp)
+    # paper notation: a = W y, y = phi(a); delta_l = phi'(a_l) * (W^T delta_{l+1}); dW = delta y^T
+    a1 = inp @ W1.T + b1
+    y1 = torch.sigmoid(a1)
+    assert torch.allclose(out, y1 @ W2.T, rtol=0, atol=1e-14)
+    out.pow(2).sum().div(2).backward()
+    delta2 = (y1 @ W2.T).detach()
+    delta1 = y1 * (1 - y1) * (delta2 @ W2)
+    assert relative(W2.grad, delta2.T @ y1) < 1e-12
+    assert relative(W1.grad, delta1.T @ inp) < 1e-12
+    assert relative(b1.grad, delta1.sum(0)) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_feedback_alignment_with_B_equal_W_reproduces_backprop(name):
+    _, bp, shape = converted(name, "bp")
+    _, fa = converted(name, "fa")[:2]
+    fa.load_state_dict({k: v for k, v in bp.state_dict().items()}, strict=False)
+    for (_, s_bp), (_, s_fa) in zip(bp.projections(), fa.projections()):
+        assert not torch.equal(s_fa.feedback, s_fa.weight)   # drawn independently
+        s_fa.feedback = s_bp.weight.detach()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    bp(x).square().sum().backward()
+    fa(x).square().sum().backward()
+    for (_, s_bp), (_, s_fa) in zip(bp.projections(), fa.projections()):
+        assert relative(s_fa.weight.grad, s_bp.weight.grad) < 1e-12
+
+
+def test_feedback_alignment_sends_error_through_B_not_W():
+    _, fa, shape = converted("mlp", "fa")
+    _, bp = converted("mlp", "bp")[:2]
+    bp.load_state_dict(fa.state_dict(), strict=False)
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    fa(x).square().sum().backward()
+    bp(x).square().sum().backward()
+    last = list(fa.projections())[-1][1]
+    first_fa, first_bp = list(fa.projections())[0][1], list(bp.projections())[0][1]
+    assert relative(last.weight.grad, list(bp.projections())[-1][1].weight.grad) < 1e-12   # same output error
+    assert relative(first_fa.weight.grad, first_bp.weight.grad) > 0.1                          # different path back
+    assert first_fa.B.grad is None and not first_fa.B.requires_grad
+
+
+@pytest.mark.parametrize("lr,decay,weight_decay", [(0.1, 0.05, 0.0), (0.05, 0.0, 0.2), (0.2, 0.01, 0.03)])
+def test_kolen_pollack_shrinks_W_minus_B_geometrically(lr, decay, weight_decay):
+    _, net, shape = converted("residual", rules.KolenPollack(decay=decay))
+    opt = torch.optim.SGD(net.parameters(), lr=lr, weight_decay=weight_decay)
+    d0 = [(s.weight - s.B).detach().norm() for _, s in net.projections()]
+    steps = 25
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(8, *shape, dtype=torch.float64) * 3
+        nn.functional.cross_entropy(net(x), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+    rate = 1 - lr * (decay + weight_decay)
+    for (name, s), d in zip(net.projections(), d0):
+        assert relative((s.weight - s.B).detach().norm(), rate**steps * d) < 1e-6, name
+        assert (s.weight - s.B).norm() < d   # and it really moved
+
+
+def test_kolen_pollack_B_gets_W_gradient():
+    _, net, shape = converted("mlp", rules.KolenPollack(decay=0.0))
+    net(torch.randn(4, *shape, dtype=torch.float64)).sum().backward()
+    for _, s in net.projections():
+        assert torch.equal(s.B.grad, s.weight.grad)
+
+
+def test_sign_symmetry_B_is_sign_of_W_times_scale_after_steps():
+    _, net, shape = converted("convnet", "ss")
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, *shape, dtype=torch.float64)).square().sum().backward()
+        opt.step()
+    for _, s in net.projections():
+        fan_out = s.weight.shape[0] * s.weight[0, 0].numel()
+        assert torch.equal(s.feedback, torch.sign(s.weight.detach()) * (2.0 / fan_out) ** 0.5)
+
+
+@pytest.mark.parametrize("rule", list(rules.RULES))
+@pytest.mark.parametrize("projection,shape", [(circuits.Dense(), (6,)), (circuits.Conv2d(3, stride=2, padding=1), (2, 5, 5))])
+def test_input_error_is_B_transpose_delta_for_every_rule(rule, projection, shape):
+    c = circuits.Circuit(rule=rule)
+    x = c.input("x", shape=shape)
+    out_shape = (4,) if len(shape) == 1 else (3, 3, 3)
+    c.connect(x, c.population("y", shape=out_shape), projection)
+    net = c.build().double()
+    inp = torch.randn(5, *shape, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(5, *out_shape, dtype=torch.float64)
+    net(inp).backward(delta)
+    synapse = net.projection("x->y")
+    # the same map with B in W's place, differentiated by autograd, is B^T delta
+    reference = torch.func.vjp(lambda v: synapse.operator.forward(v, synapse.feedback.detach(), None), inp.detach())[1](delta)[0]
+    assert relative(inp.grad, reference) < 1e-12
+    weight_ref = torch.func.vjp(lambda w: synapse.operator.forward(inp.detach(), w, None), synapse.weight.detach())[1](delta)[0]
+    decay = synapse.rule.decay if synapse.rule.learns_by_gradient else 0.0   # KP decays W and B in backward
+    assert relative(synapse.weight.grad, weight_ref + decay * synapse.weight.detach()) < 1e-12
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_error_reaching_output_is_the_same_for_every_rule(name):
+    _, ref, shape = converted(name, "bp")
+    x, target = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 10, (6,))
+    errors = {}
+    for rule in rules.RULES:
+        _, net = converted(name, rule)[:2]
+        net.load_state_dict(ref.state_dict(), strict=False)
+        trace = {}
+        nn.functional.cross_entropy(net(x, monitor=trace), target).backward()
+        errors[rule] = trace[net.outputs[0]].a.grad
+        assert errors[rule] is not None
+    for rule, e in errors.items():
+        assert torch.equal(e, errors["bp"]), rule
+    # while errors deeper in differ between rules (except bp itself)
+    assert not torch.equal(errors["bp"], torch.zeros_like(errors["bp"]))
+
+
+def test_rules_can_be_mixed_per_projection():
+    module, _, shape = converted("mlp")
+    c = circuits.from_torch(module, rule="fa", input_shape=shape, rules_by_layer={"0": "wm", "4": rules.KolenPollack()})
+    net = c.build()
+    assert [str(s.rule) for _, s in net.projections()] == ["wm", "fa", "kp"]
+
+
+def test_graph_pairs_every_population_and_projection_with_feedback():
+    c = circuits.from_torch(MODELS["residual"][0](), input_shape=(1, 8, 8))
+    g = c.graph
+    forward = [n for n, d in g.nodes(data=True) if d["pathway"] == "forward"]
+    for n in forward:
+        assert g.nodes["δ" + n]["partner"] == n
+    for name, pre, post, projection, rule in c.projections():
+        back = g.edges["δ" + post, "δ" + pre]
+        assert back["name"] == name
+        assert back["carries"] == ("B" if projection.synaptic else "local derivative")
+        assert (rule is not None) == projection.synaptic
+    assert nx.is_directed_acyclic_graph(c.forward_graph())
+    assert nx.is_directed_acyclic_graph(c.feedback_graph())
+    # residual sum: one population with two incoming projections
+    assert any(c.forward_graph().in_degree(n) == 2 for n in forward)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_from_torch_resnets_match_torchvision_exactly(arch):
+    torchvision = pytest.importorskip("torchvision")
+    module = getattr(torchvision.models, arch)(num_classes=10)
+    net = circuits.from_torch(module, rule="kp", input_shape=(3, 32, 32)).build()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(module(x), net(x))
+    module.eval(), net.eval()
+    assert torch.equal(module(x), net(x))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+
+
+def test_from_torch_default_input_shape_is_imagenet_for_convnets():
+    torchvision = pytest.importorskip("torchvision")
+    c = circuits.from_torch(torchvision.models.resnet18())
+    assert c["x"].shape == (3, 224, 224)
+    assert c["fc"].shape == (1000,)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def test_shape_mismatch_names_both_populations_and_shapes():
+    c = circuits.Circuit()
+    x = c.input("retina", shape=(1, 8, 8))
+    h = c.population("v1", shape=(4, 7, 7))
+    with pytest.raises(circuits.CircuitError) as e:
+        c.connect(x, h, circuits.Conv2d(kernel_size=3, padding=1))
+    msg = str(e.value)
+    assert "'retina'" in msg and "(1, 8, 8)" in msg and "'v1'" in msg and "(4, 7, 7)" in msg and "(4, 8, 8)" in msg
+    with pytest.raises(circuits.CircuitError, match=r"'retina'.*\(1, 8, 8\).*1-D"):
+        c.connect(x, c.population("out", shape=(10,)), circuits.Dense())
+
+
+def test_cycle_is_reported_at_build_time():
+    c = circuits.Circuit("loop")
+    x = c.input("x", shape=(3,))
+    a, b = c.population("a", shape=(3,)), c.population("b", shape=(3,))
+    c.connect(x, a, circuits.Dense())
+    c.connect(a, b, circuits.Dense())
+    c.connect(b, a, circuits.Dense())
+    with pytest.raises(circuits.CircuitError, match=r"cycle.*a -> b -> a|cycle.*b -> a -> b"):
+        c.build()
+
+
+def test_unknown_rule_and_activation_are_clear_errors():
+    with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, ss, kp, wm"):
+        circuits.Circuit(rule="hebb")
+    c = circuits.Circuit()
+    with pytest.raises(circuits.CircuitError, match="unknown activation 'relu6'"):
+        c.population("h", shape=(3,), activation="relu6")
+    x, h = c.input("x", shape=(3,)), c.population("h", shape=(3,))
+    with pytest.raises(circuits.CircuitError, match="unknown feedback rule"):
+        c.connect(x, h, circuits.Dense(), feedback="transport")
+    with pytest.raises(circuits.CircuitError, match="local operation"):
+        c.connect(x, h, circuits.Identity(), feedback="fa")
+
+
+def test_unconvertible_layer_is_named():
+    module = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    with pytest.raises(circuits.CircuitError, match=r"layer '1' \(Dropout\)"):
+        circuits.from_torch(module)
+    class Reshape(nn.Module):
+        def forward(self, x):
+            return x.view(-1, 2, 2)
+    with pytest.raises(circuits.CircuitError, match="node 'view'"):
+        circuits.from_torch(Reshape(), input_shape=(4,))
+
+
+def test_state_dict_round_trip_keeps_B():
+    _, net, shape = converted("mlp", "wm")
+    copy_net = copy.deepcopy(net)
+    for _, s in copy_net.projections():
+        s.feedback = torch.zeros_like(s.weight)
+    copy_net.load_state_dict(net.state_dict())
+    for (_, a), (_, b) in zip(net.projections(), copy_net.projections()):
+        assert torch.equal(a.feedback, b.feedback)
