@@ -4,13 +4,17 @@ from .circuit import Circuit
 from .convert import from_torch
 from .errors import CircuitError
 from .network import CircuitNet, Trace
+from .mirror import mirror_step
 from .population import Population
 from .projections import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv2d, Dense, Flatten, Identity,
                           MaxPool, Projection)
+from .schedule import Learn, Mirror, Repeat, Schedule, paper_schedule
 from .synapse import Synapse
+from .trainer import Trainer, TrainerConfig
 
 __all__ = [
     "Circuit", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
     "Projection", "Dense", "Conv2d", "BatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
-    "Flatten", "Identity",
+    "Flatten", "Identity", "Schedule", "Learn", "Mirror", "Repeat", "paper_schedule", "mirror_step",
+    "Trainer", "TrainerConfig",
 ]

@@ -132,7 +132,9 @@ class WeightMirror(FeedbackRule):
         E[dB] = eta_B sigma^2 W - lambda_B B   =>   B -> (eta_B sigma^2 / lambda_B) W
 
     Defaults give B -> W (eta_B sigma^2 = lambda_B); lambda_B sets the speed and the noise
-    averaging: about 2 * batch / lambda_B noise samples contribute to B.
+    averaging: about 2 * batch / lambda_B noise samples contribute to B. With n inputs per unit
+    and N effective samples the angle between B and W settles near atan(sqrt(n / N)).
+    noise: "gaussian" (default) or "uniform" (the authors' code), both of variance sigma^2.
     """
 
     short_name: ClassVar[str] = "wm"
@@ -140,10 +142,13 @@ class WeightMirror(FeedbackRule):
     sigma: float = 1.0
     eta: float = 0.02
     decay: float = 0.02
+    noise: str = "gaussian"
 
     def __post_init__(self) -> None:
         if not (self.sigma > 0 and self.eta > 0 and 0 < self.decay < 1):
             raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 < decay < 1, got {self}")
+        if self.noise not in ("gaussian", "uniform"):
+            raise CircuitError(f"WeightMirror noise must be 'gaussian' or 'uniform', got {self.noise!r}")
 
     @property
     def target_scale(self) -> float:

@@ -115,7 +115,8 @@ class Synapse(nn.Module):
     """A synaptic projection W (with optional bias) and its feedback projection B.
 
     `weight` is W; `feedback` is B in W's layout, whatever the rule (for backprop it is W itself).
-    Rules that keep a B of their own store it as the parameter `B`.
+    Rules that keep a B of their own store it as the parameter `B`. `positions` counts the
+    (input, output) position pairs each weight entry connects (per kernel tap; 1 for dense).
     """
 
     def __init__(self, operator: DenseOperator | ConvOperator, weight_shape: tuple[int, ...],
@@ -127,6 +128,7 @@ class Synapse(nn.Module):
         self.in_shape = tuple(in_shape)
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
+        self.register_buffer("positions", operator.positions(self.in_shape, weight_shape), persistent=False)
         self.reset_parameters()
         if state is not None:
             self.load_state_dict(state)

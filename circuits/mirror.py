@@ -1,0 +1,91 @@
+"""The weight mirror: noise-driven phases in which each feedback projection B learns W.
+
+In a mirror phase there is no sensory input. Each synaptic projection's input population fires its
+own independent zero-mean noise y_l (variance sigma^2 per unit, the shape the population has when
+learning), the projection responds linearly, y_{l+1} = W y_l, and B learns by the Hebbian rule of
+the paper's eq. 7 with decay:
+
+    dB = eta_B <y_{l+1} y_l^T> - lambda_B B        (<.> averages over the noise batch)
+    E[dB] = eta_B sigma^2 W - lambda_B B    =>    E[B] -> (eta_B sigma^2 / lambda_B) W
+
+For a convolution <y_{l+1} y_l^T> is the weight-gradient correlation of noise and response, one
+term per output position and kernel tap; zero padding gives border taps fewer real inputs, so each
+tap is divided by its own count of (input, output) pairs (Synapse.positions) to stay unbiased.
+
+Only B changes: W, batch-norm statistics and the optimizer never see a mirror phase.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .errors import CircuitError
+from .network import CircuitNet
+from .synapse import Synapse
+
+
+def unwrap(net: nn.Module) -> CircuitNet:
+    """The CircuitNet inside DistributedDataParallel and torch.compile wrappers."""
+    while not isinstance(net, CircuitNet):
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if inner is None:
+            raise CircuitError(f"{type(net).__name__} is not a built circuit (CircuitNet)")
+        net = inner
+    return net
+
+
+def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
+    """The projections whose rule learns B in mirror phases (the weight mirror)."""
+    return [(name, s) for name, s in unwrap(net).projections() if s.rule.mirrors]
+
+
+def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Zero-mean noise with variance sigma^2 per unit, shaped like the input population's activity."""
+    rule, w = synapse.rule, synapse.weight
+    shape = (batch_size, *synapse.in_shape)
+    if rule.noise == "gaussian":
+        y = torch.randn(shape, device=w.device, dtype=w.dtype, generator=generator).mul_(rule.sigma)
+    else:   # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
+        y = torch.rand(shape, device=w.device, dtype=w.dtype, generator=generator).sub_(0.5).mul_(2 * math.sqrt(3) * rule.sigma)
+    if y.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """<y_{l+1} y_l^T> on one batch of noise, per kernel tap averaged over its real inputs; W's layout."""
+    y = noise(synapse, batch_size, generator)
+    w = synapse.weight.detach()
+    if torch.is_autocast_enabled(w.device.type):
+        dtype = torch.get_autocast_dtype(w.device.type)
+        y, w = y.to(dtype), w.to(dtype)
+    response = synapse.operator.forward(y, w, None)
+    c = synapse.operator.backward(response, y, w, (False, True, False))[1]
+    return c.float().div_(synapse.positions * batch_size).to(synapse.B.dtype)
+
+
+@torch.no_grad()
+def mirror_step(net: nn.Module, batch_size: int, generator: torch.Generator | None = None) -> None:
+    """One mirror batch: every weight-mirror projection is driven by its own noise, and B learns.
+
+    Under torch.distributed each rank draws its own noise and the correlations are averaged with
+    one all-reduce before B changes. Sharing a noise seed instead would cost no communication,
+    but every rank would compute the same samples, and nondeterministic kernels could still let
+    the copies of B drift apart; the all-reduce makes B bit-identical on every rank and turns
+    world_size x batch_size noise samples into one update, at the cost of one all-reduce of B's size.
+    """
+    synapses = [s for _, s in mirrored(net)]
+    if not synapses:
+        raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
+    hebbian = [correlation(s, batch_size, generator) for s in synapses]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([c.reshape(-1) for c in hebbian])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        hebbian = [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in hebbian]), hebbian)]
+    for s, c in zip(synapses, hebbian):
+        rule = s.rule
+        s.B.mul_(1 - rule.decay).add_(c, alpha=rule.eta)     # B += eta_B <y_{l+1} y_l^T> - lambda_B B

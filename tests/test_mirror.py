@@ -1,0 +1,109 @@
+"""Mirror phases against their math: B -> (eta sigma^2 / lambda) W, touching nothing else."""
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import circuits
+from circuits import rules
+from conftest import ResidualNet
+
+
+def angle(b: torch.Tensor, w: torch.Tensor) -> float:
+    b, w = b.detach().flatten().double(), w.detach().flatten().double()
+    return float(torch.rad2deg(torch.arccos((b @ w / (b.norm() * w.norm())).clamp(-1, 1))))
+
+
+def scale(b: torch.Tensor, w: torch.Tensor) -> float:
+    """Least-squares s in B = s W."""
+    b, w = b.detach().flatten().double(), w.detach().flatten().double()
+    return float(b @ w / (w @ w))
+
+
+def residual_wm(rule=None):
+    return circuits.from_torch(ResidualNet(), rule=rule or rules.WeightMirror(), input_shape=(1, 8, 8)).build()
+
+
+@pytest.mark.parametrize("rule", [rules.WeightMirror(), rules.WeightMirror(sigma=0.5, eta=0.2, decay=0.02, noise="uniform")])
+def test_mirror_phases_align_B_with_W_from_random_start(rule):
+    net = residual_wm(rule)
+    start = {name: angle(s.feedback, s.weight) for name, s in net.projections()}
+    assert all(a > 75 for a in start.values()), start              # random B: near 90 degrees
+    circuits.Mirror(batches=400, batch_size=64).run(net)             # stated: 400 batches of 64
+    for name, s in net.projections():
+        assert angle(s.feedback, s.weight) < 5, (name, angle(s.feedback, s.weight))
+        assert scale(s.feedback, s.weight) == pytest.approx(rule.target_scale, rel=0.05), name
+    assert {type(s.operator).__name__ for _, s in net.projections()} == {"ConvOperator", "DenseOperator"}
+
+
+def test_padding_correction_makes_every_kernel_tap_unbiased():
+    net = residual_wm()
+    circuits.Mirror(batches=400, batch_size=64).run(net)
+    conv = net.projection("conv1")             # 3x3, padding 1, on 8x8: corner taps see 49 of 64 inputs
+    assert conv.positions[0, 0] == 49 and conv.positions[1, 1] == 64
+    b, w = conv.feedback.detach().double(), conv.weight.detach().double()
+    per_tap = (b * w).sum((0, 1)) / (w * w).sum((0, 1))
+    assert torch.allclose(per_tap, torch.ones(3, 3, dtype=torch.float64), rtol=0, atol=0.05), per_tap
+    # uncorrected, a corner tap would settle at 49/64 = 0.77 of W
+
+
+def test_mirror_phase_touches_only_B():
+    net = residual_wm()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    trainer = circuits.Trainer(net, opt, config=circuits.TrainerConfig(progress=False))
+    for _ in range(2):
+        trainer.learn(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    before_net = {k: v.clone() for k, v in net.state_dict().items()}
+    before_opt = copy.deepcopy(opt.state_dict())
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+    circuits.Mirror(batches=3, batch_size=16).run(net)
+    changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before_net[k])}
+    assert changed == {k for k in before_net if k.endswith(".B")} and changed
+    after_opt = opt.state_dict()
+    for key, state in before_opt["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, after_opt["state"][key][name])
+    for n, p in net.named_parameters():
+        assert (p.grad is None and grads[n] is None) or torch.equal(p.grad, grads[n])
+
+
+def test_mirror_phase_needs_a_weight_mirror_projection():
+    net = circuits.from_torch(ResidualNet(), rule="fa", input_shape=(1, 8, 8)).build()
+    with pytest.raises(circuits.CircuitError, match="no weight-mirror"):
+        circuits.Mirror(batches=2).run(net)
+    schedule = circuits.Schedule(circuits.Repeat(circuits.Learn(1), circuits.Mirror(1)))
+    with pytest.raises(circuits.CircuitError, match="no weight-mirror"):
+        circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), schedule)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)                                  # same initial W and B on both ranks
+    net = residual_wm()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    torch.manual_seed(100 + rank)                         # but each rank its own data and noise
+    schedule = circuits.Schedule(circuits.Mirror(5, 16), circuits.Repeat(circuits.Learn(1), circuits.Mirror(2, 16)))
+    trainer = circuits.Trainer(ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), schedule,
+                               config=circuits.TrainerConfig(progress=False))
+    data = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(4)]
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer.fit(data, epochs=1)
+    torch.save({"start": start, "end": net.state_dict()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_distributed_ranks_end_mirror_phases_with_identical_B():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), os.path.join(tmp, "state")), nprocs=2)
+        r0, r1 = (torch.load(os.path.join(tmp, f"state.{r}")) for r in range(2))
+    b_keys = [k for k in r0["end"] if k.endswith(".B")]
+    assert b_keys
+    for k in r0["end"]:
+        if k.endswith(".B") or k.endswith(".weight"):
+            assert torch.equal(r0["end"][k], r1["end"][k]), k
+    assert all(not torch.equal(r0["end"][k], r0["start"][k]) for k in b_keys)   # B did learn

@@ -1,0 +1,158 @@
+"""The phase scheduler and trainer: phases in the stated order and counts, clear errors, resume."""
+import pytest
+import torch
+from torch import nn
+
+import circuits
+from circuits import Learn, Mirror, Repeat, Schedule
+
+
+class PhaseLog:
+    """A recorder that keeps the phase events the trainer reports."""
+
+    def __init__(self):
+        self.events, self.evaluations, self.began, self.closed = [], [], 0, 0
+
+    def begin(self, net, config):
+        self.began += 1
+        assert "schedule" in config and "rules" in config
+
+    def step(self, tick, *, step, phase, loss, lr, examples, net):
+        assert (loss is None) == (phase == "mirror")
+        self.events.append((tick, step, phase, examples))
+
+    def evaluate(self, step, metrics):
+        self.evaluations.append((step, metrics))
+
+    def close(self):
+        self.closed += 1
+
+    def state_dict(self):
+        return {"n": len(self.events)}
+
+    def load_state_dict(self, state):
+        assert state["n"] == len(self.events)
+
+
+def wm_mlp(rule="wm"):
+    c = circuits.Circuit("mlp", rule=rule)
+    x = c.input("x", shape=(64,))
+    h = c.population("h", shape=(32,), activation="relu")
+    c.connect(x, h, circuits.Dense())
+    c.connect(h, c.population("y", shape=(10,)), circuits.Dense())
+    return c.build()
+
+
+def batches(n, size=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 64, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def test_schedule_runs_phases_in_stated_order_and_counts():
+    net = wm_mlp()
+    log = PhaseLog()
+    schedule = Schedule(Mirror(3, 8), Repeat(Learn(2), Mirror(1, 8)), sleep=Mirror(2, 8))
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), schedule, recorder=log,
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(batches(5), epochs=2, val_loader=batches(2))
+    phases = "".join("L" if p == "learn" else "m" for _, _, p, _ in log.events)
+    # epoch 0: 3 mirror, (LL m) until the 5 batches run out, sleep mm; epoch 1 picks up the pattern
+    # where it stopped, and a mirror batch due after the last step runs before the data is found empty
+    assert phases == "mmm" + "LLm" + "LLm" + "L" + "mm" + "Lm" + "LLm" + "LLm" + "mm"
+    assert [t for t, *_ in log.events] == list(range(len(log.events)))
+    assert [s for _, s, p, _ in log.events if p == "learn"] == list(range(1, 11))
+    assert log.events[-1][3] == 40 and trainer.examples == 40
+    assert [s for s, _ in log.evaluations] == [5, 10]
+    assert set(log.evaluations[0][1]) == {"loss", "top1", "top5"}
+    assert log.began == 1 and log.closed == 1
+
+
+def test_schedule_ends_training_when_it_runs_out():
+    net = wm_mlp("bp")
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), Schedule(Learn(3)),
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(batches(5), epochs=4)
+    assert trainer.step == 3 and trainer.finished
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: Schedule(Mirror(3)), "at least one Learn"),
+    (lambda: Schedule(), "at least one Learn"),
+    (lambda: Learn(0), "positive integer"),
+    (lambda: Mirror(batches=-1), "positive integer"),
+    (lambda: Mirror(batches=2, batch_size=0), "positive integer"),
+    (lambda: Repeat(Learn(1), times=0), "positive integer"),
+    (lambda: Repeat(), "at least one phase"),
+    (lambda: Schedule(Repeat(Learn(1)), Mirror(2)), "never run"),
+    (lambda: Schedule(Learn(1), sleep=Learn(1)), "sleep must be a Mirror"),
+    (lambda: Schedule("learn"), "not a phase"),
+])
+def test_bad_schedules_fail_when_built(make, message):
+    with pytest.raises(circuits.CircuitError, match=message):
+        make()
+
+
+def test_paper_schedule_follows_the_authors_cadence():
+    net = wm_mlp()
+    s = circuits.paper_schedule(net, steps_per_epoch=4)
+    first = [type(e).__name__ for e, _ in zip(s.events(), range(8))]
+    assert first == ["Mirror"] * 4 + ["Learn", "Mirror", "Learn", "Mirror"]
+    assert not circuits.paper_schedule(wm_mlp("kp"), 4).mirrors
+
+
+def digits_loaders():
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    order = torch.randperm(len(d.target), generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(d.data, dtype=torch.float32)[order] / 16
+    y = torch.tensor(d.target)[order]
+    train = torch.utils.data.TensorDataset(x[:1400], y[:1400])
+    test = torch.utils.data.TensorDataset(x[1400:], y[1400:])
+    return (torch.utils.data.DataLoader(train, batch_size=32, shuffle=True),
+            torch.utils.data.DataLoader(test, batch_size=256))
+
+
+@pytest.mark.parametrize("rule", ["bp", "wm"])
+def test_trainer_learns_digits(rule):
+    torch.manual_seed(0)
+    net = wm_mlp(rule)
+    train, test = digits_loaders()
+    schedule = circuits.paper_schedule(net, steps_per_epoch=len(train), batch_size=64)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), schedule,
+                               config=circuits.TrainerConfig(progress=False))
+    history = trainer.fit(train, epochs=4, val_loader=test)
+    assert history[-1]["top1"] > 0.93, history
+    assert history[-1]["top5"] >= history[-1]["top1"]
+
+
+def _run(epochs_first, epochs_total, mid_epoch_stop=None):
+    torch.manual_seed(0)
+    net = wm_mlp()
+    schedule = Schedule(Mirror(2, 8), Repeat(Learn(1), Mirror(1, 8)))
+    def make(net):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        return circuits.Trainer(net, opt, schedule, lr_scheduler=sched, config=circuits.TrainerConfig(progress=False))
+    data = batches(6)
+    trainer = make(net)
+    if mid_epoch_stop:
+        trainer.hooks.append(lambda t: setattr(t, "finished", t.step == mid_epoch_stop))
+    trainer.fit(data, epochs=epochs_first)
+    if epochs_first == epochs_total and not mid_epoch_stop:
+        return net
+    state = trainer.state_dict()
+    state["counters"]["finished"] = False
+    torch.manual_seed(123)                     # resume must not depend on the RNG outside the checkpoint
+    resumed_net = wm_mlp()
+    resumed = make(resumed_net)
+    resumed.load_state_dict(state)
+    resumed.fit(data, epochs=epochs_total)
+    return resumed_net
+
+
+@pytest.mark.parametrize("first,stop", [(1, None), (2, 9)])
+def test_resume_continues_the_same_run(first, stop):
+    straight = _run(3, 3)
+    resumed = _run(first, 3, mid_epoch_stop=stop)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
