@@ -12,6 +12,15 @@ For a convolution <y_{l+1} y_l^T> is the weight-gradient correlation of noise an
 term per output position and kernel tap; zero padding gives border taps fewer real inputs, so each
 tap is divided by its own count of (input, output) pairs (Synapse.positions) to stay unbiased.
 
+Noise makes B's estimate scatter around its target. With n inputs per output unit (W's row
+length), P (input, output) position pairs per weight entry, m noise samples per batch and decay
+lambda, B settles at an angle theta to W with (fixed W, independent products)
+
+    tan^2 theta = n lambda / (m P (2 - lambda))
+
+so a conv layer at high resolution (large P) needs few samples and a wide dense layer many.
+`samples_for_angle` inverts this to give each projection its own noise batch.
+
 Only B changes: W, batch-norm statistics and the optimizer never see a mirror phase.
 """
 from __future__ import annotations
@@ -42,6 +51,18 @@ def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
     return [(name, s) for name, s in unwrap(net).projections() if s.rule.mirrors]
 
 
+def settled_angle(synapse: Synapse, batch_size: int) -> float:
+    """Expected angle(B, W) in degrees once B has settled under a fixed W, with `batch_size` samples."""
+    n, positions, lam = synapse.weight[0].numel(), float(synapse.positions.float().mean()), synapse.rule.decay
+    return math.degrees(math.atan(math.sqrt(n * lam / (batch_size * positions * (2 - lam)))))
+
+
+def samples_for_angle(synapse: Synapse, angle: float) -> int:
+    """Noise samples per mirror batch that let B settle within `angle` degrees of W (at least 1)."""
+    n, positions, lam = synapse.weight[0].numel(), float(synapse.positions.float().mean()), synapse.rule.decay
+    return max(1, math.ceil(n * lam / (math.tan(math.radians(angle)) ** 2 * positions * (2 - lam))))
+
+
 def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
     """Zero-mean noise with variance sigma^2 per unit, shaped like the input population's activity."""
     rule, w = synapse.rule, synapse.weight
@@ -68,8 +89,11 @@ def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | 
 
 
 @torch.no_grad()
-def mirror_step(net: nn.Module, batch_size: int, generator: torch.Generator | None = None) -> None:
+def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | None = None,
+                generator: torch.Generator | None = None) -> None:
     """One mirror batch: every weight-mirror projection is driven by its own noise, and B learns.
+
+    Each projection gets `batch_size` noise samples, or with `angle` its own samples_for_angle.
 
     Under torch.distributed each rank draws its own noise and the correlations are averaged with
     one all-reduce before B changes. Sharing a noise seed instead would cost no communication,
@@ -80,7 +104,8 @@ def mirror_step(net: nn.Module, batch_size: int, generator: torch.Generator | No
     synapses = [s for _, s in mirrored(net)]
     if not synapses:
         raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
-    hebbian = [correlation(s, batch_size, generator) for s in synapses]
+    sizes = [samples_for_angle(s, angle) if angle is not None else batch_size for s in synapses]
+    hebbian = [correlation(s, m, generator) for s, m in zip(synapses, sizes)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([c.reshape(-1) for c in hebbian])
         dist.all_reduce(flat)

@@ -42,24 +42,36 @@ class Learn:
 
 @dataclass(frozen=True)
 class Mirror:
-    """`batches` mirror batches of `batch_size` noise samples per weight-mirror projection."""
+    """`batches` mirror batches of `batch_size` noise samples per weight-mirror projection.
+
+    With `angle` (degrees) each projection draws instead the samples that let its B settle within
+    that angle of W (circuits.mirror.samples_for_angle): few for high-resolution conv layers,
+    many for wide dense ones.
+    """
 
     batches: int = 1
     batch_size: int = 128
+    angle: float | None = None
 
     def __post_init__(self) -> None:
         _positive("Mirror", "batches", self.batches)
         _positive("Mirror", "batch_size", self.batch_size)
+        if self.angle is not None and not 0 < self.angle < 90:
+            raise CircuitError(f"Mirror(angle={self.angle!r}): angle must be between 0 and 90 degrees")
 
     def events(self) -> Iterator[Event]:
-        return itertools.repeat(Mirror(1, self.batch_size), self.batches)
+        return itertools.repeat(Mirror(1, self.batch_size, self.angle), self.batches)
+
+    def step(self, net: nn.Module) -> None:
+        """One mirror batch of this phase."""
+        mirror_step(net, self.batch_size, self.angle)
 
     def run(self, net: nn.Module) -> None:
         """Run this mirror phase on a built net, with no data."""
         if not mirrored(net):
             raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
         for _ in range(self.batches):
-            mirror_step(net, self.batch_size)
+            self.step(net)
 
 
 Phase = Union[Learn, Mirror, "Repeat"]

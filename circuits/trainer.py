@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .mirror import mirror_step, unwrap
+from .mirror import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 
@@ -94,10 +94,10 @@ class Trainer:
             hook(self)
         return loss.detach()
 
-    def mirror(self, batch_size: int) -> None:
-        """One mirror batch: noise in, B learns; W, batch norm and the optimizer untouched."""
+    def mirror(self, phase: Mirror) -> None:
+        """One mirror batch of `phase`: noise in, B learns; W, batch norm and the optimizer untouched."""
         with self.autocast():
-            mirror_step(self.net, batch_size)
+            phase.step(self.net)
         self._record("mirror", None)
 
     def _record(self, phase: str, loss: Tensor | None) -> None:
@@ -126,7 +126,7 @@ class Trainer:
                        disable=not self.config.progress or _rank() != 0, leave=False)
             for event in events:
                 if isinstance(event, Mirror):
-                    self.mirror(event.batch_size)
+                    self.mirror(event)
                     self.position += 1
                     continue
                 batch = next(batches, None)
@@ -152,7 +152,7 @@ class Trainer:
         """Sleep (mirror-only) phase, epoch-wise learning-rate step, epoch counter."""
         if self.schedule.sleep is not None:
             for _ in range(self.schedule.sleep.batches):
-                self.mirror(self.schedule.sleep.batch_size)
+                self.mirror(self.schedule.sleep)
         if self.lr_scheduler is not None and not self.config.lr_per_step:
             self.lr_scheduler.step()
         self.epoch += 1

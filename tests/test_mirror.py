@@ -107,3 +107,32 @@ def test_distributed_ranks_end_mirror_phases_with_identical_B():
         if k.endswith(".B") or k.endswith(".weight"):
             assert torch.equal(r0["end"][k], r1["end"][k]), k
     assert all(not torch.equal(r0["end"][k], r0["start"][k]) for k in b_keys)   # B did learn
+
+
+def test_settled_angle_formula_matches_measurement():
+    """tan^2 theta = n lambda / (m P (2 - lambda)) against the angle B actually settles at, per layer."""
+    from circuits.mirror import mirror_step, settled_angle
+    net = circuits.from_torch(ResidualNet(8), rule=rules.WeightMirror(eta=0.05, decay=0.05), input_shape=(1, 8, 8)).build()
+    for _, s in net.projections():
+        s.feedback = s.weight.detach()
+    for _ in range(150):                          # settle: (1 - 0.05)^150 < 1e-3
+        mirror_step(net, 8)
+    measured = {name: 0.0 for name, _ in net.projections()}
+    for _ in range(200):
+        mirror_step(net, 8)
+        for name, s in net.projections():
+            measured[name] += angle(s.feedback, s.weight) / 200
+    predicted = {name: settled_angle(s, 8) for name, s in net.projections()}
+    for name in measured:
+        assert measured[name] == pytest.approx(predicted[name], rel=0.25), (name, measured[name], predicted[name])
+    assert max(predicted.values()) > 3 * min(predicted.values())   # layers really differ
+
+
+def test_mirror_with_target_angle_gives_each_projection_its_own_noise_samples():
+    from circuits.mirror import samples_for_angle
+    net = residual_wm()
+    sizes = {name: samples_for_angle(s, 4.0) for name, s in net.projections()}
+    assert sizes["conv1"] < sizes["conv3"] < sizes["fc"]            # resolution helps, width costs
+    circuits.Mirror(batches=300, angle=4.0).run(net)
+    for name, s in net.projections():
+        assert angle(s.feedback, s.weight) < 6.0, (name, angle(s.feedback, s.weight))
