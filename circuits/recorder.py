@@ -76,26 +76,41 @@ class RecordingError(ValueError):
     """A recording that does not fit: a foreign or newer file, another run's file, a mismatched circuit."""
 
 
-def angle(u: Tensor, v: Tensor) -> Tensor:
-    """Angle between two tensors, flattened, in degrees: 2 arcsin(|u/|u| - v/|v|| / 2) (NaN for a zero tensor)."""
-    u, v = u.detach().flatten(), v.detach().flatten()
-    chord = torch.linalg.vector_norm(u / torch.linalg.vector_norm(u) - v / torch.linalg.vector_norm(v))
-    return torch.rad2deg(2 * torch.asin((chord / 2).clamp(max=1)))
-
-
-def _compare(u: Tensor | None, v: Tensor | None) -> Tensor:
-    """(angle(u, v) in degrees, |u| / |v|), NaN where either is missing."""
+def _norms(u: Tensor | None, v: Tensor | None) -> Tensor:
+    """(|u|, |v|, |u |v| - v |u||) of two flattened tensors; NaN where either is missing."""
     if u is None or v is None:
-        return torch.full((2,), float("nan"))
-    return torch.stack([angle(u, v), torch.linalg.vector_norm(u) / torch.linalg.vector_norm(v)]).float()
+        return torch.full((3,), float("nan"))
+    u, v = u.detach().flatten(), v.detach().flatten()
+    nu, nv = torch.linalg.vector_norm(u), torch.linalg.vector_norm(v)
+    return torch.stack([nu, nv, torch.linalg.vector_norm(u * nv - v * nu)])
+
+
+def _angles(norms: Tensor) -> Tensor:
+    """Rows (|u|, |v|, |u |v| - v |u||) -> rows (angle(u, v) in degrees, |u| / |v|).
+
+    The chord between u/|u| and v/|v| is c = |u |v| - v |u|| / (|u| |v|), and angle = 2 arcsin(c / 2).
+    """
+    nu, nv, chord = norms.float().unbind(-1)
+    return torch.stack([torch.rad2deg(2 * torch.asin((chord / (2 * nu * nv)).clamp(max=1))), nu / nv], dim=-1)
+
+
+def angle(u: Tensor, v: Tensor) -> Tensor:
+    """Angle between two tensors, flattened, in degrees (exactly 0 for equal tensors, NaN for a zero tensor)."""
+    return _angles(_norms(u, v))[0]
 
 
 @torch.no_grad()
-def alignment(synapse: Synapse) -> Tensor:
-    """(angle(B, W) in degrees, |B| / |W|, fraction of synapses with sign(B) = sign(W)) as one float tensor."""
-    w, b = synapse.weight.detach(), synapse.feedback.detach()
-    signs = torch.eq(torch.sign(b), torch.sign(w)).float().mean()
-    return torch.cat([_compare(b, w).to(w.device), signs.reshape(1)])
+def alignment(synapses: Sequence[Synapse]) -> Tensor:
+    """Rows (angle(B, W) in degrees, |B| / |W|, fraction of synapses with sign(B) = sign(W)), one per synapse.
+
+    A few reductions per synapse and one batch of scalar arithmetic for all: no host synchronisation.
+    """
+    norms, signs = [], []
+    for s in synapses:
+        w, b = s.weight.detach(), s.feedback.detach()
+        norms.append(_norms(b, w))
+        signs.append(torch.count_nonzero(torch.eq(torch.sign(b), torch.sign(w))) / w.numel())
+    return torch.cat([_angles(torch.stack(norms)), torch.stack(signs).float()[:, None]], dim=1)
 
 
 def _due(when: int | frozenset[int], step: int) -> bool:
@@ -275,7 +290,7 @@ class Recorder:
         if tick % self.every == 0:
             loss_value = (loss.detach().reshape(1).float().to(self._device) if loss is not None
                           else torch.full((1,), float("nan"), device=self._device))
-            device = torch.cat([loss_value, *(alignment(s) for _, s in self._synapses)])
+            device = torch.cat([loss_value, alignment([s for _, s in self._synapses]).flatten()])
             self._tables["steps"].append((tick, step, PHASES[phase], float(lr), int(examples), time.time()), device)
         if phase == "learn":
             self._learned(tick, step)
@@ -535,19 +550,23 @@ class Recorder:
                 raise RecordingError(f"{self.path} recorded a circuit with projections {recorded}, "
                                      f"not the circuit being resumed")
             partial.unlink(missing_ok=True)
-            with h5py.File(partial, "x", libver=LIBVER) as new:
-                new.attrs.update(old.attrs)
-                for name in old:
-                    old.copy(old[name], new, name)
-                for group, (columns, _, _) in self._columns().items():
-                    datasets, rows = [c.open(new) for c in columns], state["rows"][f"/{group}/tick"]
-                    held = min(len(ds) for ds in datasets)
-                    if held < rows:
-                        raise RecordingError(f"{self.path} holds {held} rows of /{group}, but the checkpoint "
-                                             f"recorded {rows}: the file lost rows it had flushed")
-                    for ds in datasets:
-                        ds.resize(rows, axis=0)
-                new.attrs["resumed"] = _json(json.loads(new.attrs["resumed"]) + [{"time": _now(), "tick": state["tick"]}])
+            try:
+                with h5py.File(partial, "x", libver=LIBVER) as new:
+                    new.attrs.update(old.attrs)
+                    for name in old:
+                        old.copy(old[name], new, name)
+                    for group, (columns, _, _) in self._columns().items():
+                        datasets, rows = [c.open(new) for c in columns], state["rows"][f"/{group}/tick"]
+                        held = min(len(ds) for ds in datasets)
+                        if held < rows:
+                            raise RecordingError(f"{self.path} holds {held} rows of /{group}, but the checkpoint "
+                                                 f"recorded {rows}: the file lost rows it had flushed")
+                        for ds in datasets:
+                            ds.resize(rows, axis=0)
+                    new.attrs["resumed"] = _json(json.loads(new.attrs["resumed"]) + [{"time": _now(), "tick": state["tick"]}])
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
         os.replace(partial, self.path)
         self._file = h5py.File(self.path, "r+", libver=LIBVER)
         self._run_id, self._tick = state["run_id"], state["tick"]
@@ -577,9 +596,9 @@ class Recorder:
             if probing:
                 with _backprop(self._synapses):
                     _, bp_errors, bp_updates, _ = self._credit()
-                device = torch.cat([loss.reshape(1).float()]
-                                   + [_compare(u, v).to(self._device) for u, v in zip(errors, bp_errors)]
-                                   + [_compare(u, v).to(self._device) for u, v in zip(updates, bp_updates)])
+                pairs = list(zip(errors, bp_errors)) + list(zip(updates, bp_updates))
+                norms = torch.stack([_norms(u, v).to(self._device) for u, v in pairs])
+                device = torch.cat([loss.reshape(1).float(), _angles(norms).flatten()])
                 self._tables["probe"].append((tick, step), device)
 
     def _credit(self) -> tuple[Tensor, list[Tensor | None], list[Tensor | None], dict[str, Trace]]:
@@ -648,20 +667,42 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def open_recording(path: str | os.PathLike) -> h5py.File:
+def _left_open(path: Path) -> bool:
+    """Whether the file's superblock (version 2 or 3, at offset 0) says a writer has it open, or died with it open.
+
+    The HDF5 format puts the superblock version at byte 8 and the file consistency flags at byte 11.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[11] != 0
+
+
+def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.File:
     """Open a recording read-only (also while it is written, or after its writer was killed).
 
-    A RecordingError says what is wrong with a file that is not a recording of this layout.
+    A writer locks the file while it opens it, until its SWMR mode starts; this waits up to
+    `lock_timeout` seconds for that. A RecordingError says what is wrong with a file that is not a
+    recording of this layout.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, f"no recording at {path}", str(path))
     if not h5py.is_hdf5(path):
         raise RecordingError(f"{path} is not an HDF5 file, so not a mirrorcircuits recording")
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError as e:
-        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        try:
+            if _left_open(path):   # being written, or its writer died: a SWMR reader sees every flushed row
+                f = h5py.File(path, "r", swmr=True)
+            else:                  # closed: HDF5 checks that it is whole (a SWMR reader would not, and wait forever)
+                f = h5py.File(path, "r")
+            break
+        except BlockingIOError as e:   # a writer holds the lock while it opens the file, until SWMR mode starts
+            if time.monotonic() > deadline:
+                raise RecordingError(f"{path} stayed locked by its writer for {lock_timeout} s: {e}") from e
+            time.sleep(0.05)
+        except OSError as e:
+            raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
     layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
     if layout != LAYOUT:
         f.close()

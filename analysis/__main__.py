@@ -1,0 +1,38 @@
+"""Command line: python -m analysis report RUN.h5 [RUN2.h5 ...] -o DIR"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from circuits.recorder import RecordingError
+
+from .report import report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description="Analysis of mirrorcircuits recordings.")
+    commands = p.add_subparsers(dest="command", required=True)
+    r = commands.add_parser("report", help="figures (PNG) and a markdown summary of one or more runs",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("runs", nargs="+", help="recordings (.h5) written by circuits.Recorder")
+    r.add_argument("-o", "--out", required=True, help="folder for the PNGs and summary.md (created if missing)")
+    r.add_argument("--threshold", type=float, default=45.0, help="angle(B, W) in degrees counted as aligned")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        written = report(args.runs, args.out, args.threshold, progress=not args.no_progress)
+    except (RecordingError, FileNotFoundError) as e:
+        print(f"python -m analysis report: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""What recording costs: training steps per second with and without circuits.Recorder, in one run.
+
+One net (torchvision's ResNet converted by circuits.from_torch under one feedback rule) and one
+training step (benchmarks/throughput.py's Trainee: forward under autocast, cross-entropy, backward,
+SGD with momentum) are timed in three variants, in interleaved rounds so that drift of the machine
+hits all of them alike:
+
+    off           no recorder
+    record        recorder.step after every step: loss, lr, phase, examples, wall time, and
+                  angle(B, W), |B| / |W| and sign agreement of every projection, computed on the
+                  device, copied to the host once per block of rows, written to HDF5 in blocks
+    record+probe  the same, plus the probe every --probe-steps steps: errors and weight updates
+                  on a fixed probe batch under the circuit's rules and under backprop
+
+A variant's rate is its steps over its time summed over all rounds (so block writes and probes
+count in proportion); its overhead is 1 - rate / rate(off).
+
+    python benchmarks/recording.py --batch-size 256 --image-size 224          # GPU
+    python benchmarks/recording.py --smoke                                    # CPU, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import circuits
+from circuits import rules
+from circuits.recorder import Recorder
+from throughput import CLASSES, Trainee, precision, synchronize
+
+VARIANTS = ("off", "record", "record+probe")
+SMOKE = dict(batch_size=2, image_size=32, steps=4, warmup=1, rounds=2, probe_steps=2, device="cpu")
+"""--smoke: tiny sizes on CPU; flags given explicitly still win."""
+
+
+class Recorded:
+    """A Trainee whose steps are recorded (or not: recorder None), with the trainer's tick and step counts;
+    learning steps count from `first_step`."""
+
+    def __init__(self, trainee: Trainee, recorder: Recorder | None, first_step: int = 1) -> None:
+        self.trainee, self.recorder = trainee, recorder
+        self.tick, self.first_step = 0, first_step
+        if recorder is not None:
+            recorder.begin(trainee.net, {"benchmark": "recording"})
+
+    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
+        loss = self.trainee.step(x, target)
+        if self.recorder is not None:
+            step = self.first_step + self.tick
+            self.recorder.step(self.tick, step=step, phase="learn", loss=loss,
+                               lr=self.trainee.optimizer.param_groups[0]["lr"], examples=len(target) * step,
+                               net=self.trainee.net)
+        self.tick += 1
+
+
+def seconds(variant: Recorded, x: torch.Tensor, target: torch.Tensor, steps: int) -> float:
+    """Wall time of `steps` steps, the device synchronized at both ends."""
+    synchronize(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        variant.step(x, target)
+    synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
+    p.add_argument("--rule", choices=list(rules.RULES), default="kp", help="feedback rule of every projection")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=50, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant (the first of record+probe probes)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    p.add_argument("--probe-steps", type=int, default=100, help="record+probe probes every this many steps")
+    p.add_argument("--probe-batch", type=int, default=64, help="examples in the probe batch (at most --batch-size)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default=None, help="folder for the recordings (default: a temporary one, deleted)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    return p
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    for name in ("batch_size", "image_size", "steps", "rounds", "probe_steps", "probe_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the benchmark, print the table, return {variant: steps/s}."""
+    args = parse(argv)
+    device = args.device
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype, described = precision(device, args.precision)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    input_shape = (3, args.image_size, args.image_size)
+    model = getattr(torchvision.models, args.arch)(num_classes=CLASSES)
+    net = circuits.from_torch(model, rule=args.rule, input_shape=input_shape).build().to(device=device, memory_format=memory_format)
+    x = torch.randn(args.batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
+    target = torch.randint(0, CLASSES, (args.batch_size,), device=device)
+    probe = (x[:args.probe_batch], target[:args.probe_batch])
+    trainee = Trainee(net, compile=False, dtype=dtype)    # one net for all variants: recording does not change it
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{args.arch} under {args.rule}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, "
+          f"{described}, torch {torch.__version__}; {args.rounds} rounds of {args.steps} steps after {args.warmup} "
+          f"warmup steps; probe of {len(probe[1])} examples every {args.probe_steps} steps")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(args.out or scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        variants = {"off": Recorded(trainee, None),
+                    "record": Recorded(trainee, Recorder(folder / "record.h5")),
+                    "record+probe": Recorded(trainee, Recorder(folder / "record+probe.h5", probe=probe,
+                                                               probe_steps=args.probe_steps),
+                                             first_step=args.probe_steps)}    # the first warmup step probes
+        for variant in tqdm(variants.values(), desc="warmup", leave=False):
+            for _ in range(args.warmup):
+                variant.step(x, target)
+        elapsed = dict.fromkeys(variants, 0.0)
+        for _ in tqdm(range(args.rounds), desc="rounds", leave=False):
+            for key, variant in variants.items():
+                elapsed[key] += seconds(variant, x, target, args.steps)
+        for variant in variants.values():
+            if variant.recorder is not None:
+                variant.recorder.close()
+        sizes = {key: (folder / f"{key}.h5").stat().st_size for key in variants if key != "off"}
+    rates = {key: args.rounds * args.steps / t for key, t in elapsed.items()}
+    print(f"{'variant':<14}{'steps/s':>12}{'overhead':>10}{'file (bytes)':>14}")
+    for key, rate in rates.items():
+        print(f"{key:<14}{rate:>12.3f}{1 - rate / rates['off']:>10.2%}{sizes.get(key, 0):>14}")
+    return rates
+
+
+if __name__ == "__main__":
+    main()

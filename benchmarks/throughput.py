@@ -1,0 +1,256 @@
+"""Training throughput of circuits against plain torch backprop, on torchvision's ResNets.
+
+Variants: "torch" is the torchvision net trained by plain autograd; every other row is the same net
+(same initial weights) converted by circuits.from_torch under one feedback rule, whose backward pass
+sends the error through B instead of W^T (circuits.synapse.FeedbackPathway). One training step is
+
+    forward under autocast -> cross-entropy on synthetic labels -> backward -> SGD(momentum 0.9) step
+
+over net.parameters() for every variant (under KP that includes B), on one fixed synthetic batch in
+channels_last. "wm+mirror" adds one weight-mirror batch (circuits.mirror_step, paper eq. 7: noise
+drives every WM projection and B learns) after every learning step, under the same autocast.
+
+Steps per second are timed with time.perf_counter around a block of steps (torch.cuda.synchronize
+on GPU), in rounds that interleave the variants so that drift of the machine hits all of them
+alike; each variant's best round is kept (as timeit does: interference from other work only ever
+slows a block down). Each ratio is a variant's rate over plain torch's in the same mode (eager or
+torch.compile). Graph breaks that torch.compile meets while warming up are listed under the table.
+Needs the project installed (pip install -e .).
+
+    python benchmarks/throughput.py --arch resnet50 --batch-size 128 --image-size 224   # GPU
+    python benchmarks/throughput.py --smoke                                              # CPU, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import circuits
+from circuits import rules
+
+BASELINE = "torch"
+MIRROR_VARIANT = "wm+mirror"
+ARCHS = ("resnet18", "resnet50")
+CLASSES = 1000
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+
+SMOKE = dict(arch="resnet18", batch_size=2, image_size=32, steps=2, warmup=1, rounds=1, mirror_batch_size=2,
+             device="cpu", compile=False)
+"""--smoke: tiny sizes on CPU, eager only; flags given explicitly still win."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: plain torch (rule None) or a circuit under `rule`, optionally with mirror batches."""
+
+    name: str
+    rule: str | None = None
+    mirror: bool = False
+
+
+def variants(names: Sequence[str]) -> list[Variant]:
+    """The plain torch baseline, then one variant per requested rule name (or "wm+mirror")."""
+    rows = [Variant(BASELINE)]
+    for name in names:
+        mirror = name == MIRROR_VARIANT
+        rows.append(Variant(name, "wm" if mirror else rules.get(name).short_name, mirror))
+    return rows
+
+
+def precision(device: torch.device, requested: str) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None, description): bf16 autocast if requested and it runs a conv here, else float32."""
+    if requested == "fp32":
+        return None, "float32"
+    try:
+        conv = nn.Conv2d(3, 4, 3).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = conv(torch.randn(2, 3, 8, 8, device=device))
+        out.float().sum().backward()
+    except RuntimeError as e:
+        return None, f"float32 (bf16 autocast does not run on {device.type}: {e})"
+    return torch.bfloat16, "bf16 autocast"
+
+
+def build(variant: Variant, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """The torchvision net itself (a copy) or its circuit under the variant's rule, with the same weights."""
+    if variant.rule is None:
+        return copy.deepcopy(model)
+    return circuits.from_torch(model, rule=variant.rule, input_shape=input_shape).build()
+
+
+class Trainee:
+    """A net, its optimizer and its training step; `model` is the net or its torch.compile wrapper.
+
+    mirror_batch_size: noise samples of the mirror batch that follows every learning step (None: no mirror).
+    """
+
+    def __init__(self, net: nn.Module, compile: bool, dtype: torch.dtype | None,
+                 mirror_batch_size: int | None = None) -> None:
+        self.net = net
+        self.model = torch.compile(net) if compile else net
+        self.optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+        self.dtype = dtype
+        self.mirror_batch_size = mirror_batch_size
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def step(self, x: Tensor, target: Tensor) -> Tensor:
+        with self.autocast(x.device):
+            loss = F.cross_entropy(self.model(x), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.mirror_batch_size is not None:
+            with self.autocast(x.device):
+                circuits.mirror_step(self.net, self.mirror_batch_size)
+        return loss.detach()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(trainee: Trainee, x: Tensor, target: Tensor, steps: int) -> float:
+    """Training steps per second over one block of `steps` steps."""
+    synchronize(x.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainee.step(x, target)
+    synchronize(x.device)
+    return steps / (time.perf_counter() - start)
+
+
+def graph_breaks() -> Counter:
+    """torch.compile's graph breaks so far in this process, by reason."""
+    return Counter(torch._dynamo.utils.counters["graph_break"])
+
+
+def warm_up(trainees: dict[str, Trainee], x: Tensor, target: Tensor, warmup: int, label: str) -> dict[str, Counter]:
+    """`warmup` untimed steps each (compilation happens here); the graph breaks each one met, by reason."""
+    breaks = {}
+    for name, trainee in tqdm(trainees.items(), desc=f"{label} warmup", leave=False, file=sys.stderr):
+        before = graph_breaks()
+        for _ in range(warmup):
+            loss = trainee.step(x, target)
+        breaks[name] = graph_breaks() - before
+        if warmup and not torch.isfinite(loss):
+            print(f"warning: {name} ({label}) has a non-finite loss after warmup", file=sys.stderr)
+    return breaks
+
+
+def measure(trainees: dict[str, Trainee], x: Tensor, target: Tensor, steps: int, rounds: int,
+            label: str) -> dict[str, float]:
+    """Best steps/s of each trainee over `rounds` interleaved blocks of `steps` steps."""
+    rates: dict[str, list[float]] = {name: [] for name in trainees}
+    for _ in tqdm(range(rounds), desc=f"{label} rounds", leave=False, file=sys.stderr):
+        for name, trainee in trainees.items():
+            rates[name].append(rate(trainee, x, target, steps))
+    return {name: max(r) for name, r in rates.items()}
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    """Rows by variant; per mode, steps/s and the ratio to plain torch in that mode."""
+    modes = list(results)
+    header = f"{'variant':<11}" + "".join(f"{mode + ' steps/s':>18}{'ratio':>8}" for mode in modes)
+    lines = [header]
+    for name in results[modes[0]]:
+        cells = "".join(f"{results[m][name]:>18.3f}{results[m][name] / results[m][BASELINE]:>8.3f}" for m in modes)
+        lines.append(f"{name:<11}{cells}")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", choices=ARCHS, default="resnet18", help="torchvision model")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per learning step")
+    p.add_argument("--image-size", type=int, default=224, help="synthetic images are 3 x size x size")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and mode (compilation included)")
+    p.add_argument("--rounds", type=int, default=3, help="timed blocks per variant, interleaved; the best is kept")
+    p.add_argument("--rules", nargs="+", choices=[*rules.RULES, MIRROR_VARIANT], default=[*rules.RULES, MIRROR_VARIANT],
+                   help="circuit variants, each timed against plain torch")
+    p.add_argument("--mirror-batch-size", type=int, default=circuits.Mirror().batch_size,
+                   help=f"noise samples per projection in the mirror batch of {MIRROR_VARIANT}")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast (falls back to float32 where it does not run) or float32")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="memory format")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile'd nets (default: on CUDA yes, on CPU no)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and synthetic batch")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, eager only, quick: " + ", ".join(
+        f"{k}={v}" for k, v in SMOKE.items()))
+    return p
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.compile is None:
+        args.compile = args.device.type == "cuda"
+    for name in ("batch_size", "image_size", "steps", "rounds", "mirror_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < (1 if args.compile else 0):
+        p.error(f"--warmup must be >= {1 if args.compile else 0} (compilation must not be timed), got {args.warmup}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Run the benchmark, print the table, return {mode: {variant: steps/s}}."""
+    args = parse(argv)
+    device = args.device
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    dtype, described = precision(device, args.precision)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    input_shape = (3, args.image_size, args.image_size)
+    model = getattr(torchvision.models, args.arch)(num_classes=CLASSES)
+    rows = variants(args.rules)
+    nets = {v.name: build(v, model, input_shape).to(device=device, memory_format=memory_format) for v in rows}
+    x = torch.randn(args.batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
+    target = torch.randint(0, CLASSES, (args.batch_size,), device=device)
+
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu, torch threads={torch.get_num_threads()}")
+    print(f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
+          f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "
+          f"best of {args.rounds} rounds of {args.steps} steps after {args.warmup} warmup steps"
+          + (f"; {args.mirror_batch_size} noise samples per mirror batch" if any(v.mirror for v in rows) else ""))
+    results, breaks = {}, {}
+    for compiled in (False, True) if args.compile else (False,):
+        mode = "compiled" if compiled else "eager"
+        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, args.mirror_batch_size if v.mirror else None)
+                    for v in rows}
+        breaks = warm_up(trainees, x, target, args.warmup, mode)
+        results[mode] = measure(trainees, x, target, args.steps, args.rounds, mode)
+    print(table(results))
+    for name, reasons in breaks.items():
+        if reasons:
+            listed = "; ".join(f"{n}x {reason.splitlines()[0]}" for reason, n in reasons.most_common())
+            print(f"graph breaks under torch.compile, {name}: {listed}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

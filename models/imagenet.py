@@ -1,0 +1,470 @@
+"""ImageNet training of ResNet circuits under one feedback rule, on one process or many (torchrun).
+
+    python -m models.imagenet --data /datasets/imagenet --arch resnet18 --rule kp
+    torchrun --nproc_per_node=8 -m models.imagenet --data /datasets/imagenet --arch resnet50 --rule wm
+
+The recipe of the paper's era (He et al. 2016, as in pytorch/examples imagenet; Goyal et al. 2017 for
+large batches) is the default; every value is a flag. See docs/imagenet.md for the sources.
+
+  SGD, momentum 0.9, weight decay 1e-4 on every trained parameter (W, biases, batch norm, and B under KP)
+  lr = 0.1 x batch / 256 (linear scaling, batch = the global batch over all processes)
+  warm-up: 5 epochs rising linearly from 0.1 when the batch exceeds 256 (Goyal et al.), none otherwise
+  90 epochs; lr x 0.1 at epochs 30 and 60 ("step"), or cosine annealing to 0 ("cosine"); set per step
+  train: random-resized crop 224 + flip; val: centre crop 224 of the image resized to 256
+
+Distributed: one process per GPU under torchrun, DistributedDataParallel (NCCL on GPU, gloo on CPU).
+DDP all-reduces the autograd gradients, which include B's under Kolen-Pollack; weight-mirror updates of
+B happen outside autograd and are all-reduced by circuits.mirror.mirror_step. Only rank 0 prints and
+writes checkpoints.
+
+Rank 0 records the run to OUT/run.h5 (circuits.recorder.Recorder: loss, lr, alignment of B and W per
+projection every --record-every ticks, error and update angles to backprop on a fixed validation batch
+every --probe-every steps, top-1/top-5 after each epoch). Checkpoints (OUT/checkpoint.pt, replaced
+atomically) are taken between learning steps every --checkpoint-every steps and after each epoch:
+W, B, batch-norm state, optimizer, lr schedule, the phase schedule's position, the data position,
+every rank's RNG states and the recorder's position. --resume continues the same run, appending to
+the same recording.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import pickle
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR
+from tqdm.auto import tqdm
+
+import circuits
+from circuits import rules
+from circuits.recorder import Recorder
+from circuits.schedule import Learn, Mirror, Repeat, Schedule
+
+from .imagenet_data import Batches, DatasetError, image_batches
+from .resnet import cifar_resnet, resnet
+
+ARCHS: dict[str, Callable[..., circuits.Circuit]] = {
+    **{f"resnet{d}": functools.partial(resnet, d) for d in (18, 34, 50, 101, 152)},
+    # He et al.'s CIFAR ResNets (3x3 stem, 16-64 channels): small images, smoke runs and tests
+    **{f"resnet{d}": functools.partial(cifar_resnet, d, shortcut="projection") for d in (8, 20)},
+}
+RULES = tuple(rules.RULES)
+REFERENCE_BATCH = 256        # the batch at which lr = 0.1 (He et al. 2016; Goyal et al. 2017)
+_WM = rules.WeightMirror()
+
+
+@dataclass
+class Recipe:
+    """One ImageNet run. None means "derived": see `resolve`."""
+
+    data: str
+    arch: str = "resnet50"
+    rule: str = "bp"
+    epochs: int = 90
+    batch_size: int = 256                  # global batch, split evenly over the processes
+    lr: float | None = None                # 0.1 x batch_size / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "step"              # "step" or "cosine"
+    milestones: tuple[int, ...] = (30, 60)  # epochs at which "step" multiplies lr by 0.1
+    warmup_epochs: float | None = None     # 5 if batch_size > 256 else 0
+    image_size: int = 224
+    decode: str | None = None              # "device" on CUDA, "cpu" otherwise
+    workers: int | None = None             # DataLoader workers per process: this process's share of the CPUs
+    amp: bool | None = None                # bf16 autocast, on by default on CUDA
+    channels_last: bool | None = None      # on by default on CUDA
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    out: str | None = None                 # runs/imagenet-ARCH-RULE
+    checkpoint_every: int = 1000
+    resume: bool = False
+    progress: bool = True
+    record: bool = True                    # OUT/run.h5 (circuits.recorder.Recorder), rank 0
+    record_every: int = 10                 # ticks (learning steps and mirror batches) between rows
+    probe_every: int = 1000                # learning steps between error angles to backprop on a val batch; 0: none
+    # weight mirror (rule wm): circuits.rules.WeightMirror's defaults; the authors' cadence
+    wm_sigma: float = _WM.sigma
+    wm_eta: float = _WM.eta
+    wm_decay: float = _WM.decay
+    wm_noise: str = _WM.noise
+    mirror_batch_size: int | None = None   # noise samples per mirror batch: the per-process training batch
+    mirror_every: int = 1                  # learning steps between mirror batches
+    mirror_warmup: int | None = None       # mirror batches before the first step: one epoch's worth
+    # Kolen-Pollack (rule kp): extra decay beyond the optimizer's weight decay, which already acts on W and B
+    kp_decay: float = 0.0
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must share with this recipe to continue it (and the data's number of classes)."""
+        return {"arch": self.arch, "rule": self.rule, "image_size": self.image_size}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Recipe:
+    """The command line into a Recipe (flags are the field names with dashes)."""
+    p = argparse.ArgumentParser(prog="python -m models.imagenet", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = Recipe(data="")
+    p.add_argument("--data", required=True, help="folder with train/ and val/ folders of class subfolders of JPEGs")
+    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHS))
+    p.add_argument("--rule", default=d.rule, choices=RULES, help="feedback rule of every synaptic projection")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all processes")
+    p.add_argument("--lr", type=float, default=d.lr, help="default 0.1 x batch-size / 256")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("step", "cosine"))
+    p.add_argument("--milestones", type=int, nargs="*", default=list(d.milestones), help="epochs of the x0.1 steps")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default 5 if batch-size > 256 else 0")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="training and evaluation crop")
+    p.add_argument("--decode", default=d.decode, choices=("cpu", "device"), help="default device on CUDA, else cpu")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast (default on CUDA)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
+                   help="default on CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile the net")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
+                   help="deterministic kernels (slower on GPU)")
+    p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt); default runs/imagenet-ARCH-RULE")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="learning steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    p.add_argument("--record", action=argparse.BooleanOptionalAction, default=d.record, help="record to OUT/run.h5")
+    p.add_argument("--record-every", type=int, default=d.record_every,
+                   help="ticks (learning steps and mirror batches) between recorded rows")
+    p.add_argument("--probe-every", type=int, default=d.probe_every,
+                   help="learning steps between recorded error/update angles to backprop on a fixed val batch (0: never)")
+    wm = p.add_argument_group("weight mirror (--rule wm)")
+    wm.add_argument("--wm-sigma", type=float, default=d.wm_sigma, help="noise standard deviation")
+    wm.add_argument("--wm-eta", type=float, default=d.wm_eta, help="eta_B, B's Hebbian learning rate")
+    wm.add_argument("--wm-decay", type=float, default=d.wm_decay, help="lambda_B, B's decay per mirror batch")
+    wm.add_argument("--wm-noise", default=d.wm_noise, choices=("gaussian", "uniform"))
+    wm.add_argument("--mirror-batch-size", type=int, default=d.mirror_batch_size,
+                    help="noise samples per mirror batch (default: the per-process training batch)")
+    wm.add_argument("--mirror-every", type=int, default=d.mirror_every, help="learning steps between mirror batches")
+    wm.add_argument("--mirror-warmup", type=int, default=d.mirror_warmup,
+                    help="mirror batches before learning (default: one epoch's worth of steps)")
+    kp = p.add_argument_group("Kolen-Pollack (--rule kp)")
+    kp.add_argument("--kp-decay", type=float, default=d.kp_decay,
+                    help="decay of W and B beyond --weight-decay, which already applies to both")
+    args = vars(p.parse_args(argv))
+    args["milestones"] = tuple(args["milestones"])
+    return Recipe(**args)
+
+
+# --- distributed set-up ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Processes:
+    """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or a lone process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes() -> Processes:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU); one CUDA device per process."""
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", 1))
+    rank, local_rank = int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Processes(rank, world_size, local_rank, local_world, device)
+
+
+# --- the recipe, resolved -----------------------------------------------------------------------
+def resolve(recipe: Recipe, procs: Processes) -> Recipe:
+    """Fill the derived defaults (None fields) and check the recipe; a CircuitError names any problem."""
+    cuda = procs.device.type == "cuda"
+    if recipe.arch not in ARCHS:
+        raise circuits.CircuitError(f"unknown arch {recipe.arch!r}; known: {', '.join(sorted(ARCHS))}")
+    if recipe.batch_size % procs.world_size:
+        raise circuits.CircuitError(f"batch size {recipe.batch_size} does not split evenly over {procs.world_size} processes")
+    if recipe.lr_schedule not in ("step", "cosine"):
+        raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
+    for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every"):
+        if getattr(recipe, name) <= 0:
+            raise circuits.CircuitError(f"{name} must be positive, got {getattr(recipe, name)}")
+    workers = recipe.workers
+    if workers is None:
+        workers = max(1, len(os.sched_getaffinity(0)) // procs.local_world_size - 1)
+    return dataclasses.replace(
+        recipe,
+        lr=recipe.lr if recipe.lr is not None else 0.1 * recipe.batch_size / REFERENCE_BATCH,
+        warmup_epochs=recipe.warmup_epochs if recipe.warmup_epochs is not None else (5.0 if recipe.batch_size > REFERENCE_BATCH else 0.0),
+        decode=recipe.decode or ("device" if cuda else "cpu"),
+        workers=workers,
+        amp=cuda if recipe.amp is None else recipe.amp,
+        channels_last=cuda if recipe.channels_last is None else recipe.channels_last,
+        out=recipe.out or f"runs/imagenet-{recipe.arch}-{recipe.rule}",
+        mirror_batch_size=recipe.mirror_batch_size or recipe.batch_size // procs.world_size,
+    )
+
+
+def feedback_rule(recipe: Recipe) -> rules.FeedbackRule:
+    """The rule named by the recipe, with its parameters."""
+    if recipe.rule == "wm":
+        return rules.WeightMirror(sigma=recipe.wm_sigma, eta=recipe.wm_eta, decay=recipe.wm_decay, noise=recipe.wm_noise)
+    if recipe.rule == "kp":
+        return rules.KolenPollack(decay=recipe.kp_decay)
+    return rules.get(recipe.rule)
+
+
+def phase_schedule(recipe: Recipe, steps_per_epoch: int) -> Schedule:
+    """Learning only; under the weight mirror the authors' cadence (shared/paper-notes.md): a mirror
+    phase before any data, then one mirror batch after every `mirror_every` learning steps."""
+    if recipe.rule != "wm":
+        return Schedule(Repeat(Learn(1)))
+    warmup = steps_per_epoch if recipe.mirror_warmup is None else recipe.mirror_warmup
+    cycle = Repeat(Learn(recipe.mirror_every), Mirror(1, recipe.mirror_batch_size))
+    return Schedule(Mirror(warmup, recipe.mirror_batch_size), cycle) if warmup else Schedule(cycle)
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:
+    """Per-step learning rate: linear warm-up from lr x 256 / batch (Goyal et al.), then step or cosine."""
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    total = recipe.epochs * steps_per_epoch
+    if recipe.lr_schedule == "cosine":
+        main = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    else:
+        main = MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in recipe.milestones], gamma=0.1)
+    if not warmup:
+        return main
+    start = min(1.0, REFERENCE_BATCH / recipe.batch_size)
+    return SequentialLR(optimizer, [LinearLR(optimizer, start, 1.0, total_iters=warmup), main], milestones=[warmup])
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents, or a CircuitError if it is not one or belongs to another run
+    (another architecture, rule, crop size or number of classes: `identity`)."""
+    if not path.is_file():
+        raise circuits.CircuitError(f"--resume: there is no checkpoint {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise circuits.CircuitError(f"{path} cannot be read as a checkpoint (truncated or not a checkpoint): {e}") from e
+    if not isinstance(state, dict) or "identity" not in state or "trainer" not in state:
+        raise circuits.CircuitError(f"{path} is not an ImageNet checkpoint of models.imagenet")
+    theirs, ours = state["identity"], identity
+    if theirs != ours:
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
+        raise circuits.CircuitError(f"checkpoint {path} belongs to another run: {diff}")
+    return state
+
+
+class ImageNetTrainer(circuits.Trainer):
+    """circuits.Trainer that checkpoints between learning steps and after each epoch, and reports
+    images/s and unreadable images each epoch on rank 0."""
+
+    def __init__(self, *args, recipe: Recipe, procs: Processes, train: Batches, identity: dict[str, Any],
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recipe, self.procs, self.train, self.identity = recipe, procs, train, identity
+        self.path = Path(recipe.out) / "checkpoint.pt"
+        self.saved_at: int | None = None
+        self.skipped_before_epoch = 0      # unreadable images this rank met before the current epoch
+        self.clock, self.clock_examples = time.perf_counter(), 0
+
+    def learn(self, inputs, target):
+        # Here, before the step, the trainer's counters, the schedule and the data position agree.
+        if self.step % self.recipe.checkpoint_every == 0 and self.step != self.saved_at and self.step > 0:
+            self.save()
+        return super().learn(inputs, target)
+
+    def end_epoch(self) -> None:
+        super().end_epoch()
+        seconds = time.perf_counter() - self.clock
+        skipped = torch.tensor([self.train.skipped], device=self.device)
+        if self.procs.distributed:
+            dist.all_reduce(skipped)
+        if self.procs.main:
+            images = (self.examples - self.clock_examples) * self.procs.world_size
+            tqdm.write(f"epoch {self.epoch - 1}: step {self.step}, {images / seconds:,.0f} images/s, "
+                       f"{int(skipped)} unreadable images skipped so far")
+        self.skipped_before_epoch = self.train.skipped
+        self.save()
+        self.clock, self.clock_examples = time.perf_counter(), self.examples
+
+    def evaluate(self, loader) -> dict[str, float]:
+        metrics = super().evaluate(loader)
+        if self.procs.main:
+            tqdm.write(f"validation after epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0), with every rank's RNG states and counts; all ranks must call this."""
+        mine = {"rng": _rng_state(), "skipped_before_epoch": self.skipped_before_epoch}
+        ranks = [None] * self.procs.world_size
+        if self.procs.distributed:
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        self.saved_at = self.step
+        if not self.procs.main:
+            return
+        state = {"identity": self.identity, "recipe": asdict(self.recipe), "trainer": self.state_dict(),
+                 "ranks": ranks}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.path)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: trainer state, then this rank's own RNG streams and counts.
+
+        The trainer replays the data of the current epoch up to the saved batch, so the count of
+        unreadable images restarts from the epoch's start."""
+        self.load_state_dict(state["trainer"])
+        self.saved_at = self.step
+        ranks = state["ranks"]
+        if len(ranks) == self.procs.world_size:
+            _set_rng_state(ranks[self.procs.rank]["rng"])
+            self.skipped_before_epoch = ranks[self.procs.rank]["skipped_before_epoch"]
+        else:
+            if self.procs.main:
+                tqdm.write(f"resuming on {self.procs.world_size} processes a run saved on {len(ranks)}: "
+                           f"the random streams (mirror noise) differ from an uninterrupted run")
+            self.skipped_before_epoch = sum(r["skipped_before_epoch"] for r in ranks) if self.procs.main else 0
+        self.train.skipped = self.skipped_before_epoch
+
+
+# --- the run --------------------------------------------------------------------------------
+def configure_torch(recipe: Recipe) -> None:
+    """Deterministic kernels if asked, else cuDNN autotuning; TF32 matmuls."""
+    if recipe.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not recipe.deterministic
+    torch.set_float32_matmul_precision("high")
+
+
+def build_model(recipe: Recipe, procs: Processes, classes: int) -> tuple[circuits.CircuitNet, nn.Module]:
+    """(the circuit's net, the module to train: the net, wrapped in DDP and torch.compile as asked).
+
+    Every rank builds the same initial W and B (seed), then seeds its own stream (seed + rank) for noise.
+    """
+    torch.manual_seed(recipe.seed)
+    circuit = ARCHS[recipe.arch](classes=classes, input_shape=(3, recipe.image_size, recipe.image_size),
+                                 rule=feedback_rule(recipe))
+    net = circuit.build().to(procs.device)
+    if recipe.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: nn.Module = net
+    if procs.distributed:
+        model = DistributedDataParallel(net, device_ids=[procs.device] if procs.device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
+    if recipe.compile:
+        model = torch.compile(model)
+    torch.manual_seed(recipe.seed + procs.rank)
+    return net, model
+
+
+def training_parts(net: circuits.CircuitNet, recipe: Recipe, procs: Processes, steps_per_epoch: int
+                   ) -> tuple[torch.optim.Optimizer, LRScheduler, Schedule, circuits.TrainerConfig]:
+    """Optimizer (every trained parameter, B too under KP), lr schedule, phase schedule, trainer config."""
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=recipe.lr,
+                                momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    config = circuits.TrainerConfig(device=str(procs.device), amp_dtype="bfloat16" if recipe.amp else None,
+                                    channels_last=recipe.channels_last, lr_per_step=True,
+                                    progress=recipe.progress, extra=asdict(recipe))
+    return (optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), phase_schedule(recipe, steps_per_epoch),
+            config)
+
+
+def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Batches, Batches]:
+    """The data, net, optimizer, schedules and trainer of a resolved recipe (resumed if asked)."""
+    out = Path(recipe.out)
+    if (out / "checkpoint.pt").exists() and not recipe.resume:
+        raise circuits.CircuitError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, "
+                                    f"or --out for a new one")
+    if recipe.resume and not (out / "checkpoint.pt").is_file():
+        raise circuits.CircuitError(f"--resume: there is no checkpoint {out / 'checkpoint.pt'}")
+    configure_torch(recipe)
+    train, val, classes = image_batches(recipe.data, batch_size=recipe.batch_size // procs.world_size,
+                                        device=procs.device, size=recipe.image_size, decode=recipe.decode,
+                                        workers=recipe.workers, seed=recipe.seed, rank=procs.rank,
+                                        world_size=procs.world_size, channels_last=recipe.channels_last)
+    identity = {**recipe.identity, "classes": len(classes)}
+    state = load_checkpoint(out / "checkpoint.pt", identity, procs.device) if recipe.resume else None
+    net, model = build_model(recipe, procs, len(classes))
+    optimizer, lr_scheduler, schedule, config = training_parts(net, recipe, procs, len(train))
+    recorder = None
+    if recipe.record and procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = next(iter(val)) if recipe.probe_every else None
+        recorder = Recorder(out / "run.h5", every=recipe.record_every, probe=probe,
+                            probe_steps=recipe.probe_every or 1, seeds={"seed": recipe.seed})
+    trainer = ImageNetTrainer(model, optimizer, schedule, lr_scheduler=lr_scheduler, recorder=recorder,
+                              config=config, recipe=recipe, procs=procs, train=train, identity=identity)
+    if state is not None:
+        changed = {k: (v, getattr(recipe, k)) for k, v in state["recipe"].items()
+                   if k not in ("resume", "progress") and v != getattr(recipe, k, v)}
+        if changed and procs.main:
+            tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        trainer.resume(state)
+    return trainer, train, val
+
+
+def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
+    """Train as the command line says; returns the trainer (its net holds the final W and B)."""
+    procs = start_processes()
+    try:
+        recipe = resolve(parse_args(argv), procs)
+        trainer, train, val = build_trainer(recipe, procs)
+        if procs.main:
+            tqdm.write(f"{recipe.arch} under {recipe.rule} on {procs.world_size} x {procs.device.type}: "
+                       f"{len(train)} steps per epoch of {recipe.batch_size} images, lr {recipe.lr:g}, "
+                       f"decode on {recipe.decode}, out {recipe.out}")
+        trainer.fit(train, recipe.epochs, val)
+        if trainer.step != trainer.saved_at:
+            trainer.save()
+        return trainer
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (circuits.CircuitError, DatasetError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,179 @@
+"""Analysis of recordings: statistics against known answers, figures and the report from real short runs."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import circuits
+from analysis import figures, open_run, stats
+from analysis.__main__ import main
+from circuits.recorder import Recorder, RecordingError
+from models.data import digits
+from models.mlp import mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def set_angle(synapse: circuits.Synapse, degrees: float) -> None:
+    """B = cos(theta) W/|W| + sin(theta) R, R a unit tensor orthogonal to W: angle(B, W) = theta, |B| = 1."""
+    w = synapse.weight.detach().flatten().double()
+    w = w / w.norm()
+    r = torch.randn_like(w)
+    r -= (r @ w) * w
+    theta = math.radians(degrees)
+    b = math.cos(theta) * w + math.sin(theta) * r / r.norm()
+    synapse.feedback = b.reshape(synapse.weight.shape).to(synapse.weight.dtype)
+
+
+ANGLES = {"fc1": [80, 60, 40, 20, 10], "fc2": [90, 90, 50, 30, 30]}
+TOP1 = [0.25, 0.5, 0.75]
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory):
+    """A recording whose angles and accuracies are set by hand: fc1 (fa) and fc2 (wm), five learning steps."""
+    path = tmp_path_factory.mktemp("known") / "known.h5"
+    net = mlp((6, 5, 4), rule="fa", rules_by_layer={"fc2": "wm"}).build().double()
+    rec = Recorder(path, block=2)
+    rec.begin(net, {"note": "angles set by hand"})
+    for tick in range(5):
+        for name, angles in ANGLES.items():
+            set_angle(net.projection(name), angles[tick])
+        rec.step(tick, step=tick + 1, phase="learn", loss=torch.tensor(2.0 - tick / 4), lr=0.1, examples=8 * (tick + 1), net=net)
+        if tick in (1, 3, 4):
+            rec.evaluate(tick + 1, {"loss": 1.0, "top1": TOP1[(1, 3, 4).index(tick)], "top5": 1.0})
+    rec.close()
+    return path, {name: float(net.projection(name).weight.detach().norm()) for name in ANGLES}
+
+
+def test_statistics_of_a_recording_with_known_angles(known):
+    path, norms = known                                  # |B| = 1, so |B| / |W| = 1 / |W|
+    with open_run(path) as run:
+        assert run.rules == {"fc1": "fa", "fc2": "wm"} and run.rule == "fa+wm" and run.depth == {"fc1": 1, "fc2": 2}
+        np.testing.assert_allclose(run.alignment["fc1"]["angle"], ANGLES["fc1"], rtol=1e-5)
+        assert list(run.alignment["fc2"].step) == [1, 2, 3, 4, 5]
+        assert stats.first_below(run.alignment, 45) == {"fc1": 3, "fc2": 4}
+        assert stats.first_below(run.alignment, 5) == {"fc1": None, "fc2": None}
+        assert stats.first_below(run.alignment, 55) == {"fc1": 3, "fc2": 3}
+        assert stats.final(run.alignment) == pytest.approx({"fc1": 10, "fc2": 30}, rel=1e-5)
+        assert stats.mean(run.alignment) == pytest.approx({"fc1": 42, "fc2": 58}, rel=1e-5)
+        assert stats.final(run.alignment, "norm_ratio") == pytest.approx({n: 1 / w for n, w in norms.items()}, rel=1e-5)
+        fa, wm = stats.summarize(run, threshold=55)
+        assert (fa.rule, fa.projections, fa.steps, fa.top1, fa.aligned_at) == ("fa", ("fc1",), 5, 0.75, 3)
+        assert (fa.final_angle, fa.mean_angle) == pytest.approx((10, 42), rel=1e-5)
+        assert (wm.rule, wm.final_angle, wm.mean_angle, wm.aligned_at) == ("wm", pytest.approx(30, rel=1e-5), pytest.approx(58, rel=1e-5), 3)
+        assert fa.error_angle is None                        # no probe batch was recorded
+        table = stats.markdown(stats.compare([run, run], threshold=55), threshold=55).splitlines()
+        assert len(table) == 2 + 4
+        assert table[2].split("|")[1:-1] == [" known ", " fa ", " 1 ", " 5 ", " 75.00 ", " 100.00 ", " 10.00 ", " 42.00 ", " 3 ", " – "]
+        assert table[3].split("|")[1:-1] == [" known ", " wm ", " 1 ", " 5 ", " 75.00 ", " 100.00 ", " 30.00 ", " 58.00 ", " 3 ", " – "]
+
+
+def test_the_view_holds_the_circuit_config_and_a_growing_live_file(tmp_path):
+    net = mlp((6, 5, 4), activation="relu", rule="kp").build()
+    rec = Recorder(tmp_path / "live.h5", block=3)
+    rec.begin(net, {"lr": 0.3})
+    with open_run(tmp_path / "live.h5") as run:            # the writer still has it open
+        assert run.config == {"lr": 0.3} and len(run.steps) == 0
+        for tick in range(3):
+            rec.step(tick, step=tick + 1, phase="learn", loss=torch.tensor(1.0), lr=0.3, examples=4, net=net)
+        assert len(run.steps) == 3 and list(run.steps["phase"]) == ["learn"] * 3 and len(run.alignment["fc1"]) == 3
+        graph = run.circuit
+        assert set(graph.nodes) == set(net.circuit.graph.nodes)
+        assert {(u, v, d["pathway"]) for u, v, d in graph.edges(data=True)} == \
+               {(u, v, d["pathway"]) for u, v, d in net.circuit.graph.edges(data=True)}
+        assert graph.nodes["hidden1"]["shape"] == (5,) and graph.edges["δoutput", "δhidden1"]["carries"] == "B"
+        assert graph.edges["retina", "hidden1"]["weight_shape"] == (5, 6) and graph.edges["retina", "hidden1"]["rule"] == "kp"
+    rec.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two real short runs on scikit-learn's 8x8 digits: backprop and the weight mirror (paper's schedule)."""
+    folder = tmp_path_factory.mktemp("runs")
+    data = digits(flat=True)
+    train = DataLoader(data.train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    test = DataLoader(data.test, batch_size=512)
+    probe = next(iter(DataLoader(data.test, batch_size=64)))
+    paths = []
+    for rule in ("bp", "wm"):
+        torch.manual_seed(0)
+        net = mlp((64, 32, 16, 10), activation="tanh", rule=rule).build()
+        rec = Recorder(folder / f"{rule}.h5", probe=probe, probe_steps=4)
+        trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9),
+                                   circuits.paper_schedule(net, 8, batch_size=64), recorder=rec,
+                                   config=circuits.TrainerConfig(progress=False))
+        trainer.fit(train, epochs=2, val_loader=test)
+        paths.append(folder / f"{rule}.h5")
+    return paths
+
+
+def non_trivial_png(path: Path) -> np.ndarray:
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 300, image.shape
+    pixels = image[..., :3].reshape(-1, 3)
+    assert (pixels < 0.9).any(axis=1).mean() > 0.01                  # more than a blank canvas
+    assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 20   # lines in several colours, text
+    return image
+
+
+def test_each_figure_renders_what_the_runs_recorded(runs, tmp_path):
+    bp, wm = (open_run(p) for p in runs)
+    with bp, wm:
+        assert len(wm.evaluations) == 2 and wm.evaluations["top1"][-1] > 0.5       # it learned
+        assert stats.final(bp.alignment) == {"fc1": 0, "fc2": 0, "fc3": 0}
+        assert all(a < 30 for a in stats.final(wm.alignment).values())             # the mirror aligned B
+        fig = figures.alignment([bp, wm])
+        lines = fig.axes[1].lines[:3]
+        assert [line.get_label() for line in lines] == ["fc1", "fc2", "fc3"]
+        np.testing.assert_array_equal(lines[0].get_ydata(), wm.alignment["fc1"]["angle"])
+        assert len({line.get_color() for line in lines}) == 3                     # depth as colour
+        error = figures.error_angles([bp, wm])
+        np.testing.assert_array_equal(error.axes[1].lines[0].get_ydata(), wm.errors["hidden1"]["angle"])
+        curves = figures.curves([bp, wm])
+        np.testing.assert_allclose(curves.axes[1].lines[1].get_ydata(), 100 * (1 - wm.evaluations["top1"]))
+        circuit = figures.circuit(wm)
+        for name, f in (("alignment", fig), ("errors", error), ("curves", curves), ("circuit", circuit)):
+            non_trivial_png(figures.save(f, tmp_path / f"{name}.png"))
+
+
+def test_the_report_command_summarizes_two_runs(runs, tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "analysis", "report", *map(str, runs), "-o", str(out), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = {"alignment.png", "errors.png", "curves.png", "bp-circuit.png", "wm-circuit.png", "summary.md"}
+    assert {p.name for p in out.iterdir()} == expected
+    assert sorted(Path(line).name for line in done.stdout.split()) == sorted(expected)
+    for png in expected - {"summary.md"}:
+        non_trivial_png(out / png)
+    summary = (out / "summary.md").read_text()
+    rows = {cells[1]: cells for line in summary.splitlines() if line.startswith("| bp |") or line.startswith("| wm |")
+            for cells in [[c.strip() for c in line.split("|")]] if cells[2] in ("bp", "wm")}
+    for path in runs:
+        with open_run(path) as run:
+            cells = rows[run.name]
+            assert cells[5] == f"{100 * run.evaluations['top1'][-1]:.2f}"
+            assert cells[7] == f"{np.mean(list(stats.final(run.alignment).values())):.2f}"
+            assert cells[8] == f"{np.mean(list(stats.mean(run.alignment).values())):.2f}"
+    assert rows["bp"][7] == "0.00" and "![alignment](alignment.png)" in summary
+
+
+def test_truncated_and_foreign_files_give_clear_errors(runs, tmp_path, capsys):
+    truncated = tmp_path / "truncated.h5"
+    truncated.write_bytes(runs[0].read_bytes()[: runs[0].stat().st_size // 2])
+    with pytest.raises(RecordingError, match="truncated or damaged"):
+        open_run(truncated)
+    foreign = tmp_path / "foreign.h5"
+    foreign.write_text(json.dumps({"not": "hdf5"}))
+    assert main(["report", str(runs[0]), str(foreign), "-o", str(tmp_path / "out")]) == 1
+    assert f"{foreign} is not an HDF5 file" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "out")]) == 1
+    assert "no recording at" in capsys.readouterr().err

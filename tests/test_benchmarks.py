@@ -1,0 +1,73 @@
+"""benchmarks/throughput.py: it runs at tiny size, prints one ratio row per rule, and times what it names."""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ResidualNet
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+_spec = importlib.util.spec_from_file_location("throughput", _PATH)
+throughput = sys.modules["throughput"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(throughput)
+
+ROWS = ["torch", "bp", "fa", "ss", "kp", "wm", "wm+mirror"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine, spinning OpenMP threads slow these tiny steps ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_smoke_prints_a_ratio_row_per_rule(capsys):
+    results = throughput.main(["--smoke"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("resnet18, batch 2, 32x32, cpu, torch threads=1")
+    assert "bf16 autocast" in lines[0] or "float32" in lines[0]
+    assert lines[1].split() == ["variant", "eager", "steps/s", "ratio"]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
+    assert list(rows) == ROWS
+    assert list(results) == ["eager"]
+    for name, (steps_per_s, ratio) in rows.items():
+        assert steps_per_s > 0
+        assert steps_per_s == pytest.approx(results["eager"][name], abs=5e-4)
+        assert ratio == pytest.approx(results["eager"][name] / results["eager"]["torch"], abs=5e-4)
+    assert rows["torch"][1] == 1.0
+
+
+def test_variants_start_from_the_same_weights_and_train_what_they_name():
+    model = ResidualNet()
+    nets = {v.name: throughput.build(v, model, (1, 8, 8)) for v in throughput.variants(ROWS[1:])}
+    x, target = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    reference = model(x)
+    for name, net in nets.items():
+        assert torch.equal(net(x), reference), name
+    nets["torch"] = throughput.build(throughput.Variant("torch"), model, (1, 8, 8))
+    for name, net in nets.items():
+        before = {k: p.detach().clone() for k, p in net.named_parameters()}
+        mirror_batch_size = 3 if name == "wm+mirror" else None
+        trainee = throughput.Trainee(net, compile=False, dtype=None, mirror_batch_size=mirror_batch_size)
+        loss = trainee.step(x, target)
+        assert loss == pytest.approx(float(F.cross_entropy(reference.detach(), target)), rel=1e-6), name
+        changed = {k for k, p in net.named_parameters() if not torch.equal(p, before[k])}
+        weights = {k for k in before if k.endswith("weight")}
+        feedback = {k for k in before if k.endswith(".B")}
+        assert weights <= changed, name                       # every W and batch-norm scale learned
+        assert bool(feedback) == (name in ("fa", "kp", "wm", "wm+mirror")), name   # rules that store a B
+        # B learns by the optimizer under KP, by the mirror batch under wm+mirror, never otherwise
+        assert feedback & changed == (feedback if name in ("kp", "wm+mirror") else set()), name
+
+
+@pytest.mark.parametrize("argv", [["--rules", "xx"], ["--smoke", "--steps", "0"], ["--warmup", "-1"],
+                                  ["--smoke", "--compile", "--warmup", "0"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        throughput.parse(argv)
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,193 @@
+"""ImageNet training (models.imagenet, models.imagenet_data) on a tiny generated folder of JPEGs, on CPU.
+
+Run as a script under torch.distributed.run, this file trains through models.imagenet.main and saves
+each rank's final parameters to $IMAGENET_TEST_DUMP/rank{RANK}.pt (the two-process test does that).
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.recorder import open_recording
+from models import imagenet
+from models.imagenet_data import DatasetError, image_batches, synthetic_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+TINY = ["--arch", "resnet8", "--image-size", "16", "--batch-size", "4", "--lr", "0.05", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """3 classes x 5 training JPEGs + 1 truncated JPEG (16 files: 4 batches of 4), 3 x 2 val JPEGs."""
+    return synthetic_image_folder(tmp_path_factory.mktemp("imagenet"), classes=3, train_per_class=5,
+                                  val_per_class=2, size=(24, 32), corrupt=1)
+
+
+def run(folder: Path, out: Path, *args: str) -> imagenet.ImageNetTrainer:
+    return imagenet.main(["--data", str(folder), "--out", str(out), "--workers", "0", *TINY, *args])
+
+
+def angle(b: torch.Tensor, w: torch.Tensor) -> float:
+    cos = torch.nn.functional.cosine_similarity(b.detach().flatten(), w.detach().flatten(), dim=0)
+    return math.degrees(math.acos(float(cos.clamp(-1, 1))))
+
+
+def initial_net(rule: str) -> circuits.CircuitNet:
+    """The net a run with seed 0 starts from."""
+    recipe = imagenet.Recipe(data="", arch="resnet8", rule=rule, image_size=16)
+    torch.manual_seed(0)
+    return imagenet.ARCHS["resnet8"](classes=3, input_shape=(3, 16, 16), rule=imagenet.feedback_rule(recipe)).build()
+
+
+def kp_contraction(steps: int, lr: float, momentum: float, decay: float) -> float:
+    """The factor by which D = W - B shrinks in `steps` steps of torch's SGD with momentum under KP.
+
+    W and B receive the same data gradient, so D sees only the decay: g_D = decay D,
+    buf_t = momentum buf_{t-1} + g_D (buf_1 = g_D), D <- D - lr buf: D stays parallel to itself.
+    """
+    d, buf = 1.0, 0.0
+    for t in range(steps):
+        buf = decay * d if t == 0 else momentum * buf + decay * d
+        d -= lr * buf
+    return d
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "ss", "kp", "wm"])
+def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
+    extra = {"kp": ["--weight-decay", "0.05", "--kp-decay", "0.05"], "wm": ["--mirror-warmup", "20", "--probe-every", "2"]}
+    trainer = run(folder, tmp_path / rule, "--rule", rule, "--epochs", "1", *extra.get(rule, []))
+    net, start = trainer.circuit_net, initial_net(rule)
+    assert trainer.step == 4 and trainer.epoch == 1
+    assert trainer.train.skipped == 1                      # the truncated JPEG, replaced, counted
+    assert (tmp_path / rule / "checkpoint.pt").is_file()
+    shrink = kp_contraction(4, lr=0.05, momentum=0.9, decay=0.05 + 0.05)
+    for name, synapse in net.projections():
+        before = start.projection(name)
+        assert not torch.equal(synapse.weight, before.weight), name          # W learned
+        if rule == "fa":
+            assert torch.equal(synapse.B, before.B), name                    # B fixed
+        if rule == "kp":    # B in the optimizer beside W, same decay: W - B shrinks by a known factor
+            assert torch.allclose(synapse.weight - synapse.B, shrink * (before.weight - before.B), rtol=0, atol=2e-6), name
+        if rule == "wm":    # B learned from noise alone, toward W
+            assert angle(synapse.B, synapse.weight) < angle(before.B, before.weight) - 5, name
+    assert rule != "kp" or shrink < 0.96        # a visible contraction, far beyond atol
+    assert rule != "wm" or trainer.tick == 20 + 2 * 4                       # warm-up + one mirror batch per step
+    with open_recording(tmp_path / rule / "run.h5") as f:                  # recorded on the way
+        assert len(f["steps/tick"]) == math.ceil(trainer.tick / 10) and list(f["evaluations/step"]) == [4]
+        assert list(f["probe/step"]) == ([2, 4] if rule == "wm" else [])
+        if rule == "wm":
+            assert list(f["probe/errors/output/angle"]) == [0, 0]           # the loss's own error: same as BP
+            assert all(10 < a < 90 for a in f["probe/errors/conv1/angle"])   # sent back through B, not W
+
+
+def test_stop_and_resume_continues_the_same_run(folder, tmp_path, monkeypatch):
+    args = ("--rule", "wm", "--epochs", "2", "--checkpoint-every", "2", "--mirror-warmup", "2")
+    whole = run(folder, tmp_path / "whole", *args)
+
+    learn = circuits.Trainer.learn
+
+    def crash_at_step_8(self, *batch):
+        if self.step == 7:
+            raise KeyboardInterrupt          # killed mid-epoch 1; the last checkpoint is from before step 7
+        return learn(self, *batch)
+
+    monkeypatch.setattr(circuits.Trainer, "learn", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, tmp_path / "split", *args, "--workers", "2")
+    monkeypatch.setattr(circuits.Trainer, "learn", learn)
+    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["trainer"]["counters"]
+    assert saved["step"] == 6 and saved["batch_in_epoch"] == 2 and saved["epoch"] == 1   # taken before step 7
+    resumed = run(folder, tmp_path / "split", *args, "--workers", "2", "--resume")
+    assert resumed.step == whole.step == 8 and resumed.tick == whole.tick
+    assert resumed.train.skipped == whole.train.skipped == 2          # one per epoch, none counted twice
+    a, b = whole.circuit_net.state_dict(), resumed.circuit_net.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
+    with open_recording(tmp_path / "whole" / "run.h5") as a, open_recording(tmp_path / "split" / "run.h5") as b:
+        assert list(b["steps/tick"][:]) == list(a["steps/tick"][:]) == list(range(0, whole.tick, 10))
+        assert list(b["evaluations/step"][:]) == list(a["evaluations/step"][:]) == [4, 8]
+        assert b["evaluations/top1"][:].tolist() == a["evaluations/top1"][:].tolist()
+
+
+def test_two_processes_through_torchrun_end_with_identical_weights(folder, tmp_path):
+    env = dict(os.environ, IMAGENET_TEST_DUMP=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__)), "--data", str(folder), "--out", str(tmp_path / "run"), "--workers", "0",
+           *TINY, "--batch-size", "8", "--rule", "wm", "--epochs", "1", "--mirror-warmup", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    start = initial_net("wm").state_dict()
+    assert rank0.keys() == rank1.keys() and any(k.endswith(".B") for k in rank0)
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k               # W and B alike on both ranks
+        assert not torch.equal(rank0[k], start[k]), k           # and trained
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "2 x cpu" in done.stdout and "1 unreadable images skipped" in done.stdout
+
+
+def test_cpu_and_device_decoding_give_the_same_batches(folder):
+    batches = {}
+    for decode in ("cpu", "device"):
+        train, val, classes = image_batches(folder, batch_size=4, device="cpu", size=16, decode=decode, workers=0)
+        train.sampler.set_epoch(3)
+        batches[decode] = list(train) + list(val)
+        assert train.skipped == 1 and len(classes) == 3
+    shapes = [x.shape for x, _ in batches["cpu"]]
+    assert shapes == [(4, 3, 16, 16)] * 4 + [(4, 3, 16, 16), (2, 3, 16, 16)]
+    for (x, y), (x2, y2) in zip(batches["cpu"], batches["device"]):
+        assert torch.equal(y, y2)
+        assert (x - x2).abs().max() < 0.1                       # PIL and libjpeg resampling differ slightly
+    x = torch.cat([x for x, _ in batches["cpu"]])
+    assert abs(float(x.mean())) < 1.5 and 0.3 < float(x.std()) < 2       # normalised
+
+
+def test_bad_folders_give_clear_errors(folder, tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        run(tmp_path / "nowhere", tmp_path / "o")
+    (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no val/ folder"):
+        run(tmp_path / "noval", tmp_path / "o")
+    (tmp_path / "noval" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no valid file"):
+        run(tmp_path / "noval", tmp_path / "o")
+    other = synthetic_image_folder(tmp_path / "other", classes=2, train_per_class=2, val_per_class=1)
+    (other / "val" / "n00000001").rename(other / "val" / "zebra")
+    with pytest.raises(DatasetError, match="different class folders"):
+        run(other, tmp_path / "o")
+
+
+def test_checkpoints_of_other_runs_are_refused(folder, tmp_path):
+    run(folder, tmp_path / "bp", "--rule", "bp", "--epochs", "1")
+    with pytest.raises(circuits.CircuitError, match="exists: pass --resume"):
+        run(folder, tmp_path / "bp", "--rule", "bp", "--epochs", "1")
+    with pytest.raises(circuits.CircuitError, match=r"another run: rule 'bp' \(this run: 'fa'\)"):
+        run(folder, tmp_path / "bp", "--rule", "fa", "--resume")
+    with pytest.raises(circuits.CircuitError, match="another run: arch 'resnet8'"):
+        run(folder, tmp_path / "bp", "--rule", "bp", "--arch", "resnet20", "--resume")
+    with pytest.raises(circuits.CircuitError, match="no checkpoint"):
+        run(folder, tmp_path / "none", "--resume")
+    fewer = synthetic_image_folder(tmp_path / "fewer", classes=2, train_per_class=4, val_per_class=1)
+    with pytest.raises(circuits.CircuitError, match=r"another run: classes 3 \(this run: 2\)"):
+        run(fewer, tmp_path / "bp", "--rule", "bp", "--resume")
+    (tmp_path / "bp" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(circuits.CircuitError, match="cannot be read as a checkpoint"):
+        run(folder, tmp_path / "bp", "--rule", "bp", "--resume")
+    with pytest.raises(circuits.CircuitError, match="does not split evenly over 2 processes"):
+        imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Processes(world_size=2))
+
+
+if __name__ == "__main__":
+    trainer = imagenet.main(sys.argv[1:])
+    params = {k: v for k, v in trainer.circuit_net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    torch.save(params, Path(os.environ["IMAGENET_TEST_DUMP"]) / f"rank{os.environ['RANK']}.pt")

