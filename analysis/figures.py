@@ -102,7 +102,7 @@ def curves(runs: Sequence[Run], smoothing: int | None = None) -> Figure:
         ev = run.evaluations
         if len(ev) and "top1" in ev.columns:
             error_ax.plot(ev.step, 100 * (1 - ev["top1"]), "o-", ms=3, color=colour, label=label)
-    loss_ax.set(title="training loss", xlabel="learning step", ylabel="loss")
+    loss_ax.set(title="training loss", xlabel="learning step", ylabel="loss", yscale="log")
     error_ax.set(title="held-out top-1 error", xlabel="learning step", ylabel="top-1 error (%)")
     for ax in (loss_ax, error_ax):
         if ax.lines:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import circuits
 from circuits import rules
 from circuits.recorder import Recorder
-from throughput import CLASSES, Trainee, precision, synchronize
+from throughput import CLASSES, Trainee, parse_with_smoke, precision, synchronize
 
 VARIANTS = ("off", "record", "record+probe")
 SMOKE = dict(batch_size=2, image_size=32, steps=4, warmup=1, rounds=2, probe_steps=2, device="cpu")
@@ -92,16 +92,9 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser()
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    for name in ("batch_size", "image_size", "steps", "rounds", "probe_steps", "probe_batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args = parse_with_smoke(p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds", "probe_steps", "probe_batch"))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
 
 

@@ -198,18 +198,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = parser()
+def parse_with_smoke(p: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: dict,
+                     positive: Sequence[str]) -> argparse.Namespace:
+    """Parse argv; --smoke turns `smoke` into defaults (flags given explicitly still win); every option
+    named in `positive` must be >= 1; --device resolves to cuda when there is one, else cpu."""
     args = p.parse_args(argv)
     if args.smoke:
-        p.set_defaults(**SMOKE)
+        p.set_defaults(**smoke)
         args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.compile is None:
-        args.compile = args.device.type == "cuda"
-    for name in ("batch_size", "image_size", "steps", "rounds", "mirror_batch_size"):
+    for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = parse_with_smoke(p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds", "mirror_batch_size"))
+    if args.compile is None:
+        args.compile = args.device.type == "cuda"
     if args.warmup < (1 if args.compile else 0):
         p.error(f"--warmup must be >= {1 if args.compile else 0} (compilation must not be timed), got {args.warmup}")
     return args

@@ -6,6 +6,7 @@ from .errors import CircuitError
 from .network import CircuitNet, Trace
 from .mirror import mirror_step
 from .population import Population
+from .recorder import Recorder, RecordingError
 from .projections import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv2d, Dense, Flatten, Identity,
                           MaxPool, Projection)
 from .schedule import Learn, Mirror, Repeat, Schedule, paper_schedule
@@ -16,5 +17,5 @@ __all__ = [
     "Circuit", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
     "Projection", "Dense", "Conv2d", "BatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
     "Flatten", "Identity", "Schedule", "Learn", "Mirror", "Repeat", "paper_schedule", "mirror_step",
-    "Trainer", "TrainerConfig",
+    "Trainer", "TrainerConfig", "Recorder", "RecordingError",
 ]

@@ -100,7 +100,7 @@ class SignSymmetry(FeedbackRule):
 
     def feedback(self, synapse: Synapse) -> Tensor:
         w = synapse.weight.detach()
-        return torch.sign(w) * self.scale(w)
+        return torch.sign(w).mul_(self.scale(w))
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,12 @@ class FeedbackPathway(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
                 operator, feedback_learns: bool, decay: float) -> Tensor:
-        ctx.save_for_backward(y, weight, feedback)
+        """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
+        so torch.compile sees no duplicated input."""
+        keep_weight = feedback is None or (feedback_learns and decay)
+        ctx.save_for_backward(y, weight if keep_weight else None, feedback)
         ctx.operator, ctx.feedback_learns, ctx.decay = operator, feedback_learns, decay
         ctx.has_bias = bias is not None
         return operator.forward(y, weight, bias)
@@ -96,12 +99,13 @@ class FeedbackPathway(torch.autograd.Function):
         y, weight, feedback = ctx.saved_tensors
         need_w = ctx.needs_input_grad[1] or (ctx.feedback_learns and ctx.needs_input_grad[3])
         mask = (ctx.needs_input_grad[0], need_w, ctx.has_bias and ctx.needs_input_grad[2])
-        grad_y, grad_w, grad_b = ctx.operator.backward(delta.contiguous(memory_format=_memory_format(delta)), y, feedback, mask)
+        delta = delta.contiguous(memory_format=_memory_format(delta))
+        grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, weight if feedback is None else feedback, mask)
         grad_feedback = None
         if ctx.feedback_learns and grad_w is not None:
             grad_feedback = grad_w + ctx.decay * feedback if ctx.decay else grad_w
             if ctx.decay:
-                grad_w = grad_w + ctx.decay * weight
+                grad_w = grad_w.add_(weight, alpha=ctx.decay)
         return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None, None
 
 
@@ -152,14 +156,17 @@ class Synapse(nn.Module):
         self.rule.set_feedback(self, value)
 
     def forward(self, y: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # no error will travel back: B is not needed
+            return self.operator.forward(y, self.weight, self.bias)
         weight, bias, feedback = self.weight, self.bias, self.rule.feedback(self)
+        if feedback is weight:  # backprop: B is W, passed once
+            feedback = None
         device = y.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
-            y = y.to(dtype)
-            cast = weight.to(dtype)
-            feedback = cast if feedback is weight else feedback.to(dtype)
-            weight, bias = cast, bias.to(dtype) if bias is not None else None
+            y, weight = y.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+            feedback = feedback.to(dtype) if feedback is not None else None
         learns = self.rule.learns_by_gradient
         return FeedbackPathway.apply(y, weight, bias, feedback, self.operator, learns, self.rule.decay if learns else 0.0)
 

@@ -57,7 +57,9 @@ class Trainer:
         self.amp_dtype = getattr(torch, self.config.amp_dtype) if self.config.amp_dtype else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.recorder = recorder if _rank() == 0 else None
-        self.hooks = list(hooks)
+        self.hooks = list(hooks)   # called after each learning step, once every counter has moved on
+        self._recording = False     # the recorder records inside fit() only
+        self._stop = False
         self.step = 0        # learning steps taken
         self.tick = 0        # learning steps and mirror batches taken (the recorder's row index)
         self.examples = 0    # data examples seen (this rank)
@@ -90,8 +92,6 @@ class Trainer:
         self.step += 1
         self.examples += len(target)
         self._record("learn", loss.detach())
-        for hook in self.hooks:
-            hook(self)
         return loss.detach()
 
     def mirror(self, phase: Mirror) -> None:
@@ -101,7 +101,7 @@ class Trainer:
         self._record("mirror", None)
 
     def _record(self, phase: str, loss: Tensor | None) -> None:
-        if self.recorder is not None:
+        if self._recording:
             self.recorder.step(self.tick, step=self.step, phase=phase, loss=loss,
                                lr=self.optimizer.param_groups[0]["lr"], examples=self.examples, net=self.circuit_net)
         self.tick += 1
@@ -110,14 +110,16 @@ class Trainer:
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None) -> list[dict[str, float]]:
         """Run the schedule over `epochs` passes of the data (or until the schedule ends).
 
-        Returns the evaluation metrics of each epoch (empty dicts without a val_loader).
+        Returns the evaluation metrics of each epoch (empty dicts without a val_loader). A hook
+        that calls stop() ends it after the current learning step, mid-epoch; the state then resumes there.
         """
         if self.recorder is not None:
             self.recorder.begin(self.circuit_net, self.describe())
-        history = []
+            self._recording = True
+        history, self._stop = [], False
         self.net.train()
         events = self.schedule.events(self.position)
-        while self.epoch < epochs and not self.finished:
+        while self.epoch < epochs and not self.finished and not self._stop:
             sampler = getattr(train_loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(self.epoch)
@@ -139,14 +141,25 @@ class Trainer:
                 bar.update()
                 if self.step % 50 == 0:
                     bar.set_postfix(loss=f"{float(loss):.4f}")
+                for hook in self.hooks:
+                    hook(self)
+                if self._stop:
+                    break
             else:
                 self.finished = True
             bar.close()
+            if self._stop:
+                break
             self.end_epoch()
             history.append(self.evaluate(val_loader) if val_loader is not None else {})
-        if self.recorder is not None:
+        if self._recording:
             self.recorder.close()
+            self._recording = False
         return history
+
+    def stop(self) -> None:
+        """Ask fit() to return after the current learning step (for hooks: a time limit, a signal)."""
+        self._stop = True
 
     def end_epoch(self) -> None:
         """Sleep (mirror-only) phase, epoch-wise learning-rate step, epoch counter."""
@@ -176,7 +189,7 @@ class Trainer:
             dist.all_reduce(totals)
         loss, top1, top5, n = totals.tolist()
         metrics = {"loss": loss / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
-        if self.recorder is not None:
+        if self._recording:
             self.recorder.evaluate(self.step, metrics)
         self.net.train()
         return metrics

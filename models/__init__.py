@@ -1,0 +1,13 @@
+"""Circuit builders of the paper's architectures, and data that needs no download.
+
+    from models import mlp, convnet, resnet18, data
+    net = mlp((784, 500, 10), rule="wm").build()
+
+Command lines: python -m models.compare (the main job), python -m models.imagenet (full ImageNet).
+"""
+from . import data
+from .convnet import convnet
+from .mlp import mlp
+from .resnet import cifar_resnet, resnet, resnet18, resnet20, resnet50
+
+__all__ = ["data", "mlp", "convnet", "resnet", "resnet18", "resnet50", "cifar_resnet", "resnet20"]

@@ -270,3 +270,19 @@ def test_state_dict_round_trip_keeps_B():
     copy_net.load_state_dict(net.state_dict())
     for (_, a), (_, b) in zip(net.projections(), copy_net.projections()):
         assert torch.equal(a.feedback, b.feedback)
+
+
+@pytest.mark.parametrize("rule", list(rules.RULES))
+def test_torch_compile_traces_one_graph_with_the_same_gradients(rule):
+    """fullgraph=True fails on any graph break (bp once broke on W passed twice as W and B)."""
+    make, shape = MODELS["residual"]
+    net = circuits.from_torch(make(), rule=rule, input_shape=shape).build()
+    twin = copy.deepcopy(net)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x, target = torch.randn(4, *shape), torch.randint(0, 10, (4,))
+    nn.functional.cross_entropy(net(x), target).backward()
+    nn.functional.cross_entropy(compiled(x), target).backward()
+    for (name, a), (_, b) in zip(net.named_parameters(), twin.named_parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            assert relative(b.grad, a.grad) < 1e-5, name

@@ -322,6 +322,7 @@ def test_resume_appends_without_gaps_or_duplicates(killed_run, tmp_path):
     trainer.fit(loader, epochs=4, val_loader=loader)
     reference, _ = _trainer(tmp_path / "reference.h5")
     reference.fit(loader, epochs=4, val_loader=loader)
+    assert reference.evaluate(loader)["top1"] >= 0                     # after fit: evaluated, not recorded
     with open_recording(path) as f, open_recording(tmp_path / "reference.h5") as g:
         assert len(f["steps/tick"]) < killed_run["seen"][-1][0]        # rows after the checkpoint were dropped ...
         for name in ("steps/tick", "steps/step", "steps/phase", "probe/tick", "evaluations/tick", "evaluations/step"):

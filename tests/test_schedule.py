@@ -136,12 +136,13 @@ def _run(epochs_first, epochs_total, mid_epoch_stop=None):
     data = batches(6)
     trainer = make(net)
     if mid_epoch_stop:
-        trainer.hooks.append(lambda t: setattr(t, "finished", t.step == mid_epoch_stop))
+        trainer.hooks.append(lambda t: t.step == mid_epoch_stop and t.stop())
     trainer.fit(data, epochs=epochs_first)
     if epochs_first == epochs_total and not mid_epoch_stop:
         return net
+    if mid_epoch_stop:
+        assert (trainer.step, trainer.batch_in_epoch) == (mid_epoch_stop, mid_epoch_stop % len(data))
     state = trainer.state_dict()
-    state["counters"]["finished"] = False
     torch.manual_seed(123)                     # resume must not depend on the RNG outside the checkpoint
     resumed_net = wm_mlp()
     resumed = make(resumed_net)
