@@ -93,16 +93,16 @@ def build(variant: Variant, model: nn.Module, input_shape: tuple[int, ...]) -> n
 class Trainee:
     """A net, its optimizer and its training step; `model` is the net or its torch.compile wrapper.
 
-    mirror_batch_size: noise samples of the mirror batch that follows every learning step (None: no mirror).
+    mirror: the mirror phase whose one batch follows every learning step (None: no mirror).
     """
 
     def __init__(self, net: nn.Module, compile: bool, dtype: torch.dtype | None,
-                 mirror_batch_size: int | None = None) -> None:
+                 mirror: circuits.Mirror | None = None) -> None:
         self.net = net
         self.model = torch.compile(net) if compile else net
         self.optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         self.dtype = dtype
-        self.mirror_batch_size = mirror_batch_size
+        self.mirror = mirror
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
@@ -113,9 +113,9 @@ class Trainee:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.mirror_batch_size is not None:
+        if self.mirror is not None:
             with self.autocast(x.device):
-                circuits.mirror_step(self.net, self.mirror_batch_size)
+                self.mirror.step(self.net)
         return loss.detach()
 
 
@@ -186,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
                    help="circuit variants, each timed against plain torch")
     p.add_argument("--mirror-batch-size", type=int, default=circuits.Mirror().batch_size,
                    help=f"noise samples per projection in the mirror batch of {MIRROR_VARIANT}")
+    p.add_argument("--mirror-angle", type=float, default=None,
+                   help="instead, each projection draws the noise samples that settle B within this angle of W "
+                        "(circuits.mirror.samples_for_angle)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast (falls back to float32 where it does not run) or float32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="memory format")
@@ -196,6 +199,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, eager only, quick: " + ", ".join(
         f"{k}={v}" for k, v in SMOKE.items()))
     return p
+
+
+def mirror_samples(args: argparse.Namespace) -> str:
+    if args.mirror_angle is None:
+        return f"{args.mirror_batch_size} noise samples per projection"
+    return f"per projection the noise samples that settle B within {args.mirror_angle} degrees of W"
 
 
 def parse_with_smoke(p: argparse.ArgumentParser, argv: Sequence[str] | None, smoke: dict,
@@ -244,12 +253,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
           f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "
           f"best of {args.rounds} rounds of {args.steps} steps after {args.warmup} warmup steps"
-          + (f"; {args.mirror_batch_size} noise samples per mirror batch" if any(v.mirror for v in rows) else ""))
+          + (f"; mirror batch: {mirror_samples(args)}" if any(v.mirror for v in rows) else ""))
     results, breaks = {}, {}
     for compiled in (False, True) if args.compile else (False,):
         mode = "compiled" if compiled else "eager"
-        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, args.mirror_batch_size if v.mirror else None)
-                    for v in rows}
+        mirror = circuits.Mirror(1, args.mirror_batch_size, args.mirror_angle)
+        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, mirror if v.mirror else None) for v in rows}
         breaks = warm_up(trainees, x, target, args.warmup, mode)
         results[mode] = measure(trainees, x, target, args.steps, args.rounds, mode)
     print(table(results))

@@ -11,6 +11,8 @@ the paper's eq. 7 with decay:
 For a convolution <y_{l+1} y_l^T> is the weight-gradient correlation of noise and response, one
 term per output position and kernel tap; zero padding gives border taps fewer real inputs, so each
 tap is divided by its own count of (input, output) pairs (Synapse.positions) to stay unbiased.
+A tap that never meets a real input (a 3x3 kernel on a 1x1 map) carries no signal either way; its
+correlation is 0, and its B only decays.
 
 Noise makes B's estimate scatter around its target. With n inputs per output unit (W's row
 length), P (input, output) position pairs per weight entry, m noise samples per batch and decay
@@ -51,16 +53,24 @@ def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
     return [(name, s) for name, s in unwrap(net).projections() if s.rule.mirrors]
 
 
+def _spread(synapse: Synapse) -> float:
+    """m tan^2 theta = n lambda / (P (2 - lambda)), with P the harmonic mean of the positions of the
+    taps that meet real inputs (each entry's estimate has variance proportional to 1 / its P)."""
+    positions = synapse.positions.double()
+    live = positions[positions > 0]
+    harmonic = float(live.numel() / live.reciprocal().sum())
+    n, lam = synapse.weight[0].numel(), synapse.rule.decay
+    return n * lam / (harmonic * (2 - lam))
+
+
 def settled_angle(synapse: Synapse, batch_size: int) -> float:
     """Expected angle(B, W) in degrees once B has settled under a fixed W, with `batch_size` samples."""
-    n, positions, lam = synapse.weight[0].numel(), float(synapse.positions.float().mean()), synapse.rule.decay
-    return math.degrees(math.atan(math.sqrt(n * lam / (batch_size * positions * (2 - lam)))))
+    return math.degrees(math.atan(math.sqrt(_spread(synapse) / batch_size)))
 
 
 def samples_for_angle(synapse: Synapse, angle: float) -> int:
     """Noise samples per mirror batch that let B settle within `angle` degrees of W (at least 1)."""
-    n, positions, lam = synapse.weight[0].numel(), float(synapse.positions.float().mean()), synapse.rule.decay
-    return max(1, math.ceil(n * lam / (math.tan(math.radians(angle)) ** 2 * positions * (2 - lam))))
+    return max(1, math.ceil(_spread(synapse) / math.tan(math.radians(angle)) ** 2))
 
 
 def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -85,7 +95,7 @@ def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | 
         y, w = y.to(dtype), w.to(dtype)
     response = synapse.operator.forward(y, w, None)
     c = synapse.operator.backward(response, y, w, (False, True, False))[1]
-    return c.float().div_(synapse.positions * batch_size).to(synapse.B.dtype)
+    return c.float().div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
 
 
 @torch.no_grad()

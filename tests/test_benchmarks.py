@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import circuits
+
 from conftest import ResidualNet
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
@@ -52,8 +54,8 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
     nets["torch"] = throughput.build(throughput.Variant("torch"), model, (1, 8, 8))
     for name, net in nets.items():
         before = {k: p.detach().clone() for k, p in net.named_parameters()}
-        mirror_batch_size = 3 if name == "wm+mirror" else None
-        trainee = throughput.Trainee(net, compile=False, dtype=None, mirror_batch_size=mirror_batch_size)
+        mirror = circuits.Mirror(1, batch_size=3) if name == "wm+mirror" else None
+        trainee = throughput.Trainee(net, compile=False, dtype=None, mirror=mirror)
         loss = trainee.step(x, target)
         assert loss == pytest.approx(float(F.cross_entropy(reference.detach(), target)), rel=1e-6), name
         changed = {k for k, p in net.named_parameters() if not torch.equal(p, before[k])}

@@ -286,3 +286,22 @@ def test_torch_compile_traces_one_graph_with_the_same_gradients(rule):
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             assert relative(b.grad, a.grad) < 1e-5, name
+
+
+def test_bf16_autocast_and_channels_last_follow_torch():
+    """Under bf16 autocast with channels_last tensors, backprop through the circuit tracks torch's own
+    mixed-precision autograd (both round to bf16; float32 master weights keep their dtype)."""
+    make, shape = MODELS["residual"]
+    module = make().to(memory_format=torch.channels_last)
+    net = circuits.from_torch(module, rule="bp", input_shape=shape).build().to(memory_format=torch.channels_last)
+    x = torch.randn(8, *shape).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref, out = module(x), net(x)
+        assert out.dtype == out_ref.dtype == torch.bfloat16
+        nn.functional.cross_entropy(out_ref, target).backward()
+        nn.functional.cross_entropy(out, target).backward()
+    ref = dict(module.named_parameters())
+    for layer, synapse in net.projections():
+        assert synapse.weight.grad.dtype == torch.float32
+        assert relative(synapse.weight.grad, ref[layer + ".weight"].grad) < 1e-6, layer   # equal on CPU: the same bf16 kernels

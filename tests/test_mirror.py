@@ -51,6 +51,20 @@ def test_padding_correction_makes_every_kernel_tap_unbiased():
     # uncorrected, a corner tap would settle at 49/64 = 0.77 of W
 
 
+def test_taps_that_never_meet_an_input_only_decay():
+    c = circuits.Circuit(rule="wm")              # a 3x3 kernel, padding 1, on a 1x1 map: only the centre tap sees input
+    c.connect(c.input("x", shape=(4, 1, 1)), c.population("y", shape=(3, 1, 1)), circuits.Conv2d(3, padding=1))
+    net = c.build()
+    conv = net.projection("x->y")
+    assert int(conv.positions.count_nonzero()) == 1
+    corners = conv.feedback.detach()[..., 0, 0].clone()
+    circuits.Mirror(batches=300, batch_size=64).run(net)
+    b, w = conv.feedback.detach(), conv.weight.detach()
+    assert torch.isfinite(b).all()
+    assert angle(b[..., 1, 1], w[..., 1, 1]) < 5
+    assert torch.allclose(b[..., 0, 0], corners * (1 - conv.rule.decay) ** 300)
+
+
 def test_mirror_phase_touches_only_B():
     net = residual_wm()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
