@@ -4,7 +4,8 @@ For each weight-mirror projection of a torchvision ResNet converted to a circuit
 samples per mirror batch that let B settle within --angle degrees of W (circuits.mirror.samples_for_angle,
 from tan^2 theta = n lambda / (m P (2 - lambda))) and the mirror batch's multiply-adds as a fraction of
 one training step's (forward + backward, about 3 forwards, at --batch-size). With --measure it also runs
-mirror batches on the CPU and prints the angle each projection settles at, beside the prediction.
+mirror batches on the CPU and prints the angle each projection settles at, beside the prediction
+(over the kernel taps that meet real inputs: on a 1x1 map only a 3x3 kernel's centre does).
 
     python benchmarks/mirror_noise.py --arch resnet50 --angle 5 --decay 0.02
     python benchmarks/mirror_noise.py --arch resnet18 --image-size 32 --measure 200   # small, CPU
@@ -57,7 +58,8 @@ def main() -> None:
     print(f"{'projection':28s} {'samples':>8s} {'predicted':>10s}" + (f" {'measured':>9s}" if args.measure else ""))
     for name, s in net.projections():
         row = f"{name:28s} {sizes[name]:8d} {settled_angle(s, sizes[name]):10.2f}"
-        print(row + (f" {angle(s.feedback, s.weight):9.2f}" if args.measure else ""))
+        live = (s.positions > 0).expand_as(s.weight)       # taps that never meet an input carry no signal
+        print(row + (f" {angle(s.feedback[live], s.weight[live]):9.2f}" if args.measure else ""))
     print(f"mirror batch / training step (batch {args.batch_size}) multiply-adds: {mirror_macs / train_macs:.3f}")
 
 

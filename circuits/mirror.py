@@ -54,12 +54,12 @@ def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
 
 
 def _spread(synapse: Synapse) -> float:
-    """m tan^2 theta = n lambda / (P (2 - lambda)), with P the harmonic mean of the positions of the
-    taps that meet real inputs (each entry's estimate has variance proportional to 1 / its P)."""
+    """m tan^2 theta = n lambda / (P (2 - lambda)), over the kernel taps that meet real inputs: n counts
+    the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P)."""
     positions = synapse.positions.double()
     live = positions[positions > 0]
     harmonic = float(live.numel() / live.reciprocal().sum())
-    n, lam = synapse.weight[0].numel(), synapse.rule.decay
+    n, lam = synapse.weight[0].numel() * live.numel() / positions.numel(), synapse.rule.decay
     return n * lam / (harmonic * (2 - lam))
 
 
