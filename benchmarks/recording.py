@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torchvision
 from tqdm import tqdm
 
 import circuits
 from circuits import rules
 from circuits.recorder import Recorder
-from throughput import CLASSES, Trainee, parse_with_smoke, precision, synchronize
+from throughput import Trainee, parse_with_smoke, synchronize, workload
 
 VARIANTS = ("off", "record", "record+probe")
 SMOKE = dict(batch_size=2, image_size=32, steps=4, warmup=1, rounds=2, probe_steps=2, device="cpu")
@@ -101,21 +100,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the benchmark, print the table, return {variant: steps/s}."""
     args = parse(argv)
-    device = args.device
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    dtype, described = precision(device, args.precision)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    input_shape = (3, args.image_size, args.image_size)
-    model = getattr(torchvision.models, args.arch)(num_classes=CLASSES)
-    net = circuits.from_torch(model, rule=args.rule, input_shape=input_shape).build().to(device=device, memory_format=memory_format)
-    x = torch.randn(args.batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
-    target = torch.randint(0, CLASSES, (args.batch_size,), device=device)
+    work = workload(args)
+    x, target, dtype, described, name = work.x, work.target, work.dtype, work.described, work.device_name
+    net = work.place(circuits.from_torch(work.model, rule=args.rule, input_shape=work.input_shape).build())
     probe = (x[:args.probe_batch], target[:args.probe_batch])
     trainee = Trainee(net, compile=False, dtype=dtype)    # one net for all variants: recording does not change it
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.arch} under {args.rule}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, "
           f"{described}, torch {torch.__version__}; {args.rounds} rounds of {args.steps} steps after {args.warmup} "
           f"warmup steps; probe of {len(probe[1])} examples every {args.probe_steps} steps")

@@ -232,9 +232,24 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """Run the benchmark, print the table, return {mode: {variant: steps/s}}."""
-    args = parse(argv)
+@dataclass
+class Workload:
+    """The seeded torchvision net and one synthetic batch, on the device and in the memory format asked."""
+
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    x: Tensor
+    target: Tensor
+    dtype: torch.dtype | None
+    described: str        # precision, in words
+    device_name: str
+    memory_format: torch.memory_format
+
+    def place(self, net: nn.Module) -> nn.Module:
+        return net.to(device=self.x.device, memory_format=self.memory_format)
+
+
+def workload(args: argparse.Namespace) -> Workload:
     device = args.device
     torch.manual_seed(args.seed)
     if device.type == "cuda":
@@ -243,13 +258,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     input_shape = (3, args.image_size, args.image_size)
     model = getattr(torchvision.models, args.arch)(num_classes=CLASSES)
-    rows = variants(args.rules)
-    nets = {v.name: build(v, model, input_shape).to(device=device, memory_format=memory_format) for v in rows}
     x = torch.randn(args.batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, CLASSES, (args.batch_size,), device=device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, torch threads={torch.get_num_threads()}"
+    return Workload(model, input_shape, x, target, dtype, described, name, memory_format)
 
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"cpu, torch threads={torch.get_num_threads()}")
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """Run the benchmark, print the table, return {mode: {variant: steps/s}}."""
+    args = parse(argv)
+    work = workload(args)
+    x, target, dtype, described, name = work.x, work.target, work.dtype, work.described, work.device_name
+    rows = variants(args.rules)
+    nets = {v.name: work.place(build(v, work.model, work.input_shape)) for v in rows}
     print(f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
           f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "
           f"best of {args.rounds} rounds of {args.steps} steps after {args.warmup} warmup steps"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 

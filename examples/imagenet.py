@@ -20,7 +20,7 @@ def commands(data: str) -> list[str]:
         for rule in RULES:
             lines.append(f"torchrun --nproc_per_node=8 -m models.imagenet --data {data} --arch {arch} --rule {rule}")
     lines.append(f"python -m models.imagenet --data {data} --arch resnet18 --rule kp      # one GPU")
-    lines.append(f"python -m analysis report runs/imagenet-*/run.h5 -o runs/imagenet-report")
+    lines.append("python -m analysis report runs/imagenet-*/run.h5 -o runs/imagenet-report")
     return lines
 
 

@@ -1,7 +1,6 @@
 """The phase scheduler and trainer: phases in the stated order and counts, clear errors, resume."""
 import pytest
 import torch
-from torch import nn
 
 import circuits
 from circuits import Learn, Mirror, Repeat, Schedule
