@@ -56,11 +56,8 @@ def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
 def _spread(synapse: Synapse) -> float:
     """m tan^2 theta = n lambda / (P (2 - lambda)), over the kernel taps that meet real inputs: n counts
     the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P)."""
-    positions = synapse.positions.double()
-    live = positions[positions > 0]
-    harmonic = float(live.numel() / live.reciprocal().sum())
-    n, lam = synapse.weight[0].numel() * live.numel() / positions.numel(), synapse.rule.decay
-    return n * lam / (harmonic * (2 - lam))
+    lam = synapse.rule.decay
+    return synapse.live_fan_in * lam / (synapse.live_positions * (2 - lam))
 
 
 def settled_angle(synapse: Synapse, batch_size: int) -> float:

@@ -138,7 +138,7 @@ class Trainer:
                 self.position += 1
                 self.batch_in_epoch += 1
                 bar.update()
-                if self.step % 50 == 0:
+                if self.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
                     bar.set_postfix(loss=f"{float(loss):.4f}")
                 for hook in self.hooks:
                     hook(self)
