@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             per_class = max(1, args.images // args.classes)
             t = time.perf_counter()
             folder = synthetic_image_folder(Path(tmp), classes=args.classes, train_per_class=per_class,
-                                            val_per_class=1, size=tuple(args.source_size))
+                                            val_per_class=1, size=tuple(args.source_size),
+                                            processes=args.workers)
             print(f"generated {per_class * args.classes} JPEGs of ~{args.source_size[0]}x{args.source_size[1]} "
                   f"in {time.perf_counter() - t:.1f} s")
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"

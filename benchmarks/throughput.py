@@ -12,10 +12,13 @@ drives every WM projection and B learns) after every learning step, under the sa
 
 Steps per second are timed with time.perf_counter around a block of steps (torch.cuda.synchronize
 on GPU), in rounds that interleave the variants so that drift of the machine hits all of them
-alike; each variant's best round is kept (as timeit does: interference from other work only ever
-slows a block down). Each ratio is a variant's rate over plain torch's in the same mode (eager or
-torch.compile). Graph breaks that torch.compile meets while warming up are listed under the table.
-Needs the project installed (pip install -e .).
+alike. In each round a variant's ratio is its rate over plain torch's rate in the same round and mode
+(eager or torch.compile); a variant's ratio is the median of these paired per-round ratios, printed
+with their lowest and highest, and its steps/s the median of its rounds. Each mode's table is
+printed as soon as that mode is measured, and with --json every round is written out as it ends, so
+a run cut short keeps what it measured. Compiled variants are warmed up one by one after
+torch._dynamo.reset(). Graph breaks that torch.compile meets while warming up are listed under the
+table. Needs the project installed (pip install -e .), or the repository root on PYTHONPATH.
 
     python benchmarks/throughput.py --arch resnet50 --batch-size 128 --image-size 224   # GPU
     python benchmarks/throughput.py --smoke                                              # CPU, seconds
@@ -24,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -46,8 +52,7 @@ CLASSES = 1000
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 
-SMOKE = dict(arch="resnet18", batch_size=2, image_size=32, steps=2, warmup=1, rounds=1, mirror_batch_size=2,
-             device="cpu", compile=False)
+SMOKE = dict(arch="resnet18", batch_size=2, image_size=32, steps=2, warmup=1, rounds=1, device="cpu", modes=["eager"])
 """--smoke: tiny sizes on CPU, eager only; flags given explicitly still win."""
 
 
@@ -140,9 +145,12 @@ def graph_breaks() -> Counter:
 
 
 def warm_up(trainees: dict[str, Trainee], x: Tensor, target: Tensor, warmup: int, label: str) -> dict[str, Counter]:
-    """`warmup` untimed steps each (compilation happens here); the graph breaks each one met, by reason."""
+    """`warmup` untimed steps each (compilation happens here, each variant after torch._dynamo.reset(), so that
+    no variant inherits another's recompile count); the graph breaks each one met, by reason."""
     breaks = {}
     for name, trainee in tqdm(trainees.items(), desc=f"{label} warmup", leave=False, file=sys.stderr):
+        if trainee.model is not trainee.net:
+            torch._dynamo.reset()
         before = graph_breaks()
         for _ in range(warmup):
             loss = trainee.step(x, target)
@@ -152,24 +160,43 @@ def warm_up(trainees: dict[str, Trainee], x: Tensor, target: Tensor, warmup: int
     return breaks
 
 
+@dataclass(frozen=True)
+class Row:
+    """One variant in one mode: median steps/s over rounds, and the median, lowest and highest of its
+    paired per-round ratios to plain torch."""
+
+    steps_per_s: float
+    ratio: float
+    lowest: float
+    highest: float
+
+
+def summarize(rates: dict[str, list[float]]) -> dict[str, Row]:
+    """Rows from each variant's per-round rates (rounds paired by position with the baseline's)."""
+    rows = {}
+    for name, r in rates.items():
+        ratios = [v / b for v, b in zip(r, rates[BASELINE], strict=True)]
+        rows[name] = Row(statistics.median(r), statistics.median(ratios), min(ratios), max(ratios))
+    return rows
+
+
 def measure(trainees: dict[str, Trainee], x: Tensor, target: Tensor, steps: int, rounds: int,
-            label: str) -> dict[str, float]:
-    """Best steps/s of each trainee over `rounds` interleaved blocks of `steps` steps."""
+            label: str, on_round=None) -> dict[str, Row]:
+    """Each trainee's row over `rounds` interleaved blocks of `steps` steps; on_round(rows) after every round."""
     rates: dict[str, list[float]] = {name: [] for name in trainees}
     for _ in tqdm(range(rounds), desc=f"{label} rounds", leave=False, file=sys.stderr):
         for name, trainee in trainees.items():
             rates[name].append(rate(trainee, x, target, steps))
-    return {name: max(r) for name, r in rates.items()}
+        if on_round is not None:
+            on_round(summarize(rates))
+    return summarize(rates)
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    """Rows by variant; per mode, steps/s and the ratio to plain torch in that mode."""
-    modes = list(results)
-    header = f"{'variant':<11}" + "".join(f"{mode + ' steps/s':>18}{'ratio':>8}" for mode in modes)
-    lines = [header]
-    for name in results[modes[0]]:
-        cells = "".join(f"{results[m][name]:>18.3f}{results[m][name] / results[m][BASELINE]:>8.3f}" for m in modes)
-        lines.append(f"{name:<11}{cells}")
+def table(mode: str, rows: dict[str, Row]) -> str:
+    """One line per variant: median steps/s, median ratio to plain torch, lowest and highest round ratio."""
+    lines = [f"{'variant':<11}{mode + ' steps/s':>18}{'ratio':>8}{'lowest':>8}{'highest':>8}"]
+    for name, row in rows.items():
+        lines.append(f"{name:<11}{row.steps_per_s:>18.3f}{row.ratio:>8.3f}{row.lowest:>8.3f}{row.highest:>8.3f}")
     return "\n".join(lines)
 
 
@@ -181,19 +208,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="synthetic images are 3 x size x size")
     p.add_argument("--steps", type=int, default=20, help="timed steps per block")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and mode (compilation included)")
-    p.add_argument("--rounds", type=int, default=3, help="timed blocks per variant, interleaved; the best is kept")
+    p.add_argument("--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round")
     p.add_argument("--rules", nargs="+", choices=[*rules.RULES, MIRROR_VARIANT], default=[*rules.RULES, MIRROR_VARIANT],
                    help="circuit variants, each timed against plain torch")
-    p.add_argument("--mirror-batch-size", type=int, default=circuits.Mirror().batch_size,
-                   help=f"noise samples per projection in the mirror batch of {MIRROR_VARIANT}")
+    p.add_argument("--mirror-batch-size", type=int, default=None,
+                   help=f"noise samples per projection in the mirror batch of {MIRROR_VARIANT} "
+                        "(default: the training batch size, as models.imagenet runs it)")
     p.add_argument("--mirror-angle", type=float, default=None,
                    help="instead, each projection draws the noise samples that settle B within this angle of W "
                         "(circuits.mirror.samples_for_angle)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast (falls back to float32 where it does not run) or float32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="memory format")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile'd nets (default: on CUDA yes, on CPU no)")
+    p.add_argument("--modes", nargs="+", choices=("eager", "compiled"), default=None,
+                   help="eager and/or torch.compile'd nets (default: on CUDA both, on CPU eager)")
+    p.add_argument("--compile-rules", nargs="+", default=None,
+                   help="the variants (of --rules) timed compiled, beside plain torch (default: all of --rules)")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here after every round")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="initial weights and synthetic batch")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, eager only, quick: " + ", ".join(
@@ -224,11 +255,20 @@ def parse_with_smoke(p: argparse.ArgumentParser, argv: Sequence[str] | None, smo
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser()
-    args = parse_with_smoke(p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds", "mirror_batch_size"))
-    if args.compile is None:
-        args.compile = args.device.type == "cuda"
-    if args.warmup < (1 if args.compile else 0):
-        p.error(f"--warmup must be >= {1 if args.compile else 0} (compilation must not be timed), got {args.warmup}")
+    args = parse_with_smoke(p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds"))
+    if args.mirror_batch_size is None:
+        args.mirror_batch_size = args.batch_size
+    elif args.mirror_batch_size < 1:
+        p.error(f"--mirror-batch-size must be >= 1, got {args.mirror_batch_size}")
+    if args.modes is None:
+        args.modes = ["eager", "compiled"] if args.device.type == "cuda" else ["eager"]
+    if args.compile_rules is None:
+        args.compile_rules = args.rules
+    elif not set(args.compile_rules) <= set(args.rules):
+        p.error(f"--compile-rules {args.compile_rules} must be among --rules {args.rules}")
+    compiled = "compiled" in args.modes
+    if args.warmup < (1 if compiled else 0):
+        p.error(f"--warmup must be >= {1 if compiled else 0} (compilation must not be timed), got {args.warmup}")
     return args
 
 
@@ -264,29 +304,39 @@ def workload(args: argparse.Namespace) -> Workload:
     return Workload(model, input_shape, x, target, dtype, described, name, memory_format)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """Run the benchmark, print the table, return {mode: {variant: steps/s}}."""
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Row]]:
+    """Run the benchmark, print each mode's table as it is measured, return {mode: {variant: Row}}."""
     args = parse(argv)
     work = workload(args)
     x, target, dtype, described, name = work.x, work.target, work.dtype, work.described, work.device_name
     rows = variants(args.rules)
     nets = {v.name: work.place(build(v, work.model, work.input_shape)) for v in rows}
-    print(f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
-          f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "
-          f"best of {args.rounds} rounds of {args.steps} steps after {args.warmup} warmup steps"
-          + (f"; mirror batch: {mirror_samples(args)}" if any(v.mirror for v in rows) else ""))
-    results, breaks = {}, {}
-    for compiled in (False, True) if args.compile else (False,):
-        mode = "compiled" if compiled else "eager"
+    header = (f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
+              f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "
+              f"median of {args.rounds} rounds of {args.steps} steps after {args.warmup} warmup steps"
+              + (f"; mirror batch: {mirror_samples(args)}" if any(v.mirror for v in rows) else ""))
+    print(header, flush=True)
+    results: dict[str, dict[str, Row]] = {}
+
+    def save(mode: str, measured: dict[str, Row]) -> None:
+        results[mode] = measured
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"setting": header, "modes": {
+                m: {v: vars(row) for v, row in r.items()} for m, r in results.items()}}, indent=1))
+
+    for mode in args.modes:
+        compiled = mode == "compiled"
+        timed = [v for v in rows if not compiled or v.rule is None or v.name in args.compile_rules]
         mirror = circuits.Mirror(1, args.mirror_batch_size, args.mirror_angle)
-        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, mirror if v.mirror else None) for v in rows}
+        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, mirror if v.mirror else None) for v in timed}
         breaks = warm_up(trainees, x, target, args.warmup, mode)
-        results[mode] = measure(trainees, x, target, args.steps, args.rounds, mode)
-    print(table(results))
-    for name, reasons in breaks.items():
-        if reasons:
-            listed = "; ".join(f"{n}x {reason.splitlines()[0]}" for reason, n in reasons.most_common())
-            print(f"graph breaks under torch.compile, {name}: {listed}")
+        save(mode, measure(trainees, x, target, args.steps, args.rounds, mode, lambda r, m=mode: save(m, r)))
+        print(table(mode, results[mode]), flush=True)
+        for variant, reasons in breaks.items():
+            if reasons:
+                listed = "; ".join(f"{n}x {reason.splitlines()[0]}" for reason, n in reasons.most_common())
+                print(f"graph breaks under torch.compile, {variant}: {listed}", flush=True)
     return results
 
 

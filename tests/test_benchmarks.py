@@ -1,5 +1,6 @@
 """benchmarks/throughput.py: it runs at tiny size, prints one ratio row per rule, and times what it names."""
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -33,15 +34,34 @@ def test_smoke_prints_a_ratio_row_per_rule(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet18, batch 2, 32x32, cpu, torch threads=1")
     assert "bf16 autocast" in lines[0] or "float32" in lines[0]
-    assert lines[1].split() == ["variant", "eager", "steps/s", "ratio"]
+    assert lines[1].split() == ["variant", "eager", "steps/s", "ratio", "lowest", "highest"]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
     assert list(rows) == ROWS
     assert list(results) == ["eager"]
-    for name, (steps_per_s, ratio) in rows.items():
+    for name, (steps_per_s, ratio, lowest, highest) in rows.items():
+        row = results["eager"][name]
         assert steps_per_s > 0
-        assert steps_per_s == pytest.approx(results["eager"][name], abs=5e-4)
-        assert ratio == pytest.approx(results["eager"][name] / results["eager"]["torch"], abs=5e-4)
-    assert rows["torch"][1] == 1.0
+        assert steps_per_s == pytest.approx(row.steps_per_s, abs=5e-4)
+        # one round: the paired ratio is the rate over the baseline's, and lowest = median = highest
+        assert ratio == pytest.approx(row.steps_per_s / results["eager"]["torch"].steps_per_s, abs=5e-4)
+        assert lowest == ratio == highest
+    assert rows["torch"][1:] == [1.0, 1.0, 1.0]
+
+
+def test_ratios_are_medians_of_rounds_paired_with_the_baseline():
+    rows = throughput.summarize({"torch": [10.0, 20.0, 10.0], "fa": [9.0, 10.0, 8.0]})
+    assert rows["fa"].ratio == pytest.approx(0.8)          # median of 0.9, 0.5, 0.8
+    assert (rows["fa"].lowest, rows["fa"].highest) == (pytest.approx(0.5), pytest.approx(0.9))
+    assert rows["fa"].steps_per_s == 9.0
+    assert rows["torch"].ratio == 1.0
+
+
+def test_json_is_written_as_rounds_end(tmp_path):
+    out = tmp_path / "t.json"
+    throughput.main(["--smoke", "--rules", "fa", "--rounds", "2", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["modes"]["eager"]) == {"torch", "fa"}
+    assert saved["modes"]["eager"]["torch"]["ratio"] == 1.0
 
 
 def test_variants_start_from_the_same_weights_and_train_what_they_name():
@@ -68,7 +88,9 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
 
 
 @pytest.mark.parametrize("argv", [["--rules", "xx"], ["--smoke", "--steps", "0"], ["--warmup", "-1"],
-                                  ["--smoke", "--compile", "--warmup", "0"]])
+                                  ["--smoke", "--modes", "compiled", "--warmup", "0"],
+                                  ["--smoke", "--rules", "fa", "--compile-rules", "kp"],
+                                  ["--smoke", "--mirror-batch-size", "0"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         throughput.parse(argv)

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check: one command, in priority order, each step under `timeout`, about 6 minutes on one
+# H100/H200 (9 at most). Writes each step's output as text (and JSON where the benchmark has it)
+# under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
+# whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine
+#   SMOKE=1 bash benchmarks/gpu_check.sh    # every step at toy size on the CPU, to check the script
+#
+# Steps (each skipped or cut short on its own, the others still run):
+#   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
+#   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
+#              step with the noise that settles B within 5 deg, against plain torch (benchmarks/throughput.py)
+#   mirror     the same, wm + a mirror batch of as many noise samples as the training batch
+#   recording  recording every step (and probes) against none, under wm (benchmarks/recording.py)
+#   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
+#   compiled   torch.compile: plain torch, wm + mirror (5 deg), fa, bp
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+if [[ -n "${SMOKE:-}" ]]; then
+    NET=(--arch resnet18 --batch-size 2 --image-size 32 --device cpu)
+    TIMED=(--steps 1 --warmup 1 --rounds 2)
+    LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
+    SCALE=1
+else
+    NET=(--arch resnet50 --batch-size 256 --image-size 224)
+    TIMED=(--steps 10 --warmup 3 --rounds 5)
+    LOADER=(--images 3072 --batch-size 256 --classes 16)
+    SCALE=${SCALE:-1}
+fi
+
+step() {   # step NAME SECONDS COMMAND...: run under timeout, output to $OUT/NAME.txt and the screen
+    local name=$1 seconds=$(( $2 * SCALE )); shift 2
+    echo "=== $name (at most ${seconds}s): $*"
+    local start=$SECONDS
+    timeout -k 5 "$seconds" "$@" > >(tee "$OUT/$name.txt") 2> "$OUT/$name.err"
+    local rc=$?
+    echo "=== $name: exit $rc after $(( SECONDS - start ))s$( ((rc == 124)) && echo ' (timed out)')"
+    ((rc == 0)) || tail -n 5 "$OUT/$name.err"
+}
+
+step env 30 python3 - <<'EOF'
+import platform, shutil, subprocess, time, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                          "--format=csv"], capture_output=True, text=True).stdout.strip())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"{p.name}: {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+    def timed(fn, n=10):
+        fn(); torch.cuda.synchronize(); t = time.perf_counter()
+        for _ in range(n): fn()
+        torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+    a = torch.randn(2**28, device="cuda")      # 1 GiB
+    b = torch.empty_like(a)
+    print(f"device copy: {2 * a.numel() * 4 / timed(lambda: b.copy_(a)) / 1e12:.2f} TB/s (read + write)")
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    print(f"bf16 8192^3 matmul: {2 * 8192**3 / timed(lambda: m @ m) / 1e12:.0f} TFLOP/s")
+EOF
+
+step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
+    --json "$OUT/eager.json"
+step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
+    --json "$OUT/mirror.json"
+step recording 70 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
+step loader 70 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
+if [[ -z "${SMOKE:-}" ]]; then
+    step compiled 190 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes compiled --mirror-angle 5 \
+        --rules wm+mirror fa bp --json "$OUT/compiled.json"
+fi
+echo "=== all steps done; outputs in $OUT"
