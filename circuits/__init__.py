@@ -1,7 +1,8 @@
 """mirrorcircuits: circuits of neuron populations that learn without weight transport."""
 from . import rules
-from .circuit import Circuit
+from .circuit import Circuit, LayerRules
 from .convert import from_torch
+from .feedback import DirectFeedback
 from .errors import CircuitError
 from .network import CircuitNet, Trace
 from .mirror import mirror_step
@@ -14,7 +15,7 @@ from .synapse import Synapse
 from .trainer import Trainer, TrainerConfig
 
 __all__ = [
-    "Circuit", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
+    "Circuit", "LayerRules", "DirectFeedback", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
     "Projection", "Dense", "Conv2d", "BatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
     "Flatten", "Identity", "Schedule", "Learn", "Mirror", "Repeat", "paper_schedule", "mirror_step",
     "Trainer", "TrainerConfig", "Recorder", "RecordingError",

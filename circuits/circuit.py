@@ -1,13 +1,16 @@
 """A circuit: a networkx graph of forward populations, their feedback partners and projections.
 
 Forward pathway: population nodes and projection edges pre -> post (W, or a local operation).
-Feedback pathway: a partner node δp for every population p, and for every forward edge pre -> post
-an edge δpost -> δpre that carries the error back (through B for synaptic projections, through
-the local derivative otherwise). Several projections into one population sum.
+Feedback pathway: a partner node δp for every population p. By default every forward edge
+pre -> post has a layer-local feedback edge δpost -> δpre that carries the error back (through B
+for synaptic projections, through the local derivative otherwise). `feedback(source, target)` adds
+a direct feedback edge δsource -> δtarget with its own B and rule (circuits.feedback), and removes
+the layer-local feedback edges into δtarget: a population's error comes either layer by layer or
+directly. Several projections into one population sum, forward and feedback alike.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Mapping, Union
 
 import networkx as nx
 
@@ -78,21 +81,93 @@ class Circuit:
         if self.graph.has_edge(pre.name, post.name):
             raise CircuitError(f"{pre.name!r} already projects onto {post.name!r}")
         projection.check(pre, post)
-        if projection.synaptic:
-            rule = rules.get(feedback) if feedback is not None else self.default_rule
-        elif feedback is not None:
+        direct = self.receives_direct_feedback(pre)
+        if not projection.synaptic and feedback is not None:
             raise CircuitError(f"{projection} from {pre.name!r} to {post.name!r} is a local operation "
                                f"with no synapses; it takes no feedback rule")
-        else:
-            rule = None
+        if direct and feedback is not None:
+            raise CircuitError(f"{pre.name!r} receives direct feedback, so the projection {pre.name!r} -> "
+                               f"{post.name!r} has no feedback of its own; it takes no feedback rule")
+        rule = None
+        if projection.synaptic and not direct:
+            rule = rules.get(feedback) if feedback is not None else self.default_rule
         name = name or f"{pre.name}->{post.name}"
+        self._check_new_name(name)
+        self.graph.add_edge(pre.name, post.name, pathway="forward", name=name, projection=projection, rule=rule)
+        if not direct:
+            self.graph.add_edge(post.error_name, pre.error_name, pathway="feedback", name=name, direct=False,
+                                carries="B" if projection.synaptic else "local derivative",
+                                rule=str(rule) if rule else None)
+        return name
+
+    def feedback(self, source: PopulationLike, target: PopulationLike, rule: rules.RuleLike = "dfa",
+                 name: str | None = None) -> str:
+        """A direct feedback projection δsource -> δtarget with its own B and `rule` (default "dfa").
+
+        delta_target = phi'(a_target) * (B^T delta_source); `source` must lie downstream of `target`.
+        The layer-local feedback of every projection leaving `target` is removed (they keep W and
+        learn, but send no error back): `target`'s error now comes by direct feedback alone.
+        Returns the projection's name (default "δsource->δtarget").
+        """
+        source, target = self[_name(source)], self[_name(target)]
+        rule = rules.get(rule)
+        rule.check(f"direct feedback projection from {source.error_name!r} to {target.error_name!r}", has_weight=False)
+        if target.is_input:
+            raise CircuitError(f"{target.name!r} is an input population: it needs no error")
+        if source.name == target.name or not nx.has_path(self.forward_graph(), target.name, source.name):
+            raise CircuitError(f"direct feedback from {source.name!r} to {target.name!r}: the source must lie "
+                               f"downstream of the target in the forward pathway")
+        if self.graph.has_edge(source.error_name, target.error_name) and self.graph.edges[
+                source.error_name, target.error_name]["direct"]:
+            raise CircuitError(f"{source.error_name!r} already projects directly onto {target.error_name!r}")
+        name = name or f"{source.error_name}->{target.error_name}"
+        self._check_new_name(name)
+        for post in list(self.graph.successors(target.name)):      # layer-local feedback into δtarget goes
+            edge = self.graph.edges[target.name, post]
+            edge["rule"] = None
+            if self.graph.has_edge(self[post].error_name, target.error_name):
+                self.graph.remove_edge(self[post].error_name, target.error_name)
+        self.graph.add_edge(source.error_name, target.error_name, pathway="feedback", name=name, direct=True,
+                            carries="B", rule=rule)
+        return name
+
+    def direct_feedback(self, rule: rules.RuleLike = "dfa", source: PopulationLike | None = None) -> list[str]:
+        """Wire `source` (default: the one output population) directly to every hidden population
+        that feeds a synaptic projection, with `rule` (DFA: Nokland 2016). Projections leaving input
+        populations lose their feedback too (an input needs no error). Returns the new names."""
+        forward = self.forward_graph()
+        if source is None:
+            sinks = [n for n in forward if forward.out_degree(n) == 0 and not self[n].is_input]
+            if len(sinks) != 1:
+                raise CircuitError(f"circuit {self.name!r} has output populations {sinks}: name the source "
+                                   f"of direct feedback, or wire it with circuit.feedback(source, target)")
+            source = sinks[0]
+        source = self[_name(source)]
+        targets = [n for n in nx.topological_sort(forward)
+                   if any(d["projection"].synaptic for _, _, d in forward.out_edges(n, data=True))]
+        names = []
+        for target in targets:
+            if self[target].is_input:
+                for post in list(self.graph.successors(target)):
+                    self.graph.edges[target, post]["rule"] = None
+                    if self.graph.has_edge(self[post].error_name, self[target].error_name):
+                        self.graph.remove_edge(self[post].error_name, self[target].error_name)
+            else:
+                names.append(self.feedback(source, target, rule))
+        return names
+
+    def receives_direct_feedback(self, pop: PopulationLike) -> bool:
+        """Whether population `pop`'s error comes by direct feedback projections."""
+        return any(d["direct"] for *_, d in self.graph.in_edges(self[_name(pop)].error_name, data=True))
+
+    def feedback_projections(self) -> list[tuple[str, str, str, rules.FeedbackRule]]:
+        """(name, source error population, target error population, rule) of every direct feedback projection."""
+        return [(d["name"], u, v, d["rule"]) for u, v, d in self.graph.edges(data=True)
+                if d["pathway"] == "feedback" and d["direct"]]
+
+    def _check_new_name(self, name: str) -> None:
         if any(d.get("name") == name for *_, d in self.graph.edges(data=True)):
             raise CircuitError(f"circuit {self.name!r} already has a projection named {name!r}")
-        self.graph.add_edge(pre.name, post.name, pathway="forward", name=name, projection=projection, rule=rule)
-        self.graph.add_edge(post.error_name, pre.error_name, pathway="feedback", name=name,
-                            carries="B" if projection.synaptic else "local derivative",
-                            rule=str(rule) if rule else None)
-        return name
 
     def projections(self) -> list[tuple[str, str, str, Projection, rules.FeedbackRule | None]]:
         """(name, pre, post, projection, rule) for every forward projection."""
@@ -127,6 +202,33 @@ class Circuit:
     def __repr__(self) -> str:
         return (f"Circuit({self.name!r}, {len(self.populations())} populations, "
                 f"{len(self.projections())} projections)")
+
+
+class LayerRules:
+    """The feedback rule of each named synaptic projection while a circuit is built: an override from
+    `rules_by_layer`, else the circuit's rule. `finish` checks that every override matched a
+    projection, then, when the circuit's rule is direct (DFA), wires the output error to every hidden
+    population (Circuit.direct_feedback). Used by circuits.from_torch and every builder in models."""
+
+    def __init__(self, rules_by_layer: Mapping[str, rules.RuleLike] | None) -> None:
+        self.pending = dict(rules_by_layer or {})
+        self.overridden = bool(self.pending)
+
+    def __call__(self, name: str) -> rules.RuleLike | None:
+        """The rule for projection `name` (None: the circuit's rule)."""
+        return self.pending.pop(name, None)
+
+    def finish(self, circuit: Circuit) -> Circuit:
+        if self.pending:
+            synaptic = [name for name, _, _, projection, _ in circuit.projections() if projection.synaptic]
+            raise CircuitError(f"rules_by_layer names projections that circuit {circuit.name!r} does not have "
+                               f"or that have no synapses: {sorted(self.pending)}; its synaptic projections are {synaptic}")
+        if circuit.default_rule.direct:
+            if self.overridden:
+                raise CircuitError(f"rules_by_layer cannot be combined with the direct rule {circuit.default_rule}: "
+                                   f"wire the circuit with circuit.feedback(source, target, rule) instead")
+            circuit.direct_feedback(circuit.default_rule)
+        return circuit
 
 
 def _name(pop: PopulationLike) -> str:

@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import projections as P
 from . import rules
-from .circuit import Circuit
+from .circuit import Circuit, LayerRules
 from .errors import CircuitError
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.Softplus: "softplus"}
@@ -70,8 +70,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     """Convert a torch module (fx-traceable, built from circuit layers) into a Circuit.
 
     rule: the feedback rule of every synaptic layer; rules_by_layer overrides it per layer name
-    (the module's qualified name, e.g. "layer1.0.conv1"). input_shape: one example's input shape,
-    by default (in_features,) or (in_channels, 224, 224) from the first layer.
+    (the module's qualified name, e.g. "layer1.0.conv1"). A direct rule ("dfa") instead sends the
+    output error straight to every hidden population that feeds a synaptic layer
+    (Circuit.direct_feedback). input_shape: one example's input shape, by default (in_features,) or
+    (in_channels, 224, 224) from the first layer.
     """
     try:
         traced = fx.symbolic_trace(module)
@@ -87,7 +89,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
         ShapeProp(traced).propagate(*[torch.zeros(2, *input_shape, **example) for _ in placeholders])
     traced.train(was_training)
 
-    rules_by_layer = dict(rules_by_layer or {})
+    layer_rules = LayerRules(rules_by_layer)
     circuit = Circuit(name or type(module).__name__, rule=rule)
     pops: dict[str, list] = {}   # population name -> [shape, activation, is_input], in graph order
     edges: list[tuple[str, str, P.Projection, str]] = []
@@ -151,8 +153,5 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     for pop, (shape, act, is_input) in pops.items():
         circuit.input(pop, shape) if is_input else circuit.population(pop, shape, act)
     for pre, post, projection, layer in edges:
-        feedback = rules_by_layer.pop(layer, None) if projection.synaptic else None
-        circuit.connect(pre, post, projection, feedback=feedback, name=layer)
-    if rules_by_layer:
-        raise CircuitError(f"rules_by_layer names layers with no synapses in {type(module).__name__}: {sorted(rules_by_layer)}")
-    return circuit
+        circuit.connect(pre, post, projection, feedback=layer_rules(layer) if projection.synaptic else None, name=layer)
+    return layer_rules.finish(circuit)

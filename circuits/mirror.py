@@ -50,7 +50,7 @@ def unwrap(net: nn.Module) -> CircuitNet:
 
 def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
     """The projections whose rule learns B in mirror phases (the weight mirror)."""
-    return [(name, s) for name, s in unwrap(net).projections() if s.rule.mirrors]
+    return [(name, s) for name, s in unwrap(net).projections() if s.rule is not None and s.rule.mirrors]
 
 
 def _spread(synapse: Synapse) -> float:
@@ -71,13 +71,9 @@ def samples_for_angle(synapse: Synapse, angle: float) -> int:
 
 
 def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-    """Zero-mean noise with variance sigma^2 per unit, shaped like the input population's activity."""
-    rule, w = synapse.rule, synapse.weight
-    shape = (batch_size, *synapse.in_shape)
-    if rule.noise == "gaussian":
-        y = torch.randn(shape, device=w.device, dtype=w.dtype, generator=generator).mul_(rule.sigma)
-    else:   # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
-        y = torch.rand(shape, device=w.device, dtype=w.dtype, generator=generator).sub_(0.5).mul_(2 * math.sqrt(3) * rule.sigma)
+    """The rule's zero-mean noise (variance sigma^2 per unit), shaped like the input population's activity."""
+    w = synapse.weight
+    y = synapse.rule.mirror_noise((batch_size, *synapse.in_shape), w, generator)
     if y.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)
     return y
@@ -118,6 +114,5 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         hebbian = [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in hebbian]), hebbian)]
-    for s, c in zip(synapses, hebbian):
-        rule = s.rule
-        s.B.mul_(1 - rule.decay).add_(c, alpha=rule.eta)     # B += eta_B <y_{l+1} y_l^T> - lambda_B B
+    for s, c in zip(synapses, hebbian, strict=True):
+        s.rule.mirror_update(s.B, c)          # B += eta_B <y_{l+1} y_l^T> - lambda_B B

@@ -1,10 +1,12 @@
 """A built circuit: one torch.nn.Module that runs the forward populations in topological order.
 
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
-back through its B (circuits.synapse), local projections through their own derivative.
+back through its B (circuits.synapse), local projections through their own derivative, and
+direct feedback projections (circuits.feedback) straight from a downstream error population.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from .activations import activation
 from .circuit import Circuit
 from .errors import CircuitError
+from .feedback import DirectFeedback
 from .synapse import Synapse
 
 
@@ -58,9 +61,20 @@ class CircuitNet(nn.Module):
                 raise CircuitError(f"projection names {name!r} and {self._names[key]!r} collide")
             self.proj[key] = projection.build(circuit[pre], circuit[post], rule)
             self._names[key] = name
+        self.feedback_proj = nn.ModuleDict()
+        direct: dict[str, list[tuple[str, str]]] = {pop: [] for pop in order}   # source -> [(key, target)]
+        for name, source, target, rule in circuit.feedback_projections():
+            key = module_key(name)
+            if key in self.proj or key in self.feedback_proj:
+                raise CircuitError(f"feedback projection name {name!r} collides with another projection's")
+            source, target = circuit.graph.nodes[source]["partner"], circuit.graph.nodes[target]["partner"]
+            self.feedback_proj[key] = DirectFeedback(circuit[source], circuit[target], rule)
+            self._names[key] = name
+            direct[source].append((key, target))
+        self.direct_targets = {target for pairs in direct.values() for _, target in pairs}
         last_use = {}
         for step, pop in enumerate(order):
-            for pre in graph.predecessors(pop):
+            for pre in [*graph.predecessors(pop), *(target for _, target in direct[pop])]:
                 last_use[pre] = step
         self._plan = []
         for step, pop in enumerate(order):
@@ -70,7 +84,8 @@ class CircuitNet(nn.Module):
             if not incoming:
                 raise CircuitError(f"population {pop!r} has no incoming projection and is not an input")
             release = [p for p, s in last_use.items() if s == step and p not in self.outputs]
-            self._plan.append((pop, activation(circuit[pop].activation), incoming, release))
+            self._plan.append((pop, activation(circuit[pop].activation), incoming, direct[pop], release))
+        self._reference = False
 
     def forward(self, *args: Tensor, monitor: dict[str, Trace] | None = None, **inputs: Tensor):
         """Run the forward populations; with `monitor`, keep each population's Trace in it."""
@@ -80,45 +95,69 @@ class CircuitNet(nn.Module):
             inputs = {self.inputs[0]: args[0]}
         if set(inputs) != set(self.inputs):
             raise CircuitError(f"circuit {self.circuit.name!r} takes inputs {self.inputs}, got {sorted(inputs)}")
-        activity = dict(inputs)
-        for pop, phi, incoming, release in self._plan:
+        activity = dict(inputs)     # what projections read: a direct target's activity, detached
+        sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
+        for pop, phi, incoming, direct, release in self._plan:
             a = None
             for key, pre in incoming:
                 drive = self.proj[key](activity[pre])
                 a = drive if a is None else a + drive
+            if not self._reference:
+                for key, target in direct:
+                    a = self.feedback_proj[key](a, sensed[target])
             y = phi(a)
             activity[pop] = y
+            if pop in self.direct_targets and not self._reference:
+                sensed[pop], activity[pop] = y, y.detach()
             if monitor is not None:
                 if a.requires_grad:
                     a.retain_grad()
                 monitor[pop] = Trace(a, y)
             for p in release:
                 del activity[p]
+                sensed.pop(p, None)
         if len(self.outputs) == 1:
             return activity[self.outputs[0]]
         return {name: activity[name] for name in self.outputs}
 
+    @contextlib.contextmanager
+    def backprop_reference(self) -> Iterator[None]:
+        """Inside, the net computes plain backprop: every error travels back through W itself, layer by
+        layer, whatever the rules and direct feedback (the reference the recorder's probe compares to)."""
+        synapses = [s for _, s in self.projections()]
+        self._reference = True
+        for s in synapses:
+            s.transport = True
+        try:
+            yield
+        finally:
+            self._reference = False
+            for s in synapses:
+                s.transport = False
+
     def projections(self) -> Iterator[tuple[str, Synapse]]:
-        """(name, projection) for every synaptic projection: `.weight` is W, `.feedback` is B."""
+        """(name, projection) for every synaptic projection: `.weight` is W, `.feedback` is B in W's
+        layout (None where the projection's input population gets direct feedback)."""
         for key, module in self.proj.items():
             if isinstance(module, Synapse):
                 yield self._names[key], module
 
+    def feedback_projections(self) -> Iterator[tuple[str, DirectFeedback]]:
+        """(name, projection) for every direct feedback projection: `.source` and `.target` name the
+        populations whose errors it joins, `.feedback` is B (source units x target units or channels)."""
+        for key, module in self.feedback_proj.items():
+            yield self._names[key], module
+
     def projection(self, name: str) -> nn.Module:
-        """The module of the projection called `name`."""
+        """The module of the projection called `name` (forward, or direct feedback)."""
         key = module_key(name)
-        if key not in self.proj:
-            raise CircuitError(f"circuit {self.circuit.name!r} has no projection named {name!r}")
-        return self.proj[key]
+        for modules in (self.proj, self.feedback_proj):
+            if key in modules:
+                return modules[key]
+        raise CircuitError(f"circuit {self.circuit.name!r} has no projection named {name!r}")
 
     def forward_parameters(self) -> Iterator[nn.Parameter]:
         """The forward pathway's parameters (W, biases, batch-norm affine), without any B."""
         for name, p in self.named_parameters():
             if not name.endswith(".B"):
                 yield p
-
-    def feedback_parameters(self) -> Iterator[nn.Parameter]:
-        """Every stored B."""
-        for _, synapse in self.projections():
-            if "B" in synapse._parameters:
-                yield synapse.B

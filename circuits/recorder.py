@@ -7,10 +7,12 @@ row holds, for flattened tensors u and v:
                   (exact 0 for u = v, accurate near 0 where arccos of a rounded cosine is not)
 
 - every `every` ticks (learning steps and mirror batches): loss, learning rate, phase, examples
-  seen, wall time; and per synaptic projection angle(B, W), |B| / |W| and the fraction of synapses
-  with sign(B) = sign(W);
+  seen, wall time; and per synaptic projection with a B in W's layout angle(B, W), |B| / |W| and
+  the fraction of synapses with sign(B) = sign(W) (direct feedback projections, whose B has no W,
+  are listed in /alignment's attribute `undefined` instead);
 - every `probe_steps` learning steps, on a fixed probe batch: the error delta = dL/da of every
-  population under the circuit's rules and under backprop (every B replaced by W),
+  population under the circuit's rules and under backprop (CircuitNet.backprop_reference: every
+  error back through W, layer by layer, direct feedback off),
   angle(delta_rule, delta_bp) and |delta_rule| / |delta_bp|, and the same for the weight
   updates dL/dW; the backprop reference leaves the run untouched (no .grad, batch-norm
   statistics restored, random number generators untouched);
@@ -50,7 +52,6 @@ from torch import Tensor
 
 from .mirror import unwrap
 from .network import CircuitNet, Trace
-from .rules import Backprop
 from .synapse import Synapse
 
 LAYOUT = "mirrorcircuits recording"
@@ -378,8 +379,9 @@ class Recorder:
         """The net's projections and populations; checks the names the settings choose."""
         self._net = net
         self._device = next(net.parameters()).device
-        self._synapses = list(net.projections())
-        self._learning = [(n, s) for n, s in self._synapses if s.weight.requires_grad]
+        self._synapses = [(n, s) for n, s in net.projections() if s.rule is not None]   # a B in W's layout
+        self._learning = [(n, s) for n, s in net.projections() if s.weight.requires_grad]
+        self._unaligned = [n for n, s in net.projections() if s.rule is None] + [n for n, _ in net.feedback_projections()]
         self._errors = _error_populations(net)
         shapes = {p.name: p.shape for p in net.circuit.populations()}
         for names, known, what in ((self.snapshot, [n for n, _ in self._synapses], "synaptic projection"),
@@ -521,6 +523,9 @@ class Recorder:
                              ("snapshots", "W and B of chosen projections at chosen learning steps"),
                              ("activity", "activity and error of chosen populations on the first probe examples")):
             f.require_group(group).attrs["description"] = text_
+        f["alignment"].attrs.update(undefined=json.dumps(self._unaligned), undefined_description=(
+            "projections whose angle(B, W) is not defined, so not recorded: direct feedback projections, whose B "
+            "joins two error populations that no W joins, and synaptic projections with no feedback of their own"))
         for group, names in (("alignment", [n for n, _ in self._synapses]), ("probe/updates", [n for n, _ in self._learning]),
                              ("snapshots", self.snapshot)):
             for name in names:
@@ -594,7 +599,7 @@ class Recorder:
                                for t in (traces[pop].y, errors[self._errors.index(pop)]))
                 self._tables["activity"].append((tick, step), None, arrays)
             if probing:
-                with _backprop(self._synapses):
+                with self._net.backprop_reference():
                     _, bp_errors, bp_updates, _ = self._credit()
                 pairs = list(zip(errors, bp_errors)) + list(zip(updates, bp_updates))
                 norms = torch.stack([_norms(u, v).to(self._device) for u, v in pairs])
@@ -625,19 +630,6 @@ class Recorder:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
-
-
-@contextlib.contextmanager
-def _backprop(synapses: Sequence[tuple[str, Synapse]]) -> Iterator[None]:
-    """Every synapse's rule temporarily Backprop: the error travels back through W itself."""
-    rules = [s.rule for _, s in synapses]
-    try:
-        for _, s in synapses:
-            s.rule = Backprop()
-        yield
-    finally:
-        for (_, s), rule in zip(synapses, rules):
-            s.rule = rule
 
 
 def _error_populations(net: CircuitNet) -> list[str]:

@@ -1,21 +1,31 @@
-"""Feedback rules: how each feedback projection B is set and learns.
+"""Feedback rules: how a feedback projection's B is made, how the error crosses it, and how B learns.
 
-Every rule shares the forward pass a = W y and the weight update dW = -eta delta_{l+1} y_l^T;
-they differ only in B (stored in W's layout, see circuits.synapse):
+A rule is one small object beside its equation. The same rule serves a layer-local feedback
+projection (B in its forward projection W's layout, out x in or a conv kernel, so B == W is
+perfect alignment) and, where it needs no W, a direct feedback projection (circuits.feedback:
+B of shape (source units x target units), delta_target = phi'(a_target) * (B^T delta_source)).
+Every rule shares the forward pass a = W y and the weight update dW = -eta delta_{l+1} y_l^T.
 
-- Backprop (bp):            B = W at every step (weight transport).
-- FeedbackAlignment (fa):   B fixed and random, drawn independently of W.
-- SignSymmetry (ss):        B = sign(W) * s, s = sqrt(2 / fan_out), recomputed from W each step.
-- KolenPollack (kp):        dW = -eta delta y^T - lambda W,  dB = -eta delta y^T - lambda B,
-                            so W - B shrinks by (1 - eta lambda) per plain SGD step.
-- WeightMirror (wm):        B learns only in mirror phases, from noise y ~ N(0, sigma^2):
-                            dB = eta_B y_{l+1} y_l^T - lambda_B B,  E[B] -> (eta_B sigma^2 / lambda_B) W.
+A rule answers, for the projection ("host") it is attached to:
+  attach(host)             the state it keeps there: a stored B, a mask, fixed magnitudes
+  feedback(host)           B as the error crosses it now
+  signal(error)            what arrives on the far side of B (imperfections add noise here)
+  learns_by_gradient       B is a parameter the optimizer steps, with feedback_gradient(...) as its gradient
+  mirrors                  B learns in mirror phases, by mirror_update(B, correlation) (circuits.mirror)
+
+`register` adds a user's rule to the short names that circuits, models and command lines accept:
+
+    @circuits.rules.register
+    @dataclass(frozen=True)
+    class Scaled(circuits.rules.FeedbackRule):
+        short_name: ClassVar[str] = "scaled"
+        ...
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,38 +33,30 @@ from torch import Tensor, nn
 from .errors import CircuitError
 
 if TYPE_CHECKING:
-    from .synapse import Synapse
+    from .synapse import ConvOperator, DenseOperator
 
 
-@dataclass(frozen=True)
-class FeedbackRule:
-    """Base class. A rule is configuration only; the state (B) lives on the synapse."""
+class FeedbackHost(Protocol):
+    """A module that carries feedback: a Synapse (weight is W) or a DirectFeedback (weight is None)."""
 
-    short_name: ClassVar[str] = ""
-    stores_feedback: ClassVar[bool] = True
-    learns_by_gradient: ClassVar[bool] = False
-    mirrors: ClassVar[bool] = False
-    decay: ClassVar[float] = 0.0
+    weight: Tensor | None
+    feedback_shape: tuple[int, ...]
 
-    def attach(self, synapse: Synapse) -> None:
-        """Give a synapse its own B, drawn at random and independently of W."""
-        if self.stores_feedback:
-            synapse.B = nn.Parameter(_independent_like(synapse.weight), requires_grad=self.learns_by_gradient)
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None: ...
 
-    def feedback(self, synapse: Synapse) -> Tensor:
-        """B as the backward pass uses it now."""
-        return synapse.B
 
-    def set_feedback(self, synapse: Synapse, value: Tensor) -> None:
-        if not self.stores_feedback:
-            raise CircuitError(f"rule {self.short_name} keeps no B of its own: its B is computed from W")
-        if value.shape != synapse.B.shape:
-            raise CircuitError(f"feedback of shape {tuple(value.shape)} does not fit W's shape {tuple(synapse.B.shape)}")
-        with torch.no_grad():
-            synapse.B.copy_(value)
+def _finite(rule: object, **values: float) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise CircuitError(f"{type(rule).__name__}: {name} must be a finite number, got {value!r}")
 
-    def __str__(self) -> str:
-        return self.short_name
+
+def _xavier(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
+    """Xavier-uniform values U(-a, a), a = sqrt(6 / (fan_in + fan_out)), torch's fans of a weight of `shape`."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    kwargs = dict(dtype=like.dtype, device=like.device) if like is not None else {}
+    return torch.empty(shape, **kwargs).uniform_(-bound, bound)
 
 
 def _independent_like(weight: Tensor) -> Tensor:
@@ -66,105 +68,501 @@ def _independent_like(weight: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
+class FeedbackRule:
+    """Base class: a fixed B drawn at random, independent of W (what feedback alignment keeps).
+
+    Subclasses override what differs. A rule is configuration only; its state lives on the host.
+    """
+
+    short_name: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    """Where the rule comes from, for documentation."""
+    needs_weight: ClassVar[bool] = False
+    """B is made from, or learns against, a forward weight W of its own shape (layer-local only)."""
+    direct: ClassVar[bool] = False
+    """Used circuit-wide, the rule sends the output error straight to every hidden population."""
+
+    # --- B and the error that crosses it --------------------------------------------------
+    def attach(self, host: FeedbackHost) -> None:
+        """Give the host its own B: W's spread if it has a W, else Xavier-uniform."""
+        w = host.weight
+        b = _independent_like(w) if w is not None else _xavier(host.feedback_shape)
+        host.B = nn.Parameter(b, requires_grad=self.learns_by_gradient)
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        """B as the backward pass uses it now."""
+        return host.B
+
+    def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:
+        stored = getattr(host, "B", None)
+        if not isinstance(stored, Tensor):
+            raise CircuitError(f"rule {self} keeps no B of its own: its B is computed from W")
+        if value.shape != stored.shape:
+            raise CircuitError(f"feedback of shape {tuple(value.shape)} does not fit B's shape {tuple(stored.shape)}")
+        with torch.no_grad():
+            stored.copy_(value)
+
+    def signal(self, error: Tensor) -> Tensor:
+        """The error as it arrives after crossing B (B^T delta); exact by default."""
+        return error
+
+    def check(self, host_kind: str, has_weight: bool) -> None:
+        """Raise a CircuitError if this rule cannot serve a host of this kind."""
+        if self.needs_weight and not has_weight:
+            raise CircuitError(f"rule {self} needs the forward weight W that B mirrors; a {host_kind} has none "
+                               f"(rules for direct feedback: {', '.join(n for n, r in RULES.items() if not r.needs_weight)})")
+
+    # --- learning by gradient --------------------------------------------------------------
+    @property
+    def learns_by_gradient(self) -> bool:
+        """B is a parameter with a gradient from feedback_gradient(), stepped by the optimizer."""
+        return False
+
+    @property
+    def saves_weight(self) -> bool:
+        """The backward pass needs W beside B (for feedback_gradient or weight_gradient)."""
+        return False
+
+    def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
+                          operator: DenseOperator | ConvOperator) -> Tensor:
+        """dL/dB on one batch; `hebbian` is delta y^T, W's own gradient. Only when learns_by_gradient."""
+        raise NotImplementedError
+
+    def weight_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """W's gradient as this rule has it (delta y^T, unless the rule decays W too)."""
+        return grad
+
+    # --- learning in mirror phases ---------------------------------------------------------
+    @property
+    def mirrors(self) -> bool:
+        """B learns in mirror phases (circuits.mirror) by mirror_update()."""
+        return False
+
+    def __str__(self) -> str:
+        return self.short_name or type(self).__name__
+
+
+R = TypeVar("R", bound=type)
+RULES: dict[str, type[FeedbackRule]] = {}
+"""The registered rules by short name."""
+
+
+def register(cls: R) -> R:
+    """Register a FeedbackRule subclass under its short_name (a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, FeedbackRule)) or not cls.short_name:
+        raise CircuitError(f"register takes a FeedbackRule subclass with a short_name, got {cls!r}")
+    if cls.short_name in RULES and RULES[cls.short_name] is not cls:
+        raise CircuitError(f"a rule named {cls.short_name!r} is registered already ({RULES[cls.short_name].__name__})")
+    RULES[cls.short_name] = cls
+    return cls
+
+
+RuleLike = Union[str, FeedbackRule]
+
+
+def get(rule: RuleLike) -> FeedbackRule:
+    """A rule from a FeedbackRule or a registered short name ('bp', 'fa', 'dfa', 'ss', 'kp', 'wm', ...)."""
+    if isinstance(rule, FeedbackRule):
+        return rule
+    if isinstance(rule, str) and rule.lower() in RULES:
+        return RULES[rule.lower()]()
+    raise CircuitError(f"unknown feedback rule {rule!r}; known rules: {', '.join(RULES)} "
+                       f"(or a circuits.rules.FeedbackRule)")
+
+
+# === transported and fixed feedback ======================================================
+@register
+@dataclass(frozen=True)
 class Backprop(FeedbackRule):
     """B = W at every step: the error travels back through the transported forward weights."""
 
     short_name: ClassVar[str] = "bp"
-    stores_feedback: ClassVar[bool] = False
+    source: ClassVar[str] = "Rumelhart, Hinton & Williams 1986"
+    needs_weight: ClassVar[bool] = True
 
-    def feedback(self, synapse: Synapse) -> Tensor:
-        return synapse.weight
+    def attach(self, host: FeedbackHost) -> None:
+        pass
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        return host.weight
 
 
+@register
 @dataclass(frozen=True)
 class FeedbackAlignment(FeedbackRule):
     """B fixed and random, never learns (Lillicrap et al. 2016)."""
 
     short_name: ClassVar[str] = "fa"
+    source: ClassVar[str] = "Lillicrap et al. 2016"
 
 
+@register
+@dataclass(frozen=True)
+class DirectFeedbackAlignment(FeedbackRule):
+    """The output error sent straight to every hidden population through a fixed random B (Nokland 2016):
+
+        delta_h = phi'(a_h) * (B_h^T e),    e = the output population's error
+
+    B_h is Xavier-uniform, (output units x hidden units), as in BioTorch's DFA layers; for a population
+    with channels (C x H x W) it is (output units x C), shared over positions, as BioTorch's convolutional
+    DFA (a kernel applied to the spatially constant output error) is up to its borders. Usable from any
+    population: circuit.feedback(source, target, rule="dfa"). As a layer-local rule it is FA.
+    """
+
+    short_name: ClassVar[str] = "dfa"
+    source: ClassVar[str] = "Nokland 2016; BioTorch (Sanfiz & Akrout 2021)"
+    direct: ClassVar[bool] = True
+
+
+# === the sign-symmetry family ============================================================
+def sign_symmetry_scale(weight: Tensor) -> float:
+    """The He-init std of W's layer kind, as in Xiao et al. 2018's code: 1 / sqrt(fan_in) for a dense
+    W (out x in), sqrt(2 / (k_h k_w out)) for a conv kernel (out x in/groups x k_h x k_w)."""
+    if weight.dim() == 2:
+        return 1.0 / math.sqrt(weight.shape[1])
+    return math.sqrt(2.0 / (weight.shape[0] * math.prod(weight.shape[2:])))
+
+
+@register
 @dataclass(frozen=True)
 class SignSymmetry(FeedbackRule):
-    """B = sign(W) * s with s = sqrt(2 / fan_out), the He-init std (Liao et al. 2016; Xiao et al. 2018).
+    """uSF: B = sign(W) * s, recomputed from the current W each step (Liao et al. 2016; Xiao et al. 2018).
 
-    Transports the signs of W, not their magnitudes; recomputed from the current W each step.
+    Transports the signs of W, not their magnitudes. s is sign_symmetry_scale(W): 1/sqrt(fan_in) for dense
+    layers and sqrt(2 / (k_h k_w out)) for conv layers, Xiao et al.'s init std per layer kind.
     """
 
     short_name: ClassVar[str] = "ss"
-    stores_feedback: ClassVar[bool] = False
+    source: ClassVar[str] = "Liao et al. 2016; Xiao et al. 2018"
+    needs_weight: ClassVar[bool] = True
 
-    @staticmethod
-    def scale(weight: Tensor) -> float:
-        fan_out = weight.shape[0] * math.prod(weight.shape[2:])
-        return math.sqrt(2.0 / fan_out)
+    def attach(self, host: FeedbackHost) -> None:
+        pass
 
-    def feedback(self, synapse: Synapse) -> Tensor:
-        w = synapse.weight.detach()
-        return torch.sign(w).mul_(self.scale(w))
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        w = host.weight.detach()
+        return torch.sign(w).mul_(sign_symmetry_scale(w))
 
 
+@register
+@dataclass(frozen=True)
+class UniformSignSymmetry(SignSymmetry):
+    """usf: the name BioTorch (Sanfiz & Akrout 2021) gives sign symmetry; the same rule as ss."""
+
+    short_name: ClassVar[str] = "usf"
+
+
+@register
+@dataclass(frozen=True)
+class BatchRandomSignSymmetry(FeedbackRule):
+    """brSF: B = |M| * sign(W), M redrawn Xavier-uniform at every batch (Liao et al. 2016; BioTorch)."""
+
+    short_name: ClassVar[str] = "brsf"
+    source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
+    needs_weight: ClassVar[bool] = True
+
+    def attach(self, host: FeedbackHost) -> None:
+        pass
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        w = host.weight.detach()
+        return _xavier(tuple(w.shape), w).abs_().mul_(torch.sign(w))
+
+
+@register
+@dataclass(frozen=True)
+class FixedRandomSignSymmetry(FeedbackRule):
+    """frSF: B = |M| * sign(W), M drawn Xavier-uniform once and kept (Liao et al. 2016; BioTorch)."""
+
+    short_name: ClassVar[str] = "frsf"
+    source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
+    needs_weight: ClassVar[bool] = True
+
+    def attach(self, host: FeedbackHost) -> None:
+        host.register_buffer("feedback_magnitude", _xavier(tuple(host.weight.shape)).abs_())
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        return host.feedback_magnitude * torch.sign(host.weight.detach())
+
+
+# === Kolen-Pollack ======================================================================
+@register
 @dataclass(frozen=True)
 class KolenPollack(FeedbackRule):
-    """B receives W's update, transposed, and the same decay (paper eqs. 16-17):
+    """B receives W's update, transposed, and the same decay (paper eqs. 16-17, decay inside the gradient):
 
-        dW = -eta delta_{l+1} y_l^T - lambda W
-        dB = -eta y_l delta_{l+1}^T - lambda B      (B^T in the paper; W's layout here)
+        dL/dW = delta_{l+1} y_l^T + lambda W,     dL/dB = delta_{l+1} y_l^T + lambda B
 
-    so D = W - B obeys D(t+1) = (1 - eta lambda) D(t) under plain SGD. B is a parameter that the
-    optimizer updates with W's gradient; any weight decay of the optimizer adds to lambda for both.
+    (B in W's layout), so under plain SGD with learning rate eta, D = W - B obeys D <- (1 - eta lambda) D:
+    the paper's per-step decay is eta * lambda here. Any weight decay of the optimizer adds to lambda
+    for both. In Kunin et al.'s terms B's gradient is LocalAlignment({"decay": lambda / 2}, tie=True).
     """
 
     short_name: ClassVar[str] = "kp"
-    learns_by_gradient: ClassVar[bool] = True
+    source: ClassVar[str] = "Kolen & Pollack 1994; Akrout et al. 2019, eqs. 16-17"
+    needs_weight: ClassVar[bool] = True
     decay: float = 1e-4
 
     def __post_init__(self) -> None:
+        _finite(self, decay=self.decay)
         if self.decay < 0:
             raise CircuitError(f"KolenPollack decay must be >= 0, got {self.decay}")
 
+    @property
+    def learns_by_gradient(self) -> bool:
+        return True
 
+    @property
+    def saves_weight(self) -> bool:
+        return bool(self.decay)
+
+    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+        return hebbian + self.decay * feedback if self.decay else hebbian
+
+    def weight_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
+        return grad.add_(weight, alpha=self.decay) if self.decay else grad
+
+
+# === the weight mirror ===================================================================
+@register
 @dataclass(frozen=True)
 class WeightMirror(FeedbackRule):
     """B learns in mirror phases by the Hebbian rule of the paper's eq. 7, with decay:
 
-        y_l ~ N(0, sigma^2)  (independent per unit),   y_{l+1} = W y_l
-        dB = eta_B y_{l+1} y_l^T - lambda_B B           (averaged over the noise batch)
+        y_l ~ noise, zero mean, variance sigma^2 (independent per unit),   y_{l+1} = W y_l
+        dB = eta_B <y_{l+1} y_l^T> - lambda_B B           (<.> averages over the noise batch)
         E[dB] = eta_B sigma^2 W - lambda_B B   =>   B -> (eta_B sigma^2 / lambda_B) W
 
-    Defaults give B -> W (eta_B sigma^2 = lambda_B); lambda_B sets the speed and the noise
-    averaging: about 2 * batch / lambda_B noise samples contribute to B. With n inputs per unit
-    and N effective samples the angle between B and W settles near atan(sqrt(n / N)).
+    Defaults give B -> W (eta_B sigma^2 = lambda_B); lambda_B sets the speed and the noise averaging.
     noise: "gaussian" (default) or "uniform" (the authors' code), both of variance sigma^2.
+    In Kunin et al.'s terms one mirror batch is a gradient step on decay + amp over the noise.
     """
 
     short_name: ClassVar[str] = "wm"
-    mirrors: ClassVar[bool] = True
+    source: ClassVar[str] = "Akrout et al. 2019, eq. 7"
+    needs_weight: ClassVar[bool] = True
     sigma: float = 1.0
     eta: float = 0.02
     decay: float = 0.02
     noise: str = "gaussian"
 
     def __post_init__(self) -> None:
+        _finite(self, sigma=self.sigma, eta=self.eta, decay=self.decay)
         if not (self.sigma > 0 and self.eta > 0 and 0 < self.decay < 1):
             raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 < decay < 1, got {self}")
         if self.noise not in ("gaussian", "uniform"):
             raise CircuitError(f"WeightMirror noise must be 'gaussian' or 'uniform', got {self.noise!r}")
 
     @property
+    def mirrors(self) -> bool:
+        return True
+
+    @property
     def target_scale(self) -> float:
         """The expected fixed point B = target_scale * W."""
         return self.eta * self.sigma**2 / self.decay
 
+    def mirror_noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Zero-mean noise of variance sigma^2 per unit, in `like`'s dtype and device."""
+        if self.noise == "gaussian":
+            return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator).mul_(self.sigma)
+        half_width = math.sqrt(3) * self.sigma      # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
+        return torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator).sub_(0.5).mul_(2 * half_width)
 
-RULES: dict[str, type[FeedbackRule]] = {r.short_name: r for r in (Backprop, FeedbackAlignment, SignSymmetry, KolenPollack, WeightMirror)}
+    def mirror_update(self, feedback: Tensor, correlation: Tensor) -> None:
+        """B += eta_B <y_{l+1} y_l^T> - lambda_B B, in place."""
+        feedback.mul_(1 - self.decay).add_(correlation, alpha=self.eta)
 
-RuleLike = Union[str, FeedbackRule]
+
+# === local alignment rules composed of primitives (Kunin et al. 2020) ======================
+Primitive = Callable[[Tensor, Tensor, Tensor, "DenseOperator | ConvOperator"], Tensor]
 
 
-def get(rule: RuleLike) -> FeedbackRule:
-    """A rule from a FeedbackRule or a short name ('bp', 'fa', 'ss', 'kp', 'wm')."""
-    if isinstance(rule, FeedbackRule):
-        return rule
-    if isinstance(rule, str) and rule.lower() in RULES:
-        return RULES[rule.lower()]()
-    raise CircuitError(f"unknown feedback rule {rule!r}; known rules: {', '.join(RULES)} (or a circuits.rules.FeedbackRule)")
+def _batch(y: Tensor) -> int:
+    return y.shape[0]
+
+
+def _decay(y, weight, feedback, operator):
+    """d/dB of |W|^2 + |B|^2 = 2 B."""
+    return 2 * feedback
+
+
+def _self(y, weight, feedback, operator):
+    """d/dB of -tr(W^T B) = -W."""
+    return -weight
+
+
+def _amp(y, weight, feedback, operator):
+    """d/dB of -<(W y) . (B y)> = -<(W y) y^T>: the weight mirror's Hebbian term on y."""
+    return -operator.backward(operator.forward(y, weight, None), y, feedback, (False, True, False))[1] / _batch(y)
+
+
+def _sparse(y, weight, feedback, operator):
+    """d/dB of <|W y|^2 + |B y|^2> = 2 <(B y) y^T>."""
+    return 2 * operator.backward(operator.forward(y, feedback, None), y, feedback, (False, True, False))[1] / _batch(y)
+
+
+def _null(y, weight, feedback, operator):
+    """d/dB of <|B^T W y|^2> = 2 <(W y) r^T>, r = B^T W y (the reconstruction of y through W then B)."""
+    z = operator.forward(y, weight, None)
+    r = operator.backward(z, y, feedback, (True, False, False))[0]
+    return 2 * operator.backward(z, r, feedback, (False, True, False))[1] / _batch(y)
+
+
+PRIMITIVES: dict[str, Primitive] = {"decay": _decay, "self": _self, "amp": _amp, "sparse": _sparse, "null": _null}
+"""Kunin et al. 2020's primitives (neuroailab/Neural-Alignment, Alignments/primitives.py), each as its
+gradient with respect to B (W's layout) on a batch y of the projection's input, averaged over the batch."""
+
+
+@dataclass(frozen=True)
+class LocalAlignment(FeedbackRule):
+    """B learns by gradient descent on a layer-local loss built from Kunin et al. 2020's primitives:
+
+        R(W, B) = sum of coefficient * primitive over `terms`, e.g. {"amp": 1.0, "decay": 0.1}
+        dL/dB   = dR/dB  (+ delta y^T, W's own gradient, if `tie`: Kolen-Pollack's tie)
+
+    with y the projection's input on the learning batch (PRIMITIVES gives each term's gradient); the
+    optimizer steps B with its own learning rate, and W learns from the task alone. Special cases
+    (tests/test_rules.py): Kolen-Pollack's B gradient is {"decay": lambda / 2} with tie; one mirror
+    batch of the weight mirror is one step of {"decay": lambda_B / 2, "amp": eta_B} on white noise y.
+    """
+
+    source: ClassVar[str] = "Kunin et al. 2020 (neuroailab/Neural-Alignment)"
+    needs_weight: ClassVar[bool] = True
+    terms: tuple[tuple[str, float], ...] = ()
+    tie: bool = False
+
+    def __post_init__(self) -> None:
+        terms = dict(self.terms)
+        unknown = sorted(set(terms) - set(PRIMITIVES))
+        if unknown:
+            raise CircuitError(f"{type(self).__name__}: unknown primitives {unknown}; primitives: {', '.join(PRIMITIVES)}")
+        _finite(self, **terms)
+        if terms.get("decay", 0) < 0:
+            raise CircuitError(f"{type(self).__name__}: the decay coefficient must be >= 0, got {terms['decay']}")
+        object.__setattr__(self, "terms", tuple(sorted(terms.items())))
+
+    @property
+    def learns_by_gradient(self) -> bool:
+        return True
+
+    @property
+    def saves_weight(self) -> bool:
+        return any(name != "decay" for name, _ in self.terms)
+
+    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+        grad = hebbian if self.tie else torch.zeros_like(feedback)
+        for name, c in self.terms:
+            if c:
+                grad = grad + c * PRIMITIVES[name](y, weight, feedback, operator)
+        return grad
+
+
+@register
+@dataclass(frozen=True)
+class InformationAlignment(LocalAlignment):
+    """IA (Kunin et al. 2020): amp + null + decay on the projection's input during learning.
+
+    The default coefficients (amp 1, null 0.1, decay 0.1) are this project's, chosen on the digits MLP.
+    """
+
+    short_name: ClassVar[str] = "ia"
+    terms: tuple[tuple[str, float], ...] = (("amp", 1.0), ("decay", 0.1), ("null", 0.1))
+
+
+@register
+@dataclass(frozen=True)
+class SymmetricAlignment(LocalAlignment):
+    """SA (Kunin et al. 2020): decay + self, so dL/dB = 2 decay B - self W and B -> (self / 2 decay) W."""
+
+    short_name: ClassVar[str] = "sa"
+    terms: tuple[tuple[str, float], ...] = (("decay", 0.5), ("self", 1.0))
+
+
+# === imperfect feedback ==================================================================
+@dataclass(frozen=True)
+class Imperfect(FeedbackRule):
+    """Any rule with imperfect feedback synapses, composable with every rule:
+
+        noise:    the signal that crosses B gains Gaussian noise of std noise * rms(signal)
+        sparsity: a fixed random fraction of B's entries is zero (absent synapses)
+        dale:     each feedback neuron (a row of B, one source unit) has outgoing synapses of one fixed
+                  random sign; entries of the other sign are held at zero (Dale's principle)
+
+    B as used is mask * B, then the sign constraint; a learned B keeps learning underneath.
+    """
+
+    rule: FeedbackRule = FeedbackAlignment()
+    noise: float = 0.0
+    sparsity: float = 0.0
+    dale: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", get(self.rule))
+        _finite(self, noise=self.noise, sparsity=self.sparsity)
+        if self.noise < 0 or not 0 <= self.sparsity < 1:
+            raise CircuitError(f"Imperfect needs noise >= 0 and 0 <= sparsity < 1, got {self}")
+
+    @property
+    def needs_weight(self) -> bool:   # type: ignore[override]
+        return self.rule.needs_weight
+
+    @property
+    def direct(self) -> bool:   # type: ignore[override]
+        return self.rule.direct
+
+    def attach(self, host: FeedbackHost) -> None:
+        self.rule.attach(host)
+        shape = host.feedback_shape
+        if self.sparsity:
+            host.register_buffer("feedback_mask", (torch.rand(shape) >= self.sparsity).float())
+        if self.dale:
+            signs = torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
+            host.register_buffer("feedback_sign", signs)
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        b = self.rule.feedback(host)
+        if self.sparsity:
+            b = b * host.feedback_mask.to(b.dtype)
+        if self.dale:
+            sign = host.feedback_sign.to(b.dtype)
+            b = (b * sign).clamp_min(0) * sign
+        return b
+
+    def set_feedback(self, host, value):
+        self.rule.set_feedback(host, value)
+
+    def signal(self, error: Tensor) -> Tensor:
+        error = self.rule.signal(error)
+        if not self.noise:
+            return error
+        rms = error.detach().float().square().mean().sqrt().to(error.dtype)
+        return error + torch.randn_like(error) * (self.noise * rms)
+
+    @property
+    def learns_by_gradient(self) -> bool:
+        return self.rule.learns_by_gradient
+
+    @property
+    def saves_weight(self) -> bool:
+        return self.rule.saves_weight
+
+    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+        return self.rule.feedback_gradient(hebbian, y, weight, feedback, operator)
+
+    def weight_gradient(self, grad, weight):
+        return self.rule.weight_gradient(grad, weight)
+
+    @property
+    def mirrors(self) -> bool:
+        return self.rule.mirrors
+
+    def __getattr__(self, name: str):
+        """Everything else (a mirror rule's noise, update, decay) is the wrapped rule's."""
+        if name.startswith("__") or name == "rule":
+            raise AttributeError(name)
+        return getattr(self.rule, name)
+
+    def __str__(self) -> str:
+        parts = [f"noise={self.noise}"] * bool(self.noise) + [f"sparsity={self.sparsity}"] * bool(self.sparsity)
+        return f"{self.rule}({', '.join(parts + ['dale'] * self.dale)})"

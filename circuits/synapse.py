@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import CircuitError
+
 if TYPE_CHECKING:
     from .rules import FeedbackRule
 
@@ -79,34 +81,36 @@ class ConvOperator:
 class FeedbackPathway(torch.autograd.Function):
     """Forward through W; send the error back through B; W's gradient as usual.
 
-    When the rule learns B by gradient (Kolen-Pollack), B receives W's gradient, and both get
-    the rule's decay: dL/dW = delta y^T + lambda W, dL/dB = delta y^T + lambda B.
+    The rule shapes what crosses B (rule.signal) and, when B learns by gradient (Kolen-Pollack,
+    Kunin et al.'s local rules), gives B's gradient (rule.feedback_gradient) and W's
+    (rule.weight_gradient: Kolen-Pollack decays W as well).
     """
 
     @staticmethod
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                operator, feedback_learns: bool, decay: float) -> Tensor:
+                operator, rule: FeedbackRule) -> Tensor:
         """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
         so torch.compile sees no duplicated input."""
-        keep_weight = feedback is None or (feedback_learns and decay)
+        keep_weight = feedback is None or rule.saves_weight
         ctx.save_for_backward(y, weight if keep_weight else None, feedback)
-        ctx.operator, ctx.feedback_learns, ctx.decay = operator, feedback_learns, decay
+        ctx.operator, ctx.rule = operator, rule
         ctx.has_bias = bias is not None
         return operator.forward(y, weight, bias)
 
     @staticmethod
     def backward(ctx, delta: Tensor):
         y, weight, feedback = ctx.saved_tensors
-        need_w = ctx.needs_input_grad[1] or (ctx.feedback_learns and ctx.needs_input_grad[3])
-        mask = (ctx.needs_input_grad[0], need_w, ctx.has_bias and ctx.needs_input_grad[2])
+        rule = ctx.rule
+        learns = rule.learns_by_gradient and ctx.needs_input_grad[3]
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or learns, ctx.has_bias and ctx.needs_input_grad[2])
         delta = delta.contiguous(memory_format=_memory_format(delta))
         grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, weight if feedback is None else feedback, mask)
-        grad_feedback = None
-        if ctx.feedback_learns and grad_w is not None:
-            grad_feedback = grad_w + ctx.decay * feedback if ctx.decay else grad_w
-            if ctx.decay:
-                grad_w = grad_w.add_(weight, alpha=ctx.decay)
-        return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None, None
+        if grad_y is not None:
+            grad_y = rule.signal(grad_y)
+        grad_feedback = rule.feedback_gradient(grad_w, y, weight, feedback, ctx.operator) if learns else None
+        if ctx.needs_input_grad[1]:
+            grad_w = rule.weight_gradient(grad_w, weight)
+        return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -116,20 +120,25 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 
 
 class Synapse(nn.Module):
-    """A synaptic projection W (with optional bias) and its feedback projection B.
+    """A synaptic projection W (with optional bias) and its layer-local feedback projection B.
 
     `weight` is W; `feedback` is B in W's layout, whatever the rule (for backprop it is W itself).
-    Rules that keep a B of their own store it as the parameter `B`. `positions` counts the
-    (input, output) position pairs each weight entry connects (per kernel tap; 1 for dense);
-    `live_fan_in` and `live_positions` summarise it as host numbers for the weight mirror.
+    Rules that keep a B of their own store it as the parameter `B`. With rule None the projection
+    has no feedback of its own (its input population's error comes by direct feedback): no error
+    crosses it, and only W's gradient is computed. `positions` counts the (input, output) position
+    pairs each weight entry connects (per kernel tap; 1 for dense); `live_fan_in` and
+    `live_positions` summarise it as host numbers for the weight mirror. `transport` (set by
+    CircuitNet.backprop_reference) sends the error back through W itself, whatever the rule.
     """
 
     def __init__(self, operator: DenseOperator | ConvOperator, weight_shape: tuple[int, ...],
-                 bias: bool, rule: FeedbackRule, in_shape: tuple[int, ...],
+                 bias: bool, rule: FeedbackRule | None, in_shape: tuple[int, ...],
                  state: Mapping[str, Tensor] | None = None) -> None:
         """`in_shape`: the input population's shape; `state`: initial W (and bias), else torch's init."""
         super().__init__()
         self.operator = operator
+        self.feedback_shape = tuple(weight_shape)
+        self.transport = False
         self.in_shape = tuple(in_shape)
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
@@ -141,7 +150,8 @@ class Synapse(nn.Module):
         if state is not None:
             self.load_state_dict(state)
         self.rule = rule
-        rule.attach(self)
+        if rule is not None:
+            rule.attach(self)
 
     def reset_parameters(self) -> None:
         """torch's default init for nn.Linear and nn.Conv2d (Kaiming uniform, a = sqrt(5))."""
@@ -151,15 +161,21 @@ class Synapse(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @property
-    def feedback(self) -> Tensor:
-        """B in W's layout, as the rule defines it now."""
-        return self.rule.feedback(self)
+    def feedback(self) -> Tensor | None:
+        """B in W's layout, as the rule defines it now (None: no feedback of its own)."""
+        return self.rule.feedback(self) if self.rule is not None else None
 
     @feedback.setter
     def feedback(self, value: Tensor) -> None:
+        if self.rule is None:
+            raise CircuitError("this projection has no feedback of its own (its input population gets direct feedback)")
         self.rule.set_feedback(self, value)
 
     def forward(self, y: Tensor) -> Tensor:
+        if self.transport:       # backprop reference: plain autograd through W
+            return self.operator.forward(y, self.weight, self.bias)
+        if self.rule is None:    # no feedback: only W's gradient
+            return self.operator.forward(y.detach(), self.weight, self.bias)
         if not torch.is_grad_enabled():  # no error will travel back: B is not needed
             return self.operator.forward(y, self.weight, self.bias)
         weight, bias, feedback = self.weight, self.bias, self.rule.feedback(self)
@@ -171,8 +187,7 @@ class Synapse(nn.Module):
             y, weight = y.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             feedback = feedback.to(dtype) if feedback is not None else None
-        learns = self.rule.learns_by_gradient
-        return FeedbackPathway.apply(y, weight, bias, feedback, self.operator, learns, self.rule.decay if learns else 0.0)
+        return FeedbackPathway.apply(y, weight, bias, feedback, self.operator, self.rule)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, {self.operator}, rule={self.rule}"

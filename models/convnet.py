@@ -13,7 +13,6 @@ from typing import Mapping, Sequence
 import circuits
 from circuits import rules
 
-from .mlp import LayerRules
 
 
 def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = (16, 32), kernel_size: int = 5,
@@ -27,7 +26,7 @@ def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = 
     if kernel_size % 2 != 1:
         raise circuits.CircuitError(f"convnet needs an odd kernel_size for 'same' padding, got {kernel_size}")
     c_in, height, width = (int(n) for n in input_shape)
-    layer_rules = LayerRules(rules_by_layer)
+    layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name, rule=rule)
     pre = c.input("retina", shape=(c_in, height, width))
     for i, ch in enumerate(channels, start=1):
@@ -43,5 +42,4 @@ def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = 
     c.connect(pre, features, circuits.Flatten(), name="flatten")
     output = c.population("output", shape=(classes,))
     c.connect(features, output, circuits.Dense(), feedback=layer_rules("fc"), name="fc")
-    layer_rules.check_used(c)
-    return c
+    return layer_rules.finish(c)

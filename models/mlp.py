@@ -2,8 +2,7 @@
 
 Layer l+1 sums W_{l+1} y_l + b_{l+1} and fires y_{l+1} = sigmoid(a_{l+1}); the output population
 fires its summed input (logits for a softmax cross-entropy loss). Projections are named fc1, fc2,
-... in order, the names `rules_by_layer` uses. `LayerRules` gives every builder in this package the
-same way to choose a rule per projection.
+... in order, the names `rules_by_layer` uses (circuits.LayerRules, as every builder here).
 """
 from __future__ import annotations
 
@@ -13,37 +12,19 @@ import circuits
 from circuits import rules
 
 
-class LayerRules:
-    """The feedback rule of each named projection: an override from `rules_by_layer`, else the
-    circuit's rule. `check_used` raises a CircuitError for names that matched no projection."""
-
-    def __init__(self, rules_by_layer: Mapping[str, rules.RuleLike] | None) -> None:
-        self.pending = dict(rules_by_layer or {})
-
-    def __call__(self, name: str) -> rules.RuleLike | None:
-        """The rule for projection `name` (None: the circuit's rule)."""
-        return self.pending.pop(name, None)
-
-    def check_used(self, circuit: circuits.Circuit) -> None:
-        if self.pending:
-            synaptic = [name for name, _, _, projection, _ in circuit.projections() if projection.synaptic]
-            raise circuits.CircuitError(
-                f"rules_by_layer names projections that circuit {circuit.name!r} does not have: "
-                f"{sorted(self.pending)}; its synaptic projections are {synaptic}")
-
-
 def mlp(sizes: Sequence[int] = (784, 500, 10), activation: str = "sigmoid", rule: rules.RuleLike = "bp",
         rules_by_layer: Mapping[str, rules.RuleLike] | None = None, name: str = "mlp") -> circuits.Circuit:
     """A fully connected circuit: input population `retina` (sizes[0],), hidden populations
     hidden1, hidden2, ... firing `activation`, and a linear `output` population (sizes[-1],).
 
     rule: the feedback rule of every projection; rules_by_layer: overrides by projection name
-    ("fc1", "fc2", ...). The default is the authors' MNIST network, 784-500-10 with sigmoid units.
+    ("fc1", "fc2", ...). A direct rule ("dfa") sends the output error straight to every hidden
+    population instead. The default is the authors' MNIST network, 784-500-10 with sigmoid units.
     """
     sizes = [int(n) for n in sizes]
     if len(sizes) < 2:
         raise circuits.CircuitError(f"mlp needs at least an input and an output size, got sizes={sizes}")
-    layer_rules = LayerRules(rules_by_layer)
+    layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name, rule=rule)
     pre = c.input("retina", shape=(sizes[0],))
     for l, n in enumerate(sizes[1:], start=1):
@@ -51,5 +32,4 @@ def mlp(sizes: Sequence[int] = (784, 500, 10), activation: str = "sigmoid", rule
         post = c.population("output" if last else f"hidden{l}", shape=(n,), activation="identity" if last else activation)
         c.connect(pre, post, circuits.Dense(), feedback=layer_rules(f"fc{l}"), name=f"fc{l}")
         pre = post
-    layer_rules.check_used(c)
-    return c
+    return layer_rules.finish(c)

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 import circuits
 from circuits import rules
 
-from .mlp import LayerRules
 
 RESNETS: dict[int, tuple[str, tuple[int, ...]]] = {
     18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -80,7 +79,7 @@ def _he_normal(shape: tuple[int, ...]) -> dict[str, Tensor]:
 class _Wiring:
     """Adds convolution + batch-norm units and residual blocks to a circuit."""
 
-    def __init__(self, circuit: circuits.Circuit, layer_rules: LayerRules) -> None:
+    def __init__(self, circuit: circuits.Circuit, layer_rules: circuits.LayerRules) -> None:
         self.c, self.rules = circuit, layer_rules
 
     def conv_bn(self, pre: circuits.Population, conv: str, bn: str, channels: int, kernel: int,
@@ -146,7 +145,7 @@ def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3
     if depth not in RESNETS:
         raise circuits.CircuitError(f"no torchvision ResNet-{depth}; depths: {sorted(RESNETS)}")
     kind, blocks = RESNETS[depth]
-    layer_rules = LayerRules(rules_by_layer)
+    layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name or f"resnet{depth}", rule=rule)
     wiring = _Wiring(c, layer_rules)
     y = wiring.conv_bn(c.input("image", shape=tuple(input_shape)), "conv1", "bn1", 64, 7, stride=2)
@@ -158,8 +157,7 @@ def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3
         for b in range(n):
             y = wiring.block(y, f"layer{stage}.{b}", kind, planes, 2 if stage > 1 and b == 0 else 1, "projection")
     wiring.readout(y, classes)
-    layer_rules.check_used(c)
-    return c
+    return layer_rules.finish(c)
 
 
 def resnet18(**kwargs) -> circuits.Circuit:
@@ -184,7 +182,7 @@ def cifar_resnet(depth: int = 20, classes: int = 10, input_shape: Sequence[int] 
         raise circuits.CircuitError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), got {depth}")
     if shortcut not in ("padded", "projection"):
         raise circuits.CircuitError(f"shortcut must be 'padded' or 'projection', got {shortcut!r}")
-    layer_rules = LayerRules(rules_by_layer)
+    layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name or f"resnet{depth}", rule=rule)
     wiring = _Wiring(c, layer_rules)
     y = wiring.conv_bn(c.input("image", shape=tuple(input_shape)), "conv1", "bn1", 16, 3)
@@ -192,8 +190,7 @@ def cifar_resnet(depth: int = 20, classes: int = 10, input_shape: Sequence[int] 
         for b in range((depth - 2) // 6):
             y = wiring.block(y, f"layer{stage}.{b}", "basic", planes, 2 if stage > 1 and b == 0 else 1, shortcut)
     wiring.readout(y, classes)
-    layer_rules.check_used(c)
-    return c
+    return layer_rules.finish(c)
 
 
 def resnet20(**kwargs) -> circuits.Circuit:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import circuits
+from circuits import rules
 
 from conftest import ResidualNet
 
@@ -17,7 +18,7 @@ _spec = importlib.util.spec_from_file_location("throughput", _PATH)
 throughput = sys.modules["throughput"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(throughput)
 
-ROWS = ["torch", "bp", "fa", "ss", "kp", "wm", "wm+mirror"]
+ROWS = ["torch", "bp", "fa", "dfa", "ss", "kp", "ia", "wm", "wm+mirror"]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def test_smoke_prints_a_ratio_row_per_rule(capsys):
     assert "bf16 autocast" in lines[0] or "float32" in lines[0]
     assert lines[1].split() == ["variant", "eager", "steps/s", "ratio", "lowest", "highest"]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(rows) == ROWS
+    assert list(rows) == ["torch", *rules.RULES, "wm+mirror"]
     assert list(results) == ["eager"]
     for name, (steps_per_s, ratio, lowest, highest) in rows.items():
         row = results["eager"][name]
@@ -82,9 +83,9 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
         weights = {k for k in before if k.endswith("weight")}
         feedback = {k for k in before if k.endswith(".B")}
         assert weights <= changed, name                       # every W and batch-norm scale learned
-        assert bool(feedback) == (name in ("fa", "kp", "wm", "wm+mirror")), name   # rules that store a B
-        # B learns by the optimizer under KP, by the mirror batch under wm+mirror, never otherwise
-        assert feedback & changed == (feedback if name in ("kp", "wm+mirror") else set()), name
+        assert bool(feedback) == (name in ("fa", "dfa", "kp", "ia", "wm", "wm+mirror")), name   # rules that store a B
+        # B learns by the optimizer under KP and IA, by the mirror batch under wm+mirror, never otherwise
+        assert feedback & changed == (feedback if name in ("kp", "ia", "wm+mirror") else set()), name
 
 
 @pytest.mark.parametrize("argv", [["--rules", "xx"], ["--smoke", "--steps", "0"], ["--warmup", "-1"],

@@ -8,6 +8,7 @@ from torch import nn
 
 import circuits
 from circuits import rules
+from circuits.network import module_key
 from conftest import MODELS
 
 
@@ -128,9 +129,16 @@ def test_sign_symmetry_B_is_sign_of_W_times_scale_after_steps():
         opt.zero_grad()
         net(torch.randn(4, *shape, dtype=torch.float64)).square().sum().backward()
         opt.step()
+    kinds = set()
     for _, s in net.projections():
-        fan_out = s.weight.shape[0] * s.weight[0, 0].numel()
-        assert torch.equal(s.feedback, torch.sign(s.weight.detach()) * (2.0 / fan_out) ** 0.5)
+        w = s.weight.detach()
+        if w.dim() == 4:      # Xiao et al. 2018: a conv layer's He-init std, sqrt(2 / (k_h k_w out))
+            scale = (2.0 / (w.shape[0] * w.shape[2] * w.shape[3])) ** 0.5
+        else:                 # and a dense layer's, 1 / sqrt(fan_in)
+            scale = w.shape[1] ** -0.5
+        kinds.add(w.dim())
+        assert relative(s.feedback, torch.sign(w) * scale) < 1e-15
+    assert kinds == {2, 4}
 
 
 @pytest.mark.parametrize("rule", list(rules.RULES))
@@ -143,14 +151,18 @@ def test_input_error_is_B_transpose_delta_for_every_rule(rule, projection, shape
     net = c.build().double()
     inp = torch.randn(5, *shape, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(5, *out_shape, dtype=torch.float64)
+    torch.manual_seed(1)
     net(inp).backward(delta)
     synapse = net.projection("x->y")
+    torch.manual_seed(1)                  # the same draw of B for brsf, whose |M| is redrawn at every batch
+    feedback = synapse.feedback.detach()
     # the same map with B in W's place, differentiated by autograd, is B^T delta
-    reference = torch.func.vjp(lambda v: synapse.operator.forward(v, synapse.feedback.detach(), None), inp.detach())[1](delta)[0]
+    reference = torch.func.vjp(lambda v: synapse.operator.forward(v, feedback, None), inp.detach())[1](delta)[0]
     assert relative(inp.grad, reference) < 1e-12
     weight_ref = torch.func.vjp(lambda w: synapse.operator.forward(inp.detach(), w, None), synapse.weight.detach())[1](delta)[0]
-    decay = synapse.rule.decay if synapse.rule.learns_by_gradient else 0.0   # KP decays W and B in backward
-    assert relative(synapse.weight.grad, weight_ref + decay * synapse.weight.detach()) < 1e-12
+    if isinstance(synapse.rule, rules.KolenPollack):      # KP decays W (and B) in the backward pass
+        weight_ref = weight_ref + synapse.rule.decay * synapse.weight.detach()
+    assert relative(synapse.weight.grad, weight_ref) < 1e-12
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -239,7 +251,7 @@ def test_cycle_is_reported_at_build_time():
 
 
 def test_unknown_rule_and_activation_are_clear_errors():
-    with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, ss, kp, wm"):
+    with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, dfa, ss, .*kp, wm"):
         circuits.Circuit(rule="hebb")
     c = circuits.Circuit()
     with pytest.raises(circuits.CircuitError, match="unknown activation 'relu6'"):
@@ -275,6 +287,7 @@ def test_state_dict_round_trip_keeps_B():
 @pytest.mark.parametrize("rule", list(rules.RULES))
 def test_torch_compile_traces_one_graph_with_the_same_gradients(rule):
     """fullgraph=True fails on any graph break (bp once broke on W passed twice as W and B)."""
+    torch._dynamo.reset()       # every rule compiles the same forward: keep clear of the recompile limit
     make, shape = MODELS["residual"]
     net = circuits.from_torch(make(), rule=rule, input_shape=shape).build()
     twin = copy.deepcopy(net)
@@ -282,9 +295,12 @@ def test_torch_compile_traces_one_graph_with_the_same_gradients(rule):
     x, target = torch.randn(4, *shape), torch.randint(0, 10, (4,))
     nn.functional.cross_entropy(net(x), target).backward()
     nn.functional.cross_entropy(compiled(x), target).backward()
+    last = module_key(list(net.projections())[-1][0])
     for (name, a), (_, b) in zip(net.named_parameters(), twin.named_parameters()):
         assert (a.grad is None) == (b.grad is None), name
-        if a.grad is not None:
+        # brsf redraws |M| at every batch, and compiled code draws other numbers: only the output layer,
+        # whose error crosses no B, is comparable there
+        if a.grad is not None and (rule != "brsf" or name.startswith(f"proj.{last}.")):
             assert relative(b.grad, a.grad) < 1e-5, name
 
 

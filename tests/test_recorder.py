@@ -65,7 +65,7 @@ def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path):
 
     W1, b1, B1 = (p.detach().numpy() for p in (fc1.weight, fc1.bias, fc1.feedback))
     W2, b2 = fc2.weight.detach().numpy(), fc2.bias.detach().numpy()
-    B2 = np.sign(W2) * np.sqrt(2 / 3)                      # sign symmetry: sign(W) times sqrt(2 / fan_out)
+    B2 = np.sign(W2) / np.sqrt(W2.shape[1])                # sign symmetry, dense: sign(W) times 1 / sqrt(fan_in)
     X, onehot = x.numpy(), np.eye(3)[t.numpy()]
     y1 = 1 / (1 + np.exp(-(X @ W1.T + b1)))
     a2 = y1 @ W2.T + b2

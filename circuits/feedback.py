@@ -1,0 +1,83 @@
+"""Direct feedback projections: an error population projecting straight to an upstream one.
+
+A layer-local feedback projection lives beside its forward weight W (circuits.synapse). A direct
+one joins two error populations that no single forward projection joins, with its own B and rule:
+
+    delta_target = phi'(a_target) * (B^T delta_source)
+
+B is stored in the layout of a forward weight from target to source: (source units x target units)
+for a 1-D target; for a target with channels (C x H x W) it is (source units x C), shared over
+positions. delta_source is dL/da_source, the error of the source's summed input. A population that
+receives direct feedback receives its error from its direct feedback projections alone (they sum):
+the layer-local feedback of every projection leaving it is removed (circuits.Circuit.feedback).
+
+In the built net the projection is an identity on a_source in the forward pass, holding y_target;
+in the backward pass it hands delta_source on unchanged and sends B^T delta_source to y_target,
+whose activation's derivative then gives delta_target. Autograd orders it: no hooks, no buffers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .population import Population
+from .rules import FeedbackRule
+
+
+class DirectFeedbackPathway(torch.autograd.Function):
+    """Forward: a_source unchanged. Backward: delta_source unchanged, and B^T delta_source to y_target."""
+
+    @staticmethod
+    def forward(ctx, a_source: Tensor, y_target: Tensor, feedback: Tensor, rule: FeedbackRule) -> Tensor:
+        ctx.save_for_backward(feedback)
+        ctx.rule, ctx.target_shape, ctx.target_dtype = rule, y_target.shape, y_target.dtype
+        return a_source.view_as(a_source)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        (feedback,) = ctx.saved_tensors
+        grad_target = None
+        if ctx.needs_input_grad[1]:
+            signal = ctx.rule.signal(delta.reshape(delta.shape[0], -1).to(feedback.dtype) @ feedback)
+            shape = ctx.target_shape
+            spread = (shape[0], shape[1]) + (1,) * (len(shape) - 2)     # shared over positions
+            grad_target = signal.to(ctx.target_dtype).view(spread).expand(shape)
+        return delta, grad_target, None, None
+
+
+class DirectFeedback(nn.Module):
+    """A direct feedback projection from δsource to δtarget: B (source units x target units or channels)."""
+
+    weight = None     # no forward weight of its own: rules that need one refuse it
+
+    def __init__(self, source: Population, target: Population, rule: FeedbackRule) -> None:
+        super().__init__()
+        rule.check("direct feedback projection", has_weight=False)
+        self.source, self.target = source.name, target.name
+        self.feedback_shape = (math.prod(source.shape), target.shape[0])
+        self.rule = rule
+        rule.attach(self)
+
+    @property
+    def feedback(self) -> Tensor:
+        """B as the rule defines it now, (source units x target units or channels)."""
+        return self.rule.feedback(self)
+
+    @feedback.setter
+    def feedback(self, value: Tensor) -> None:
+        self.rule.set_feedback(self, value)
+
+    def forward(self, a_source: Tensor, y_target: Tensor) -> Tensor:
+        """a_source unchanged; in the backward pass y_target receives B^T delta_source."""
+        if not torch.is_grad_enabled():
+            return a_source
+        feedback = self.rule.feedback(self)
+        device = a_source.device.type
+        if torch.is_autocast_enabled(device):
+            feedback = feedback.to(torch.get_autocast_dtype(device))
+        return DirectFeedbackPathway.apply(a_source, y_target, feedback, self.rule)
+
+    def extra_repr(self) -> str:
+        return f"δ{self.source} -> δ{self.target}, B={self.feedback_shape}, rule={self.rule}"
