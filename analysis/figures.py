@@ -24,7 +24,9 @@ from circuits.population import ERROR_PREFIX
 from .run import Run, Series
 from .stats import hidden_populations
 
-RULE_COLOURS = {"bp": "tab:blue", "fa": "tab:red", "ss": "tab:orange", "kp": "tab:green", "wm": "tab:purple"}
+RULE_COLOURS = {"bp": "tab:blue", "fa": "tab:red", "dfa": "tab:brown", "ss": "tab:orange", "usf": "tab:orange",
+                "brsf": "tab:olive", "frsf": "tab:pink", "kp": "tab:green", "wm": "tab:purple", "ia": "tab:cyan",
+                "sa": "tab:gray"}
 """Feedback projections in circuit drawings; other rules are grey."""
 DEPTH_MAP = "viridis"
 

@@ -93,19 +93,26 @@ class Run:
     def circuit(self) -> nx.DiGraph:
         """The circuit as circuits.Circuit.graph draws it: forward populations (pathway "forward") with
         shape, activation and input; a feedback partner "δp" for each (pathway "feedback"); forward edges
-        pre -> post and feedback edges δpost -> δpre carrying "B" (synaptic) or "local derivative"."""
+        pre -> post; feedback edges between error populations as recorded, carrying "B" (synaptic, or a
+        direct feedback projection, `direct` True) or "local derivative"."""
         table = self.file["circuit/populations"]
         graph = nx.DiGraph(name=str(self.file["circuit"].attrs["name"]))
         for name, shape, activation, is_input in zip(*(_column(table, f) for f in ("name", "shape", "activation", "input"))):
             graph.add_node(name, pathway="forward", shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input))
             graph.add_node(ERROR_PREFIX + name, pathway="feedback", partner=name)
         table = self.file["circuit/projections"]
+        forward = {}
         for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(*(_column(table, f) for f in table.dtype.names)):
             edge = dict(name=name, projection=kind, spec=spec, synaptic=bool(synaptic), rule=rule or None,
                         rule_spec=rule_spec or None, weight_shape=tuple(json.loads(weight)) if weight else None)
             graph.add_edge(pre, post, pathway="forward", **edge)
-            graph.add_edge(ERROR_PREFIX + post, ERROR_PREFIX + pre, pathway="feedback",
-                           carries="B" if synaptic else "local derivative", **edge)
+            forward[name] = edge
+        table = self.file["circuit/feedback"]
+        for name, source, target, carries, rule, rule_spec, direct, shape in zip(*(_column(table, f) for f in table.dtype.names)):
+            edge = dict(forward.get(name, dict(name=name, synaptic=True, weight_shape=None)), rule=rule or None,
+                        rule_spec=rule_spec or None, carries=carries, direct=bool(direct),
+                        feedback_shape=tuple(json.loads(shape)) if shape else None)
+            graph.add_edge(source, target, pathway="feedback", **edge)
         return graph
 
     @property
@@ -116,9 +123,12 @@ class Run:
 
     @property
     def rules(self) -> dict[str, str]:
-        """The feedback rule (short name) of every synaptic projection."""
-        table = self.file["circuit/projections"]
-        return {n: r for n, r, s in zip(*(_column(table, f) for f in ("name", "rule", "synaptic"))) if s}
+        """The feedback rule (short name) of every feedback projection through a B (layer-local ones
+        under their forward projection's name, then direct ones)."""
+        table = self.file["circuit/feedback"]
+        rows = zip(*(_column(table, f) for f in ("name", "rule", "carries", "direct")))
+        named = sorted(rows, key=lambda row: row[3])      # layer-local first, each group in file order
+        return {n: r for n, r, carries, _ in named if carries == "B"}
 
     @property
     def rule(self) -> str:

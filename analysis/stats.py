@@ -86,11 +86,12 @@ def summarize(run: Run, threshold: float = 45.0) -> list[RuleSummary]:
         by_rule.setdefault(rule, []).append(projection)
     out = []
     for rule, names in by_rule.items():
-        reached = [below[n] for n in names]
+        aligned = [n for n in names if n in alignment]      # angle(B, W) is not defined for direct feedback
+        reached = [below[n] for n in aligned]
         out.append(RuleSummary(
             run=run.name, rule=rule, projections=tuple(names), steps=int(steps.step[-1]) if len(steps) else 0,
             top1=last["top1"], top5=last["top5"],
-            final_angle=_average([finals[n] for n in names]), mean_angle=_average([means[n] for n in names]),
+            final_angle=_average([finals[n] for n in aligned]), mean_angle=_average([means[n] for n in aligned]),
             aligned_at=None if None in reached else max(reached, default=None),
             error_angle=_average(list(error.values())) if error else None))
     return out
@@ -119,12 +120,13 @@ def markdown(rows: Sequence[RuleSummary], threshold: float = 45.0) -> str:
 
 
 def projection_markdown(run: Run, threshold: float = 45.0) -> str:
-    """Per synaptic projection of one run: depth, rule, final and mean angle(B, W), first step below threshold."""
+    """Per feedback projection through a B of one run: depth (of its forward projection; – for direct
+    feedback), rule, final and mean angle(B, W) (– where not defined), first step below threshold."""
     alignment = run.alignment
     finals, means, below, depth = final(alignment), mean(alignment), first_below(alignment, threshold), run.depth
     lines = [f"| projection | depth | rule | final angle(B, W) (°) | mean angle(B, W) (°) | first below {threshold:g}° at step |",
              "|---|---:|---|---:|---:|---:|"]
     for name, rule in run.rules.items():
-        lines.append(f"| {name} | {depth[name]} | {rule} | {_cell(finals[name], '.2f')} | {_cell(means[name], '.2f')} "
-                     f"| {_cell(below[name], 'd')} |")
+        lines.append(f"| {name} | {_cell(depth.get(name), 'd')} | {rule} | {_cell(finals.get(name), '.2f')} "
+                     f"| {_cell(means.get(name), '.2f')} | {_cell(below.get(name), 'd')} |")
     return "\n".join(lines)

@@ -96,8 +96,7 @@ class Circuit:
         self.graph.add_edge(pre.name, post.name, pathway="forward", name=name, projection=projection, rule=rule)
         if not direct:
             self.graph.add_edge(post.error_name, pre.error_name, pathway="feedback", name=name, direct=False,
-                                carries="B" if projection.synaptic else "local derivative",
-                                rule=str(rule) if rule else None)
+                                carries="B" if projection.synaptic else "local derivative", rule=rule)
         return name
 
     def feedback(self, source: PopulationLike, target: PopulationLike, rule: rules.RuleLike = "dfa",

@@ -88,7 +88,8 @@ def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | 
         y, w = y.to(dtype), w.to(dtype)
     response = synapse.operator.forward(y, w, None)
     c = synapse.operator.backward(response, y, w, (False, True, False))[1]
-    return c.float().div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
+    c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums divided in float32 at least
+    return c.div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
 
 
 @torch.no_grad()

@@ -106,6 +106,8 @@ def alignment(synapses: Sequence[Synapse]) -> Tensor:
 
     A few reductions per synapse and one batch of scalar arithmetic for all: no host synchronisation.
     """
+    if not synapses:
+        return torch.empty(0, 3)
     norms, signs = [], []
     for s in synapses:
         w, b = s.weight.detach(), s.feedback.detach()
@@ -498,8 +500,8 @@ class Recorder:
                        resumed=_json([]))
         circuit = f.create_group("circuit")
         circuit.attrs.update(name=self._net.circuit.name, description=(
-            "the circuit: forward populations and projections; every population p has a feedback partner δp, "
-            "every projection pre->post a feedback projection δpost->δpre (through B if synaptic)"))
+            "the circuit: forward populations and projections; every population p has a feedback partner δp; "
+            "the feedback table lists the feedback projections between them"))
         text = h5py.string_dtype()
         pops = np.array([(p.name, json.dumps(list(p.shape)), p.activation, p.is_input)
                          for p in self._net.circuit.populations()],
@@ -515,6 +517,18 @@ class Recorder:
                                + [("synaptic", bool)] + [(n, text) for n in ("rule", "rule_spec", "weight_shape")])
         circuit.create_dataset("projections", data=projections).attrs["description"] = (
             "projections pre -> post: kind and settings, feedback rule (short name and settings), W's shape")
+        rows = []
+        for u, v, d in self._net.circuit.feedback_graph().edges(data=True):
+            module = self._net.projection(d["name"])
+            shape = json.dumps(list(module.feedback_shape)) if d["carries"] == "B" else ""
+            rows.append((d["name"], u, v, d["carries"], str(d["rule"] or ""), repr(d["rule"]) if d["rule"] else "",
+                         bool(d["direct"]), shape))
+        feedback = np.array(rows, dtype=[(n, text) for n in ("name", "source", "target", "carries", "rule", "rule_spec")]
+                            + [("direct", bool), ("feedback_shape", text)])
+        circuit.create_dataset("feedback", data=feedback).attrs["description"] = (
+            "feedback projections source -> target between error populations, as they are: layer-local ones "
+            "(named as their forward projection) and direct ones; what they carry (B or a local derivative), "
+            "their rule, and B's shape (W's layout for layer-local ones, source x target units or channels for direct)")
         for group, text_ in (("steps", "every `every`-th tick: loss, learning rate, phase, examples, wall time"),
                              ("alignment", "per synaptic projection, rows of /steps: B against W"),
                              ("probe", "every probe_steps learning steps, on a fixed probe batch: the circuit's "

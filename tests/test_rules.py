@@ -1,0 +1,314 @@
+"""Feedback rules against their equations: direct feedback, the sign-symmetry family, Kunin et al.'s local
+rules and their special cases, imperfect feedback, and a user's own rule end to end."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+import circuits
+from analysis import figures, open_run, report
+from circuits import rules
+from circuits.mirror import correlation
+from circuits.recorder import Recorder, angle
+from circuits.synapse import ConvOperator, DenseOperator
+from conftest import ResidualNet
+from models.data import digits
+from models.mlp import mlp
+
+
+def relative(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@rules.register
+@dataclass(frozen=True)
+class PartialTransport(rules.FeedbackRule):
+    """A user's rule, defined outside circuits/: B = c W, a weight transport that loses part of its strength."""
+
+    short_name: ClassVar[str] = "partial"
+    needs_weight: ClassVar[bool] = True
+    strength: float = 0.5
+
+    def attach(self, host) -> None:
+        pass
+
+    def feedback(self, host) -> Tensor:
+        return self.strength * host.weight.detach()
+
+
+DIGITS = digits(flat=True, standardize=True)
+
+
+def train_digits(rule, epochs: int = 2, lr: float = 0.1, sizes=(64, 64, 10)) -> tuple[circuits.CircuitNet, float]:
+    """A tanh MLP on scikit-learn's 8x8 digits, SGD with momentum; (net, test accuracy)."""
+    torch.manual_seed(0)
+    net = mlp(sizes=sizes, activation="tanh", rule=rule).build()
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    loader = DataLoader(DIGITS.train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for _ in range(epochs):
+        for x, t in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), t).backward()
+            optimizer.step()
+    x, t = DIGITS.test.tensors
+    with torch.no_grad():
+        return net, float((net(x).argmax(1) == t).float().mean())
+
+
+def angles(net: circuits.CircuitNet) -> dict[str, float]:
+    return {n: float(angle(s.feedback, s.weight)) for n, s in net.projections() if s.rule is not None}
+
+
+# --- direct feedback ----------------------------------------------------------------------------
+def dfa_circuit(activation: str = "tanh") -> circuits.Circuit:
+    """The issue's example: a 3-layer MLP whose hidden populations receive the output error directly."""
+    c = circuits.Circuit("dfa-mlp")
+    x = c.input("retina", shape=(8,))
+    h1 = c.population("h1", shape=(6,), activation=activation)
+    h2 = c.population("h2", shape=(5,), activation=activation)
+    y = c.population("output", shape=(3,))
+    for a, b in [(x, h1), (h1, h2), (h2, y)]:
+        c.connect(a, b, circuits.Dense())
+    c.feedback(y, h1, rule="dfa")
+    c.feedback(y, h2, rule="dfa")
+    return c
+
+
+def test_dfa_hidden_errors_are_phi_prime_times_B_transpose_output_error():
+    net = dfa_circuit().build().double()
+    trace = {}
+    F.cross_entropy(net(torch.randn(7, 8, dtype=torch.float64), monitor=trace), torch.randint(0, 3, (7,))).backward()
+    e = trace["output"].a.grad
+    targets = []
+    for name, projection in net.feedback_projections():
+        assert projection.source == "output" and projection.feedback.shape == (3, trace[projection.target].y.shape[1])
+        y = trace[projection.target].y.detach()
+        expected = (e @ projection.feedback.detach()) * (1 - y * y)          # tanh'(a) = 1 - y^2
+        assert relative(trace[projection.target].a.grad, expected) < 1e-15, name
+        targets.append(projection.target)
+    assert targets == ["h1", "h2"]
+
+
+def test_direct_feedback_through_the_product_of_downstream_weights_is_backprop():
+    """Linear units, B_h1 = W3 W2 and B_h2 = W3 (source x target): delta_h = B^T e is exactly backprop's."""
+    dfa, bp = dfa_circuit("identity").build().double(), mlp((8, 6, 5, 3), activation="identity").build().double()
+    for (_, a), (_, b) in zip(dfa.projections(), bp.projections(), strict=True):
+        with torch.no_grad():
+            a.weight.copy_(b.weight)
+            a.bias.copy_(b.bias)
+    w2, w3 = bp.projection("fc2").weight.detach(), bp.projection("fc3").weight.detach()
+    dfa.projection("δoutput->δh1").feedback = w3 @ w2
+    dfa.projection("δoutput->δh2").feedback = w3
+    x, t = torch.randn(9, 8, dtype=torch.float64), torch.randint(0, 3, (9,))
+    F.cross_entropy(dfa(x), t).backward()
+    F.cross_entropy(bp(x), t).backward()
+    for (name, a), (_, b) in zip(dfa.projections(), bp.projections(), strict=True):
+        assert relative(a.weight.grad, b.weight.grad) < 1e-13, name
+        assert relative(a.bias.grad, b.bias.grad) < 1e-13, name
+
+
+def test_feedback_edges_are_the_graph_as_it_is():
+    c = dfa_circuit()
+    feedback = {(u, v): d for u, v, d in c.feedback_graph().edges(data=True)}
+    # the output error reaches h1 and h2 directly; no layer-local error enters δh1 or δh2
+    assert set(feedback) == {("δoutput", "δh1"), ("δoutput", "δh2"), ("δh1", "δretina")}
+    assert feedback["δoutput", "δh1"]["direct"] and str(feedback["δoutput", "δh1"]["rule"]) == "dfa"
+    net = c.build()
+    assert [(n, s.rule) for n, s in net.projections()] == [("retina->h1", rules.Backprop()), ("h1->h2", None),
+                                                           ("h2->output", None)]
+    assert net.projection("h1->h2").feedback is None
+
+
+def test_dfa_one_line_forms_wire_every_hidden_population_to_the_output():
+    net = mlp((8, 6, 5, 3), rule="dfa").build()
+    assert {(p.source, p.target) for _, p in net.feedback_projections()} == {("output", "hidden1"), ("output", "hidden2")}
+    assert all(s.rule is None for _, s in net.projections())       # no layer-local feedback left
+    conv = circuits.from_torch(ResidualNet(), rule="dfa", input_shape=(1, 8, 8)).build()
+    shapes = {p.target: p.feedback_shape for _, p in conv.feedback_projections()}
+    # every population feeding a synaptic layer (relus folded into bn1 and add), conv populations with a B
+    # shared over positions
+    assert shapes == {"bn1": (10, 4), "add": (10, 4), "flatten": (10, 8)}
+    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    F.cross_entropy(conv(x), t).backward()
+    assert all(s.weight.grad is not None and s.weight.grad.norm() > 0 for _, s in conv.projections())
+
+
+def test_direct_feedback_errors_are_clear():
+    c = dfa_circuit()
+    with pytest.raises(circuits.CircuitError, match="input population"):
+        c.feedback("output", "retina")
+    with pytest.raises(circuits.CircuitError, match="downstream"):
+        c.feedback("h1", "h2")
+    with pytest.raises(circuits.CircuitError, match="already projects directly"):
+        c.feedback("output", "h1")
+    with pytest.raises(circuits.CircuitError, match="needs the forward weight W"):
+        c.feedback("h2", "h1", rule="kp")
+    with pytest.raises(circuits.CircuitError, match="receives direct feedback"):
+        c.connect("h1", c.population("h3", shape=(2,)), circuits.Dense(), feedback="fa")
+    with pytest.raises(circuits.CircuitError, match="cannot be combined with the direct rule"):
+        mlp((4, 3, 2), rule="dfa", rules_by_layer={"fc1": "bp"})
+
+
+# --- the sign-symmetry family -----------------------------------------------------------------
+def test_brsf_redraws_its_magnitudes_and_frsf_keeps_them():
+    for name, redraws in (("brsf", True), ("frsf", False)):
+        net = mlp((6, 5, 3), rule=name).build()
+        for _, s in net.projections():
+            first, second = s.feedback, s.feedback
+            assert torch.equal(torch.sign(first), torch.sign(s.weight.detach()))      # sign-concordant
+            assert torch.equal(first, second) != redraws, name
+            bound = (6 / (s.weight.shape[0] + s.weight.shape[1])) ** 0.5            # |M| Xavier-uniform
+            assert float(first.abs().max()) <= bound
+
+
+def test_sign_symmetry_scale_follows_the_layer_kind():
+    assert rules.sign_symmetry_scale(torch.empty(10, 500)) == pytest.approx(1 / 500 ** 0.5)   # dense: 1/sqrt(fan_in)
+    assert rules.sign_symmetry_scale(torch.empty(64, 32, 3, 3)) == pytest.approx((2 / (9 * 64)) ** 0.5)
+    assert rules.get("usf") == rules.UniformSignSymmetry() and isinstance(rules.get("usf"), rules.SignSymmetry)
+
+
+# --- Kunin et al.'s local rules ------------------------------------------------------------------
+def explicit_loss(name: str, y: Tensor, w: Tensor, b: Tensor, op) -> Tensor:
+    """Each primitive written out as its loss (neuroailab/Neural-Alignment, Alignments/primitives.py)."""
+    n = y.shape[0]
+    wy, by = op.forward(y, w, None), op.forward(y, b, None)
+    if name == "decay":
+        return w.square().sum() + b.square().sum()
+    if name == "self":
+        return -(w * b).sum()
+    if name == "amp":
+        return -(wy * by).sum() / n
+    if name == "sparse":
+        return (wy.square().sum() + by.square().sum()) / n
+    reconstruction = torch.func.vjp(lambda v: op.forward(v, b, None), y)[1](wy)[0]     # B^T W y
+    return reconstruction.square().sum() / n
+
+
+@pytest.mark.parametrize("op,y_shape,w_shape", [(DenseOperator(), (7, 5), (4, 5)),
+                                                (ConvOperator((2, 2), (1, 1)), (3, 2, 6, 6), (4, 2, 3, 3))])
+@pytest.mark.parametrize("name", list(rules.PRIMITIVES))
+def test_each_primitive_is_the_gradient_of_its_loss(name, op, y_shape, w_shape):
+    y, w = torch.randn(*y_shape, dtype=torch.float64), torch.randn(*w_shape, dtype=torch.float64)
+    b = torch.randn(*w_shape, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(explicit_loss(name, y, w, b, op), b)[0]
+    assert relative(rules.PRIMITIVES[name](y, w, b.detach(), op), expected) < 1e-12
+
+
+def test_kolen_pollack_is_decay_with_tie():
+    """KP's B gradient, delta y^T + lambda B, is Kunin et al.'s {decay: lambda / 2} with the tie."""
+    kunin = rules.LocalAlignment((("decay", 0.05),), tie=True, normalize=False)
+    grads = []
+    for rule in (rules.KolenPollack(decay=0.1), kunin):
+        torch.manual_seed(3)
+        net = mlp((6, 5, 3), rule=rule).build().double()
+        F.cross_entropy(net(torch.randn(4, 6, dtype=torch.float64)), torch.tensor([0, 1, 2, 0])).backward()
+        grads.append([s.B.grad for _, s in net.projections()])
+    for kp, local in zip(*grads, strict=True):
+        assert relative(local, kp) < 1e-14
+
+
+@pytest.mark.parametrize("shape,projection", [((6,), circuits.Dense(bias=False)), ((2, 6, 6), circuits.Conv2d(3, padding=1))])
+def test_a_mirror_batch_is_one_step_of_decay_and_amp_on_white_noise(shape, projection):
+    """WM: B += eta_B <y_{l+1} y_l^T> - lambda_B B; Kunin et al.: B -= lr (2 decay B - amp <(W y) y^T>)."""
+    c = circuits.Circuit(rule=rules.WeightMirror(eta=0.3, decay=0.1))
+    c.connect(c.input("x", shape=shape), c.population("y", shape=(4,) if len(shape) == 1 else (4, 6, 6)), projection)
+    synapse = c.build().double().projection("x->y")
+    b0 = synapse.B.detach().clone()
+    hebbian = correlation(synapse, 16, torch.Generator().manual_seed(5))
+    synapse.rule.mirror_update(synapse.B.data, hebbian)
+    y = synapse.rule.mirror_noise((16, *shape), synapse.weight, torch.Generator().manual_seed(5))   # the same noise
+    kunin = rules.LocalAlignment((("amp", 0.3), ("decay", 0.05)), normalize=False)
+    if len(shape) > 1:      # the mirror averages each kernel tap over its real inputs; Kunin et al. sum over positions
+        y_positions = synapse.positions
+    else:
+        y_positions = torch.ones(())
+    step = kunin.feedback_gradient(torch.zeros_like(b0), y, synapse.weight.detach(), b0, synapse.operator)
+    amp_part = (step - 2 * 0.05 * b0) / y_positions       # per tap, as the mirror normalises it
+    assert relative(synapse.B.detach(), b0 - (2 * 0.05 * b0 + amp_part)) < 1e-12
+
+
+@pytest.mark.parametrize("rule", ["ia", "sa"])
+def test_local_alignment_rules_align_B_with_W_on_digits(rule):
+    net, accuracy = train_digits(rule, epochs=3)
+    assert accuracy > 0.9
+    assert all(a < 60 for a in angles(net).values()), angles(net)      # from 90 degrees at the start
+    assert angles(net)["fc2"] < 50
+
+
+@pytest.mark.parametrize("rule", list(rules.RULES))
+def test_every_rule_trains_the_digits_mlp_above_chance(rule):
+    _, accuracy = train_digits(rule, epochs=1)
+    assert accuracy > 0.6, (rule, accuracy)
+
+
+# --- imperfect feedback -------------------------------------------------------------------------
+def test_sparse_and_dale_feedback_constrain_B():
+    torch.manual_seed(1)
+    imperfect = rules.Imperfect(rules.KolenPollack(decay=0.0), sparsity=0.3, dale=True)
+    net = mlp((40, 30, 20), rule=imperfect).build()
+    for _, s in net.projections():
+        b = s.feedback.detach()
+        assert abs(float(s.feedback_mask.mean()) - 0.7) < 0.05
+        assert torch.all(b[s.feedback_mask == 0] == 0)
+        assert torch.all(b * s.feedback_sign >= 0)          # each feedback neuron (row) of one sign
+        assert s.rule.learns_by_gradient and s.B.requires_grad   # KP underneath still learns
+
+
+def test_feedback_noise_scales_with_the_signal():
+    torch.manual_seed(2)
+    c = circuits.Circuit(rule=rules.Imperfect("fa", noise=0.5))
+    x = c.input("x", shape=(200,))
+    c.connect(x, c.population("y", shape=(100,)), circuits.Dense(bias=False))
+    net = c.build().double()
+    inp = torch.randn(64, 200, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(64, 100, dtype=torch.float64)
+    net(inp).backward(delta)
+    clean = delta @ net.projection("x->y").feedback.detach()
+    noise = inp.grad - clean
+    assert float(noise.std() / clean.std()) == pytest.approx(0.5, rel=0.05)
+
+
+# --- a user's rule, end to end --------------------------------------------------------------------
+def test_a_users_rule_works_with_trainer_recorder_and_report(tmp_path):
+    assert rules.get("partial") == PartialTransport()
+    net = mlp((64, 16, 10), activation="tanh", rule="partial").build()
+    x, t = DIGITS.train.tensors
+    recorder = Recorder(tmp_path / "partial.h5", probe=(x[:32], t[:32]), probe_steps=5)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
+                               config=circuits.TrainerConfig(progress=False))
+    loader = DataLoader(DIGITS.train, batch_size=64)
+    history = trainer.fit(loader, 1, DataLoader(DIGITS.test, batch_size=256))
+    assert history[-1]["top1"] > 0.5
+    with open_run(tmp_path / "partial.h5") as run:
+        assert run.rules == {"fc1": "partial", "fc2": "partial"}
+        assert max(run.alignment["fc2"]["angle"]) < 1e-3            # B = W / 2: aligned, half as strong
+        assert run.alignment["fc2"]["norm_ratio"][-1] == pytest.approx(0.5, rel=1e-5)
+    summary = report([tmp_path / "partial.h5"], tmp_path / "report", progress=False)
+    assert "partial" in summary[-1].read_text()
+
+
+def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
+    net = mlp((64, 16, 12, 10), activation="tanh", rule="dfa").build()
+    x, t = DIGITS.train.tensors
+    recorder = Recorder(tmp_path / "dfa.h5", probe=(x[:32], t[:32]), probe_steps=5)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(DataLoader(DIGITS.train, batch_size=64), 1, DataLoader(DIGITS.test, batch_size=256))
+    with open_run(tmp_path / "dfa.h5") as run:
+        assert run.rule == "dfa" and set(run.rules) == {"δoutput->δhidden1", "δoutput->δhidden2"}
+        assert run.alignment == {}        # angle(B, W) is not defined anywhere in a DFA circuit
+        errors = run.errors
+        assert {"hidden1", "hidden2"} <= set(errors)
+        assert 0 < errors["hidden1"]["angle"][-1] < 120          # measured against backprop, never a crash
+        graph = run.circuit
+        assert graph.edges["δoutput", "δhidden1"]["direct"] and graph.edges["δoutput", "δhidden1"]["rule"] == "dfa"
+        assert not graph.has_edge("δhidden2", "δhidden1")
+        figures.circuit(run)
+    summary = report([tmp_path / "dfa.h5"], tmp_path / "report", progress=False)
+    assert "dfa" in summary[-1].read_text()
