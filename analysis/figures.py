@@ -63,6 +63,9 @@ def alignment(runs: Sequence[Run], column: str = "angle") -> Figure:
         if column == "angle":
             ax.axhline(90, color="grey", lw=0.6, ls=":")
             ax.set_ylim(bottom=0)
+        if not run.alignment:
+            ax.text(0.5, 0.5, "not defined: no B in W's layout\n(direct feedback; see the error angles)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
     return fig
 
 
