@@ -308,6 +308,16 @@ class KolenPollack(FeedbackRule):
         if self.decay < 0:
             raise CircuitError(f"KolenPollack decay must be >= 0, got {self.decay}")
 
+    @classmethod
+    def per_step(cls, lam: float, lr: float) -> KolenPollack:
+        """The paper's form, W and B each shrinking by (1 - lam) per step whatever the learning rate:
+        decay = lam / lr, exact under plain SGD at a constant learning rate `lr` (with a learning-rate
+        schedule the per-step decay follows the schedule)."""
+        _finite(cls, lam=lam, lr=lr)
+        if not lr > 0:
+            raise CircuitError(f"KolenPollack.per_step needs a learning rate > 0, got {lr}")
+        return cls(decay=lam / lr)
+
     @property
     def learns_by_gradient(self) -> bool:
         return True

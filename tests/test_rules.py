@@ -312,3 +312,15 @@ def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
         figures.circuit(run)
     summary = report([tmp_path / "dfa.h5"], tmp_path / "report", progress=False)
     assert "dfa" in summary[-1].read_text()
+
+
+def test_kolen_pollack_per_step_form_shrinks_W_minus_B_by_one_minus_lambda_each_step():
+    net = mlp((6, 5, 3), rule=rules.KolenPollack.per_step(0.2, lr=0.5)).build().double()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    before = [(s.weight - s.B).detach().clone() for _, s in net.projections()]
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(net(torch.randn(4, 6, dtype=torch.float64)), torch.tensor([0, 1, 2, 0])).backward()
+        optimizer.step()
+    for (_, s), d in zip(net.projections(), before, strict=True):
+        assert relative((s.weight - s.B).detach(), 0.8 ** 3 * d) < 1e-12
