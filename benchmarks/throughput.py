@@ -16,9 +16,9 @@ alike. In each round a variant's ratio is its rate over plain torch's rate in th
 (eager or torch.compile); a variant's ratio is the median of these paired per-round ratios, printed
 with their lowest and highest, and its steps/s the median of its rounds. Each mode's table is
 printed as soon as that mode is measured, and with --json every round is written out as it ends, so
-a run cut short keeps what it measured. Compiled variants are warmed up one by one after
-torch._dynamo.reset(). Graph breaks that torch.compile meets while warming up are listed under the
-table. Needs the project installed (pip install -e .), or the repository root on PYTHONPATH.
+a run cut short keeps what it measured. Compiled variants are warmed up one by one after one
+torch._dynamo.reset(), with room for each variant's own graphs. Graph breaks that torch.compile meets
+while warming up are listed under the table. Needs the project installed (pip install -e .), or the repository root on PYTHONPATH.
 
     python benchmarks/throughput.py --arch resnet50 --batch-size 128 --image-size 224   # GPU
     python benchmarks/throughput.py --smoke                                              # CPU, seconds
@@ -144,13 +144,22 @@ def graph_breaks() -> Counter:
     return Counter(torch._dynamo.utils.counters["graph_break"])
 
 
+def allow_recompiles(variants: int) -> None:
+    """Every compiled variant compiles the same forward code: let each keep its own compiled graphs
+    (a torch._dynamo.reset() between variants would throw away those already warmed up)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 8 * variants))
+
+
 def warm_up(trainees: dict[str, Trainee], x: Tensor, target: Tensor, warmup: int, label: str) -> dict[str, Counter]:
-    """`warmup` untimed steps each (compilation happens here, each variant after torch._dynamo.reset(), so that
-    no variant inherits another's recompile count); the graph breaks each one met, by reason."""
+    """`warmup` untimed steps each (compilation happens here); the graph breaks each one met, by reason."""
     breaks = {}
+    if any(t.model is not t.net for t in trainees.values()):
+        torch._dynamo.reset()       # once, before the first compiled variant: no earlier run's graphs or counts
+        allow_recompiles(len(trainees))
     for name, trainee in tqdm(trainees.items(), desc=f"{label} warmup", leave=False, file=sys.stderr):
-        if trainee.model is not trainee.net:
-            torch._dynamo.reset()
         before = graph_breaks()
         for _ in range(warmup):
             loss = trainee.step(x, target)

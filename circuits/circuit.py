@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Union
 
 import networkx as nx
+import torch
 
 from . import rules
 from .errors import CircuitError
@@ -39,6 +40,8 @@ class Circuit:
         self.name = name
         self.default_rule = rules.get(rule)
         self.graph = nx.DiGraph(name=name)
+        self.dtype: torch.dtype | None = None    # the built net's parameters (None: torch's default)
+        self.training = True                     # the built net's mode
 
     # --- populations -------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Population:
@@ -56,10 +59,14 @@ class Circuit:
         self.graph.add_node(pop.error_name, pathway="feedback", partner=pop.name)
         return pop
 
-    def __getitem__(self, name: str) -> Population:
+    def __getitem__(self, pop: PopulationLike) -> Population:
+        name = _name(pop)
         node = self.graph.nodes.get(name)
         if node is None or node["pathway"] != "forward":
             raise CircuitError(f"circuit {self.name!r} has no population named {name!r}")
+        if isinstance(pop, Population) and pop is not node["population"]:
+            raise CircuitError(f"population {name!r} was made by another circuit; circuit {self.name!r} has its own "
+                               f"population of that name: pass the one this circuit made")
         return node["population"]
 
     def populations(self) -> list[Population]:
@@ -73,7 +80,7 @@ class Circuit:
 
         Returns the projection's name (default "pre->post").
         """
-        pre, post = self[_name(pre)], self[_name(post)]
+        pre, post = self[pre], self[post]
         if not isinstance(projection, Projection):
             raise CircuitError(f"connect({pre.name!r}, {post.name!r}): {projection!r} is not a circuits projection")
         if post.is_input:
@@ -108,7 +115,7 @@ class Circuit:
         learn, but send no error back): `target`'s error now comes by direct feedback alone.
         Returns the projection's name (default "δsource->δtarget").
         """
-        source, target = self[_name(source)], self[_name(target)]
+        source, target = self[source], self[target]
         rule = rules.get(rule)
         rule.check(f"direct feedback projection from {source.error_name!r} to {target.error_name!r}", has_weight=False)
         if target.is_input:
@@ -141,7 +148,7 @@ class Circuit:
                 raise CircuitError(f"circuit {self.name!r} has output populations {sinks}: name the source "
                                    f"of direct feedback, or wire it with circuit.feedback(source, target)")
             source = sinks[0]
-        source = self[_name(source)]
+        source = self[source]
         targets = [n for n in nx.topological_sort(forward)
                    if any(d["projection"].synaptic for _, _, d in forward.out_edges(n, data=True))]
         names = []
@@ -157,7 +164,7 @@ class Circuit:
 
     def receives_direct_feedback(self, pop: PopulationLike) -> bool:
         """Whether population `pop`'s error comes by direct feedback projections."""
-        return any(d["direct"] for *_, d in self.graph.in_edges(self[_name(pop)].error_name, data=True))
+        return any(d["direct"] for *_, d in self.graph.in_edges(self[pop].error_name, data=True))
 
     def feedback_projections(self) -> list[tuple[str, str, str, rules.FeedbackRule]]:
         """(name, source error population, target error population, rule) of every direct feedback projection."""
@@ -196,7 +203,10 @@ class Circuit:
         """Compile into a torch.nn.Module whose backward pass is the feedback pathway."""
         from .network import CircuitNet
 
-        return CircuitNet(self)
+        net = CircuitNet(self)
+        if self.dtype is not None:
+            net = net.to(self.dtype)
+        return net.train(self.training)
 
     def __repr__(self) -> str:
         return (f"Circuit({self.name!r}, {len(self.populations())} populations, "

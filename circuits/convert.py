@@ -53,7 +53,7 @@ def _projection(module: nn.Module, name: str) -> P.Projection:
 
 
 def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
-    """(in_features,) for a first Linear layer; (in_channels, 224, 224) for a first Conv2d."""
+    """(in_features,) for a first Linear layer: the only input shape such a module takes."""
     placeholder = next(n for n in graph.nodes if n.op == "placeholder")
     for user in placeholder.users:
         if user.op == "call_module":
@@ -61,8 +61,10 @@ def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
             if isinstance(first, nn.Linear):
                 return (first.in_features,)
             if isinstance(first, nn.Conv2d):
-                return (first.in_channels, 224, 224)
-    raise CircuitError("cannot infer the input shape: pass input_shape=(...) to from_torch")
+                raise CircuitError(f"{type(root).__name__} starts with a convolution, which takes any image size: pass "
+                                   f"input_shape=({first.in_channels}, height, width) to from_torch, the size of the "
+                                   f"images it will learn from (mirror noise and padding statistics follow it)")
+    raise CircuitError(f"cannot infer {type(root).__name__}'s input shape: pass input_shape=(...) to from_torch")
 
 
 def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tuple[int, ...] | None = None,
@@ -154,4 +156,5 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
         circuit.input(pop, shape) if is_input else circuit.population(pop, shape, act)
     for pre, post, projection, layer in edges:
         circuit.connect(pre, post, projection, feedback=layer_rules(layer) if projection.synaptic else None, name=layer)
+    circuit.dtype, circuit.training = example.get("dtype"), module.training
     return layer_rules.finish(circuit)

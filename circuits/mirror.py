@@ -70,26 +70,41 @@ def samples_for_angle(synapse: Synapse, angle: float) -> int:
     return max(1, math.ceil(_spread(synapse) / math.tan(math.radians(angle)) ** 2))
 
 
-def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-    """The rule's zero-mean noise (variance sigma^2 per unit), shaped like the input population's activity."""
-    w = synapse.weight
-    y = synapse.rule.mirror_noise((batch_size, *synapse.in_shape), w, generator)
-    if y.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+def runs_channels_last(net: nn.Module) -> bool:
+    """Whether the net's conv weights are channels_last. Only a kernel wider than 1x1 can tell: a 1x1 kernel is
+    contiguous in both formats (and channels_last noise for it crashes torch's CPU convolution backward)."""
+    kernels = [s.weight for _, s in unwrap(net).projections() if s.weight.dim() == 4 and s.weight[0, 0].numel() > 1]
+    return any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in kernels)
+
+
+def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
+          channels_last: bool = False, like: Tensor | None = None) -> Tensor:
+    """The rule's zero-mean noise (variance sigma^2 per unit), shaped like the input population's activity,
+    drawn directly in `like`'s dtype and device (default: W's)."""
+    y = synapse.rule.mirror_noise((batch_size, *synapse.in_shape), synapse.weight if like is None else like, generator)
+    if y.dim() == 4 and channels_last:
         y = y.contiguous(memory_format=torch.channels_last)
     return y
 
 
-def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+NOISE_ELEMENTS = 1 << 26
+"""At most this many noise values (256 MB in float32) at once: a larger mirror batch is drawn in chunks."""
+
+
+def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
+                channels_last: bool = False) -> Tensor:
     """<y_{l+1} y_l^T> on one batch of noise, per kernel tap averaged over its real inputs; W's layout."""
-    y = noise(synapse, batch_size, generator)
     w = synapse.weight.detach()
     if torch.is_autocast_enabled(w.device.type):
-        dtype = torch.get_autocast_dtype(w.device.type)
-        y, w = y.to(dtype), w.to(dtype)
-    response = synapse.operator.forward(y, w, None)
-    c = synapse.operator.backward(response, y, w, (False, True, False))[1]
-    c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums divided in float32 at least
-    return c.div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
+        w = w.to(torch.get_autocast_dtype(w.device.type))
+    chunk = max(1, NOISE_ELEMENTS // math.prod(synapse.in_shape))
+    total = None
+    for start in range(0, batch_size, chunk):
+        y = noise(synapse, min(chunk, batch_size - start), generator, channels_last, like=w)
+        c = synapse.operator.backward(synapse.operator.forward(y, w, None), y, w, (False, True, False))[1]
+        c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums added and divided in float32 at least
+        total = c if total is None else total.add_(c)
+    return total.div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
 
 
 @torch.no_grad()
@@ -109,11 +124,12 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
     if not synapses:
         raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
     sizes = [samples_for_angle(s, angle) if angle is not None else batch_size for s in synapses]
-    hebbian = [correlation(s, m, generator) for s, m in zip(synapses, sizes)]
+    channels_last = runs_channels_last(net)
+    hebbian = [correlation(s, m, generator, channels_last) for s, m in zip(synapses, sizes, strict=True)]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([c.reshape(-1) for c in hebbian])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        hebbian = [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in hebbian]), hebbian)]
+        hebbian = [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in hebbian]), hebbian, strict=True)]
     for s, c in zip(synapses, hebbian, strict=True):
         s.rule.mirror_update(s.B, c)          # B += eta_B <y_{l+1} y_l^T> - lambda_B B

@@ -51,6 +51,7 @@ class CircuitNet(nn.Module):
         self.outputs = [n for n in order if graph.out_degree(n) == 0 and not circuit[n].is_input]
         if not self.inputs:
             raise CircuitError(f"circuit {circuit.name!r} has no input population")
+        self.input_shapes = {name: circuit[name].shape for name in self.inputs}
         if not self.outputs:
             raise CircuitError(f"circuit {circuit.name!r} has no output population")
         self.proj = nn.ModuleDict()
@@ -95,6 +96,13 @@ class CircuitNet(nn.Module):
             inputs = {self.inputs[0]: args[0]}
         if set(inputs) != set(self.inputs):
             raise CircuitError(f"circuit {self.circuit.name!r} takes inputs {self.inputs}, got {sorted(inputs)}")
+        for name, x in inputs.items():
+            declared = self.input_shapes[name]
+            if tuple(x.shape[1:]) != declared:
+                raise CircuitError(f"input population {name!r} was declared with shape {declared} (one example), but "
+                                   f"got a batch of shape {tuple(x.shape)}: examples of shape {tuple(x.shape[1:])}. Declare "
+                                   f"the shape the data has (from_torch(..., input_shape=...)): mirror noise, padding "
+                                   f"statistics and recordings follow the declared shape")
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
         for pop, phi, incoming, direct, release in self._plan:

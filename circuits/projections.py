@@ -24,6 +24,17 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _check_window(projection: Projection, **sizes) -> None:
+    """Kernel, stride and dilation >= 1, padding >= 0: a clear error naming the projection and the setting."""
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        least = 0 if name == "padding" else 1
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < least for v in _pair(value)):
+            raise CircuitError(f"{type(projection).__name__}({name}={value!r}): {name} must be "
+                               f"{'a non-negative' if least == 0 else 'a positive'} integer or pair of them")
+
+
 def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil: bool = False) -> int:
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     return (math.ceil(span / stride) if ceil else span // stride) + 1
@@ -91,6 +102,10 @@ class Conv2d(Projection):
     groups: int = 1
     bias: bool = False
 
+    def __post_init__(self) -> None:
+        _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                      dilation=self.dilation, groups=self.groups)
+
     def operator(self) -> ConvOperator:
         return ConvOperator(_pair(self.stride), _pair(self.padding), _pair(self.dilation), self.groups)
 
@@ -138,6 +153,9 @@ class MaxPool(Projection):
     dilation: int | tuple[int, int] = 1
     ceil_mode: bool = False
 
+    def __post_init__(self) -> None:
+        _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation)
+
     def output_shape(self, pre, post):
         self._require_dims(pre, 3, "input")
         k, p, d = _pair(self.kernel_size), _pair(self.padding), _pair(self.dilation)
@@ -157,6 +175,9 @@ class AvgPool(Projection):
     padding: int | tuple[int, int] = 0
     ceil_mode: bool = False
     count_include_pad: bool = True
+
+    def __post_init__(self) -> None:
+        _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding)
 
     def output_shape(self, pre, post):
         self._require_dims(pre, 3, "input")

@@ -420,6 +420,8 @@ def _null(y, weight, feedback, operator):
 
 
 PRIMITIVES: dict[str, Primitive] = {"decay": _decay, "self": _self, "amp": _amp, "sparse": _sparse, "null": _null}
+INPUT_PRIMITIVES = ("amp", "sparse", "null")
+"""The primitives that read the projection's input y (decay and self need only W and B)."""
 """Kunin et al. 2020's primitives (neuroailab/Neural-Alignment, Alignments/primitives.py), each as its
 gradient with respect to B (W's layout) on a batch y of the projection's input, averaged over the batch."""
 
@@ -466,7 +468,7 @@ class LocalAlignment(FeedbackRule):
 
     def feedback_gradient(self, hebbian, y, weight, feedback, operator):
         grad = hebbian if self.tie else torch.zeros_like(feedback)
-        if self.normalize:
+        if self.normalize and any(name in INPUT_PRIMITIVES for name, _ in self.terms):
             y = y - y.mean(0, keepdim=True)
             y = y / y.float().square().mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny).to(y.dtype)
         for name, c in self.terms:

@@ -219,11 +219,13 @@ def test_from_torch_resnets_match_torchvision_exactly(arch):
     assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
 
 
-def test_from_torch_default_input_shape_is_imagenet_for_convnets():
+def test_from_torch_asks_a_convnet_for_its_input_shape():
     torchvision = pytest.importorskip("torchvision")
-    c = circuits.from_torch(torchvision.models.resnet18())
-    assert c["x"].shape == (3, 224, 224)
-    assert c["fc"].shape == (1000,)
+    with pytest.raises(circuits.CircuitError, match=r"pass input_shape=\(3, height, width\)"):
+        circuits.from_torch(torchvision.models.resnet18())
+    c = circuits.from_torch(torchvision.models.resnet18(), input_shape=(3, 32, 32))
+    assert c["x"].shape == (3, 32, 32) and c["fc"].shape == (1000,)
+    assert circuits.from_torch(nn.Sequential(nn.Linear(5, 3)))["input_1"].shape == (5,)   # a Linear says its own
 
 
 # --- bad input -------------------------------------------------------------------------------------
