@@ -35,7 +35,8 @@ def _check_window(projection: Projection, **sizes) -> None:
                                f"{'a non-negative' if least == 0 else 'a positive'} integer or pair of them")
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil: bool = False) -> int:
+def window_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1, ceil: bool = False) -> int:
+    """Positions along one axis of a convolution's or pooling window's output (torch's formula)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
     return (math.ceil(span / stride) if ceil else span // stride) + 1
 
@@ -117,7 +118,7 @@ class Conv2d(Projection):
                 raise CircuitError(f"{self}: population {pop.name!r} has {pop.shape[0]} channels, "
                                    f"not divisible by groups={self.groups}")
         k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
-        return (post.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], d[i]) for i in range(2))
+        return (post.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], d[i]) for i in range(2))
 
     def _module(self, pre, post, rule) -> nn.Module:
         shape = (post.shape[0], pre.shape[0] // self.groups, *_pair(self.kernel_size))
@@ -160,7 +161,7 @@ class MaxPool(Projection):
         self._require_dims(pre, 3, "input")
         k, p, d = _pair(self.kernel_size), _pair(self.padding), _pair(self.dilation)
         s = _pair(self.stride) if self.stride is not None else k
-        return (pre.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], d[i], self.ceil_mode) for i in range(2))
+        return (pre.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], d[i], self.ceil_mode) for i in range(2))
 
     def _module(self, pre, post, rule):
         return nn.MaxPool2d(self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
@@ -183,7 +184,7 @@ class AvgPool(Projection):
         self._require_dims(pre, 3, "input")
         k, p = _pair(self.kernel_size), _pair(self.padding)
         s = _pair(self.stride) if self.stride is not None else k
-        return (pre.shape[0],) + tuple(_conv_out(pre.shape[i + 1], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(2))
+        return (pre.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(2))
 
     def _module(self, pre, post, rule):
         return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)

@@ -142,9 +142,13 @@ class Schedule:
             raise CircuitError("the schedule has mirror phases but the circuit has no weight-mirror (wm) projection")
 
 
-def paper_schedule(net: nn.Module, steps_per_epoch: int, batch_size: int = 128) -> Schedule:
-    """The authors' cadence (shared/paper-notes.md): for weight-mirror circuits one epoch's worth of
-    mirror batches before any data, then one mirror batch after every learning step; otherwise learn."""
+def paper_schedule(net: nn.Module, steps_per_epoch: int, batch_size: int = 128, warmup: int | None = None,
+                   every: int = 1) -> Schedule:
+    """The authors' cadence (Akrout et al. 2019; makrout/Deep-Learning-without-Weight-Transport, fcnn/): for
+    weight-mirror circuits `warmup` mirror batches before any data (default one epoch's worth, steps_per_epoch),
+    then one mirror batch after every `every` learning steps; circuits without one only learn."""
     if not mirrored(net):
         return Schedule(Repeat(Learn(1)))
-    return Schedule(Mirror(steps_per_epoch, batch_size), Repeat(Learn(1), Mirror(1, batch_size)))
+    warmup = steps_per_epoch if warmup is None else warmup
+    cycle = Repeat(Learn(every), Mirror(1, batch_size))
+    return Schedule(Mirror(warmup, batch_size), cycle) if warmup else Schedule(cycle)

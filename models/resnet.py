@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import circuits
 from circuits import rules
+from circuits.projections import window_output_size
 
 
 RESNETS: dict[int, tuple[str, tuple[int, ...]]] = {
@@ -87,7 +88,7 @@ class _Wiring:
         """pre -conv-> population `conv` -bn-> population `bn` firing `activation`."""
         padding = kernel // 2 if kernel > 1 else 0
         _, h, w = pre.shape
-        size = tuple((n + 2 * padding - kernel) // stride + 1 for n in (h, w))
+        size = tuple(window_output_size(n, kernel, stride, padding) for n in (h, w))
         a = self.c.population(conv, shape=(channels, *size))
         weight = _he_normal((channels, pre.shape[0], kernel, kernel))
         self.c.connect(pre, a, circuits.Conv2d(kernel, stride, padding, bias=False, state=weight),
@@ -150,7 +151,7 @@ def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3
     wiring = _Wiring(c, layer_rules)
     y = wiring.conv_bn(c.input("image", shape=tuple(input_shape)), "conv1", "bn1", 64, 7, stride=2)
     _, h, w = y.shape
-    pooled = c.population("maxpool", shape=(64, (h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    pooled = c.population("maxpool", shape=(64, *(window_output_size(n, 3, 2, 1) for n in (h, w))))
     c.connect(y, pooled, circuits.MaxPool(3, 2, 1), name="maxpool")
     y = pooled
     for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
