@@ -48,12 +48,19 @@ def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], 
              "rule's projections: final = each projection's last angle(B, W), mean = its mean over training; "
              f"'all below {threshold:g}°' = the learning step by which every projection of the rule had first "
              "aligned that far; error angle = the last angle between the hidden populations' errors and "
-             "backprop's on the probe batch.", "",
-             stats.markdown(stats.compare(runs, threshold), threshold), ""]
+             "backprop's on the probe batch.", ""]
+    nonfinite = {name: found for name, run in zip(names, runs) if (found := stats.divergence(run)) is not None}
+    for name, found in nonfinite.items():
+        parts += [f"**{name} {found.describe()}.**" + ("" if found.recovered else
+                  f" Its accuracies and angles below are of the rows before step {found.step}."), ""]
+    parts += [stats.markdown(stats.compare(runs, threshold), threshold), ""]
     for name, run in zip(names, runs):
         parts += [f"## {name}", "", f"`{run.path}`: circuit {run.circuit.graph['name']!r}, rule {run.rule}, "
-                  f"{len(run.steps)} rows, {len(run.evaluations)} evaluations.", "",
-                  stats.projection_markdown(run, threshold), ""]
+                  f"{len(run.steps)} rows, {len(run.evaluations)} evaluations."]
+        if name in nonfinite:
+            described = nonfinite[name].describe()
+            parts[-1] += f" {described[0].upper()}{described[1:]}."
+        parts += ["", stats.projection_markdown(run, threshold), ""]
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     path.write_text("\n".join(parts))
     return path

@@ -22,7 +22,7 @@ import networkx as nx
 import numpy as np
 
 from circuits.population import ERROR_PREFIX
-from circuits.recorder import PHASES, open_recording, strings
+from circuits.recorder import PHASES, RecordingError, cut_short, open_recording, rows_within, strings
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,20 @@ class Run:
 
     # --- what the run recorded ---------------------------------------------------------------
     def _series(self, group: str, columns: Mapping[str, str]) -> Series:
-        """The table indexed by /group/tick, with `columns` (name -> dataset path), cut to the rows all hold."""
-        datasets = {name: self.file[path] for name, path in {"tick": f"{group}/tick", "step": f"{group}/step", **columns}.items()}
-        if self.file.swmr_mode:
-            for ds in datasets.values():
-                ds.refresh()
-        rows = min(len(ds) for ds in datasets.values())
-        values = {name: ds[:rows] for name, ds in datasets.items()}
+        """The table indexed by /group/tick, with `columns` (name -> dataset path), cut to the rows all hold
+        (in a file cut short, the rows that lie wholly in it)."""
+        short = cut_short(self.path)
+        try:
+            datasets = {name: self.file[path] for name, path in {"tick": f"{group}/tick", "step": f"{group}/step", **columns}.items()}
+            if self.file.swmr_mode:
+                for ds in datasets.values():
+                    ds.refresh()
+            rows = min(rows_within(ds, short[0] if short else None) for ds in datasets.values())
+            values = {name: ds[:rows] for name, ds in datasets.items()}
+        except (OSError, RuntimeError) as e:    # h5py raises either for a failed HDF5 read
+            why = (f"the file is cut short ({short[0]} of {short[1]} bytes: its writer was killed mid-write, or a "
+                   f"write failed) and this table lies past its end" if short else "it is damaged")
+            raise RecordingError(f"{self.path}: table /{group} cannot be read; {why} (HDF5: {e})") from e
         return Series(values.pop("tick"), values.pop("step"), values)
 
     def _by_name(self, group: str, index: str, attribute: str) -> dict[str, Series]:

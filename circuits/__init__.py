@@ -12,11 +12,11 @@ from .projections import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv2d, Dense, Fl
                           MaxPool, Projection)
 from .schedule import Learn, Mirror, Repeat, Schedule, paper_schedule
 from .synapse import Synapse
-from .trainer import Trainer, TrainerConfig
+from .trainer import DivergenceError, Trainer, TrainerConfig
 
 __all__ = [
     "Circuit", "LayerRules", "DirectFeedback", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
     "Projection", "Dense", "Conv2d", "BatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
     "Flatten", "Identity", "Schedule", "Learn", "Mirror", "Repeat", "paper_schedule", "mirror_step",
-    "Trainer", "TrainerConfig", "Recorder", "RecordingError",
+    "Trainer", "TrainerConfig", "DivergenceError", "Recorder", "RecordingError",
 ]

@@ -25,19 +25,30 @@ of rows (one torch.stack and one .cpu(), no .item() per metric); blocks are appe
 chunked datasets, all created before the file enters HDF5's single-writer/multiple-reader (SWMR)
 mode, so other processes read the file while it grows, and a run killed at any moment leaves every
 flushed row readable. A run resumed from a checkpoint (load_state_dict before begin) continues the
-same file with no missing or repeated rows; an existing file is never overwritten.
+same file with no missing or repeated rows; an existing file is never overwritten. One process writes a
+recording at a time: begin() takes an exclusive lock (`<path>.lock`) that close() gives back, and
+refuses a second writer. begin() also checks, before the first step, the probe batch (it is run once
+through the circuit and the loss) and the names of the metrics the trainer will evaluate.
+
+A file cut short (its writer killed mid-write, or a write the system refused) is read up to its last
+row that lies wholly in the file; HDF5's metadata read retries are bounded (READ_ATTEMPTS), so a part
+past the end gives a RecordingError within about a second instead of a reader waiting for hours.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import errno
+import fcntl
+import functools
 import json
 import os
 import platform
 import re
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -62,6 +73,11 @@ LIBVER = ("v110", "v110")
 """HDF5 file format bounds: 1.10 objects, the oldest that SWMR allows, so HDF5 >= 1.10 tools read the file."""
 PHASES = {"learn": 0, "mirror": 1}
 """The enum stored in /steps/phase."""
+TABLES = ("steps", "probe", "evaluations", "snapshots", "activity")
+"""The tables (groups with their own /<group>/tick index)."""
+READ_ATTEMPTS = 30
+"""Metadata read attempts of a SWMR reader: HDF5 retries a read whose checksum fails (a writer may be
+mid-write) with doubling waits, by default 100 times, which is hours on a file cut short; 30 is about 1 s."""
 METRICS = {"loss": "mean loss on the held-out data",
            "top1": "top-1 accuracy on the held-out data (fraction of examples correct)",
            "top5": "top-5 accuracy on the held-out data (fraction of examples correct)"}
@@ -262,22 +278,46 @@ class Recorder:
         self._tick = -1
         self._failure: OSError | None = None
         self._last_flush = time.monotonic()
+        self._lock = WriterLock(self.path.with_name(self.path.name + ".lock"))
 
     # --- the trainer's interface -------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def begin(self, net: torch.nn.Module, config: Mapping[str, Any]) -> None:
-        """Create the file (or reopen it on resume), with the circuit, `config`, seeds and versions."""
+        """Create the file (or reopen it on resume), with the circuit, `config`, seeds and versions.
+
+        Checked first, so that a mistake stops the run before its first step: no other writer may hold
+        the file; the probe batch must run through the circuit and the loss, and give the activity
+        shapes recorded. (The trainer checks its metric names with check_metrics before this.)
+        """
         net = unwrap(net)
         if self._file is not None:
             if net is not self._net:
                 raise RecordingError(f"recorder of {self.path} is already recording another net")
             return
-        self._bind(net)
-        if self._resume is None:
-            self._create(config)
-        else:
-            self._reopen(self._resume)
-        self._file.swmr_mode = True
-        self._file.flush()
+        try:
+            holder = self._lock.acquire()
+        except OSError as e:
+            raise self._creation_error(e) from e
+        if holder is not None:
+            raise RecordingError(f"{self.path} is being written by another recorder ({holder}); one writer at a "
+                                 f"time: wait for that run to end, or stop it")
+        try:
+            self._bind(net)
+            self._try_probe()
+            if self._resume is None:
+                self._create(config)
+            else:
+                self._reopen(self._resume)
+            self._file.swmr_mode = True
+            self._file.flush()
+        except BaseException:
+            self._lock.release()
+            raise
         self._last_flush = time.monotonic()
 
     def step(self, tick: int, *, step: int, phase: str, loss: Tensor | None, lr: float, examples: int,
@@ -303,16 +343,13 @@ class Recorder:
     def evaluate(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record one evaluation (written at once): the metrics named at construction, NaN for any missing."""
         self._check_open()
-        unknown = set(metrics) - set(self.metrics)
-        if unknown:
-            raise RecordingError(f"evaluation metrics {sorted(unknown)} were not declared; this recorder "
-                                 f"records {self.metrics} (Recorder(metrics=...))")
+        self.check_metrics(metrics)
         values = tuple(float(metrics.get(m, float("nan"))) for m in self.metrics)
         self._tables["evaluations"].append((self._tick, step) + values)
         self.flush()
 
     def close(self) -> None:
-        """Write what waits, close the file. A later begin() continues it, like a resume."""
+        """Write what waits, close the file, give back the lock. A later begin() continues it, like a resume."""
         if self._file is None:
             return
         try:
@@ -321,8 +358,22 @@ class Recorder:
                 self._resume = self._state()
         finally:
             file, self._file = self._file, None
-            with contextlib.suppress(Exception) if self._failure is not None else contextlib.nullcontext():
-                file.close()
+            try:
+                with contextlib.suppress(Exception) if self._failure is not None else contextlib.nullcontext():
+                    file.close()
+            finally:
+                self._lock.release()
+
+    def restart(self) -> None:
+        """Record into the existing file at `path` from its start: the next begin() drops all its rows and
+        keeps its run id and description. For a run that stopped before its first checkpoint and is
+        run again from step 0 (models.imagenet --resume does this when there is no checkpoint)."""
+        if self._file is not None:
+            raise RuntimeError(f"recorder of {self.path} is recording: restart it before begin()")
+        with open_recording(self.path) as f:
+            run_id = f.attrs.get("run_id")
+        self._resume = {"layout_version": LAYOUT_VERSION, "run_id": run_id, "path": str(self.path), "tick": -1,
+                        "rows": {f"/{t}/tick": 0 for t in TABLES}}
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume this recording: the file's rows now (written first)."""
@@ -362,6 +413,13 @@ class Recorder:
                 f"file size limit reached?); the file holds every row up to the last flush. HDF5 said: {e}"))) from e
         self._last_flush = time.monotonic()
 
+    def check_metrics(self, names: Iterable[str]) -> None:
+        """A RecordingError unless every metric name in `names` was declared (Recorder(metrics=...))."""
+        unknown = set(names) - set(self.metrics)
+        if unknown:
+            raise RecordingError(f"evaluation metrics {sorted(unknown)} were not declared; this recorder "
+                                 f"records {self.metrics} (Recorder(metrics=...))")
+
     def _fail(self, error: OSError) -> OSError:
         self._failure = error
         return error
@@ -398,6 +456,25 @@ class Recorder:
             self._probe_target = target.to(self._device)
             self._samples = min(self.activity_samples, len(target))
         self._activity_shapes = {p: shapes[p] for p in self.activity}
+
+    def _try_probe(self) -> None:
+        """Run the probe batch once (the run untouched): a RecordingError now rather than at the first probe step."""
+        if self.probe is None:
+            return
+        inputs, target = self.probe
+        try:
+            with self._isolated():
+                _, _, _, traces = self._credit()
+        except Exception as e:  # noqa: BLE001 - any failure of the user's batch or loss, reported with its shapes
+            shapes = ({k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, Mapping)
+                      else tuple(inputs.shape))
+            raise RecordingError(f"the probe batch (inputs {shapes}, target {tuple(target.shape)}) does not run "
+                                 f"through circuit {self._net.circuit.name!r} and the loss: {type(e).__name__}: {e}") from e
+        for pop, shape in self._activity_shapes.items():
+            seen = tuple(traces[pop].y.shape[1:])
+            if seen != tuple(shape):
+                raise RecordingError(f"activity of population {pop!r}: the circuit declares shape {tuple(shape)}, "
+                                     f"the probe batch gives {seen}")
 
     def _columns(self) -> dict[str, tuple[list[_Column], int, int]]:
         """Every table: its columns, how many come from the device vector, how many are arrays."""
@@ -445,9 +522,11 @@ class Recorder:
             for pop, shape in self._activity_shapes.items()
             for v, text in (("y", "activity y = phi(a) on the first probe examples"),
                             ("delta", "error delta = dL/da under the circuit's rules, same examples"))]
-        return {"steps": (steps, len(steps) - 6, 0), "probe": (probe, len(probe) - 2, 0),
-                "evaluations": (evaluations, 0, 0), "snapshots": (snapshots, 0, len(snapshots) - 2),
-                "activity": (activity, 0, len(activity) - 2)}
+        tables = {"steps": (steps, len(steps) - 6, 0), "probe": (probe, len(probe) - 2, 0),
+                  "evaluations": (evaluations, 0, 0), "snapshots": (snapshots, 0, len(snapshots) - 2),
+                  "activity": (activity, 0, len(activity) - 2)}
+        assert tuple(tables) == TABLES
+        return tables
 
     def _open_tables(self, create: bool) -> None:
         self._tables = {group: _Table(self._file, group, columns, n_device, n_arrays,
@@ -455,23 +534,28 @@ class Recorder:
                         for group, (columns, n_device, n_arrays) in self._columns().items()}
 
     # --- creating and reopening the file -----------------------------------------------------
+    def _creation_error(self, e: OSError) -> OSError:
+        """What to raise when a file cannot be made in the recording's directory: which directory, and why."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            return FileNotFoundError(errno.ENOENT, f"cannot create recording {self.path}: "
+                                     f"directory {directory} does not exist", str(directory))
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.access(directory, os.W_OK):
+            return PermissionError(errno.EACCES, f"cannot create recording {self.path}: directory {directory} "
+                                   f"is not writable ({e.strerror or e})", str(directory))
+        return OSError(e.errno, f"cannot create recording {self.path}: {e}")
+
     def _create(self, config: Mapping[str, Any]) -> None:
         if self.path.exists():
             raise FileExistsError(errno.EEXIST, (
                 f"{self.path} already exists and a recording is never overwritten: choose a new path, delete it, "
-                f"or resume the run that wrote it from a checkpoint (the trainer restores the recorder's state)"),
+                f"or resume the run that wrote it from a checkpoint (the trainer restores the recorder's state); "
+                f"a run that stopped before its first checkpoint restarts into it from step 0 with Recorder.restart()"),
                 str(self.path))
-        directory = self.path.parent
         try:
             self._file = h5py.File(self.path, "x", libver=LIBVER)
         except OSError as e:
-            if not directory.is_dir():
-                raise FileNotFoundError(errno.ENOENT, f"cannot create recording {self.path}: "
-                                        f"directory {directory} does not exist", str(directory)) from e
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.access(directory, os.W_OK):
-                raise PermissionError(errno.EACCES, f"cannot create recording {self.path}: directory {directory} "
-                                      f"is not writable ({e.strerror or e})", str(directory)) from e
-            raise OSError(e.errno, f"cannot create recording {self.path}: {e}") from e
+            raise self._creation_error(e) from e
         try:
             self._run_id = uuid.uuid4().hex
             self._tick = -1
@@ -673,34 +757,133 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _left_open(path: Path) -> bool:
-    """Whether the file's superblock (version 2 or 3, at offset 0) says a writer has it open, or died with it open.
+class WriterLock:
+    """An exclusive advisory lock (flock) on the file `path`, for one writer process at a time.
 
-    The HDF5 format puts the superblock version at byte 8 and the file consistency flags at byte 11.
+    acquire() returns None once held, or says who holds it; release() removes the file and gives the
+    lock back. The system drops the lock of a killed process, so a stale file never blocks anyone.
     """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock (at once, never waiting): None when held now, else the holder's description."""
+        if self._fd is not None:
+            return None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip()
+                os.close(fd)
+                return holder or f"a process holding {self.path}"
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)     # its holder released and removed it meanwhile: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {platform.node()}: {' '.join(sys.argv)}"[:4000].encode())
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _superblock(path: Path) -> tuple[bool, int | None]:
+    """(whether a writer has the file open or died with it open, the end-of-file address it records),
+    from a version 2 or 3 superblock at offset 0: version at byte 8, size of offsets at 9, consistency
+    flags at 11, then the base, superblock-extension and end-of-file addresses. (False, None) otherwise."""
     with open(path, "rb") as f:
-        head = f.read(12)
-    return len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n" and head[8] >= 2 and head[11] != 0
+        head = f.read(12 + 3 * 8)
+    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] < 2:
+        return False, None
+    size = head[9]
+    if len(head) < 12 + 3 * size:
+        return head[11] != 0, None
+    base, _, eof = (int.from_bytes(head[12 + i * size:12 + (i + 1) * size], "little") for i in range(3))
+    return head[11] != 0, base + eof
+
+
+def cut_short(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(bytes in the file, bytes its HDF5 superblock says it has) of a file cut short: a writer killed
+    mid-write, a write the system refused, a partial copy. None for a whole file."""
+    _, eof = _superblock(Path(path))
+    size = os.path.getsize(path)
+    return (size, eof) if eof is not None and size < eof else None
+
+
+def rows_within(ds: h5py.Dataset, end: int | None) -> int:
+    """Rows of `ds` whose chunks lie wholly before byte `end` of the file (all rows when end is None).
+
+    HDF5 reads bytes past the end of a file as zeros: rows of a file cut short are cut here instead.
+    """
+    rows = len(ds)
+    if end is None or rows == 0:
+        return rows
+    per_chunk = ds.chunks[0]
+    for first in range((rows - 1) // per_chunk * per_chunk, -1, -per_chunk):
+        info = ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1))
+        if info.byte_offset is not None and info.byte_offset + info.size <= end:
+            return min(rows, first + per_chunk)
+    return 0
+
+
+@functools.cache
+def _read_attempts_setter() -> Callable[[int, int], int] | None:
+    """HDF5's H5Pset_metadata_read_attempts from the library h5py uses (h5py does not wrap it), or None."""
+    try:
+        function = ctypes.CDLL(h5py.h5.__file__).H5Pset_metadata_read_attempts
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = (ctypes.c_int64, ctypes.c_uint), ctypes.c_int
+    return function
+
+
+def _open_swmr(path: Path) -> h5py.File:
+    """A SWMR read of `path` whose metadata reads give up after READ_ATTEMPTS (about 1 s of retries)."""
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    setter = _read_attempts_setter()
+    if setter is not None and setter(fapl.id, READ_ATTEMPTS) < 0:
+        raise RecordingError(f"HDF5 refused {READ_ATTEMPTS} metadata read attempts for {path}")
+    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl))
 
 
 def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.File:
-    """Open a recording read-only (also while it is written, or after its writer was killed).
+    """Open a recording read-only (also while it is written, or after its writer was killed or a write failed).
 
     A writer locks the file while it opens it, until its SWMR mode starts; this waits up to
     `lock_timeout` seconds for that. A RecordingError says what is wrong with a file that is not a
-    recording of this layout.
+    recording of this layout, or cannot be read. A file cut short (see cut_short) opens as a SWMR
+    reader would, which needs no end-of-file check; read its rows with rows_within (analysis.Run does).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, f"no recording at {path}", str(path))
     if not h5py.is_hdf5(path):
         raise RecordingError(f"{path} is not an HDF5 file, so not a mirrorcircuits recording")
+    left_open, _ = _superblock(path)
+    short = cut_short(path)
+    if short is not None and _read_attempts_setter() is None:
+        raise RecordingError(f"{path} is cut short ({short[0]} of {short[1]} bytes) and this h5py build does not "
+                             f"let its read retries be bounded: reading it could wait for hours")
     deadline = time.monotonic() + lock_timeout
     while True:
         try:
-            if _left_open(path):   # being written, or its writer died: a SWMR reader sees every flushed row
-                f = h5py.File(path, "r", swmr=True)
-            else:                  # closed: HDF5 checks that it is whole (a SWMR reader would not, and wait forever)
+            if left_open or short:   # being written, its writer died, or cut short: a SWMR reader sees every flushed row
+                f = _open_swmr(path)
+            else:                    # closed: HDF5 checks that it is whole (a SWMR reader would not, and wait forever)
                 f = h5py.File(path, "r")
             break
         except BlockingIOError as e:   # a writer holds the lock while it opens the file, until SWMR mode starts
@@ -709,7 +892,15 @@ def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.
             time.sleep(0.05)
         except OSError as e:
             raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
-    layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
+    try:
+        layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
+    except (OSError, RuntimeError) as e:
+        f.close()
+        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
+    if layout != LAYOUT and short:
+        f.close()
+        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: cut short at {short[0]} of "
+                             f"{short[1]} bytes, its description (root attributes) is not in it")
     if layout != LAYOUT:
         f.close()
         raise RecordingError(f"{path} is an HDF5 file but not a mirrorcircuits recording (its root has no "

@@ -5,11 +5,20 @@ backward pass), then the optimizer step on W (and on B under Kolen-Pollack). One
 circuits.mirror.mirror_step, no data. Between epochs: the schedule's sleep phase, the
 learning-rate schedule, evaluation. The trainer calls its recorder (rank 0 only) through
 begin / step / evaluate / close, and saves everything needed to resume in state_dict().
+
+Divergence: every learning step folds "is the loss finite?" into one flag on the device (no host
+sync); every `check_every` learning steps, at the end of each epoch and of fit(), check_finite()
+reads that flag together with "is every parameter finite?" (one host sync) and raises a
+DivergenceError naming the first non-finite step, the non-finite parameters and the populations
+whose activity or error is non-finite on the last batch. With nonfinite="skip" a step whose loss or
+gradient is not finite is skipped instead (no optimizer step), as torch's GradScaler does.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import itertools
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -19,12 +28,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .errors import CircuitError
 from .mirror import unwrap
+from .network import Trace
 from .schedule import Learn, Mirror, Repeat, Schedule
+
+METRICS = ("loss", "top1", "top5")
+"""What Trainer.evaluate returns (top1 and top5 only for class targets)."""
+_NONE = torch.iinfo(torch.int64).max    # "no non-finite step yet" in the device flag
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite loss or parameter. `step`: the first learning step whose loss was
+    non-finite (None if only parameters are), `parameters`: the names of the non-finite parameters."""
+
+    def __init__(self, message: str, step: int | None, parameters: list[str]) -> None:
+        super().__init__(message)
+        self.step, self.parameters = step, parameters
+
+
+def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
+    """One boolean on the device: whether every element of every tensor is finite (no host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 @dataclass
@@ -36,7 +70,15 @@ class TrainerConfig:
     channels_last: bool = False
     lr_per_step: bool = False          # step the lr scheduler after every learning step, else every epoch
     progress: bool = True
+    check_every: int = 50              # learning steps between reads of the finite-loss flag (one host sync)
+    nonfinite: str = "raise"           # a non-finite loss or gradient: "raise" DivergenceError, or "skip" the step
     extra: dict[str, Any] = field(default_factory=dict)   # recorded with the run
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.check_every, int) or isinstance(self.check_every, bool) or self.check_every < 1:
+            raise CircuitError(f"TrainerConfig(check_every={self.check_every!r}) must be a positive number of learning steps")
+        if self.nonfinite not in ("raise", "skip"):
+            raise CircuitError(f"TrainerConfig(nonfinite={self.nonfinite!r}) must be 'raise' or 'skip'")
 
 
 class Trainer:
@@ -66,6 +108,9 @@ class Trainer:
         self.position = 0    # events of the schedule consumed
         self.batch_in_epoch = 0
         self.finished = False
+        self.skipped_steps = 0   # learning steps skipped for a non-finite loss or gradient (nonfinite="skip")
+        self._first_nonfinite = torch.full((), _NONE, dtype=torch.int64, device=self.device)
+        self._last_batch: tuple[Tensor, Tensor] | None = None   # for the diagnosis of a divergence
 
     # --- single events -----------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -78,32 +123,112 @@ class Trainer:
         return x
 
     def learn(self, inputs: Tensor, target: Tensor) -> Tensor:
-        """One learning step on a batch; returns the loss (a tensor: no host sync)."""
+        """One learning step on a batch; returns the loss (a tensor: no host sync, except every
+        `check_every` steps and, with nonfinite="skip", once per step)."""
+        lr = self.optimizer.param_groups[0]["lr"]          # the rate this step uses, recorded as such
         inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
+        self._last_batch = (inputs, target)
         with self.autocast():
             loss = self.loss_fn(self.net(inputs), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.step += 1
+        if self.config.nonfinite == "skip" and not self._finite_step(loss):
+            self.skipped_steps += 1
+            warnings.warn(f"learning step {self.step}: non-finite loss or gradient, step skipped "
+                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.config.nonfinite == "raise":     # the first non-finite step, kept on the device
+                torch.minimum(self._first_nonfinite, torch.where(torch.isfinite(loss.detach()), _NONE, self.step),
+                              out=self._first_nonfinite)
         if self.lr_scheduler is not None and self.config.lr_per_step:
             self.lr_scheduler.step()
-        self.step += 1
         self.examples += len(target)
-        self._record("learn", loss.detach())
+        self._record("learn", loss.detach(), lr)
+        if self.step % self.config.check_every == 0:
+            self.check_finite()
         return loss.detach()
 
     def mirror(self, phase: Mirror) -> None:
         """One mirror batch of `phase`: noise in, B learns; W, batch norm and the optimizer untouched."""
         with self.autocast():
             phase.step(self.net)
-        self._record("mirror", None)
+        self._record("mirror", None, self.optimizer.param_groups[0]["lr"])
 
-    def _record(self, phase: str, loss: Tensor | None) -> None:
+    def _record(self, phase: str, loss: Tensor | None, lr: float) -> None:
         if self._recording:
-            self.recorder.step(self.tick, step=self.step, phase=phase, loss=loss,
-                               lr=self.optimizer.param_groups[0]["lr"], examples=self.examples, net=self.circuit_net)
+            self.recorder.step(self.tick, step=self.step, phase=phase, loss=loss, lr=lr, examples=self.examples,
+                               net=self.circuit_net)
         self.tick += 1
+
+    # --- non-finite numbers -------------------------------------------------------------------
+    def _finite_step(self, loss: Tensor) -> bool:
+        """Whether this step's loss and gradients are finite (one host sync; under fp16 the GradScaler
+        judges the gradients itself). Every process agrees under torch.distributed."""
+        tensors = [loss.detach()]
+        if not self.scaler.is_enabled():
+            tensors += [p.grad for p in self.circuit_net.parameters() if p.grad is not None]
+        finite = _all_finite(tensors, self.device).to(torch.int32)
+        if _distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
+
+    def check_finite(self) -> None:
+        """Raise DivergenceError if a learning step's loss was non-finite or a parameter is (one host sync).
+
+        fit() calls this every `check_every` learning steps and at the end of each epoch; call it before
+        saving a checkpoint, so that no checkpoint is written from a diverged state.
+        """
+        parameters = list(self.circuit_net.named_parameters())
+        state = torch.stack([self._first_nonfinite,
+                             (~_all_finite((p.detach() for _, p in parameters), self.device)).to(torch.int64).neg()])
+        if _distributed():
+            dist.all_reduce(state, op=dist.ReduceOp.MIN)
+        first, bad_parameters = state.tolist()
+        if first == _NONE and not bad_parameters:
+            return
+        step = None if first == _NONE else first
+        names = [n for n, p in parameters if not bool(torch.isfinite(p.detach()).all())]
+        parts = [f"training diverged: the loss was non-finite at learning step {step}" if step is not None
+                 else f"training diverged: parameters became non-finite by learning step {self.step}"]
+        if names:
+            shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+            parts.append(f"{len(names)} of {len(parameters)} parameters are non-finite now ({shown})")
+        parts += self._diagnose()
+        parts.append(f"found at the check after step {self.step} (TrainerConfig.check_every="
+                     f"{self.config.check_every}); lower the learning rate, or pass TrainerConfig(nonfinite='skip') "
+                     f"to skip such steps")
+        raise DivergenceError("; ".join(parts), step, names)
+
+    def _diagnose(self) -> list[str]:
+        """Which populations' activity and error are non-finite on the last batch (buffers restored)."""
+        if self._last_batch is None:
+            return []
+        inputs, target = self._last_batch
+        buffers = [(b, b.clone()) for b in self.circuit_net.buffers()]
+        traces: dict[str, Trace] = {}
+        try:
+            with torch.enable_grad(), self.autocast():
+                loss = self.loss_fn(self.circuit_net(inputs, monitor=traces), target)
+            names = [p for p, t in traces.items() if t.a.requires_grad]
+            errors = torch.autograd.grad(loss, [traces[p].a for p in names], allow_unused=True) if names else ()
+        except Exception as e:  # noqa: BLE001 - the divergence is the error to raise; say why there is no diagnosis
+            return [f"no diagnosis on the last batch ({type(e).__name__}: {e})"]
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        activity = [p for p, t in traces.items() if not bool(torch.isfinite(t.y).all())]
+        error = [p for p, e in zip(names, errors) if e is not None and not bool(torch.isfinite(e).all())]
+        out = []
+        if activity:
+            out.append(f"on the last batch the activity is non-finite from population {activity[0]!r} on "
+                       f"({len(activity)} populations)")
+        if error:
+            out.append(f"the error is non-finite at populations {error}")
+        return out
 
     # --- epochs ----------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -111,10 +236,26 @@ class Trainer:
 
         Returns the evaluation metrics of each epoch (empty dicts without a val_loader). A hook
         that calls stop() ends it after the current learning step, mid-epoch; the state then resumes there.
+        The recorder is closed on the way out, also when an error ends the run.
         """
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise CircuitError(f"fit(epochs={epochs!r}): epochs must be a positive integer (whole passes over the data)")
+        for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
+            if loader is not None:
+                _check_loader(name, loader)
         if self.recorder is not None:
+            if val_loader is not None and hasattr(self.recorder, "check_metrics"):
+                self.recorder.check_metrics(METRICS)      # before the first step, not after the first epoch
             self.recorder.begin(self.circuit_net, self.describe())
             self._recording = True
+        try:
+            return self._fit(train_loader, epochs, val_loader)
+        finally:
+            if self._recording:
+                self._recording = False
+                self.recorder.close()
+
+    def _fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None) -> list[dict[str, float]]:
         history, self._stop = [], False
         self.net.train()
         events = self.schedule.events(self.position)
@@ -149,12 +290,17 @@ class Trainer:
             bar.close()
             if self._stop:
                 break
+            self.check_finite()
             self.end_epoch()
-            history.append(self.evaluate(val_loader) if val_loader is not None else {})
-        if self._recording:
-            self.recorder.close()
-            self._recording = False
+            metrics = self.evaluate(val_loader) if val_loader is not None else {}
+            history.append(metrics)
+            self.epoch_done(metrics)
+        self.check_finite()
         return history
+
+    def epoch_done(self, metrics: dict[str, float]) -> None:
+        """Called by fit() after each epoch's end and evaluation (its row recorded): for subclasses,
+        e.g. to checkpoint there, so that a resumed run keeps the epoch's evaluation."""
 
     def stop(self) -> None:
         """Ask fit() to return after the current learning step (for hooks: a time limit, a signal)."""
@@ -172,22 +318,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Loss, top-1 and top-5 accuracy on held-out data (summed over ranks under torch.distributed)."""
+        """Loss (the trainer's loss_fn, averaged over examples), top-1 and top-5 accuracy on held-out data
+        (summed over ranks under torch.distributed). Accuracies need class targets: class indices, or
+        one-hot / soft labels shaped like the output; for other targets only the loss is returned."""
         self.net.eval()
         totals = torch.zeros(4, device=self.device, dtype=torch.float64)   # loss sum, top1, top5, count
+        classified = True
         for inputs, target in loader:
             inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.net(inputs)
-            top = out.topk(min(5, out.shape[1]), dim=1).indices
-            hit = top.eq(target[:, None])
-            totals += torch.stack([F.cross_entropy(out.float(), target, reduction="sum").double(),
-                                   hit[:, :1].sum().double(), hit.sum().double(),
-                                   torch.tensor(float(len(target)), device=self.device, dtype=torch.float64)])
-        if dist.is_available() and dist.is_initialized():
+            n = torch.tensor(float(len(target)), device=self.device, dtype=torch.float64)
+            hits = torch.zeros(2, device=self.device, dtype=torch.float64)
+            labels = _class_labels(out, target)
+            classified = classified and labels is not None
+            if labels is not None:
+                hit = out.topk(min(5, out.shape[1]), dim=1).indices.eq(labels[:, None])
+                hits = torch.stack([hit[:, :1].sum().double(), hit.sum().double()])
+            totals += torch.cat([(self.loss_fn(out.float(), target).double() * n)[None], hits, n[None]])
+        if _distributed():
             dist.all_reduce(totals)
         loss, top1, top5, n = totals.tolist()
-        metrics = {"loss": loss / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1)}
+        if n == 0:
+            raise CircuitError("evaluate: the validation loader yielded no examples (an empty data set, or an "
+                               "iterator already exhausted)")
+        metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n} if classified else {"loss": loss / n}
         if self._recording:
             self.recorder.evaluate(self.step, metrics)
         self.net.train()
@@ -206,7 +361,8 @@ class Trainer:
         """Everything needed to continue this run: net, optimizer, schedules, counters, RNG, recorder."""
         state = {"net": self.circuit_net.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(),
-                 "counters": {k: getattr(self, k) for k in ("step", "tick", "examples", "epoch", "position", "batch_in_epoch", "finished")},
+                 "counters": {k: getattr(self, k) for k in ("step", "tick", "examples", "epoch", "position", "batch_in_epoch",
+                                                            "finished", "skipped_steps")},
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         if self.lr_scheduler is not None:
@@ -216,6 +372,11 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run `state` came from. Everything is checked before anything is loaded: a state
+        of another net or optimizer raises a CircuitError and leaves this trainer as it was."""
+        self._check_state(state)
+        if self.recorder is not None and "recorder" in state:
+            self.recorder.load_state_dict(state["recorder"])
         self.circuit_net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -226,8 +387,48 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.recorder is not None and "recorder" in state:
-            self.recorder.load_state_dict(state["recorder"])
+
+    def _check_state(self, state: Any) -> None:
+        """A CircuitError naming every way `state` does not fit this trainer's net and optimizer."""
+        keys = ("net", "optimizer", "scaler", "counters", "rng")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CircuitError(f"not a Trainer state: it needs the entries {list(keys)}, found {found}")
+        ours = self.circuit_net.state_dict()
+        theirs = state["net"]
+        problems = [f"missing {sorted(set(ours) - set(theirs))}"] if set(ours) - set(theirs) else []
+        problems += [f"unexpected {sorted(set(theirs) - set(ours))}"] if set(theirs) - set(ours) else []
+        problems += [f"{k}: shape {tuple(theirs[k].shape)} in the state, {tuple(v.shape)} in the net"
+                     for k, v in ours.items() if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+        groups = [len(g["params"]) for g in state["optimizer"].get("param_groups", [])]
+        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:
+            problems.append(f"the optimizer's parameter groups hold {groups} parameters in the state, "
+                            f"{[len(g['params']) for g in self.optimizer.param_groups]} here")
+        if problems:
+            raise CircuitError("this state was saved from another net or optimizer; nothing was loaded: "
+                               + "; ".join(problems))
+
+
+def _check_loader(name: str, loader: Any) -> None:
+    """A loader fit() can go through once per epoch: re-iterable, and not empty when it knows its length."""
+    if isinstance(loader, collections.abc.Iterator):
+        raise CircuitError(f"{name} is an iterator ({type(loader).__name__}): it would be empty after its first "
+                           f"pass; pass something iterable afresh each epoch (a DataLoader, a list of batches)")
+    if not isinstance(loader, collections.abc.Iterable):
+        raise CircuitError(f"{name} ({type(loader).__name__}) is not iterable: pass a DataLoader or a list of batches")
+    if _length(loader) == 0:
+        raise CircuitError(f"{name} is empty: it has no batches")
+
+
+def _class_labels(out: Tensor, target: Tensor) -> Tensor | None:
+    """The class index of each example if `target` names classes (indices, or labels shaped like `out`)."""
+    if out.dim() != 2:
+        return None
+    if target.dim() == 1 and not target.is_floating_point() and not target.is_complex():
+        return target
+    if target.shape == out.shape and target.is_floating_point():
+        return target.argmax(1)
+    return None
 
 
 def _length(loader: Iterable) -> int | None:

@@ -23,13 +23,21 @@ every --probe-every steps, top-1/top-5 after each epoch). Checkpoints (OUT/check
 atomically) are taken between learning steps every --checkpoint-every steps and after each epoch:
 W, B, batch-norm state, optimizer, lr schedule, the phase schedule's position, the data position,
 every rank's RNG states and the recorder's position. --resume continues the same run, appending to
-the same recording.
+the same recording; a run that stopped before its first checkpoint is run again from step 0 into its
+recording by --resume. The end-of-epoch checkpoint is taken after the epoch's evaluation, so a resumed
+run keeps every evaluation row. Rank 0 holds OUT/checkpoint.pt.lock while it runs: a second process on
+the same folder is refused.
+
+Divergence: a non-finite loss or parameter stops the run with a DivergenceError naming the step (see
+circuits.trainer); every checkpoint is checked first, so none is ever written from a non-finite state
+and the last good one survives.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import pickle
 import sys
@@ -47,7 +55,8 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
-from circuits.recorder import Recorder
+from circuits.recorder import Recorder, RecordingError, WriterLock
+from circuits.trainer import DivergenceError
 from circuits.schedule import Learn, Mirror, Repeat, Schedule
 
 from .imagenet_data import Batches, DatasetError, image_batches
@@ -77,7 +86,7 @@ class Recipe:
     weight_decay: float = 1e-4
     lr_schedule: str = "step"              # "step" or "cosine"
     milestones: tuple[int, ...] = (30, 60)  # epochs at which "step" multiplies lr by 0.1
-    warmup_epochs: float | None = None     # 5 if batch_size > 256 else 0
+    warmup_epochs: float | None = None     # 5 if batch_size > 256 else 0 (a warm-up needs batch_size > 256)
     image_size: int = 224
     decode: str | None = None              # "device" on CUDA, "cpu" otherwise
     workers: int | None = None             # DataLoader workers per process: this process's share of the CPUs
@@ -110,6 +119,25 @@ class Recipe:
         return {"arch": self.arch, "rule": self.rule, "image_size": self.image_size}
 
 
+def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: `kind` of the text, refused (an argparse error naming the flag) unless `test` holds."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v > 0, "a positive integer")
+COUNT = _checked(int, lambda v: v >= 0, "a non-negative integer")
+POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     """The command line into a Recipe (flags are the field names with dashes)."""
     p = argparse.ArgumentParser(prog="python -m models.imagenet", description=__doc__.split("\n\n")[0],
@@ -118,17 +146,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     p.add_argument("--data", required=True, help="folder with train/ and val/ folders of class subfolders of JPEGs")
     p.add_argument("--arch", default=d.arch, choices=sorted(ARCHS))
     p.add_argument("--rule", default=d.rule, choices=RULES, help="feedback rule of every synaptic projection")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all processes")
-    p.add_argument("--lr", type=float, default=d.lr, help="default 0.1 x batch-size / 256")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="global batch over all processes")
+    p.add_argument("--lr", type=POSITIVE, default=d.lr, help="default 0.1 x batch-size / 256")
+    p.add_argument("--momentum", type=NON_NEGATIVE, default=d.momentum)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=d.weight_decay)
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("step", "cosine"))
-    p.add_argument("--milestones", type=int, nargs="*", default=list(d.milestones), help="epochs of the x0.1 steps")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default 5 if batch-size > 256 else 0")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="training and evaluation crop")
+    p.add_argument("--milestones", type=COUNT, nargs="*", default=list(d.milestones), help="epochs of the x0.1 steps")
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=d.warmup_epochs,
+                   help="default 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 / batch-size, so "
+                        "it needs a batch above 256")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=d.image_size, help="training and evaluation crop")
     p.add_argument("--decode", default=d.decode, choices=("cpu", "device"), help="default device on CUDA, else cpu")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per process")
+    p.add_argument("--workers", type=COUNT, default=d.workers, help="DataLoader workers per process")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast (default on CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="default on CUDA")
@@ -137,26 +167,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
                    help="deterministic kernels (slower on GPU)")
     p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt); default runs/imagenet-ARCH-RULE")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="learning steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every, help="learning steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=d.record, help="record to OUT/run.h5")
-    p.add_argument("--record-every", type=int, default=d.record_every,
+    p.add_argument("--record-every", type=POSITIVE_INT, default=d.record_every,
                    help="ticks (learning steps and mirror batches) between recorded rows")
-    p.add_argument("--probe-every", type=int, default=d.probe_every,
+    p.add_argument("--probe-every", type=COUNT, default=d.probe_every,
                    help="learning steps between recorded error/update angles to backprop on a fixed val batch (0: never)")
     wm = p.add_argument_group("weight mirror (--rule wm)")
-    wm.add_argument("--wm-sigma", type=float, default=d.wm_sigma, help="noise standard deviation")
-    wm.add_argument("--wm-eta", type=float, default=d.wm_eta, help="eta_B, B's Hebbian learning rate")
-    wm.add_argument("--wm-decay", type=float, default=d.wm_decay, help="lambda_B, B's decay per mirror batch")
+    wm.add_argument("--wm-sigma", type=POSITIVE, default=d.wm_sigma, help="noise standard deviation")
+    wm.add_argument("--wm-eta", type=POSITIVE, default=d.wm_eta, help="eta_B, B's Hebbian learning rate")
+    wm.add_argument("--wm-decay", type=NON_NEGATIVE, default=d.wm_decay, help="lambda_B, B's decay per mirror batch")
     wm.add_argument("--wm-noise", default=d.wm_noise, choices=("gaussian", "uniform"))
-    wm.add_argument("--mirror-batch-size", type=int, default=d.mirror_batch_size,
+    wm.add_argument("--mirror-batch-size", type=POSITIVE_INT, default=d.mirror_batch_size,
                     help="noise samples per mirror batch (default: the per-process training batch)")
-    wm.add_argument("--mirror-every", type=int, default=d.mirror_every, help="learning steps between mirror batches")
-    wm.add_argument("--mirror-warmup", type=int, default=d.mirror_warmup,
+    wm.add_argument("--mirror-every", type=POSITIVE_INT, default=d.mirror_every, help="learning steps between mirror batches")
+    wm.add_argument("--mirror-warmup", type=COUNT, default=d.mirror_warmup,
                     help="mirror batches before learning (default: one epoch's worth of steps)")
     kp = p.add_argument_group("Kolen-Pollack (--rule kp)")
-    kp.add_argument("--kp-decay", type=float, default=d.kp_decay,
+    kp.add_argument("--kp-decay", type=NON_NEGATIVE, default=d.kp_decay,
                     help="decay of W and B beyond --weight-decay, which already applies to both")
     args = vars(p.parse_args(argv))
     args["milestones"] = tuple(args["milestones"])
@@ -210,9 +240,18 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
         raise circuits.CircuitError(f"batch size {recipe.batch_size} does not split evenly over {procs.world_size} processes")
     if recipe.lr_schedule not in ("step", "cosine"):
         raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
-    for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every"):
-        if getattr(recipe, name) <= 0:
+    for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every",
+                 "lr", "mirror_batch_size"):
+        if getattr(recipe, name) is not None and not getattr(recipe, name) > 0:
             raise circuits.CircuitError(f"{name} must be positive, got {getattr(recipe, name)}")
+    for name in ("probe_every", "workers", "warmup_epochs", "mirror_warmup"):
+        if getattr(recipe, name) is not None and not getattr(recipe, name) >= 0:
+            raise circuits.CircuitError(f"{name} must be 0 or more, got {getattr(recipe, name)}")
+    if recipe.warmup_epochs and recipe.batch_size <= REFERENCE_BATCH:
+        raise circuits.CircuitError(
+            f"warm-up of {recipe.warmup_epochs:g} epochs at batch size {recipe.batch_size}: the warm-up rises from "
+            f"lr x {REFERENCE_BATCH} / batch size (Goyal et al.), which is the full lr at batches up to "
+            f"{REFERENCE_BATCH}, so it would do nothing; drop --warmup-epochs, or use a batch size above {REFERENCE_BATCH}")
     workers = recipe.workers
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) // procs.local_world_size - 1)
@@ -225,7 +264,8 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
         amp=cuda if recipe.amp is None else recipe.amp,
         channels_last=cuda if recipe.channels_last is None else recipe.channels_last,
         out=recipe.out or f"runs/imagenet-{recipe.arch}-{recipe.rule}",
-        mirror_batch_size=recipe.mirror_batch_size or recipe.batch_size // procs.world_size,
+        mirror_batch_size=(recipe.mirror_batch_size if recipe.mirror_batch_size is not None
+                           else recipe.batch_size // procs.world_size),
     )
 
 
@@ -280,8 +320,12 @@ def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) 
         raise circuits.CircuitError(f"--resume: there is no checkpoint {path}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise circuits.CircuitError(f"{path} cannot be read as a checkpoint (truncated or not a checkpoint): {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises OSError, EOFError, RuntimeError, UnpicklingError...
+        why = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no data'}")
+        raise circuits.CircuitError(f"{path} cannot be read as a checkpoint: it is truncated, damaged or not a checkpoint "
+                                    f"of models.imagenet ({why}); move it away to run again from step 0, "
+                                    f"or choose another --out") from None
     if not isinstance(state, dict) or "identity" not in state or "trainer" not in state:
         raise circuits.CircuitError(f"{path} is not an ImageNet checkpoint of models.imagenet")
     theirs, ours = state["identity"], identity
@@ -321,6 +365,9 @@ class ImageNetTrainer(circuits.Trainer):
             tqdm.write(f"epoch {self.epoch - 1}: step {self.step}, {images / seconds:,.0f} images/s, "
                        f"{int(skipped)} unreadable images skipped so far")
         self.skipped_before_epoch = self.train.skipped
+
+    def epoch_done(self, metrics: dict[str, float]) -> None:
+        """The end-of-epoch checkpoint, after the evaluation: a resumed run keeps its row."""
         self.save()
         self.clock, self.clock_examples = time.perf_counter(), self.examples
 
@@ -331,7 +378,10 @@ class ImageNetTrainer(circuits.Trainer):
         return metrics
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0), with every rank's RNG states and counts; all ranks must call this."""
+        """Write the checkpoint (rank 0), with every rank's RNG states and counts; all ranks must call this.
+
+        First a DivergenceError if the state is not finite: no checkpoint is written from it."""
+        self.check_finite()
         mine = {"rng": _rng_state(), "skipped_before_epoch": self.skipped_before_epoch}
         ranks = [None] * self.procs.world_size
         if self.procs.distributed:
@@ -410,29 +460,59 @@ def training_parts(net: circuits.CircuitNet, recipe: Recipe, procs: Processes, s
             config)
 
 
-def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Batches, Batches]:
-    """The data, net, optimizer, schedules and trainer of a resolved recipe (resumed if asked)."""
+def lock_run(recipe: Recipe, procs: Processes) -> WriterLock | None:
+    """Rank 0: the run folder's lock (OUT/checkpoint.pt.lock), or a CircuitError naming the process that holds it."""
     out = Path(recipe.out)
-    if (out / "checkpoint.pt").exists() and not recipe.resume:
-        raise circuits.CircuitError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, "
-                                    f"or --out for a new one")
-    if recipe.resume and not (out / "checkpoint.pt").is_file():
-        raise circuits.CircuitError(f"--resume: there is no checkpoint {out / 'checkpoint.pt'}")
+    if not procs.main:
+        return None
+    if recipe.resume and not out.is_dir():
+        raise circuits.CircuitError(f"--resume: there is no checkpoint {out / 'checkpoint.pt'} (no folder {out})")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(out / "checkpoint.pt.lock")
+    holder = lock.acquire()
+    if holder is not None:
+        raise circuits.CircuitError(f"{out} is in use by another run ({holder}): one process writes a run folder at "
+                                    f"a time; wait for it to end or stop it, or choose another --out")
+    return lock
+
+
+def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Batches, Batches]:
+    """The data, net, optimizer, schedules and trainer of a resolved recipe (resumed if asked).
+
+    --resume without a checkpoint but with a recording (a run that stopped before its first checkpoint)
+    runs again from step 0 into that recording. The first validation batch is read here, so that an
+    unreadable validation set stops the run before its first step."""
+    out = Path(recipe.out)
+    checkpoint, recording = out / "checkpoint.pt", out / "run.h5"
+    if checkpoint.exists() and not recipe.resume:
+        raise circuits.CircuitError(f"{checkpoint} exists: pass --resume to continue that run, or --out for a new one")
+    restart = recipe.resume and not checkpoint.is_file()
+    if restart and not (recipe.record and recording.is_file()):
+        raise circuits.CircuitError(f"--resume: there is no checkpoint {checkpoint}")
+    if recipe.record and not recipe.resume and recording.exists():
+        raise circuits.CircuitError(f"{recording} exists but {checkpoint} does not: that run stopped before its first "
+                                    f"checkpoint. Pass --resume to run it again from step 0 into the same recording "
+                                    f"(its rows are recorded anew), or --out for a new run")
     configure_torch(recipe)
     train, val, classes = image_batches(recipe.data, batch_size=recipe.batch_size // procs.world_size,
                                         device=procs.device, size=recipe.image_size, decode=recipe.decode,
                                         workers=recipe.workers, seed=recipe.seed, rank=procs.rank,
                                         world_size=procs.world_size, channels_last=recipe.channels_last)
+    batches = iter(val)
+    first_val = next(batches, None)    # a DatasetError now if the validation images cannot be read
+    batches.close()
     identity = {**recipe.identity, "classes": len(classes)}
-    state = load_checkpoint(out / "checkpoint.pt", identity, procs.device) if recipe.resume else None
+    state = load_checkpoint(checkpoint, identity, procs.device) if recipe.resume and not restart else None
     net, model = build_model(recipe, procs, len(classes))
     optimizer, lr_scheduler, schedule, config = training_parts(net, recipe, procs, len(train))
     recorder = None
     if recipe.record and procs.main:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = next(iter(val)) if recipe.probe_every else None
-        recorder = Recorder(out / "run.h5", every=recipe.record_every, probe=probe,
+        recorder = Recorder(recording, every=recipe.record_every, probe=first_val if recipe.probe_every else None,
                             probe_steps=recipe.probe_every or 1, seeds={"seed": recipe.seed})
+        if restart:
+            tqdm.write(f"no checkpoint in {out}: that run stopped before its first one; running it again from "
+                       f"step 0 into {recording}")
+            recorder.restart()
     trainer = ImageNetTrainer(model, optimizer, schedule, lr_scheduler=lr_scheduler, recorder=recorder,
                               config=config, recipe=recipe, procs=procs, train=train, identity=identity)
     if state is not None:
@@ -447,8 +527,10 @@ def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Ba
 def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
     """Train as the command line says; returns the trainer (its net holds the final W and B)."""
     procs = start_processes()
+    lock = None
     try:
         recipe = resolve(parse_args(argv), procs)
+        lock = lock_run(recipe, procs)
         trainer, train, val = build_trainer(recipe, procs)
         if procs.main:
             tqdm.write(f"{recipe.arch} under {recipe.rule} on {procs.world_size} x {procs.device.type}: "
@@ -459,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
             trainer.save()
         return trainer
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -466,5 +550,5 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
 if __name__ == "__main__":
     try:
         main()
-    except (circuits.CircuitError, DatasetError) as e:
+    except (circuits.CircuitError, DatasetError, DivergenceError, RecordingError) as e:
         sys.exit(f"error: {e}")

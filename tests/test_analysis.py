@@ -167,10 +167,23 @@ def test_the_report_command_summarizes_two_runs(runs, tmp_path):
 
 
 def test_truncated_and_foreign_files_give_clear_errors(runs, tmp_path, capsys):
-    truncated = tmp_path / "truncated.h5"
-    truncated.write_bytes(runs[0].read_bytes()[: runs[0].stat().st_size // 2])
+    head = tmp_path / "head.h5"
+    head.write_bytes(runs[0].read_bytes()[:2000])
     with pytest.raises(RecordingError, match="truncated or damaged"):
-        open_run(truncated)
+        open_run(head)
+    truncated = tmp_path / "truncated.h5"               # cut short: it opens, and what lies in it reads
+    truncated.write_bytes(runs[0].read_bytes()[: runs[0].stat().st_size // 2])
+    with open_run(truncated) as cut, open_run(runs[0]) as whole:
+        unreadable = []
+        for table in ("steps", "evaluations", "probe"):
+            try:
+                part, full = getattr(cut, table), getattr(whole, table)
+            except RecordingError as e:
+                assert f"table /{table} cannot be read; the file is cut short (" in str(e)
+                unreadable.append(table)
+                continue
+            assert np.array_equal(part.tick, full.tick[:len(part)]) and np.array_equal(part.step, full.step[:len(part)])
+        assert unreadable                                # half a file: some table lies past its end
     foreign = tmp_path / "foreign.h5"
     foreign.write_text(json.dumps({"not": "hdf5"}))
     assert main(["report", str(runs[0]), str(foreign), "-o", str(tmp_path / "out")]) == 1

@@ -5,17 +5,19 @@ each rank's final parameters to $IMAGENET_TEST_DUMP/rank{RANK}.pt (the two-proce
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import circuits
-from circuits.recorder import open_recording
+from circuits.recorder import WriterLock, open_recording
 from models import imagenet
 from models.imagenet_data import DatasetError, image_batches, synthetic_image_folder
 
@@ -185,6 +187,75 @@ def test_checkpoints_of_other_runs_are_refused(folder, tmp_path):
         run(folder, tmp_path / "bp", "--rule", "bp", "--resume")
     with pytest.raises(circuits.CircuitError, match="does not split evenly over 2 processes"):
         imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Processes(world_size=2))
+
+
+# --- issue 13: what happens when things go wrong ------------------------------------------------
+def test_an_evaluation_survives_a_kill_during_it_a_restart_and_a_resume(folder, tmp_path, monkeypatch):
+    """Items 5 and 8: killed during its evaluation before any checkpoint, the run is run again from step 0
+    into its recording by --resume, and its evaluation row survives resuming the finished run."""
+    out, args = tmp_path / "run", ("--rule", "bp", "--epochs", "1")
+    evaluate = circuits.Trainer.evaluate
+
+    def killed(self, loader):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(circuits.Trainer, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, out, *args)
+    monkeypatch.setattr(circuits.Trainer, "evaluate", evaluate)
+    assert not (out / "checkpoint.pt").exists()          # the end-of-epoch checkpoint waits for the evaluation
+    with open_recording(out / "run.h5") as f:
+        losses = f["steps/loss"][:]
+        assert list(f["evaluations/step"]) == [] and len(losses) == 1
+    with pytest.raises(circuits.CircuitError, match=r"run.h5 exists but .*checkpoint.pt does not: that run stopped "
+                                                    r"before its first checkpoint. Pass --resume to run it again"):
+        run(folder, out, *args)
+    again = run(folder, out, *args, "--resume")
+    finished = run(folder, out, *args, "--resume")
+    assert again.step == finished.step == 4
+    with open_recording(out / "run.h5") as f:
+        assert list(f["evaluations/step"]) == [4] and f["evaluations/top1"].shape == (1,)
+        assert np.array_equal(f["steps/loss"][:], losses)                 # the same run, recorded again
+        assert [r["tick"] for r in json.loads(f.attrs["resumed"])] == [-1, again.tick - 1]
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(folder, tmp_path, monkeypatch):
+    """Item 1: no checkpoint is written from a non-finite state; the error names the step."""
+    learn = circuits.Trainer.learn
+
+    def poisoned(self, inputs, target):
+        return learn(self, torch.full_like(inputs, float("nan")) if self.step == 2 else inputs, target)
+
+    monkeypatch.setattr(circuits.Trainer, "learn", poisoned)
+    with pytest.raises(circuits.DivergenceError, match="the loss was non-finite at learning step 3"):
+        run(folder, tmp_path / "kp", "--rule", "kp", "--epochs", "2", "--checkpoint-every", "2")
+    state = torch.load(tmp_path / "kp" / "checkpoint.pt", weights_only=True)["trainer"]
+    assert state["counters"]["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in state["net"].values() if v.is_floating_point())
+
+
+def test_unreadable_validation_images_stop_the_run_before_its_first_step(tmp_path):
+    """Item 9: not after a whole epoch of training."""
+    bad = synthetic_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1)
+    for image in (bad / "val").rglob("*.JPEG"):
+        image.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="every image of a batch of 2 was unreadable"):
+        run(bad, tmp_path / "out", "--probe-every", "0")
+    assert not (tmp_path / "out" / "run.h5").exists() and not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_second_process_on_a_run_folder_is_refused(folder, tmp_path):
+    """Item 8: while one process runs in OUT, another (here: its lock held by this process) is refused."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    first = WriterLock(out / "checkpoint.pt.lock")
+    assert first.acquire() is None
+    try:
+        with pytest.raises(circuits.CircuitError, match=rf"{out} is in use by another run \(process {os.getpid()} on"):
+            run(folder, out, "--epochs", "1")
+    finally:
+        first.release()
+    assert not (out / "run.h5").exists()
 
 
 if __name__ == "__main__":
