@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from circuits.recorder import RecordingError
+from circuits.recording import RecordingError
 
 from .report import report
 

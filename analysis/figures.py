@@ -19,7 +19,8 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, lines, ticker
 from matplotlib.figure import Figure
 
-from circuits.population import ERROR_PREFIX
+from circuits import graph as schema
+from circuits.graph import error_name
 
 from .run import Run, Series
 from .stats import hidden_populations
@@ -121,7 +122,7 @@ def circuit(run: Run) -> Figure:
     """The circuit: populations by topological generation, left to right; the forward pathway above,
     each population's feedback partner δp mirrored below; feedback projections coloured by rule."""
     graph = run.circuit
-    forward = graph.subgraph(n for n, d in graph.nodes(data=True) if d["pathway"] == "forward")
+    forward = schema.pathway(graph, schema.FORWARD)
     generations = [sorted(g) for g in nx.topological_generations(forward)]
     widest = max(len(g) for g in generations)
     gap = 0.5 * widest + 0.2
@@ -129,15 +130,15 @@ def circuit(run: Run) -> Figure:
     for x, gen in enumerate(generations):
         for i, pop in enumerate(gen):
             y = i - (len(gen) - 1) / 2
-            pos[pop], pos[ERROR_PREFIX + pop] = (x, gap + y), (x, -gap - y)
-            labels[pop], labels[ERROR_PREFIX + pop] = (x, gap + y + 0.3), (x, -gap - y - 0.3)
+            pos[pop], pos[error_name(pop)] = (x, gap + y), (x, -gap - y)
+            labels[pop], labels[error_name(pop)] = (x, gap + y + 0.3), (x, -gap - y - 0.3)
     fig = Figure(figsize=(max(7.0, 1.2 * len(generations) + 3), 1.2 * (2 * gap + 1.6)), layout="constrained")
     ax = fig.subplots()
     ax.set_ylim(-gap - widest / 2 - 0.3, gap + widest / 2 + 0.3)
-    feedback_nodes = [n for n, d in graph.nodes(data=True) if d["pathway"] == "feedback"]
+    feedback_nodes = list(schema.pathway(graph, schema.FEEDBACK))
     nx.draw_networkx_nodes(graph, pos, nodelist=list(forward), node_color="white", edgecolors="black", node_size=320, ax=ax)
     nx.draw_networkx_nodes(graph, pos, nodelist=feedback_nodes, node_color="whitesmoke", edgecolors="grey", node_size=320, ax=ax)
-    feedback = [(u, v, d) for u, v, d in graph.edges(data=True) if d["pathway"] == "feedback"]
+    feedback = list(schema.pathway(graph, schema.FEEDBACK).edges(data=True))
     for skip in (False, True):      # an edge that skips generations (a shortcut) arcs away from the other pathway
         style = dict(node_size=320, ax=ax, connectionstyle="arc3,rad=-0.3" if skip else "arc3")
         nx.draw_networkx_edges(graph, pos, edgelist=[(u, v) for u, v in forward.edges if _skips(pos, u, v) == skip],

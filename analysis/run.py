@@ -21,8 +21,8 @@ import h5py
 import networkx as nx
 import numpy as np
 
-from circuits.population import ERROR_PREFIX
-from circuits.recorder import PHASES, RecordingError, cut_short, open_recording, rows_within, strings
+from circuits import graph as schema
+from circuits.recording import PHASES, RecordingError, cut_short, open_recording, rows_within, strings
 
 
 @dataclass(frozen=True)
@@ -98,21 +98,19 @@ class Run:
         table = self.file["circuit/populations"]
         graph = nx.DiGraph(name=str(self.file["circuit"].attrs["name"]))
         for name, shape, activation, is_input in zip(*(_column(table, f) for f in ("name", "shape", "activation", "input"))):
-            graph.add_node(name, pathway="forward", shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input))
-            graph.add_node(ERROR_PREFIX + name, pathway="feedback", partner=name)
+            schema.add_population(graph, name, shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input))
         table = self.file["circuit/projections"]
         forward = {}
         for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(*(_column(table, f) for f in table.dtype.names)):
             edge = dict(name=name, projection=kind, spec=spec, synaptic=bool(synaptic), rule=rule or None,
                         rule_spec=rule_spec or None, weight_shape=tuple(json.loads(weight)) if weight else None)
-            graph.add_edge(pre, post, pathway="forward", **edge)
+            schema.add_projection(graph, pre, post, **edge)
             forward[name] = edge
         table = self.file["circuit/feedback"]
         for name, source, target, carries, rule, rule_spec, direct, shape in zip(*(_column(table, f) for f in table.dtype.names)):
             edge = dict(forward.get(name, dict(name=name, synaptic=True, weight_shape=None)), rule=rule or None,
-                        rule_spec=rule_spec or None, carries=carries, direct=bool(direct),
-                        feedback_shape=tuple(json.loads(shape)) if shape else None)
-            graph.add_edge(source, target, pathway="feedback", **edge)
+                        rule_spec=rule_spec or None, feedback_shape=tuple(json.loads(shape)) if shape else None)
+            schema.add_feedback(graph, source, target, carries=carries, direct=bool(direct), **edge)
         return graph
 
     @property
@@ -140,7 +138,7 @@ class Run:
         """Per synaptic projection: how many synaptic projections the longest path from an input to it
         crosses, itself included (1 for the first layer)."""
         graph = self.circuit
-        forward = graph.subgraph(n for n, d in graph.nodes(data=True) if d["pathway"] == "forward")
+        forward = schema.pathway(graph, schema.FORWARD)
         before: dict[str, int] = {}
         for pop in nx.topological_sort(forward):
             before[pop] = max((before[u] + forward.edges[u, pop]["synaptic"] for u in forward.predecessors(pop)), default=0)

@@ -1,22 +1,35 @@
-"""mirrorcircuits: circuits of neuron populations that learn without weight transport."""
-from . import rules
-from .circuit import Circuit, LayerRules
-from .convert import from_torch
-from .feedback import DirectFeedback
-from .errors import CircuitError
-from .network import CircuitNet, Trace
-from .mirror import mirror_step
-from .population import Population
-from .recorder import Recorder, RecordingError
-from .projections import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv2d, Dense, Flatten, Identity,
-                          MaxPool, Projection)
-from .schedule import Learn, Mirror, Repeat, Schedule, paper_schedule
-from .synapse import Synapse
-from .trainer import DivergenceError, Trainer, TrainerConfig
+"""mirrorcircuits: circuits of neuron populations that learn without weight transport.
 
-__all__ = [
-    "Circuit", "LayerRules", "DirectFeedback", "from_torch", "CircuitNet", "CircuitError", "Population", "Trace", "Synapse", "rules",
-    "Projection", "Dense", "Conv2d", "BatchNorm", "MaxPool", "AvgPool", "AdaptiveAvgPool",
-    "Flatten", "Identity", "Schedule", "Learn", "Mirror", "Repeat", "paper_schedule", "mirror_step",
-    "Trainer", "TrainerConfig", "DivergenceError", "Recorder", "RecordingError",
-]
+Names load lazily (PEP 562), so that the torch-free parts (circuits.recording: the recording file's
+layout and reader; circuits.graph: the circuit graph's schema) import without torch, as analysis does.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Circuit": "circuit", "LayerRules": "circuit", "from_torch": "convert", "DirectFeedback": "feedback",
+    "CircuitError": "errors", "CircuitNet": "network", "Trace": "network", "mirror_step": "mirror",
+    "Population": "population", "Recorder": "recorder", "RecordingError": "recording",
+    "Projection": "projections", "Dense": "projections", "Conv2d": "projections", "BatchNorm": "projections",
+    "MaxPool": "projections", "AvgPool": "projections", "AdaptiveAvgPool": "projections", "Flatten": "projections",
+    "Identity": "projections", "Schedule": "schedule", "Learn": "schedule", "Mirror": "schedule",
+    "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse", "Trainer": "trainer",
+    "TrainerConfig": "trainer", "DivergenceError": "trainer",
+}
+__all__ = [*_EXPORTS, "rules"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "rules":
+        return importlib.import_module(".rules", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'circuits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

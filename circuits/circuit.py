@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Union
 import networkx as nx
 import torch
 
-from . import rules
+from . import graph, rules
 from .errors import CircuitError
 from .population import Population
 from .projections import Projection
@@ -55,14 +55,13 @@ class Circuit:
     def _add(self, pop: Population) -> Population:
         if pop.name in self.graph:
             raise CircuitError(f"circuit {self.name!r} already has a population named {pop.name!r}")
-        self.graph.add_node(pop.name, pathway="forward", population=pop)
-        self.graph.add_node(pop.error_name, pathway="feedback", partner=pop.name)
+        graph.add_population(self.graph, pop.name, population=pop)
         return pop
 
     def __getitem__(self, pop: PopulationLike) -> Population:
         name = _name(pop)
         node = self.graph.nodes.get(name)
-        if node is None or node["pathway"] != "forward":
+        if node is None or node["pathway"] != graph.FORWARD:
             raise CircuitError(f"circuit {self.name!r} has no population named {name!r}")
         if isinstance(pop, Population) and pop is not node["population"]:
             raise CircuitError(f"population {name!r} was made by another circuit; circuit {self.name!r} has its own "
@@ -71,7 +70,7 @@ class Circuit:
 
     def populations(self) -> list[Population]:
         """Forward populations in the order they were added."""
-        return [d["population"] for _, d in self.graph.nodes(data=True) if d["pathway"] == "forward"]
+        return [d["population"] for _, d in self.forward_graph().nodes(data=True)]
 
     # --- projections -------------------------------------------------------------------------
     def connect(self, pre: PopulationLike, post: PopulationLike, projection: Projection,
@@ -100,10 +99,10 @@ class Circuit:
             rule = rules.get(feedback) if feedback is not None else self.default_rule
         name = name or f"{pre.name}->{post.name}"
         self._check_new_name(name)
-        self.graph.add_edge(pre.name, post.name, pathway="forward", name=name, projection=projection, rule=rule)
+        graph.add_projection(self.graph, pre.name, post.name, name=name, projection=projection, rule=rule)
         if not direct:
-            self.graph.add_edge(post.error_name, pre.error_name, pathway="feedback", name=name, direct=False,
-                                carries="B" if projection.synaptic else "local derivative", rule=rule)
+            graph.add_feedback(self.graph, post.error_name, pre.error_name, name=name, direct=False, rule=rule,
+                               carries=graph.CARRIES_B if projection.synaptic else graph.CARRIES_LOCAL)
         return name
 
     def feedback(self, source: PopulationLike, target: PopulationLike, rule: rules.RuleLike = "dfa",
@@ -133,8 +132,8 @@ class Circuit:
             edge["rule"] = None
             if self.graph.has_edge(self[post].error_name, target.error_name):
                 self.graph.remove_edge(self[post].error_name, target.error_name)
-        self.graph.add_edge(source.error_name, target.error_name, pathway="feedback", name=name, direct=True,
-                            carries="B", rule=rule)
+        graph.add_feedback(self.graph, source.error_name, target.error_name, name=name, direct=True,
+                           carries=graph.CARRIES_B, rule=rule)
         return name
 
     def direct_feedback(self, rule: rules.RuleLike = "dfa", source: PopulationLike | None = None) -> list[str]:
@@ -168,8 +167,7 @@ class Circuit:
 
     def feedback_projections(self) -> list[tuple[str, str, str, rules.FeedbackRule]]:
         """(name, source error population, target error population, rule) of every direct feedback projection."""
-        return [(d["name"], u, v, d["rule"]) for u, v, d in self.graph.edges(data=True)
-                if d["pathway"] == "feedback" and d["direct"]]
+        return [(d["name"], u, v, d["rule"]) for u, v, d in self.feedback_graph().edges(data=True) if d["direct"]]
 
     def _check_new_name(self, name: str) -> None:
         if any(d.get("name") == name for *_, d in self.graph.edges(data=True)):
@@ -177,16 +175,15 @@ class Circuit:
 
     def projections(self) -> list[tuple[str, str, str, Projection, rules.FeedbackRule | None]]:
         """(name, pre, post, projection, rule) for every forward projection."""
-        return [(d["name"], u, v, d["projection"], d["rule"])
-                for u, v, d in self.graph.edges(data=True) if d["pathway"] == "forward"]
+        return [(d["name"], u, v, d["projection"], d["rule"]) for u, v, d in self.forward_graph().edges(data=True)]
 
     def forward_graph(self) -> nx.DiGraph:
         """The forward pathway alone (populations and projections)."""
-        return self.graph.subgraph(n for n, d in self.graph.nodes(data=True) if d["pathway"] == "forward")
+        return graph.pathway(self.graph, graph.FORWARD)
 
     def feedback_graph(self) -> nx.DiGraph:
         """The feedback pathway alone (error populations and feedback projections)."""
-        return self.graph.subgraph(n for n, d in self.graph.nodes(data=True) if d["pathway"] == "feedback")
+        return graph.pathway(self.graph, graph.FEEDBACK)
 
     # --- compilation -------------------------------------------------------------------------
     def order(self) -> list[str]:

@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 from .activations import activation as _activation
 from .errors import CircuitError
+from .graph import ERROR_PREFIX, error_name
 
-ERROR_PREFIX = "δ"
-"""A forward population `p` has a feedback partner population named `δp` carrying its error."""
 
 
 @dataclass(frozen=True)
@@ -36,4 +35,4 @@ class Population:
     @property
     def error_name(self) -> str:
         """Name of the partner feedback population that carries this population's error."""
-        return ERROR_PREFIX + self.name
+        return error_name(self.name)

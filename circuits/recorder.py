@@ -1,10 +1,7 @@
 """Recording a run to one self-describing HDF5 file: what the circuit learns, step by step.
 
-The trainer calls begin / step / evaluate / close (docs/recording.md has the file's layout). What a
-row holds, for flattened tensors u and v:
-
-    angle(u, v) = arccos(<u, v> / (|u| |v|)),  computed as 2 arcsin(|u/|u| - v/|v|| / 2)
-                  (exact 0 for u = v, accurate near 0 where arccos of a rounded cosine is not)
+The trainer calls begin / step / evaluate / close (docs/recording.md has the file's layout; the
+layout's constants and its reader are circuits.recording, the metrics circuits.alignment). A row holds:
 
 - every `every` ticks (learning steps and mirror batches): loss, learning rate, phase, examples
   seen, wall time; and per synaptic projection with a B in W's layout angle(B, W), |B| / |W| and
@@ -29,26 +26,18 @@ same file with no missing or repeated rows; an existing file is never overwritte
 recording at a time: begin() takes an exclusive lock (`<path>.lock`) that close() gives back, and
 refuses a second writer. begin() also checks, before the first step, the probe batch (it is run once
 through the circuit and the loss) and the names of the metrics the trainer will evaluate.
-
-A file cut short (its writer killed mid-write, or a write the system refused) is read up to its last
-row that lies wholly in the file; HDF5's metadata read retries are bounded (READ_ATTEMPTS), so a part
-past the end gives a RecordingError within about a second instead of a reader waiting for hours.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import datetime
 import errno
-import fcntl
-import functools
 import json
 import os
 import platform
 import re
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,75 +50,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .alignment import _angles, _norms, alignment
 from .mirror import unwrap
 from .network import CircuitNet, Trace
+from .recording import (LAYOUT, LAYOUT_VERSION, LIBVER, METRICS, PHASES, TABLES, RecordingError, WriterLock, key,
+                        open_recording, strings)
 from .synapse import Synapse
-
-LAYOUT = "mirrorcircuits recording"
-"""The root attribute `layout` of every recording."""
-LAYOUT_VERSION = 1
-"""The root attribute `layout_version`; readers refuse newer versions."""
-LIBVER = ("v110", "v110")
-"""HDF5 file format bounds: 1.10 objects, the oldest that SWMR allows, so HDF5 >= 1.10 tools read the file."""
-PHASES = {"learn": 0, "mirror": 1}
-"""The enum stored in /steps/phase."""
-TABLES = ("steps", "probe", "evaluations", "snapshots", "activity")
-"""The tables (groups with their own /<group>/tick index)."""
-READ_ATTEMPTS = 30
-"""Metadata read attempts of a SWMR reader: HDF5 retries a read whose checksum fails (a writer may be
-mid-write) with doubling waits, by default 100 times, which is hours on a file cut short; 30 is about 1 s."""
-METRICS = {"loss": "mean loss on the held-out data",
-           "top1": "top-1 accuracy on the held-out data (fraction of examples correct)",
-           "top5": "top-5 accuracy on the held-out data (fraction of examples correct)"}
 
 Steps = Union[int, Iterable[int]]
 """When something happens: an int n is every n-th learning step (step % n == 0), else those steps."""
 
 _SCALAR_CHUNK = 1024       # rows per chunk of a scalar column
 _HEADROOM = 1 << 20        # bytes a flush keeps free beyond its rows, for HDF5's metadata
-
-
-class RecordingError(ValueError):
-    """A recording that does not fit: a foreign or newer file, another run's file, a mismatched circuit."""
-
-
-def _norms(u: Tensor | None, v: Tensor | None) -> Tensor:
-    """(|u|, |v|, |u |v| - v |u||) of two flattened tensors; NaN where either is missing."""
-    if u is None or v is None:
-        return torch.full((3,), float("nan"))
-    u, v = u.detach().flatten(), v.detach().flatten()
-    nu, nv = torch.linalg.vector_norm(u), torch.linalg.vector_norm(v)
-    return torch.stack([nu, nv, torch.linalg.vector_norm(u * nv - v * nu)])
-
-
-def _angles(norms: Tensor) -> Tensor:
-    """Rows (|u|, |v|, |u |v| - v |u||) -> rows (angle(u, v) in degrees, |u| / |v|).
-
-    The chord between u/|u| and v/|v| is c = |u |v| - v |u|| / (|u| |v|), and angle = 2 arcsin(c / 2).
-    """
-    nu, nv, chord = norms.float().unbind(-1)
-    return torch.stack([torch.rad2deg(2 * torch.asin((chord / (2 * nu * nv)).clamp(max=1))), nu / nv], dim=-1)
-
-
-def angle(u: Tensor, v: Tensor) -> Tensor:
-    """Angle between two tensors, flattened, in degrees (exactly 0 for equal tensors, NaN for a zero tensor)."""
-    return _angles(_norms(u, v))[0]
-
-
-@torch.no_grad()
-def alignment(synapses: Sequence[Synapse]) -> Tensor:
-    """Rows (angle(B, W) in degrees, |B| / |W|, fraction of synapses with sign(B) = sign(W)), one per synapse.
-
-    A few reductions per synapse and one batch of scalar arithmetic for all: no host synchronisation.
-    """
-    if not synapses:
-        return torch.empty(0, 3)
-    norms, signs = [], []
-    for s in synapses:
-        w, b = s.weight.detach(), s.feedback.detach()
-        norms.append(_norms(b, w))
-        signs.append(torch.count_nonzero(torch.eq(torch.sign(b), torch.sign(w))) / w.numel())
-    return torch.cat([_angles(torch.stack(norms)), torch.stack(signs).float()[:, None]], dim=1)
 
 
 def _due(when: int | frozenset[int], step: int) -> bool:
@@ -142,11 +74,6 @@ def _steps(name: str, when: Steps) -> int | frozenset[int]:
             raise ValueError(f"{name}={when}: an interval must be a positive number of learning steps")
         return when
     return frozenset(int(s) for s in when)
-
-
-def _key(name: str) -> str:
-    """A population or projection name as an HDF5 link name ('/' separates groups)."""
-    return name.replace("%", "%25").replace("/", "%2F")
 
 
 def _json(value: Any) -> str:
@@ -493,32 +420,32 @@ class Recorder:
             _Column("/steps/wall_time", np.float64, "s since 1970-01-01 UTC", "when the tick was recorded"),
             _Column("/steps/loss", f4, "1", "training loss of the batch (NaN for a mirror batch)")]
         for name, _ in self._synapses:
-            g = f"/alignment/{_key(name)}"
+            g = f"/alignment/{key(name)}"
             steps += [_Column(f"{g}/angle", f4, "degrees", "angle between B and W, flattened: arccos(<B, W> / (|B| |W|))"),
                       _Column(f"{g}/norm_ratio", f4, "1", "|B| / |W| (Frobenius norms)"),
                       _Column(f"{g}/sign_match", f4, "1", "fraction of synapses with sign(B) = sign(W)")]
         probe = index("probe") + [_Column("/probe/loss", f4, "1", "loss of the probe batch")]
         for name in self._errors:
-            g = f"/probe/errors/{_key(name)}"
+            g = f"/probe/errors/{key(name)}"
             probe += [_Column(f"{g}/angle", f4, "degrees", "angle between the error delta = dL/da this population "
                               "receives under the circuit's rules and the one backprop sends (B = W everywhere), on the "
                               "probe batch, flattened over examples and units"),
                       _Column(f"{g}/norm_ratio", f4, "1", "|delta_rule| / |delta_backprop|")]
         for name, _ in self._learning:
-            g = f"/probe/updates/{_key(name)}"
+            g = f"/probe/updates/{key(name)}"
             probe += [_Column(f"{g}/angle", f4, "degrees", "angle between the weight update dL/dW under the circuit's "
                               "rules (Kolen-Pollack's decay included) and under backprop, on the probe batch"),
                       _Column(f"{g}/norm_ratio", f4, "1", "|dW_rule| / |dW_backprop|")]
         evaluations = index("evaluations") + [
-            _Column(f"/evaluations/{_key(m)}", np.float64, "1", METRICS.get(m, f"evaluation metric {m!r} as the trainer reports it"))
+            _Column(f"/evaluations/{key(m)}", np.float64, "1", METRICS.get(m, f"evaluation metric {m!r} as the trainer reports it"))
             for m in self.metrics]
         synapses = dict(self._synapses)
         snapshots = index("snapshots") + [
-            _Column(f"/snapshots/{_key(name)}/{w}", f4, "1", text, tuple(synapses[name].weight.shape))
+            _Column(f"/snapshots/{key(name)}/{w}", f4, "1", text, tuple(synapses[name].weight.shape))
             for name in self.snapshot for w, text in (("W", "forward weights W"),
                                                       ("B", "feedback weights B in W's layout (B = W: perfect alignment)"))]
         activity = index("activity") + [
-            _Column(f"/activity/{_key(pop)}/{v}", f4, "1", text, (self._samples, *shape))
+            _Column(f"/activity/{key(pop)}/{v}", f4, "1", text, (self._samples, *shape))
             for pop, shape in self._activity_shapes.items()
             for v, text in (("y", "activity y = phi(a) on the first probe examples"),
                             ("delta", "error delta = dL/da under the circuit's rules, same examples"))]
@@ -628,11 +555,11 @@ class Recorder:
                              ("snapshots", self.snapshot)):
             for name in names:
                 pre, post = _edge(self._net, name)
-                f.require_group(f"{group}/{_key(name)}").attrs.update(
+                f.require_group(f"{group}/{key(name)}").attrs.update(
                     projection=name, pre=pre, post=post, rule=repr(self._net.projection(name).rule))
         for group, names in (("probe/errors", self._errors), ("activity", self.activity)):
             for name in names:
-                f.require_group(f"{group}/{_key(name)}").attrs.update(population=name)
+                f.require_group(f"{group}/{key(name)}").attrs.update(population=name)
 
     def _reopen(self, state: Mapping[str, Any]) -> None:
         """Continue the file of a checkpointed run: rows up to the checkpoint, none after.
@@ -748,165 +675,7 @@ def _listed(when: int | frozenset[int]) -> int | list[int]:
     return when if isinstance(when, int) else sorted(when)
 
 
-def strings(values: Iterable[bytes | str]) -> list[str]:
-    """HDF5 variable-length strings (read as bytes) as Python strings."""
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in values]
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-class WriterLock:
-    """An exclusive advisory lock (flock) on the file `path`, for one writer process at a time.
-
-    acquire() returns None once held, or says who holds it; release() removes the file and gives the
-    lock back. The system drops the lock of a killed process, so a stale file never blocks anyone.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """Take the lock (at once, never waiting): None when held now, else the holder's description."""
-        if self._fd is not None:
-            return None
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip()
-                os.close(fd)
-                return holder or f"a process holding {self.path}"
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)     # its holder released and removed it meanwhile: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {platform.node()}: {' '.join(sys.argv)}"[:4000].encode())
-        self._fd = fd
-        return None
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
-
-
-def _superblock(path: Path) -> tuple[bool, int | None]:
-    """(whether a writer has the file open or died with it open, the end-of-file address it records),
-    from a version 2 or 3 superblock at offset 0: version at byte 8, size of offsets at 9, consistency
-    flags at 11, then the base, superblock-extension and end-of-file addresses. (False, None) otherwise."""
-    with open(path, "rb") as f:
-        head = f.read(12 + 3 * 8)
-    if len(head) < 12 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] < 2:
-        return False, None
-    size = head[9]
-    if len(head) < 12 + 3 * size:
-        return head[11] != 0, None
-    base, _, eof = (int.from_bytes(head[12 + i * size:12 + (i + 1) * size], "little") for i in range(3))
-    return head[11] != 0, base + eof
-
-
-def cut_short(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(bytes in the file, bytes its HDF5 superblock says it has) of a file cut short: a writer killed
-    mid-write, a write the system refused, a partial copy. None for a whole file."""
-    _, eof = _superblock(Path(path))
-    size = os.path.getsize(path)
-    return (size, eof) if eof is not None and size < eof else None
-
-
-def rows_within(ds: h5py.Dataset, end: int | None) -> int:
-    """Rows of `ds` whose chunks lie wholly before byte `end` of the file (all rows when end is None).
-
-    HDF5 reads bytes past the end of a file as zeros: rows of a file cut short are cut here instead.
-    """
-    rows = len(ds)
-    if end is None or rows == 0:
-        return rows
-    per_chunk = ds.chunks[0]
-    for first in range((rows - 1) // per_chunk * per_chunk, -1, -per_chunk):
-        info = ds.id.get_chunk_info_by_coord((first,) + (0,) * (ds.ndim - 1))
-        if info.byte_offset is not None and info.byte_offset + info.size <= end:
-            return min(rows, first + per_chunk)
-    return 0
-
-
-@functools.cache
-def _read_attempts_setter() -> Callable[[int, int], int] | None:
-    """HDF5's H5Pset_metadata_read_attempts from the library h5py uses (h5py does not wrap it), or None."""
-    try:
-        function = ctypes.CDLL(h5py.h5.__file__).H5Pset_metadata_read_attempts
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = (ctypes.c_int64, ctypes.c_uint), ctypes.c_int
-    return function
-
-
-def _open_swmr(path: Path) -> h5py.File:
-    """A SWMR read of `path` whose metadata reads give up after READ_ATTEMPTS (about 1 s of retries)."""
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    setter = _read_attempts_setter()
-    if setter is not None and setter(fapl.id, READ_ATTEMPTS) < 0:
-        raise RecordingError(f"HDF5 refused {READ_ATTEMPTS} metadata read attempts for {path}")
-    return h5py.File(h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=fapl))
-
-
-def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.File:
-    """Open a recording read-only (also while it is written, or after its writer was killed or a write failed).
-
-    A writer locks the file while it opens it, until its SWMR mode starts; this waits up to
-    `lock_timeout` seconds for that. A RecordingError says what is wrong with a file that is not a
-    recording of this layout, or cannot be read. A file cut short (see cut_short) opens as a SWMR
-    reader would, which needs no end-of-file check; read its rows with rows_within (analysis.Run does).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, f"no recording at {path}", str(path))
-    if not h5py.is_hdf5(path):
-        raise RecordingError(f"{path} is not an HDF5 file, so not a mirrorcircuits recording")
-    left_open, _ = _superblock(path)
-    short = cut_short(path)
-    if short is not None and _read_attempts_setter() is None:
-        raise RecordingError(f"{path} is cut short ({short[0]} of {short[1]} bytes) and this h5py build does not "
-                             f"let its read retries be bounded: reading it could wait for hours")
-    deadline = time.monotonic() + lock_timeout
-    while True:
-        try:
-            if left_open or short:   # being written, its writer died, or cut short: a SWMR reader sees every flushed row
-                f = _open_swmr(path)
-            else:                    # closed: HDF5 checks that it is whole (a SWMR reader would not, and wait forever)
-                f = h5py.File(path, "r")
-            break
-        except BlockingIOError as e:   # a writer holds the lock while it opens the file, until SWMR mode starts
-            if time.monotonic() > deadline:
-                raise RecordingError(f"{path} stayed locked by its writer for {lock_timeout} s: {e}") from e
-            time.sleep(0.05)
-        except OSError as e:
-            raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
-    try:
-        layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
-    except (OSError, RuntimeError) as e:
-        f.close()
-        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
-    if layout != LAYOUT and short:
-        f.close()
-        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: cut short at {short[0]} of "
-                             f"{short[1]} bytes, its description (root attributes) is not in it")
-    if layout != LAYOUT:
-        f.close()
-        raise RecordingError(f"{path} is an HDF5 file but not a mirrorcircuits recording (its root has no "
-                             f"attribute layout = {LAYOUT!r})")
-    if version is None or int(version) > LAYOUT_VERSION:
-        f.close()
-        raise RecordingError(f"{path} has recording layout version {version}, newer than the version "
-                             f"{LAYOUT_VERSION} this mirrorcircuits reads: upgrade mirrorcircuits")
-    return f

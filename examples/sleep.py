@@ -15,7 +15,7 @@ import torch
 
 import circuits
 from circuits.mirror import settled_angle
-from circuits.recorder import angle
+from circuits.alignment import angle
 from models.resnet import resnet20
 
 

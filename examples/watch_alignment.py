@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from analysis import Run, open_run
-from circuits.recorder import RecordingError
+from circuits.recording import RecordingError
 
 
 def latest(run: Run) -> str:

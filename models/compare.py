@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
-from circuits.recorder import Recorder, angle
+from circuits.alignment import angle
+from circuits.recorder import Recorder
 
 from . import data
 from .convnet import convnet

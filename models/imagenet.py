@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
-from circuits.recorder import Recorder, RecordingError, WriterLock
+from circuits.recorder import Recorder
+from circuits.recording import RecordingError, WriterLock
 from circuits.trainer import DivergenceError
 from circuits.schedule import Learn, Mirror, Repeat, Schedule
 

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 import circuits
 from analysis import figures, open_run, stats
 from analysis.__main__ import main
-from circuits.recorder import Recorder, RecordingError
+from circuits.recorder import Recorder
+from circuits.recording import RecordingError
 from models.data import digits
 from models.mlp import mlp
 
@@ -190,3 +191,24 @@ def test_truncated_and_foreign_files_give_clear_errors(runs, tmp_path, capsys):
     assert f"{foreign} is not an HDF5 file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.h5"), "-o", str(tmp_path / "out")]) == 1
     assert "no recording at" in capsys.readouterr().err
+
+
+def test_analysis_imports_without_torch():
+    code = "import sys, analysis; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_report_runs_where_torch_is_not_installed(runs, tmp_path):
+    """A meta-path blocker makes `import torch` fail, as on a laptop without it."""
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from analysis.__main__ import main\n"
+            f"sys.exit(main(['report', {str(runs[0])!r}, '-o', {str(tmp_path / 'out')!r}, '--no-progress']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "summary.md").exists()

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import circuits
 from analysis import open_run, report, stats
-from circuits.recorder import Recorder, RecordingError, WriterLock, cut_short, open_recording, rows_within
+from circuits.recorder import Recorder
+from circuits.recording import RecordingError, WriterLock, cut_short, open_recording, rows_within
 from conftest import ResidualNet
 from models.mlp import mlp
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import circuits
-from circuits.recorder import WriterLock, open_recording
+from circuits.recording import WriterLock, open_recording
 from models import imagenet
 from models.imagenet_data import DatasetError, image_batches, synthetic_image_folder
 

@@ -15,7 +15,8 @@ import circuits
 from analysis import figures, open_run, report
 from circuits import rules
 from circuits.mirror import correlation
-from circuits.recorder import Recorder, angle
+from circuits.alignment import angle
+from circuits.recorder import Recorder
 from circuits.synapse import ConvOperator, DenseOperator
 from conftest import ResidualNet
 from models.data import digits
