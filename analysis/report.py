@@ -33,6 +33,8 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as opened:
         runs = [opened.enter_context(open_run(p)) for p in paths]
+        for run in runs:     # every table read first: a file that cannot be read fails before any figure is drawn
+            run.steps, run.alignment, run.errors, run.updates, run.evaluations
         names = _unique_names(runs)
         jobs = [("alignment.png", lambda: figures.alignment(runs)), ("errors.png", lambda: figures.error_angles(runs)),
                 ("curves.png", lambda: figures.curves(runs))]

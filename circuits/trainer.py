@@ -414,7 +414,7 @@ def _check_loader(name: str, loader: Any) -> None:
     if isinstance(loader, collections.abc.Iterator):
         raise CircuitError(f"{name} is an iterator ({type(loader).__name__}): it would be empty after its first "
                            f"pass; pass something iterable afresh each epoch (a DataLoader, a list of batches)")
-    if not isinstance(loader, collections.abc.Iterable):
+    if not isinstance(loader, collections.abc.Iterable) and not hasattr(loader, "__getitem__"):
         raise CircuitError(f"{name} ({type(loader).__name__}) is not iterable: pass a DataLoader or a list of batches")
     if _length(loader) == 0:
         raise CircuitError(f"{name} is empty: it has no batches")
