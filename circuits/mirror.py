@@ -34,23 +34,21 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import CircuitError
-from .network import CircuitNet
+from .network import unwrap
 from .synapse import Synapse
-
-
-def unwrap(net: nn.Module) -> CircuitNet:
-    """The CircuitNet inside DistributedDataParallel and torch.compile wrappers."""
-    while not isinstance(net, CircuitNet):
-        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
-        if inner is None:
-            raise CircuitError(f"{type(net).__name__} is not a built circuit (CircuitNet)")
-        net = inner
-    return net
 
 
 def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
     """The projections whose rule learns B in mirror phases (the weight mirror)."""
     return [(name, s) for name, s in unwrap(net).projections() if s.rule is not None and s.rule.mirrors]
+
+
+def require_mirrored(net: nn.Module, what: str = "a mirror phase") -> list[tuple[str, Synapse]]:
+    """mirrored(net), or a CircuitError if there are none: `what` would do nothing."""
+    found = mirrored(net)
+    if not found:
+        raise CircuitError(f"this circuit has no weight-mirror (wm) projection: {what} would do nothing")
+    return found
 
 
 def _spread(synapse: Synapse) -> float:
@@ -120,9 +118,7 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
     the copies of B drift apart; the all-reduce makes B bit-identical on every rank and turns
     world_size x batch_size noise samples into one update, at the cost of one all-reduce of B's size.
     """
-    synapses = [s for _, s in mirrored(net)]
-    if not synapses:
-        raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
+    synapses = [s for _, s in require_mirrored(net)]
     sizes = [samples_for_angle(s, angle) if angle is not None else batch_size for s in synapses]
     channels_last = runs_channels_last(net)
     hebbian = [correlation(s, m, generator, channels_last) for s, m in zip(synapses, sizes, strict=True)]

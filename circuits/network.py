@@ -169,3 +169,13 @@ class CircuitNet(nn.Module):
         for name, p in self.named_parameters():
             if not name.endswith(".B"):
                 yield p
+
+
+def unwrap(net: nn.Module) -> CircuitNet:
+    """The CircuitNet inside DistributedDataParallel and torch.compile wrappers."""
+    while not isinstance(net, CircuitNet):
+        inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
+        if inner is None:
+            raise CircuitError(f"{type(net).__name__} is not a built circuit (CircuitNet)")
+        net = inner
+    return net

@@ -51,8 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .alignment import _angles, _norms, alignment
-from .mirror import unwrap
-from .network import CircuitNet, Trace
+from .network import CircuitNet, Trace, unwrap
 from .recording import (LAYOUT, LAYOUT_VERSION, LIBVER, METRICS, PHASES, TABLES, RecordingError, WriterLock, key,
                         open_recording, strings)
 from .synapse import Synapse

@@ -19,7 +19,7 @@ from typing import Iterator, Union
 from torch import nn
 
 from .errors import CircuitError
-from .mirror import mirror_step, mirrored
+from .mirror import mirror_step, mirrored, require_mirrored
 
 
 def _positive(kind: str, field: str, value: int) -> None:
@@ -68,8 +68,7 @@ class Mirror:
 
     def run(self, net: nn.Module) -> None:
         """Run this mirror phase on a built net, with no data."""
-        if not mirrored(net):
-            raise CircuitError("this circuit has no weight-mirror projection: a mirror phase would do nothing")
+        require_mirrored(net)
         for _ in range(self.batches):
             self.step(net)
 
@@ -138,8 +137,8 @@ class Schedule:
 
     def check(self, net: nn.Module) -> None:
         """A CircuitError if the schedule has mirror phases but the circuit no weight-mirror projection."""
-        if self.mirrors and not mirrored(net):
-            raise CircuitError("the schedule has mirror phases but the circuit has no weight-mirror (wm) projection")
+        if self.mirrors:
+            require_mirrored(net, "the schedule's mirror phases")
 
 
 def paper_schedule(net: nn.Module, steps_per_epoch: int, batch_size: int = 128, warmup: int | None = None,

@@ -29,8 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import CircuitError
-from .mirror import unwrap
-from .network import Trace
+from .network import Trace, unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
@@ -363,8 +362,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(),
                  "counters": {k: getattr(self, k) for k in ("step", "tick", "examples", "epoch", "position", "batch_in_epoch",
                                                             "finished", "skipped_steps")},
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                 "rng": rng_state()}
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.recorder is not None:
@@ -382,9 +380,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for k, v in state["counters"].items():
             setattr(self, k, v)
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        set_rng_state(state["rng"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
@@ -436,3 +432,15 @@ def _length(loader: Iterable) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's random number generators (CPU and every CUDA device), for a checkpoint."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() saved."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -57,8 +57,8 @@ import circuits
 from circuits import rules
 from circuits.recorder import Recorder
 from circuits.recording import RecordingError, WriterLock
-from circuits.trainer import DivergenceError
-from circuits.schedule import Learn, Mirror, Repeat, Schedule
+from circuits.trainer import DivergenceError, rng_state, set_rng_state
+from circuits.schedule import Schedule
 
 from .imagenet_data import Batches, DatasetError, image_batches
 from .resnet import cifar_resnet, resnet
@@ -279,16 +279,6 @@ def feedback_rule(recipe: Recipe) -> rules.FeedbackRule:
     return rules.get(recipe.rule)
 
 
-def phase_schedule(recipe: Recipe, steps_per_epoch: int) -> Schedule:
-    """Learning only; under the weight mirror the authors' cadence (shared/paper-notes.md): a mirror
-    phase before any data, then one mirror batch after every `mirror_every` learning steps."""
-    if recipe.rule != "wm":
-        return Schedule(Repeat(Learn(1)))
-    warmup = steps_per_epoch if recipe.mirror_warmup is None else recipe.mirror_warmup
-    cycle = Repeat(Learn(recipe.mirror_every), Mirror(1, recipe.mirror_batch_size))
-    return Schedule(Mirror(warmup, recipe.mirror_batch_size), cycle) if warmup else Schedule(cycle)
-
-
 def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:
     """Per-step learning rate: linear warm-up from lr x 256 / batch (Goyal et al.), then step or cosine."""
     warmup = round(recipe.warmup_epochs * steps_per_epoch)
@@ -304,16 +294,6 @@ def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoc
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A checkpoint's contents, or a CircuitError if it is not one or belongs to another run
     (another architecture, rule, crop size or number of classes: `identity`)."""
@@ -383,7 +363,7 @@ class ImageNetTrainer(circuits.Trainer):
 
         First a DivergenceError if the state is not finite: no checkpoint is written from it."""
         self.check_finite()
-        mine = {"rng": _rng_state(), "skipped_before_epoch": self.skipped_before_epoch}
+        mine = {"rng": rng_state(), "skipped_before_epoch": self.skipped_before_epoch}
         ranks = [None] * self.procs.world_size
         if self.procs.distributed:
             dist.all_gather_object(ranks, mine)
@@ -408,7 +388,7 @@ class ImageNetTrainer(circuits.Trainer):
         self.saved_at = self.step
         ranks = state["ranks"]
         if len(ranks) == self.procs.world_size:
-            _set_rng_state(ranks[self.procs.rank]["rng"])
+            set_rng_state(ranks[self.procs.rank]["rng"])
             self.skipped_before_epoch = ranks[self.procs.rank]["skipped_before_epoch"]
         else:
             if self.procs.main:
@@ -457,8 +437,9 @@ def training_parts(net: circuits.CircuitNet, recipe: Recipe, procs: Processes, s
     config = circuits.TrainerConfig(device=str(procs.device), amp_dtype="bfloat16" if recipe.amp else None,
                                     channels_last=recipe.channels_last, lr_per_step=True,
                                     progress=recipe.progress, extra=asdict(recipe))
-    return (optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), phase_schedule(recipe, steps_per_epoch),
-            config)
+    schedule = circuits.paper_schedule(net, steps_per_epoch, recipe.mirror_batch_size, warmup=recipe.mirror_warmup,
+                                       every=recipe.mirror_every)
+    return optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), schedule, config
 
 
 def lock_run(recipe: Recipe, procs: Processes) -> WriterLock | None:
