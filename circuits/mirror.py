@@ -23,6 +23,10 @@ lambda, B settles at an angle theta to W with (fixed W, independent products)
 so a conv layer at high resolution (large P) needs few samples and a wide dense layer many.
 `samples_for_angle` inverts this to give each projection its own noise batch.
 
+A rule may choose the authors' released variants (circuits.rules.WeightMirror): decay 0 (B
+accumulates and never settles: settled_angle and samples_for_angle refuse it), the response
+sigmoid(W y_l + b) instead of W y_l, and <.> summed over the noise batch instead of averaged.
+
 Only B changes: W, batch-norm statistics and the optimizer never see a mirror phase.
 """
 from __future__ import annotations
@@ -55,8 +59,13 @@ def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
 
 def _spread(synapse: Synapse) -> float:
     """m tan^2 theta = n lambda / (P (2 - lambda)), over the kernel taps that meet real inputs: n counts
-    the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P)."""
+    the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P).
+    The formula is for the linear response; without decay B never settles, so there is no such angle."""
     lam = synapse.rule.decay
+    if not lam:
+        raise CircuitError(f"{synapse.rule!r} has decay 0: B accumulates every mirror batch and its angle to W "
+                           f"never settles, so there is no settled angle to aim at; give the mirror phase a "
+                           f"batch_size instead of angle=")
     return synapse.live_fan_in * lam / (synapse.live_positions * (2 - lam))
 
 
@@ -80,16 +89,27 @@ def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None =
 
 
 def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-    """<y_{l+1} y_l^T> on one batch of noise, per kernel tap averaged over its real inputs; W's layout."""
+    """<y_{l+1} y_l^T> on one batch of noise y_l, per kernel tap averaged over its real inputs; W's layout.
+
+    y_{l+1} = W y_l, or sigmoid(W y_l + b) for the rule's response "sigmoid"; <.> averages over the
+    batch, or sums over it for the rule's reduction "sum".
+    """
+    sigmoid = getattr(synapse.rule, "response", "linear") == "sigmoid"      # a user's mirror rule may lack both
+    summed = getattr(synapse.rule, "reduction", "mean") == "sum"
     y = noise(synapse, batch_size, generator)
     w = synapse.weight.detach()
+    bias = synapse.bias.detach() if sigmoid and synapse.bias is not None else None
     if torch.is_autocast_enabled(w.device.type):
         dtype = torch.get_autocast_dtype(w.device.type)
         y, w = y.to(dtype), w.to(dtype)
-    response = synapse.operator.forward(y, w, None)
+        bias = bias.to(dtype) if bias is not None else None
+    response = synapse.operator.forward(y, w, bias)
+    if sigmoid:
+        response = torch.sigmoid(response)
     c = synapse.operator.backward(response, y, w, (False, True, False))[1]
     c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums divided in float32 at least
-    return c.div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
+    count = synapse.positions.clamp_min(1) * (1 if summed else batch_size)
+    return c.div_(count).to(synapse.B.dtype)
 
 
 @torch.no_grad()
