@@ -6,8 +6,8 @@
 
 Every (rule, seed) run starts from the same data split and, per seed, the same forward weights;
 only the feedback rule differs. The circuit is the authors' sigmoid MLP, 784-500-10 (or --model
-convnet), trained by plain SGD with a cosine learning-rate schedule (or --lr-schedule constant) on
-4,000 images (pixels standardised), tested on 1,000.
+convnet), trained by plain SGD with a cosine learning-rate schedule on 4,000 images (pixels
+standardised), tested on 1,000.
 The rules' own settings: Kolen-Pollack decay lambda (W and B both decay, so W - B shrinks by
 (1 - eta lambda) per step); weight mirror eta_B = lambda_B (so B -> W) with the authors' cadence,
 one epoch's worth of mirror batches before any data, then one mirror batch after every learning step.
@@ -45,7 +45,6 @@ from .mlp import mlp
 
 RULES = ("bp", "fa", "dfa", "ss", "kp", "wm")
 MODELS = ("mlp", "convnet")
-LR_SCHEDULES = ("cosine", "constant")
 PAPER_MNIST = {"bp": (98.50, None), "fa": (97.80, "~40"), "kp": (98.45, "19.7 -> 3.6"), "wm": (98.49, "61 -> 3.8")}
 """The authors' MNIST results (full MNIST, 784-500-10 sigmoid MLP, 400 epochs; Akrout et al. 2019 and
 makrout/Deep-Learning-without-Weight-Transport): test accuracy (%) and angle(B, W) of the last layer
@@ -66,7 +65,6 @@ class CompareConfig:
     epochs: int = 20
     batch_size: int = 64
     lr: float | None = None              # default: 1.0 for the sigmoid MLP, 0.02 for the convnet
-    lr_schedule: str = "cosine"          # or "constant"
     kp_decay: float = 0.005              # Kolen-Pollack lambda
     wm_decay: float = 0.005              # weight mirror lambda_B (= eta_B, so B -> W)
     mirror_batch: int = 128              # noise samples per mirror batch
@@ -126,19 +124,26 @@ def angles(net: circuits.CircuitNet) -> dict[str, float | None]:
     return {name: float(angle(s.feedback, s.weight)) if s.rule is not None else None for name, s in net.projections()}
 
 
-def train(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit, recording: Path) -> RunResult:
-    """Train one run from `seed` and record it to `recording`."""
+def setup(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit) -> tuple[circuits.CircuitNet, DataLoader]:
+    """The circuit under the rule with the seed's forward weights (the same for every rule), and the
+    training data reshuffled every epoch by a generator of its own, seeded with `seed`."""
     torch.manual_seed(seed)
     forward = build(config, rules.Backprop(), split.shape).state_dict()
     net = build(config, feedback_rule(rule_name, config), split.shape)
     net.load_state_dict(forward, strict=False)     # the seed's forward weights, whatever the rule draws for B
     loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    return net, loader
+
+
+def train(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit, recording: Path) -> RunResult:
+    """Train one run from `seed` (plain SGD, cosine learning-rate schedule) and record it to `recording`."""
+    net, loader = setup(rule_name, seed, config, split)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate)
-    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
-                if config.lr_schedule == "cosine" else None)
     return fit(rule_name, seed, net, optimizer, loader, split, config.epochs, recording,
-               mirror_batch=config.mirror_batch, lr_scheduler=schedule, extra={"compare": asdict(config), "seed": seed})
+               mirror_batch=config.mirror_batch,
+               lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs),
+               extra={"compare": asdict(config), "seed": seed})
 
 
 def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.optim.Optimizer, loader: DataLoader,
@@ -213,7 +218,7 @@ def markdown(summary: dict[str, dict], config: CompareConfig, command: str, spli
     """The results table (mean ± spread over seeds), the authors' numbers beside, and the claims."""
     projections = list(next(iter(summary.values()))["angles"])
     lines = [f"Measured with `{command}` ({config.model}, epochs: {config.epochs}, batch {config.batch_size}, "
-             f"SGD lr {config.learning_rate:g} with {config.lr_schedule} schedule, KP lambda {config.kp_decay:g}, WM "
+             f"SGD lr {config.learning_rate:g} with cosine schedule, KP lambda {config.kp_decay:g}, WM "
              f"eta_B = lambda_B = {config.wm_decay:g} with {config.mirror_batch} noise samples per mirror batch; "
              f"mean ± sample standard deviation over seeds {', '.join(map(str, config.seeds))}; embedded MNIST "
              f"subset, {len(split.train):,} training and {len(split.test):,} test images).", "",
@@ -274,8 +279,6 @@ def run(config: CompareConfig, command: str = "python -m models.compare") -> dic
     """Every (rule, seed) run, then results.json, results.md and the report; returns the summary."""
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; models: {', '.join(MODELS)}")
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; schedules: {', '.join(LR_SCHEDULES)}")
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
@@ -306,7 +309,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 1.0 for mlp, 0.02 for convnet)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule, help="learning rate over the epochs")
     p.add_argument("--kp-decay", type=float, default=d.kp_decay, help="Kolen-Pollack lambda")
     p.add_argument("--wm-decay", type=float, default=d.wm_decay, help="weight mirror lambda_B = eta_B")
     p.add_argument("--mirror-batch", type=int, default=d.mirror_batch, help="noise samples per mirror batch")
@@ -322,8 +324,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     config = CompareConfig(model=args.model, rules=tuple(args.rules), seeds=tuple(args.seeds), epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
-                           kp_decay=args.kp_decay, wm_decay=args.wm_decay,
+                           batch_size=args.batch_size, lr=args.lr, kp_decay=args.kp_decay, wm_decay=args.wm_decay,
                            mirror_batch=args.mirror_batch, out=args.out, overwrite=args.overwrite,
                            report=not args.no_report, progress=not args.no_progress)
     if args.smoke:
