@@ -22,9 +22,10 @@ import gzip
 import importlib.resources
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -209,9 +210,18 @@ def _cached(name: str, cache: Path, sources: list[Path], read: Callable[[], dict
     cache.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)                  # a write cut short leaves no stamp, so it is redone
     for part, f in files.items():
-        np.save(f, arrays[part])
-    meta.write_text(json.dumps(stamp))
+        _write_whole(f, lambda out, values=arrays[part]: np.save(out, values))
+    _write_whole(meta, lambda out: out.write(json.dumps(stamp).encode()))
     return arrays
+
+
+def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write() into a temporary file that then replaces `path`, so that no reader (nor a second run filling
+    the same cache at once) ever finds it half written."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as out:
+        write(out)
+    os.replace(partial, path)
 
 
 def _full_split(name: str, arrays: dict[str, np.ndarray], flat: bool) -> DataSplit:
