@@ -23,6 +23,10 @@ lambda, B settles at an angle theta to W with (fixed W, independent products)
 so a conv layer at high resolution (large P) needs few samples and a wide dense layer many.
 `samples_for_angle` inverts this to give each projection its own noise batch.
 
+A rule may choose the authors' released variants (circuits.rules.WeightMirror): decay 0 (B
+accumulates and never settles: settled_angle and samples_for_angle refuse it), the response
+sigmoid(W y_l + b) instead of W y_l, and <.> summed over the noise batch instead of averaged.
+
 Only B changes: W, batch-norm statistics and the optimizer never see a mirror phase.
 """
 from __future__ import annotations
@@ -53,8 +57,13 @@ def require_mirrored(net: nn.Module, what: str = "a mirror phase") -> list[tuple
 
 def _spread(synapse: Synapse) -> float:
     """m tan^2 theta = n lambda / (P (2 - lambda)), over the kernel taps that meet real inputs: n counts
-    the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P)."""
+    the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P).
+    The formula is for the linear response; without decay B never settles, so there is no such angle."""
     lam = synapse.rule.decay
+    if not lam:
+        raise CircuitError(f"{synapse.rule!r} has decay 0: B accumulates every mirror batch and its angle to W "
+                           f"never settles, so there is no settled angle to aim at; give the mirror phase a "
+                           f"batch_size instead of angle=")
     return synapse.live_fan_in * lam / (synapse.live_positions * (2 - lam))
 
 
@@ -91,18 +100,26 @@ NOISE_ELEMENTS = 1 << 26
 
 def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
                 channels_last: bool = False) -> Tensor:
-    """<y_{l+1} y_l^T> on one batch of noise, per kernel tap averaged over its real inputs; W's layout."""
+    """<y_{l+1} y_l^T> on one batch of noise y_l, per kernel tap averaged over its real inputs; W's layout.
+
+    y_{l+1} is the rule's mirror_response to its drive W y_l (+ b where the response uses the bias);
+    <.> averages over the batch, or sums over it where the rule's reduction is "sum".
+    """
+    rule = synapse.rule
     w = synapse.weight.detach()
+    bias = synapse.bias.detach() if rule.response_uses_bias and synapse.bias is not None else None
     if torch.is_autocast_enabled(w.device.type):
-        w = w.to(torch.get_autocast_dtype(w.device.type))
+        dtype = torch.get_autocast_dtype(w.device.type)
+        w, bias = w.to(dtype), bias.to(dtype) if bias is not None else None
     chunk = max(1, NOISE_ELEMENTS // math.prod(synapse.in_shape))
     total = None
     for start in range(0, batch_size, chunk):
         y = noise(synapse, min(chunk, batch_size - start), generator, channels_last, like=w)
-        c = synapse.operator.backward(synapse.operator.forward(y, w, None), y, w, (False, True, False))[1]
+        response = rule.mirror_response(synapse.operator.forward(y, w, bias))
+        c = synapse.operator.backward(response, y, w, (False, True, False))[1]
         c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums added and divided in float32 at least
         total = c if total is None else total.add_(c)
-    return total.div_(synapse.positions.clamp_min(1) * batch_size).to(synapse.B.dtype)
+    return total.div_(synapse.positions.clamp_min(1) * rule.mirror_count(batch_size)).to(synapse.B.dtype)
 
 
 @torch.no_grad()

@@ -346,6 +346,18 @@ class WeightMirror(FeedbackRule):
     Defaults give B -> W (eta_B sigma^2 = lambda_B); lambda_B sets the speed and the noise averaging.
     noise: "gaussian" (default) or "uniform" (the authors' code), both of variance sigma^2.
     In Kunin et al.'s terms one mirror batch is a gradient step on decay + amp over the noise.
+
+    Three options reproduce the authors' released code (makrout/Deep-Learning-without-Weight-Transport,
+    fcnn/FCNN_WM.py, `mirror`), which departs from eq. 7:
+      decay = 0:            no decay, B += eta_B <y_{l+1} y_l^T>: B has no fixed point; it accumulates
+                            about eta_B sigma^2 W per batch (linear response, mean), its direction tending
+                            to W's. target_scale and circuits.mirror.settled_angle / samples_for_angle
+                            refuse it (CircuitError).
+      response "sigmoid":   y_{l+1} = sigmoid(W y_l + b) instead of the linear W y_l; for small noise
+                            <y_{l+1} y_l^T> ~ sigma^2 diag(sigmoid'(b)) W: row i of B learns W's row i
+                            scaled by sigmoid'(b_i), so B's angle to W does not reach 0.
+      reduction "sum":      <.> sums over the noise batch instead of averaging (the step grows with
+                            the batch size).
     """
 
     short_name: ClassVar[str] = "wm"
@@ -355,13 +367,18 @@ class WeightMirror(FeedbackRule):
     eta: float = 0.02
     decay: float = 0.02
     noise: str = "gaussian"
+    response: str = "linear"
+    reduction: str = "mean"
 
     def __post_init__(self) -> None:
         _finite(self, sigma=self.sigma, eta=self.eta, decay=self.decay)
-        if not (self.sigma > 0 and self.eta > 0 and 0 < self.decay < 1):
-            raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 < decay < 1, got {self}")
-        if self.noise not in ("gaussian", "uniform"):
-            raise CircuitError(f"WeightMirror noise must be 'gaussian' or 'uniform', got {self.noise!r}")
+        if not (self.sigma > 0 and self.eta > 0 and 0 <= self.decay < 1):
+            raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 <= decay < 1, got {self}")
+        for name, allowed in (("noise", ("gaussian", "uniform")), ("response", ("linear", "sigmoid")),
+                              ("reduction", ("mean", "sum"))):
+            if getattr(self, name) not in allowed:
+                raise CircuitError(f"WeightMirror {name} must be {' or '.join(map(repr, allowed))}, "
+                                   f"got {getattr(self, name)!r}")
 
     @property
     def mirrors(self) -> bool:
@@ -369,7 +386,9 @@ class WeightMirror(FeedbackRule):
 
     @property
     def target_scale(self) -> float:
-        """The expected fixed point B = target_scale * W."""
+        """The expected fixed point B = target_scale * W (linear response, decay > 0)."""
+        if not self.decay:
+            raise CircuitError(f"{self!r} has no fixed point: with decay 0, B grows without bound")
         return self.eta * self.sigma**2 / self.decay
 
     def mirror_noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -378,6 +397,19 @@ class WeightMirror(FeedbackRule):
             return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator).mul_(self.sigma)
         half_width = math.sqrt(3) * self.sigma      # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
         return torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator).sub_(0.5).mul_(2 * half_width)
+
+    @property
+    def response_uses_bias(self) -> bool:
+        """The released code's sigmoid response adds the projection's bias; the linear response does not."""
+        return self.response == "sigmoid"
+
+    def mirror_response(self, drive: Tensor) -> Tensor:
+        """y_{l+1} from the drive W y_l (+ b): linear, or sigmoid as in the released code."""
+        return torch.sigmoid(drive) if self.response == "sigmoid" else drive
+
+    def mirror_count(self, batch_size: int) -> int:
+        """What the batch's summed correlation is divided by: the batch size (mean), or 1 (sum)."""
+        return batch_size if self.reduction == "mean" else 1
 
     def mirror_update(self, feedback: Tensor, correlation: Tensor) -> None:
         """B += eta_B <y_{l+1} y_l^T> - lambda_B B, in place."""

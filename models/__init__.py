@@ -3,7 +3,8 @@
     from models import mlp, convnet, resnet18, data
     net = mlp((784, 500, 10), rule="wm").build()
 
-Command lines: python -m models.compare (the main job), python -m models.imagenet (full ImageNet).
+Command lines: python -m models.compare (the main job), python -m models.reproduce (the authors' MNIST
+experiment on full MNIST), python -m models.imagenet (full ImageNet).
 """
 from . import data
 from .convnet import convnet

