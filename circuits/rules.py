@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -160,12 +160,21 @@ def register(cls: R) -> R:
 RuleLike = Union[str, FeedbackRule]
 
 
-def get(rule: RuleLike) -> FeedbackRule:
-    """A rule from a FeedbackRule or a registered short name ('bp', 'fa', 'dfa', 'ss', 'kp', 'wm', ...)."""
+def get(rule: RuleLike, settings: Mapping[str, Mapping[str, Any]] | None = None) -> FeedbackRule:
+    """A rule from a FeedbackRule or a registered short name ('bp', 'fa', 'dfa', 'ss', 'kp', 'wm', ...).
+
+    settings: per short name, keyword arguments for that rule's constructor, e.g.
+    {"kp": {"decay": 0.005}, "wm": {"eta": 0.005, "decay": 0.005}}; rules it does not name get their defaults.
+    """
     if isinstance(rule, FeedbackRule):
         return rule
     if isinstance(rule, str) and rule.lower() in RULES:
-        return RULES[rule.lower()]()
+        name = rule.lower()
+        kwargs = dict((settings or {}).get(name, {}))
+        try:
+            return RULES[name](**kwargs)
+        except TypeError as e:
+            raise CircuitError(f"rule {name!r} takes no such settings {kwargs}: {e}") from None
     raise CircuitError(f"unknown feedback rule {rule!r}; known rules: {', '.join(RULES)} "
                        f"(or a circuits.rules.FeedbackRule)")
 

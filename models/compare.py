@@ -96,12 +96,9 @@ class RunResult:
 
 
 def feedback_rule(short_name: str, config: CompareConfig) -> rules.FeedbackRule:
-    """The rule `short_name` with this comparison's settings for KP and WM."""
-    if short_name == "kp":
-        return rules.KolenPollack(decay=config.kp_decay)
-    if short_name == "wm":
-        return rules.WeightMirror(sigma=1.0, eta=config.wm_decay, decay=config.wm_decay)
-    return rules.get(short_name)
+    """The rule `short_name` with this comparison's settings for KP and WM (eta_B = lambda_B: B -> W)."""
+    return rules.get(short_name, {"kp": {"decay": config.kp_decay},
+                                  "wm": {"sigma": 1.0, "eta": config.wm_decay, "decay": config.wm_decay}})
 
 
 def load_data(config: CompareConfig) -> data.DataSplit:

@@ -272,11 +272,9 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
 
 def feedback_rule(recipe: Recipe) -> rules.FeedbackRule:
     """The rule named by the recipe, with its parameters."""
-    if recipe.rule == "wm":
-        return rules.WeightMirror(sigma=recipe.wm_sigma, eta=recipe.wm_eta, decay=recipe.wm_decay, noise=recipe.wm_noise)
-    if recipe.rule == "kp":
-        return rules.KolenPollack(decay=recipe.kp_decay)
-    return rules.get(recipe.rule)
+    return rules.get(recipe.rule, {"kp": {"decay": recipe.kp_decay},
+                                   "wm": {"sigma": recipe.wm_sigma, "eta": recipe.wm_eta, "decay": recipe.wm_decay,
+                                          "noise": recipe.wm_noise}})
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:
