@@ -97,17 +97,17 @@ class Run:
         direct feedback projection, `direct` True) or "local derivative"."""
         table = self.file["circuit/populations"]
         graph = nx.DiGraph(name=str(self.file["circuit"].attrs["name"]))
-        for name, shape, activation, is_input in zip(*(_column(table, f) for f in ("name", "shape", "activation", "input"))):
+        for name, shape, activation, is_input in zip(*(_column(table, f) for f in ("name", "shape", "activation", "input")), strict=True):
             schema.add_population(graph, name, shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input))
         table = self.file["circuit/projections"]
         forward = {}
-        for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(*(_column(table, f) for f in table.dtype.names)):
+        for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(*(_column(table, f) for f in table.dtype.names), strict=True):
             edge = dict(name=name, projection=kind, spec=spec, synaptic=bool(synaptic), rule=rule or None,
                         rule_spec=rule_spec or None, weight_shape=tuple(json.loads(weight)) if weight else None)
             schema.add_projection(graph, pre, post, **edge)
             forward[name] = edge
         table = self.file["circuit/feedback"]
-        for name, source, target, carries, rule, rule_spec, direct, shape in zip(*(_column(table, f) for f in table.dtype.names)):
+        for name, source, target, carries, rule, rule_spec, direct, shape in zip(*(_column(table, f) for f in table.dtype.names), strict=True):
             edge = dict(forward.get(name, dict(name=name, synaptic=True, weight_shape=None)), rule=rule or None,
                         rule_spec=rule_spec or None, feedback_shape=tuple(json.loads(shape)) if shape else None)
             schema.add_feedback(graph, source, target, carries=carries, direct=bool(direct), **edge)
@@ -117,14 +117,14 @@ class Run:
     def projections(self) -> list[str]:
         """Synaptic projections, in the circuit's order."""
         table = self.file["circuit/projections"]
-        return [n for n, s in zip(_column(table, "name"), _column(table, "synaptic")) if s]
+        return [n for n, s in zip(_column(table, "name"), _column(table, "synaptic"), strict=True) if s]
 
     @property
     def rules(self) -> dict[str, str]:
         """The feedback rule (short name) of every feedback projection through a B (layer-local ones
         under their forward projection's name, then direct ones)."""
         table = self.file["circuit/feedback"]
-        rows = zip(*(_column(table, f) for f in ("name", "rule", "carries", "direct")))
+        rows = zip(*(_column(table, f) for f in ("name", "rule", "carries", "direct")), strict=True)
         named = sorted(rows, key=lambda row: row[3])      # layer-local first, each group in file order
         return {n: r for n, r, carries, _ in named if carries == "B"}
 

@@ -148,13 +148,13 @@ class _Table:
         """Append the waiting rows to every dataset (one resize and one write each)."""
         if not self.rows:
             return
-        hosts, devices, arrays = zip(*self.rows)
-        columns = [np.asarray(c) for c in zip(*hosts)]
+        hosts, devices, arrays = zip(*self.rows, strict=True)
+        columns = [np.asarray(c) for c in zip(*hosts, strict=True)]
         if self.n_device:
             columns += list(torch.stack(devices).cpu().numpy().T)
-        columns += [np.stack(c) for c in zip(*arrays)] if self.n_arrays else []
+        columns += [np.stack(c) for c in zip(*arrays, strict=True)] if self.n_arrays else []
         start, n = len(self), len(self.rows)
-        for ds, values in zip(self.datasets, columns):
+        for ds, values in zip(self.datasets, columns, strict=True):
             ds.resize(start + n, axis=0)
             ds[start:] = values
         self.rows = []
@@ -625,7 +625,7 @@ class Recorder:
             if probing:
                 with self._net.backprop_reference():
                     _, bp_errors, bp_updates, _ = self._credit()
-                pairs = list(zip(errors, bp_errors)) + list(zip(updates, bp_updates))
+                pairs = list(zip(errors, bp_errors, strict=True)) + list(zip(updates, bp_updates, strict=True))
                 norms = torch.stack([_norms(u, v).to(self._device) for u, v in pairs])
                 device = torch.cat([loss.reshape(1).float(), _angles(norms).flatten()])
                 self._tables["probe"].append((tick, step), device)

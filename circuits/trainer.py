@@ -220,7 +220,7 @@ class Trainer:
                 for b, saved in buffers:
                     b.copy_(saved)
         activity = [p for p, t in traces.items() if not bool(torch.isfinite(t.y).all())]
-        error = [p for p, e in zip(names, errors) if e is not None and not bool(torch.isfinite(e).all())]
+        error = [p for p, e in zip(names, errors, strict=True) if e is not None and not bool(torch.isfinite(e).all())]
         out = []
         if activity:
             out.append(f"on the last batch the activity is non-finite from population {activity[0]!r} on "

@@ -178,7 +178,7 @@ class EpochSampler(DistributedSampler):
 
 def collate_encoded(batch: list[tuple]) -> tuple[list[Tensor], Tensor, list[int], list[str]]:
     """Encoded items into (list of byte tensors, labels, seeds, paths): the images differ in size."""
-    data, labels, seeds, paths = zip(*batch)
+    data, labels, seeds, paths = zip(*batch, strict=True)
     return list(data), torch.tensor(labels), list(seeds), list(paths)
 
 
@@ -290,11 +290,11 @@ class Batches:
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:       # one bad file fails the whole call: decode one by one
-            decoded = [self._decode_one(d, p) for d, p in zip(data, paths)]
+            decoded = [self._decode_one(d, p) for d, p in zip(data, paths, strict=True)]
         size = self.augmentation.size
         blank = torch.zeros(1, 3, size, size, device=self.device)
         crops, flips = [], []
-        for image, seed in zip(decoded, seeds):
+        for image, seed in zip(decoded, seeds, strict=True):
             if image is None:
                 crops.append(blank)
                 flips.append(False)

@@ -154,7 +154,7 @@ def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3
     pooled = c.population("maxpool", shape=(64, *(window_output_size(n, 3, 2, 1) for n in (h, w))))
     c.connect(y, pooled, circuits.MaxPool(3, 2, 1), name="maxpool")
     y = pooled
-    for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
+    for stage, (n, planes) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True), start=1):
         for b in range(n):
             y = wiring.block(y, f"layer{stage}.{b}", kind, planes, 2 if stage > 1 and b == 0 else 1, "projection")
     wiring.readout(y, classes)
