@@ -104,7 +104,9 @@ def curves(runs: Sequence[Run], smoothing: int | None = None) -> Figure:
         learn = steps["phase"] == "learn"
         loss = steps["loss"][learn]
         if len(loss):
-            loss_ax.plot(steps.step[learn], running_mean(loss, smoothing or max(1, len(loss) // 50)), color=colour, label=label)
+            loss_ax.plot(
+                steps.step[learn], running_mean(loss, smoothing or max(1, len(loss) // 50)), color=colour, label=label
+            )
         ev = run.evaluations
         if len(ev) and "top1" in ev.columns:
             error_ax.plot(ev.step, 100 * (1 - ev["top1"]), "o-", ms=3, color=colour, label=label)
@@ -136,8 +138,12 @@ def circuit(run: Run) -> Figure:
     ax = fig.subplots()
     ax.set_ylim(-gap - widest / 2 - 0.3, gap + widest / 2 + 0.3)
     feedback_nodes = list(schema.pathway(graph, schema.FEEDBACK))
-    nx.draw_networkx_nodes(graph, pos, nodelist=list(forward), node_color="white", edgecolors="black", node_size=320, ax=ax)
-    nx.draw_networkx_nodes(graph, pos, nodelist=feedback_nodes, node_color="whitesmoke", edgecolors="grey", node_size=320, ax=ax)
+    nx.draw_networkx_nodes(
+        graph, pos, nodelist=list(forward), node_color="white", edgecolors="black", node_size=320, ax=ax
+    )
+    nx.draw_networkx_nodes(
+        graph, pos, nodelist=feedback_nodes, node_color="whitesmoke", edgecolors="grey", node_size=320, ax=ax
+    )
     feedback = list(schema.pathway(graph, schema.FEEDBACK).edges(data=True))
     for skip in (False, True):      # an edge that skips generations (a shortcut) arcs away from the other pathway
         style = dict(node_size=320, ax=ax, connectionstyle="arc3,rad=-0.3" if skip else "arc3")
@@ -145,9 +151,14 @@ def circuit(run: Run) -> Figure:
                                edge_color="black", **style)
         for synaptic in (True, False):
             edges = [(u, v, d) for u, v, d in feedback if d["synaptic"] == synaptic and _skips(pos, u, v) == skip]
-            nx.draw_networkx_edges(graph, pos, edgelist=[(u, v) for u, v, _ in edges], style="--" if synaptic else ":",
-                                   edge_color=[RULE_COLOURS.get(d["rule"], "grey") if synaptic else "grey" for *_, d in edges],
-                                   **style)
+            nx.draw_networkx_edges(
+                graph,
+                pos,
+                edgelist=[(u, v) for u, v, _ in edges],
+                style="--" if synaptic else ":",
+                edge_color=[RULE_COLOURS.get(d["rule"], "grey") if synaptic else "grey" for *_, d in edges],
+                **style,
+            )
     nx.draw_networkx_labels(graph, labels, font_size=7, ax=ax)
     handles = [lines.Line2D([], [], color="black", label="forward projection")]
     handles += [lines.Line2D([], [], color=RULE_COLOURS.get(r, "grey"), ls="--", label=f"feedback through B ({r})")

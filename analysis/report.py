@@ -38,7 +38,9 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
         names = _unique_names(runs)
         jobs = [("alignment.png", lambda: figures.alignment(runs)), ("errors.png", lambda: figures.error_angles(runs)),
                 ("curves.png", lambda: figures.curves(runs))]
-        jobs += [(f"{name}-circuit.png", lambda run=run: figures.circuit(run)) for name, run in zip(names, runs, strict=True)]
+        jobs += [
+            (f"{name}-circuit.png", lambda run=run: figures.circuit(run)) for name, run in zip(names, runs, strict=True)
+        ]
         written = [figures.save(draw(), out / file) for file, draw in tqdm(jobs, desc="figures", disable=not progress)]
         written.append(_summary(runs, names, written, out / "summary.md", threshold))
     return written
@@ -51,7 +53,9 @@ def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], 
              f"'all below {threshold:g}°' = the learning step by which every projection of the rule had first "
              "aligned that far; error angle = the last angle between the hidden populations' errors and "
              "backprop's on the probe batch.", ""]
-    nonfinite = {name: found for name, run in zip(names, runs, strict=True) if (found := stats.divergence(run)) is not None}
+    nonfinite = {
+        name: found for name, run in zip(names, runs, strict=True) if (found := stats.divergence(run)) is not None
+    }
     for name, found in nonfinite.items():
         parts += [f"**{name} {found.describe()}.**" + ("" if found.recovered else
                   f" Its accuracies and angles below are of the rows before step {found.step}."), ""]

@@ -60,7 +60,8 @@ class Run:
         self.file.close()
 
     def __repr__(self) -> str:
-        return f"Run({str(self.path)!r}, circuit {self.file.attrs['circuit']!r}, rule {self.rule!r}, {len(self.steps)} rows)"
+        return (f"Run({str(self.path)!r}, circuit {self.file.attrs['circuit']!r}, rule {self.rule!r}, "
+                f"{len(self.steps)} rows)")
 
     # --- what the run was --------------------------------------------------------------------
     @property
@@ -97,17 +98,25 @@ class Run:
         direct feedback projection, `direct` True) or "local derivative"."""
         table = self.file["circuit/populations"]
         graph = nx.DiGraph(name=str(self.file["circuit"].attrs["name"]))
-        for name, shape, activation, is_input in zip(*(_column(table, f) for f in ("name", "shape", "activation", "input")), strict=True):
-            schema.add_population(graph, name, shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input))
+        for name, shape, activation, is_input in zip(
+            *(_column(table, f) for f in ("name", "shape", "activation", "input")), strict=True
+        ):
+            schema.add_population(
+                graph, name, shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input)
+            )
         table = self.file["circuit/projections"]
         forward = {}
-        for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(*(_column(table, f) for f in table.dtype.names), strict=True):
+        for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(
+            *(_column(table, f) for f in table.dtype.names), strict=True
+        ):
             edge = dict(name=name, projection=kind, spec=spec, synaptic=bool(synaptic), rule=rule or None,
                         rule_spec=rule_spec or None, weight_shape=tuple(json.loads(weight)) if weight else None)
             schema.add_projection(graph, pre, post, **edge)
             forward[name] = edge
         table = self.file["circuit/feedback"]
-        for name, source, target, carries, rule, rule_spec, direct, shape in zip(*(_column(table, f) for f in table.dtype.names), strict=True):
+        for name, source, target, carries, rule, rule_spec, direct, shape in zip(
+            *(_column(table, f) for f in table.dtype.names), strict=True
+        ):
             edge = dict(forward.get(name, dict(name=name, synaptic=True, weight_shape=None)), rule=rule or None,
                         rule_spec=rule_spec or None, feedback_shape=tuple(json.loads(shape)) if shape else None)
             schema.add_feedback(graph, source, target, carries=carries, direct=bool(direct), **edge)
@@ -141,7 +150,9 @@ class Run:
         forward = schema.pathway(graph, schema.FORWARD)
         before: dict[str, int] = {}
         for pop in nx.topological_sort(forward):
-            before[pop] = max((before[u] + forward.edges[u, pop]["synaptic"] for u in forward.predecessors(pop)), default=0)
+            before[pop] = max(
+                (before[u] + forward.edges[u, pop]["synaptic"] for u in forward.predecessors(pop)), default=0
+            )
         return {d["name"]: before[u] + 1 for u, _, d in forward.edges(data=True) if d["synaptic"]}
 
     # --- what the run recorded ---------------------------------------------------------------
@@ -150,7 +161,10 @@ class Run:
         (in a file cut short, the rows that lie wholly in it)."""
         short = cut_short(self.path)
         try:
-            datasets = {name: self.file[path] for name, path in {"tick": f"{group}/tick", "step": f"{group}/step", **columns}.items()}
+            datasets = {
+                name: self.file[path]
+                for name, path in {"tick": f"{group}/tick", "step": f"{group}/step", **columns}.items()
+            }
             if self.file.swmr_mode:
                 for ds in datasets.values():
                     ds.refresh()

@@ -142,7 +142,10 @@ def summarize(run: Run, threshold: float = 45.0) -> list[RuleSummary]:
     finals, means, below = final(alignment), mean(alignment), first_below(alignment, threshold)
     hidden = hidden_populations(run)
     error = final({p: s for p, s in errors.items() if p in hidden and len(s)})
-    last = {m: float(evaluations[m][-1]) if len(evaluations) and m in evaluations.columns else None for m in ("top1", "top5")}
+    last = {
+        m: float(evaluations[m][-1]) if len(evaluations) and m in evaluations.columns else None
+        for m in ("top1", "top5")
+    }
     by_rule: dict[str, list[str]] = {}
     for projection, rule in run.rules.items():
         by_rule.setdefault(rule, []).append(projection)
@@ -184,10 +187,12 @@ def markdown(rows: Sequence[RuleSummary], threshold: float = 45.0) -> str:
              f"| mean angle(B, W) (°) | all below {threshold:g}° at step | error angle vs BP (°) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.run} | {r.rule} | {len(r.projections)} | {r.steps} | "
-                     f"{_cell(None if r.top1 is None else 100 * r.top1, '.2f')} | "
-                     f"{_cell(None if r.top5 is None else 100 * r.top5, '.2f')} | {_final_cell(r.final_angle, r.diverged_at)} | "
-                     f"{_cell(r.mean_angle, '.2f')} | {_cell(r.aligned_at, 'd')} | {_cell(r.error_angle, '.2f')} |")
+        lines.append(
+            f"| {r.run} | {r.rule} | {len(r.projections)} | {r.steps} | "
+            f"{_cell(None if r.top1 is None else 100 * r.top1, '.2f')} | "
+            f"{_cell(None if r.top5 is None else 100 * r.top5, '.2f')} | {_final_cell(r.final_angle, r.diverged_at)} | "
+            f"{_cell(r.mean_angle, '.2f')} | {_cell(r.aligned_at, 'd')} | {_cell(r.error_angle, '.2f')} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,10 +204,15 @@ def projection_markdown(run: Run, threshold: float = 45.0) -> str:
     if diverged is not None:
         alignment = before(alignment, diverged)
     finals, means, below, depth = final(alignment), mean(alignment), first_below(alignment, threshold), run.depth
-    lines = [f"| projection | depth | rule | final angle(B, W) (°) | mean angle(B, W) (°) | first below {threshold:g}° at step |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        f"| projection | depth | rule | final angle(B, W) (°) | mean angle(B, W) (°) "
+        f"| first below {threshold:g}° at step |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for name, rule in run.rules.items():
         final_cell = _final_cell(finals[name], diverged) if name in finals else "–"
-        lines.append(f"| {name} | {_cell(depth.get(name), 'd')} | {rule} | {final_cell} | {_cell(means.get(name), '.2f')} "
-                     f"| {_cell(below.get(name), 'd')} |")
+        lines.append(
+            f"| {name} | {_cell(depth.get(name), 'd')} | {rule} | {final_cell} | {_cell(means.get(name), '.2f')} "
+            f"| {_cell(below.get(name), 'd')} |"
+        )
     return "\n".join(lines)

@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args = p.parse_args(argv, namespace=argparse.Namespace(**SMOKE))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: use --smoke to check the script on the CPU, benchmarks/loader.py for CPU figures")
+        raise SystemExit(
+            "no CUDA GPU here: use --smoke to check the script on the CPU, benchmarks/loader.py for CPU figures"
+        )
     began = time.perf_counter()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{gpu}, torch {torch.__version__}, {args.arch}, batch {args.batch_size}, {args.image_size}px, "

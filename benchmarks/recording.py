@@ -70,7 +70,9 @@ def seconds(variant: Recorded, x: torch.Tensor, target: torch.Tensor, steps: int
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--arch", choices=("resnet18", "resnet50"), default="resnet18")
     p.add_argument("--rule", choices=list(rules.RULES), default="kp", help="feedback rule of every projection")
     p.add_argument("--batch-size", type=int, default=256)
@@ -85,13 +87,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="folder for the recordings (default: a temporary one, deleted)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on CPU: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items())
+    )
     return p
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = parser()
-    args = parse_with_smoke(p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds", "probe_steps", "probe_batch"))
+    args = parse_with_smoke(
+        p, argv, SMOKE, ("batch_size", "image_size", "steps", "rounds", "probe_steps", "probe_batch")
+    )
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     return args

@@ -18,11 +18,13 @@ with their lowest and highest, and its steps/s the median of its rounds. Each mo
 printed as soon as that mode is measured, and with --json every round is written out as it ends, so
 a run cut short keeps what it measured. Compiled variants are warmed up one by one after one
 torch._dynamo.reset(), with room for each variant's own graphs. Graph breaks that torch.compile meets
-while warming up are listed under the table. Needs the project installed (pip install -e .), or the repository root on PYTHONPATH.
+while warming up are listed under the table. Needs the project installed (pip install -e .), or the
+repository root on PYTHONPATH.
 
     python benchmarks/throughput.py --arch resnet50 --batch-size 128 --image-size 224   # GPU
     python benchmarks/throughput.py --smoke                                              # CPU, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -217,7 +219,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224, help="synthetic images are 3 x size x size")
     p.add_argument("--steps", type=int, default=20, help="timed steps per block")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and mode (compilation included)")
-    p.add_argument("--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round"
+    )
     p.add_argument("--rules", nargs="+", choices=[*rules.RULES, MIRROR_VARIANT], default=[*rules.RULES, MIRROR_VARIANT],
                    help="circuit variants, each timed against plain torch")
     p.add_argument("--mirror-batch-size", type=int, default=None,
@@ -309,7 +313,9 @@ def workload(args: argparse.Namespace) -> Workload:
     model = getattr(torchvision.models, args.arch)(num_classes=CLASSES)
     x = torch.randn(args.batch_size, *input_shape, device=device).contiguous(memory_format=memory_format)
     target = torch.randint(0, CLASSES, (args.batch_size,), device=device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, torch threads={torch.get_num_threads()}"
+    name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, torch threads={torch.get_num_threads()}"
+    )
     return Workload(model, input_shape, x, target, dtype, described, name, memory_format)
 
 

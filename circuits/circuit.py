@@ -227,8 +227,10 @@ class LayerRules:
     def finish(self, circuit: Circuit) -> Circuit:
         if self.pending:
             synaptic = [name for name, _, _, projection, _ in circuit.projections() if projection.synaptic]
-            raise CircuitError(f"rules_by_layer names projections that circuit {circuit.name!r} does not have "
-                               f"or that have no synapses: {sorted(self.pending)}; its synaptic projections are {synaptic}")
+            raise CircuitError(
+                f"rules_by_layer names projections that circuit {circuit.name!r} does not have "
+                f"or that have no synapses: {sorted(self.pending)}; its synaptic projections are {synaptic}"
+            )
         if circuit.default_rule.direct:
             if self.overridden:
                 raise CircuitError(f"rules_by_layer cannot be combined with the direct rule {circuit.default_rule}: "

@@ -21,7 +21,13 @@ from . import rules
 from .circuit import Circuit, LayerRules
 from .errors import CircuitError
 
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.GELU: "gelu", nn.Softplus: "softplus"}
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.GELU: "gelu",
+    nn.Softplus: "softplus",
+}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
                          torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus"}
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
@@ -126,21 +132,35 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
                 activate(node, node.args[0], act)
                 continue
             if node.target in used_layers:
-                raise CircuitError(f"layer {node.target!r} is called more than once; shared weights cannot be converted")
+                raise CircuitError(
+                    f"layer {node.target!r} is called more than once; shared weights cannot be converted"
+                )
             used_layers.add(node.target)
             projection = _projection(layer, node.target)
             edges.append((source(node, node.args[0]), new_population(node), projection, node.target))
-        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False):
+        elif (
+            node.op == "call_function"
+            and node.target in _ACTIVATION_FUNCTIONS
+            and len(node.args) == 1
+            and not node.kwargs.get("inplace", False)
+        ):
             activate(node, node.args[0], _ACTIVATION_FUNCTIONS[node.target])
         elif node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
             activate(node, node.args[0], _ACTIVATION_METHODS[node.target])
-        elif node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd) and len(node.args) == 2 and not node.kwargs:
+        elif (
+            node.op == "call_function"
+            and node.target in (operator.add, torch.add, operator.iadd)
+            and len(node.args) == 2
+            and not node.kwargs
+        ):
             a, b = (source(node, x) for x in node.args)
             if a == b:
                 raise CircuitError(f"node {node.name!r} adds a population to itself; this cannot be converted")
             post = new_population(node)
             edges += [(a, post, P.Identity(), f"{a}->{post}"), (b, post, P.Identity(), f"{b}->{post}")]
-        elif (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten"):
+        elif (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"
+        ):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             if start != 1 or end != -1:

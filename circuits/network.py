@@ -99,10 +99,12 @@ class CircuitNet(nn.Module):
         for name, x in inputs.items():
             declared = self.input_shapes[name]
             if tuple(x.shape[1:]) != declared:
-                raise CircuitError(f"input population {name!r} was declared with shape {declared} (one example), but "
-                                   f"got a batch of shape {tuple(x.shape)}: examples of shape {tuple(x.shape[1:])}. Declare "
-                                   f"the shape the data has (from_torch(..., input_shape=...)): mirror noise, padding "
-                                   f"statistics and recordings follow the declared shape")
+                raise CircuitError(
+                    f"input population {name!r} was declared with shape {declared} (one example), but "
+                    f"got a batch of shape {tuple(x.shape)}: examples of shape {tuple(x.shape[1:])}. Declare "
+                    f"the shape the data has (from_torch(..., input_shape=...)): mirror noise, padding "
+                    f"statistics and recordings follow the declared shape"
+                )
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
         for pop, phi, incoming, direct, release in self._plan:

@@ -25,7 +25,9 @@ class Population:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name.startswith(ERROR_PREFIX):
-            raise CircuitError(f"population name {self.name!r} must be a non-empty string not starting with {ERROR_PREFIX!r}")
+            raise CircuitError(
+                f"population name {self.name!r} must be a non-empty string not starting with {ERROR_PREFIX!r}"
+            )
         shape = tuple(self.shape)
         if not shape or any(not isinstance(n, int) or n <= 0 for n in shape):
             raise CircuitError(f"population {self.name!r}: shape {self.shape!r} must be a tuple of positive ints")

@@ -155,13 +155,17 @@ class MaxPool(Projection):
     ceil_mode: bool = False
 
     def __post_init__(self) -> None:
-        _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        _check_window(
+            self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )
 
     def output_shape(self, pre, post):
         self._require_dims(pre, 3, "input")
         k, p, d = _pair(self.kernel_size), _pair(self.padding), _pair(self.dilation)
         s = _pair(self.stride) if self.stride is not None else k
-        return (pre.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], d[i], self.ceil_mode) for i in range(2))
+        return (pre.shape[0],) + tuple(
+            window_output_size(pre.shape[i + 1], k[i], s[i], p[i], d[i], self.ceil_mode) for i in range(2)
+        )
 
     def _module(self, pre, post, rule):
         return nn.MaxPool2d(self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
@@ -184,7 +188,9 @@ class AvgPool(Projection):
         self._require_dims(pre, 3, "input")
         k, p = _pair(self.kernel_size), _pair(self.padding)
         s = _pair(self.stride) if self.stride is not None else k
-        return (pre.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(2))
+        return (pre.shape[0],) + tuple(
+            window_output_size(pre.shape[i + 1], k[i], s[i], p[i], 1, self.ceil_mode) for i in range(2)
+        )
 
     def _module(self, pre, post, rule):
         return nn.AvgPool2d(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad)

@@ -183,7 +183,9 @@ class Recorder:
                  block: int = 256, flush_seconds: float = 10.0) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            raise IsADirectoryError(f"recording path {self.path} is a directory; name a file, e.g. {self.path / 'run.h5'}")
+            raise IsADirectoryError(
+                f"recording path {self.path} is a directory; name a file, e.g. {self.path / 'run.h5'}"
+            )
         for name, value in (("every", every), ("activity_samples", activity_samples), ("block", block)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Recorder {name}={value!r} must be a positive integer")
@@ -333,7 +335,11 @@ class Recorder:
                 t.write()
             self._file.flush()
         except (OSError, RuntimeError) as e:
-            code = int(m.group(1)) if (m := re.search(r"errno = (\d+)", str(e))) else getattr(e, "errno", None) or errno.EIO
+            code = (
+                int(m.group(1))
+                if (m := re.search(r"errno = (\d+)", str(e)))
+                else getattr(e, "errno", None) or errno.EIO
+            )
             raise self._fail(OSError(code, (
                 f"recording {self.path}: writing {rows} rows failed ({os.strerror(code)}; is the disk full or the "
                 f"file size limit reached?); the file holds every row up to the last flush. HDF5 said: {e}"))) from e
@@ -367,7 +373,9 @@ class Recorder:
         self._device = next(net.parameters()).device
         self._synapses = [(n, s) for n, s in net.projections() if s.rule is not None]   # a B in W's layout
         self._learning = [(n, s) for n, s in net.projections() if s.weight.requires_grad]
-        self._unaligned = [n for n, s in net.projections() if s.rule is None] + [n for n, _ in net.feedback_projections()]
+        self._unaligned = [n for n, s in net.projections() if s.rule is None] + [
+            n for n, _ in net.feedback_projections()
+        ]
         self._errors = _error_populations(net)
         shapes = {p.name: p.shape for p in net.circuit.populations()}
         for names, known, what in ((self.snapshot, [n for n, _ in self._synapses], "synaptic projection"),
@@ -394,8 +402,10 @@ class Recorder:
         except Exception as e:  # noqa: BLE001 - any failure of the user's batch or loss, reported with its shapes
             shapes = ({k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, Mapping)
                       else tuple(inputs.shape))
-            raise RecordingError(f"the probe batch (inputs {shapes}, target {tuple(target.shape)}) does not run "
-                                 f"through circuit {self._net.circuit.name!r} and the loss: {type(e).__name__}: {e}") from e
+            raise RecordingError(
+                f"the probe batch (inputs {shapes}, target {tuple(target.shape)}) does not run "
+                f"through circuit {self._net.circuit.name!r} and the loss: {type(e).__name__}: {e}"
+            ) from e
         for pop, shape in self._activity_shapes.items():
             seen = tuple(traces[pop].y.shape[1:])
             if seen != tuple(shape):
@@ -420,29 +430,48 @@ class Recorder:
             _Column("/steps/loss", f4, "1", "training loss of the batch (NaN for a mirror batch)")]
         for name, _ in self._synapses:
             g = f"/alignment/{key(name)}"
-            steps += [_Column(f"{g}/angle", f4, "degrees", "angle between B and W, flattened: arccos(<B, W> / (|B| |W|))"),
-                      _Column(f"{g}/norm_ratio", f4, "1", "|B| / |W| (Frobenius norms)"),
-                      _Column(f"{g}/sign_match", f4, "1", "fraction of synapses with sign(B) = sign(W)")]
+            steps += [
+                _Column(f"{g}/angle", f4, "degrees", "angle between B and W, flattened: arccos(<B, W> / (|B| |W|))"),
+                _Column(f"{g}/norm_ratio", f4, "1", "|B| / |W| (Frobenius norms)"),
+                _Column(f"{g}/sign_match", f4, "1", "fraction of synapses with sign(B) = sign(W)"),
+            ]
         probe = index("probe") + [_Column("/probe/loss", f4, "1", "loss of the probe batch")]
         for name in self._errors:
             g = f"/probe/errors/{key(name)}"
-            probe += [_Column(f"{g}/angle", f4, "degrees", "angle between the error delta = dL/da this population "
-                              "receives under the circuit's rules and the one backprop sends (B = W everywhere), on the "
-                              "probe batch, flattened over examples and units"),
-                      _Column(f"{g}/norm_ratio", f4, "1", "|delta_rule| / |delta_backprop|")]
+            probe += [
+                _Column(
+                    f"{g}/angle",
+                    f4,
+                    "degrees",
+                    "angle between the error delta = dL/da this population "
+                    "receives under the circuit's rules and the one backprop sends (B = W everywhere), on the "
+                    "probe batch, flattened over examples and units",
+                ),
+                _Column(f"{g}/norm_ratio", f4, "1", "|delta_rule| / |delta_backprop|"),
+            ]
         for name, _ in self._learning:
             g = f"/probe/updates/{key(name)}"
             probe += [_Column(f"{g}/angle", f4, "degrees", "angle between the weight update dL/dW under the circuit's "
                               "rules (Kolen-Pollack's decay included) and under backprop, on the probe batch"),
                       _Column(f"{g}/norm_ratio", f4, "1", "|dW_rule| / |dW_backprop|")]
         evaluations = index("evaluations") + [
-            _Column(f"/evaluations/{key(m)}", np.float64, "1", METRICS.get(m, f"evaluation metric {m!r} as the trainer reports it"))
-            for m in self.metrics]
+            _Column(
+                f"/evaluations/{key(m)}",
+                np.float64,
+                "1",
+                METRICS.get(m, f"evaluation metric {m!r} as the trainer reports it"),
+            )
+            for m in self.metrics
+        ]
         synapses = dict(self._synapses)
         snapshots = index("snapshots") + [
             _Column(f"/snapshots/{key(name)}/{w}", f4, "1", text, tuple(synapses[name].weight.shape))
-            for name in self.snapshot for w, text in (("W", "forward weights W"),
-                                                      ("B", "feedback weights B in W's layout (B = W: perfect alignment)"))]
+            for name in self.snapshot
+            for w, text in (
+                ("W", "forward weights W"),
+                ("B", "feedback weights B in W's layout (B = W: perfect alignment)"),
+            )
+        ]
         activity = index("activity") + [
             _Column(f"/activity/{key(pop)}/{v}", f4, "1", text, (self._samples, *shape))
             for pop, shape in self._activity_shapes.items()
@@ -533,8 +562,11 @@ class Recorder:
             shape = json.dumps(list(module.feedback_shape)) if d["carries"] == "B" else ""
             rows.append((d["name"], u, v, d["carries"], str(d["rule"] or ""), repr(d["rule"]) if d["rule"] else "",
                          bool(d["direct"]), shape))
-        feedback = np.array(rows, dtype=[(n, text) for n in ("name", "source", "target", "carries", "rule", "rule_spec")]
-                            + [("direct", bool), ("feedback_shape", text)])
+        feedback = np.array(
+            rows,
+            dtype=[(n, text) for n in ("name", "source", "target", "carries", "rule", "rule_spec")]
+            + [("direct", bool), ("feedback_shape", text)],
+        )
         circuit.create_dataset("feedback", data=feedback).attrs["description"] = (
             "feedback projections source -> target between error populations, as they are: layer-local ones "
             "(named as their forward projection) and direct ones; what they carry (B or a local derivative), "
@@ -550,8 +582,11 @@ class Recorder:
         f["alignment"].attrs.update(undefined=json.dumps(self._unaligned), undefined_description=(
             "projections whose angle(B, W) is not defined, so not recorded: direct feedback projections, whose B "
             "joins two error populations that no W joins, and synaptic projections with no feedback of their own"))
-        for group, names in (("alignment", [n for n, _ in self._synapses]), ("probe/updates", [n for n, _ in self._learning]),
-                             ("snapshots", self.snapshot)):
+        for group, names in (
+            ("alignment", [n for n, _ in self._synapses]),
+            ("probe/updates", [n for n, _ in self._learning]),
+            ("snapshots", self.snapshot),
+        ):
             for name in names:
                 pre, post = _edge(self._net, name)
                 f.require_group(f"{group}/{key(name)}").attrs.update(
@@ -592,7 +627,9 @@ class Recorder:
                                                  f"recorded {rows}: the file lost rows it had flushed")
                         for ds in datasets:
                             ds.resize(rows, axis=0)
-                    new.attrs["resumed"] = _json(json.loads(new.attrs["resumed"]) + [{"time": _now(), "tick": state["tick"]}])
+                    new.attrs["resumed"] = _json(
+                        json.loads(new.attrs["resumed"]) + [{"time": _now(), "tick": state["tick"]}]
+                    )
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
@@ -676,5 +713,3 @@ def _listed(when: int | frozenset[int]) -> int | list[int]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-

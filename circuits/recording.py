@@ -182,7 +182,7 @@ def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.
     deadline = time.monotonic() + lock_timeout
     while True:
         try:
-            if left_open or short:   # being written, its writer died, or cut short: a SWMR reader sees every flushed row
+            if left_open or short:  # being written, its writer died, or cut short: a SWMR reader sees every flushed row
                 f = _open_swmr(path)
             else:                    # closed: HDF5 checks that it is whole (a SWMR reader would not, and wait forever)
                 f = h5py.File(path, "r")

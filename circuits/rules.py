@@ -109,8 +109,10 @@ class FeedbackRule:
     def check(self, host_kind: str, has_weight: bool) -> None:
         """Raise a CircuitError if this rule cannot serve a host of this kind."""
         if self.needs_weight and not has_weight:
-            raise CircuitError(f"rule {self} needs the forward weight W that B mirrors; a {host_kind} has none "
-                               f"(rules for direct feedback: {', '.join(n for n, r in RULES.items() if not r.needs_weight)})")
+            raise CircuitError(
+                f"rule {self} needs the forward weight W that B mirrors; a {host_kind} has none "
+                f"(rules for direct feedback: {', '.join(n for n, r in RULES.items() if not r.needs_weight)})"
+            )
 
     # --- learning by gradient --------------------------------------------------------------
     @property
@@ -405,7 +407,9 @@ class WeightMirror(FeedbackRule):
         if self.noise == "gaussian":
             return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator).mul_(self.sigma)
         half_width = math.sqrt(3) * self.sigma      # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
-        return torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator).sub_(0.5).mul_(2 * half_width)
+        return (
+            torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator).sub_(0.5).mul_(2 * half_width)
+        )
 
     @property
     def response_uses_bias(self) -> bool:
@@ -493,7 +497,9 @@ class LocalAlignment(FeedbackRule):
         terms = dict(self.terms)
         unknown = sorted(set(terms) - set(PRIMITIVES))
         if unknown:
-            raise CircuitError(f"{type(self).__name__}: unknown primitives {unknown}; primitives: {', '.join(PRIMITIVES)}")
+            raise CircuitError(
+                f"{type(self).__name__}: unknown primitives {unknown}; primitives: {', '.join(PRIMITIVES)}"
+            )
         _finite(self, **terms)
         if terms.get("decay", 0) < 0:
             raise CircuitError(f"{type(self).__name__}: the decay coefficient must be >= 0, got {terms['decay']}")

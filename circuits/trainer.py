@@ -75,7 +75,9 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.check_every, int) or isinstance(self.check_every, bool) or self.check_every < 1:
-            raise CircuitError(f"TrainerConfig(check_every={self.check_every!r}) must be a positive number of learning steps")
+            raise CircuitError(
+                f"TrainerConfig(check_every={self.check_every!r}) must be a positive number of learning steps"
+            )
         if self.nonfinite not in ("raise", "skip"):
             raise CircuitError(f"TrainerConfig(nonfinite={self.nonfinite!r}) must be 'raise' or 'skip'")
 
@@ -93,7 +95,9 @@ class Trainer:
         self.schedule = schedule if schedule is not None else Schedule(Repeat(Learn(1)))
         self.schedule.check(self.circuit_net)
         self.config = config or TrainerConfig()
-        self.device = torch.device(self.config.device) if self.config.device else next(self.circuit_net.parameters()).device
+        self.device = (
+            torch.device(self.config.device) if self.config.device else next(self.circuit_net.parameters()).device
+        )
         self.amp_dtype = getattr(torch, self.config.amp_dtype) if self.config.amp_dtype else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.recorder = recorder if _rank() == 0 else None
@@ -238,7 +242,9 @@ class Trainer:
         The recorder is closed on the way out, also when an error ends the run.
         """
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise CircuitError(f"fit(epochs={epochs!r}): epochs must be a positive integer (whole passes over the data)")
+            raise CircuitError(
+                f"fit(epochs={epochs!r}): epochs must be a positive integer (whole passes over the data)"
+            )
         for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
             if loader is not None:
                 _check_loader(name, loader)
@@ -350,19 +356,38 @@ class Trainer:
     # --- description and resume ----------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The run's configuration, for the recorder."""
-        return {"trainer": asdict(self.config), "schedule": repr(self.schedule),
-                "optimizer": type(self.optimizer).__name__,
-                "optimizer_defaults": {k: v for k, v in self.optimizer.defaults.items() if isinstance(v, (int, float, str, bool))},
-                "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
-                "rules": {name: repr(s.rule) for name, s in self.circuit_net.projections()}}
+        return {
+            "trainer": asdict(self.config),
+            "schedule": repr(self.schedule),
+            "optimizer": type(self.optimizer).__name__,
+            "optimizer_defaults": {
+                k: v for k, v in self.optimizer.defaults.items() if isinstance(v, (int, float, str, bool))
+            },
+            "loss_fn": getattr(self.loss_fn, "__name__", repr(self.loss_fn)),
+            "rules": {name: repr(s.rule) for name, s in self.circuit_net.projections()},
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run: net, optimizer, schedules, counters, RNG, recorder."""
-        state = {"net": self.circuit_net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(),
-                 "counters": {k: getattr(self, k) for k in ("step", "tick", "examples", "epoch", "position", "batch_in_epoch",
-                                                            "finished", "skipped_steps")},
-                 "rng": rng_state()}
+        state = {
+            "net": self.circuit_net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "counters": {
+                k: getattr(self, k)
+                for k in (
+                    "step",
+                    "tick",
+                    "examples",
+                    "epoch",
+                    "position",
+                    "batch_in_epoch",
+                    "finished",
+                    "skipped_steps",
+                )
+            },
+            "rng": rng_state(),
+        }
         if self.lr_scheduler is not None:
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
         if self.recorder is not None:

@@ -60,7 +60,9 @@ def main(argv=None) -> None:
 
     print(f"test accuracy after {len(history)} epochs: {100 * history[-1]['top1']:.1f}%")
     for name, s in net.projections():
-        print(f"  {name:>14} ({s.rule}): angle(B, W) {before[name]:5.1f}° -> {float(angle(s.feedback, s.weight)):5.1f}°")
+        print(
+            f"  {name:>14} ({s.rule}): angle(B, W) {before[name]:5.1f}° -> {float(angle(s.feedback, s.weight)):5.1f}°"
+        )
 
 
 if __name__ == "__main__":

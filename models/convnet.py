@@ -35,7 +35,9 @@ def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = 
                   feedback=layer_rules(f"conv{i}"), name=f"conv{i}")
         height, width = height // 2, width // 2
         if not (height and width):
-            raise circuits.CircuitError(f"convnet: input {tuple(input_shape)} is too small for {len(channels)} pooling stages")
+            raise circuits.CircuitError(
+                f"convnet: input {tuple(input_shape)} is too small for {len(channels)} pooling stages"
+            )
         pre = c.population(f"pool{i}", shape=(ch, height, width))
         c.connect(conv, pre, circuits.MaxPool(2), name=f"pool{i}")
     features = c.population("features", shape=(math.prod(pre.shape),))

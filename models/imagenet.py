@@ -160,7 +160,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     p.add_argument("--image-size", type=POSITIVE_INT, default=d.image_size, help="training and evaluation crop")
     p.add_argument("--decode", default=d.decode, choices=("cpu", "device"), help="default device on CUDA, else cpu")
     p.add_argument("--workers", type=COUNT, default=d.workers, help="DataLoader workers per process")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast (default on CUDA)")
+    p.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast (default on CUDA)"
+    )
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
                    help="default on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile the net")
@@ -168,14 +170,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
                    help="deterministic kernels (slower on GPU)")
     p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt); default runs/imagenet-ARCH-RULE")
-    p.add_argument("--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every, help="learning steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every, help="learning steps between checkpoints"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
     p.add_argument("--record", action=argparse.BooleanOptionalAction, default=d.record, help="record to OUT/run.h5")
     p.add_argument("--record-every", type=POSITIVE_INT, default=d.record_every,
                    help="ticks (learning steps and mirror batches) between recorded rows")
-    p.add_argument("--probe-every", type=COUNT, default=d.probe_every,
-                   help="learning steps between recorded error/update angles to backprop on a fixed val batch (0: never)")
+    p.add_argument(
+        "--probe-every",
+        type=COUNT,
+        default=d.probe_every,
+        help="learning steps between recorded error/update angles to backprop on a fixed val batch (0: never)",
+    )
     wm = p.add_argument_group("weight mirror (--rule wm)")
     wm.add_argument("--wm-sigma", type=POSITIVE, default=d.wm_sigma, help="noise standard deviation")
     wm.add_argument("--wm-eta", type=POSITIVE, default=d.wm_eta, help="eta_B, B's Hebbian learning rate")
@@ -183,7 +191,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     wm.add_argument("--wm-noise", default=d.wm_noise, choices=("gaussian", "uniform"))
     wm.add_argument("--mirror-batch-size", type=POSITIVE_INT, default=d.mirror_batch_size,
                     help="noise samples per mirror batch (default: the per-process training batch)")
-    wm.add_argument("--mirror-every", type=POSITIVE_INT, default=d.mirror_every, help="learning steps between mirror batches")
+    wm.add_argument(
+        "--mirror-every", type=POSITIVE_INT, default=d.mirror_every, help="learning steps between mirror batches"
+    )
     wm.add_argument("--mirror-warmup", type=COUNT, default=d.mirror_warmup,
                     help="mirror batches before learning (default: one epoch's worth of steps)")
     kp = p.add_argument_group("Kolen-Pollack (--rule kp)")
@@ -238,7 +248,9 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
     if recipe.arch not in ARCHS:
         raise circuits.CircuitError(f"unknown arch {recipe.arch!r}; known: {', '.join(sorted(ARCHS))}")
     if recipe.batch_size % procs.world_size:
-        raise circuits.CircuitError(f"batch size {recipe.batch_size} does not split evenly over {procs.world_size} processes")
+        raise circuits.CircuitError(
+            f"batch size {recipe.batch_size} does not split evenly over {procs.world_size} processes"
+        )
     if recipe.lr_schedule not in ("step", "cosine"):
         raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
     for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every",
@@ -252,21 +264,28 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
         raise circuits.CircuitError(
             f"warm-up of {recipe.warmup_epochs:g} epochs at batch size {recipe.batch_size}: the warm-up rises from "
             f"lr x {REFERENCE_BATCH} / batch size (Goyal et al.), which is the full lr at batches up to "
-            f"{REFERENCE_BATCH}, so it would do nothing; drop --warmup-epochs, or use a batch size above {REFERENCE_BATCH}")
+            f"{REFERENCE_BATCH}, so it would do nothing; drop --warmup-epochs, or use a batch size above "
+            f"{REFERENCE_BATCH}"
+        )
     workers = recipe.workers
     if workers is None:
         workers = max(1, len(os.sched_getaffinity(0)) // procs.local_world_size - 1)
     return dataclasses.replace(
         recipe,
         lr=recipe.lr if recipe.lr is not None else 0.1 * recipe.batch_size / REFERENCE_BATCH,
-        warmup_epochs=recipe.warmup_epochs if recipe.warmup_epochs is not None else (5.0 if recipe.batch_size > REFERENCE_BATCH else 0.0),
+        warmup_epochs=(
+            recipe.warmup_epochs
+            if recipe.warmup_epochs is not None
+            else (5.0 if recipe.batch_size > REFERENCE_BATCH else 0.0)
+        ),
         decode=recipe.decode or ("device" if cuda else "cpu"),
         workers=workers,
         amp=cuda if recipe.amp is None else recipe.amp,
         channels_last=cuda if recipe.channels_last is None else recipe.channels_last,
         out=recipe.out or f"runs/imagenet-{recipe.arch}-{recipe.rule}",
-        mirror_batch_size=(recipe.mirror_batch_size if recipe.mirror_batch_size is not None
-                           else recipe.batch_size // procs.world_size),
+        mirror_batch_size=(
+            recipe.mirror_batch_size if recipe.mirror_batch_size is not None else recipe.batch_size // procs.world_size
+        ),
     )
 
 
@@ -302,9 +321,11 @@ def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) 
     except Exception as e:  # noqa: BLE001 - torch.load raises OSError, EOFError, RuntimeError, UnpicklingError...
         why = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
                else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no data'}")
-        raise circuits.CircuitError(f"{path} cannot be read as a checkpoint: it is truncated, damaged or not a checkpoint "
-                                    f"of models.imagenet ({why}); move it away to run again from step 0, "
-                                    f"or choose another --out") from None
+        raise circuits.CircuitError(
+            f"{path} cannot be read as a checkpoint: it is truncated, damaged or not a checkpoint "
+            f"of models.imagenet ({why}); move it away to run again from step 0, "
+            f"or choose another --out"
+        ) from None
     if not isinstance(state, dict) or "identity" not in state or "trainer" not in state:
         raise circuits.CircuitError(f"{path} is not an ImageNet checkpoint of models.imagenet")
     theirs, ours = state["identity"], identity
@@ -353,7 +374,9 @@ class ImageNetTrainer(circuits.Trainer):
     def evaluate(self, loader) -> dict[str, float]:
         metrics = super().evaluate(loader)
         if self.procs.main:
-            tqdm.write(f"validation after epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            tqdm.write(
+                f"validation after epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            )
         return metrics
 
     def save(self) -> None:
@@ -499,7 +522,9 @@ def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Ba
         changed = {k: (v, getattr(recipe, k)) for k, v in state["recipe"].items()
                    if k not in ("resume", "progress") and v != getattr(recipe, k, v)}
         if changed and procs.main:
-            tqdm.write("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            tqdm.write(
+                "resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
         trainer.resume(state)
     return trainer, train, val
 

@@ -61,7 +61,9 @@ class DatasetError(ValueError):
     """A data folder that cannot be used, with the reason and the expected layout."""
 
 
-LAYOUT = "expected DIR/train/CLASS/*.JPEG and DIR/val/CLASS/*.JPEG (the ImageNet layout read by torchvision ImageFolder)"
+LAYOUT = (
+    "expected DIR/train/CLASS/*.JPEG and DIR/val/CLASS/*.JPEG (the ImageNet layout read by torchvision ImageFolder)"
+)
 
 
 def check_folder(root: str | Path) -> tuple[Path, Path]:
@@ -376,8 +378,11 @@ def synthetic_image_folder(root: str | Path, *, classes: int = 3, train_per_clas
     varying around `size` = (height, width); `corrupt` extra train files are truncated JPEGs.
     `processes` > 1 writes the class folders in parallel."""
     root = Path(root)
-    jobs = [(root / split / f"n{c:08d}", n, tuple(size), (seed, s, c))
-            for s, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class))) for c in range(classes)]
+    jobs = [
+        (root / split / f"n{c:08d}", n, tuple(size), (seed, s, c))
+        for s, (split, n) in enumerate((("train", train_per_class), ("val", val_per_class)))
+        for c in range(classes)
+    ]
     if processes > 1:
         with concurrent.futures.ProcessPoolExecutor(processes) as pool:
             list(pool.map(_write_class, *zip(*jobs)))

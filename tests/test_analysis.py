@@ -47,7 +47,15 @@ def known(tmp_path_factory):
     for tick in range(5):
         for name, angles in ANGLES.items():
             set_angle(net.projection(name), angles[tick])
-        rec.step(tick, step=tick + 1, phase="learn", loss=torch.tensor(2.0 - tick / 4), lr=0.1, examples=8 * (tick + 1), net=net)
+        rec.step(
+            tick,
+            step=tick + 1,
+            phase="learn",
+            loss=torch.tensor(2.0 - tick / 4),
+            lr=0.1,
+            examples=8 * (tick + 1),
+            net=net,
+        )
         if tick in (1, 3, 4):
             rec.evaluate(tick + 1, {"loss": 1.0, "top1": TOP1[(1, 3, 4).index(tick)], "top5": 1.0})
     rec.close()
@@ -69,12 +77,39 @@ def test_statistics_of_a_recording_with_known_angles(known):
         fa, wm = stats.summarize(run, threshold=55)
         assert (fa.rule, fa.projections, fa.steps, fa.top1, fa.aligned_at) == ("fa", ("fc1",), 5, 0.75, 3)
         assert (fa.final_angle, fa.mean_angle) == pytest.approx((10, 42), rel=1e-5)
-        assert (wm.rule, wm.final_angle, wm.mean_angle, wm.aligned_at) == ("wm", pytest.approx(30, rel=1e-5), pytest.approx(58, rel=1e-5), 3)
+        assert (wm.rule, wm.final_angle, wm.mean_angle, wm.aligned_at) == (
+            "wm",
+            pytest.approx(30, rel=1e-5),
+            pytest.approx(58, rel=1e-5),
+            3,
+        )
         assert fa.error_angle is None                        # no probe batch was recorded
         table = stats.markdown(stats.compare([run, run], threshold=55), threshold=55).splitlines()
         assert len(table) == 2 + 4
-        assert table[2].split("|")[1:-1] == [" known ", " fa ", " 1 ", " 5 ", " 75.00 ", " 100.00 ", " 10.00 ", " 42.00 ", " 3 ", " – "]
-        assert table[3].split("|")[1:-1] == [" known ", " wm ", " 1 ", " 5 ", " 75.00 ", " 100.00 ", " 30.00 ", " 58.00 ", " 3 ", " – "]
+        assert table[2].split("|")[1:-1] == [
+            " known ",
+            " fa ",
+            " 1 ",
+            " 5 ",
+            " 75.00 ",
+            " 100.00 ",
+            " 10.00 ",
+            " 42.00 ",
+            " 3 ",
+            " – ",
+        ]
+        assert table[3].split("|")[1:-1] == [
+            " known ",
+            " wm ",
+            " 1 ",
+            " 5 ",
+            " 75.00 ",
+            " 100.00 ",
+            " 30.00 ",
+            " 58.00 ",
+            " 3 ",
+            " – ",
+        ]
 
 
 def test_the_view_holds_the_circuit_config_and_a_growing_live_file(tmp_path):
@@ -91,7 +126,10 @@ def test_the_view_holds_the_circuit_config_and_a_growing_live_file(tmp_path):
         assert {(u, v, d["pathway"]) for u, v, d in graph.edges(data=True)} == \
                {(u, v, d["pathway"]) for u, v, d in net.circuit.graph.edges(data=True)}
         assert graph.nodes["hidden1"]["shape"] == (5,) and graph.edges["δoutput", "δhidden1"]["carries"] == "B"
-        assert graph.edges["retina", "hidden1"]["weight_shape"] == (5, 6) and graph.edges["retina", "hidden1"]["rule"] == "kp"
+        assert (
+            graph.edges["retina", "hidden1"]["weight_shape"] == (5, 6)
+            and graph.edges["retina", "hidden1"]["rule"] == "kp"
+        )
     rec.close()
 
 
@@ -147,8 +185,13 @@ def test_each_figure_renders_what_the_runs_recorded(runs, tmp_path):
 
 def test_the_report_command_summarizes_two_runs(runs, tmp_path):
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "analysis", "report", *map(str, runs), "-o", str(out), "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "analysis", "report", *map(str, runs), "-o", str(out), "--no-progress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     expected = {"alignment.png", "errors.png", "curves.png", "bp-circuit.png", "wm-circuit.png", "summary.md"}
     assert {p.name for p in out.iterdir()} == expected

@@ -142,7 +142,9 @@ def test_sign_symmetry_B_is_sign_of_W_times_scale_after_steps():
 
 
 @pytest.mark.parametrize("rule", list(rules.RULES))
-@pytest.mark.parametrize("projection,shape", [(circuits.Dense(), (6,)), (circuits.Conv2d(3, stride=2, padding=1), (2, 5, 5))])
+@pytest.mark.parametrize(
+    "projection,shape", [(circuits.Dense(), (6,)), (circuits.Conv2d(3, stride=2, padding=1), (2, 5, 5))]
+)
 def test_input_error_is_B_transpose_delta_for_every_rule(rule, projection, shape):
     c = circuits.Circuit(rule=rule)
     x = c.input("x", shape=shape)
@@ -159,7 +161,9 @@ def test_input_error_is_B_transpose_delta_for_every_rule(rule, projection, shape
     # the same map with B in W's place, differentiated by autograd, is B^T delta
     reference = torch.func.vjp(lambda v: synapse.operator.forward(v, feedback, None), inp.detach())[1](delta)[0]
     assert relative(inp.grad, reference) < 1e-12
-    weight_ref = torch.func.vjp(lambda w: synapse.operator.forward(inp.detach(), w, None), synapse.weight.detach())[1](delta)[0]
+    weight_ref = torch.func.vjp(lambda w: synapse.operator.forward(inp.detach(), w, None), synapse.weight.detach())[1](
+        delta
+    )[0]
     if isinstance(synapse.rule, rules.KolenPollack):      # KP decays W (and B) in the backward pass
         weight_ref = weight_ref + synapse.rule.decay * synapse.weight.detach()
     assert relative(synapse.weight.grad, weight_ref) < 1e-12
@@ -322,4 +326,6 @@ def test_bf16_autocast_and_channels_last_follow_torch():
     ref = dict(module.named_parameters())
     for layer, synapse in net.projections():
         assert synapse.weight.grad.dtype == torch.float32
-        assert relative(synapse.weight.grad, ref[layer + ".weight"].grad) < 1e-6, layer   # equal on CPU: the same bf16 kernels
+        assert (
+            relative(synapse.weight.grad, ref[layer + ".weight"].grad) < 1e-6
+        ), layer  # equal on CPU: the same bf16 kernels

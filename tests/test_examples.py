@@ -14,7 +14,9 @@ EXPECTED = {
     "sleep.py": ["awake", "after sleep 2", "predicted floor"],
     "imagenet.py": ["torchrun --nproc_per_node=8 -m models.imagenet", "wm: 3 learning steps done"],
 }
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
 
 
 def test_every_example_is_tested():

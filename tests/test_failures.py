@@ -310,7 +310,9 @@ def test_a_probe_that_does_not_fit_is_refused_by_begin(tmp_path):
                                              r"through circuit 'mlp' and the loss: CircuitError: input population "
                                              r"'retina' was declared with shape \(6,\)"):
         Recorder(tmp_path / "a.h5", probe=(torch.randn(3, 7), torch.tensor([0, 1, 2])), probe_steps=1000).begin(net, {})
-    with pytest.raises(RecordingError, match=r"target \(3,\)\) does not run through circuit 'mlp' and the loss: IndexError"):
+    with pytest.raises(
+        RecordingError, match=r"target \(3,\)\) does not run through circuit 'mlp' and the loss: IndexError"
+    ):
         Recorder(tmp_path / "b.h5", probe=(torch.randn(3, 6), torch.tensor([0, 1, 9]))).begin(net, {})
     assert not (tmp_path / "a.h5").exists() and not (tmp_path / "b.h5").exists()
     assert not (tmp_path / "a.h5.lock").exists()
@@ -373,8 +375,11 @@ def test_a_state_of_another_net_is_refused_before_anything_is_loaded():
     target = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1),
                               config=circuits.TrainerConfig(progress=False))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(circuits.CircuitError, match=r"saved from another net or optimizer; nothing was loaded: "
-                                                    r"proj.fc1.weight: shape \(5, 6\) in the state, \(7, 6\) in the net"):
+    with pytest.raises(
+        circuits.CircuitError,
+        match=r"saved from another net or optimizer; nothing was loaded: "
+        r"proj.fc1.weight: shape \(5, 6\) in the state, \(7, 6\) in the net",
+    ):
         target.load_state_dict(source.state_dict())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())   # fc2.bias (4,) fits, untouched
     assert target.step == 0

@@ -13,7 +13,9 @@ def test_data_of_another_shape_than_declared_is_a_clear_error():
     module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 10))
     net = circuits.from_torch(module, input_shape=(3, 12, 12)).build()
     assert net(torch.randn(2, 3, 12, 12)).shape == (2, 10)
-    with pytest.raises(circuits.CircuitError, match=r"'input_1' was declared with shape \(3, 12, 12\).*\(2, 3, 32, 32\)"):
+    with pytest.raises(
+        circuits.CircuitError, match=r"'input_1' was declared with shape \(3, 12, 12\).*\(2, 3, 32, 32\)"
+    ):
         net(torch.randn(2, 3, 32, 32))
 
 
@@ -26,17 +28,32 @@ def test_from_torch_keeps_the_modules_dtype_and_mode():
     assert circuits.from_torch(module.train()).build().training
 
 
-@pytest.mark.parametrize("projection", [lambda: circuits.Conv2d(3, stride=0), lambda: circuits.Conv2d(3, padding=-1),
-                                        lambda: circuits.Conv2d(0), lambda: circuits.MaxPool(2, stride=0),
-                                        lambda: circuits.AvgPool(2, padding=-2), lambda: circuits.Conv2d(3, dilation=0)])
+@pytest.mark.parametrize(
+    "projection",
+    [
+        lambda: circuits.Conv2d(3, stride=0),
+        lambda: circuits.Conv2d(3, padding=-1),
+        lambda: circuits.Conv2d(0),
+        lambda: circuits.MaxPool(2, stride=0),
+        lambda: circuits.AvgPool(2, padding=-2),
+        lambda: circuits.Conv2d(3, dilation=0),
+    ],
+)
 def test_impossible_window_settings_are_refused(projection):
     with pytest.raises(circuits.CircuitError, match="must be a (positive|non-negative) integer"):
         projection()
 
 
-@pytest.mark.parametrize("make", [lambda: rules.KolenPollack(decay=float("nan")), lambda: rules.WeightMirror(eta=float("inf")),
-                                  lambda: rules.WeightMirror(sigma=float("nan")), lambda: rules.KolenPollack(decay=-1.0),
-                                  lambda: rules.Imperfect("fa", noise=float("nan"))])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rules.KolenPollack(decay=float("nan")),
+        lambda: rules.WeightMirror(eta=float("inf")),
+        lambda: rules.WeightMirror(sigma=float("nan")),
+        lambda: rules.KolenPollack(decay=-1.0),
+        lambda: rules.Imperfect("fa", noise=float("nan")),
+    ],
+)
 def test_non_finite_rule_settings_are_refused(make):
     with pytest.raises(circuits.CircuitError):
         make()

@@ -22,7 +22,9 @@ from models import imagenet
 from models.imagenet_data import DatasetError, image_batches, synthetic_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"
+)
 TINY = ["--arch", "resnet8", "--image-size", "16", "--batch-size", "4", "--lr", "0.05", "--no-progress"]
 
 
@@ -64,7 +66,10 @@ def kp_contraction(steps: int, lr: float, momentum: float, decay: float) -> floa
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "ss", "kp", "wm"])
 def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
-    extra = {"kp": ["--weight-decay", "0.05", "--kp-decay", "0.05"], "wm": ["--mirror-warmup", "20", "--probe-every", "2"]}
+    extra = {
+        "kp": ["--weight-decay", "0.05", "--kp-decay", "0.05"],
+        "wm": ["--mirror-warmup", "20", "--probe-every", "2"],
+    }
     trainer = run(folder, tmp_path / rule, "--rule", rule, "--epochs", "1", *extra.get(rule, []))
     net, start = trainer.circuit_net, initial_net(rule)
     assert trainer.step == 4 and trainer.epoch == 1
@@ -77,7 +82,9 @@ def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
         if rule == "fa":
             assert torch.equal(synapse.B, before.B), name                    # B fixed
         if rule == "kp":    # B in the optimizer beside W, same decay: W - B shrinks by a known factor
-            assert torch.allclose(synapse.weight - synapse.B, shrink * (before.weight - before.B), rtol=0, atol=2e-6), name
+            assert torch.allclose(
+                synapse.weight - synapse.B, shrink * (before.weight - before.B), rtol=0, atol=2e-6
+            ), name
         if rule == "wm":    # B learned from noise alone, toward W
             assert angle(synapse.B, synapse.weight) < angle(before.B, before.weight) - 5, name
     assert rule != "kp" or shrink < 0.96        # a visible contraction, far beyond atol
@@ -260,5 +267,7 @@ def test_a_second_process_on_a_run_folder_is_refused(folder, tmp_path):
 
 if __name__ == "__main__":
     trainer = imagenet.main(sys.argv[1:])
-    params = {k: v for k, v in trainer.circuit_net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    params = {
+        k: v for k, v in trainer.circuit_net.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
     torch.save(params, Path(os.environ["IMAGENET_TEST_DUMP"]) / f"rank{os.environ['RANK']}.pt")

@@ -28,7 +28,9 @@ def residual_wm(rule=None):
     return circuits.from_torch(ResidualNet(), rule=rule or rules.WeightMirror(), input_shape=(1, 8, 8)).build()
 
 
-@pytest.mark.parametrize("rule", [rules.WeightMirror(), rules.WeightMirror(sigma=0.5, eta=0.2, decay=0.02, noise="uniform")])
+@pytest.mark.parametrize(
+    "rule", [rules.WeightMirror(), rules.WeightMirror(sigma=0.5, eta=0.2, decay=0.02, noise="uniform")]
+)
 def test_mirror_phases_align_B_with_W_from_random_start(rule):
     net = residual_wm(rule)
     start = {name: angle(s.feedback, s.weight) for name, s in net.projections()}
@@ -126,7 +128,9 @@ def test_distributed_ranks_end_mirror_phases_with_identical_B():
 def test_settled_angle_formula_matches_measurement():
     """tan^2 theta = n lambda / (m P (2 - lambda)) against the angle B actually settles at, per layer."""
     from circuits.mirror import mirror_step, settled_angle
-    net = circuits.from_torch(ResidualNet(8), rule=rules.WeightMirror(eta=0.05, decay=0.05), input_shape=(1, 8, 8)).build()
+    net = circuits.from_torch(
+        ResidualNet(8), rule=rules.WeightMirror(eta=0.05, decay=0.05), input_shape=(1, 8, 8)
+    ).build()
     for _, s in net.projections():
         s.feedback = s.weight.detach()
     for _ in range(150):                          # settle: (1 - 0.05)^150 < 1e-3
@@ -155,7 +159,9 @@ def test_mirror_with_target_angle_gives_each_projection_its_own_noise_samples():
 def one_layer(rule):
     """12 -> 6 sigmoid units with a bias, every projection under `rule`."""
     c = circuits.Circuit("one-layer", rule=rule)
-    c.connect(c.input("x", shape=(12,)), c.population("h", shape=(6,), activation="sigmoid"), circuits.Dense(), name="fc1")
+    c.connect(
+        c.input("x", shape=(12,)), c.population("h", shape=(6,), activation="sigmoid"), circuits.Dense(), name="fc1"
+    )
     return c.build()
 
 

@@ -23,12 +23,17 @@ def count(net: circuits.CircuitNet) -> int:
 def isomorphic(a: circuits.Circuit, b: circuits.Circuit) -> bool:
     """Same populations (shape, activation) wired by the same kinds of projections."""
     def same_population(u, v):
-        return (u["population"].shape, u["population"].activation) == (v["population"].shape, v["population"].activation)
+        return (u["population"].shape, u["population"].activation) == (
+            v["population"].shape,
+            v["population"].activation,
+        )
 
     def same_projection(u, v):
         return type(u["projection"]) is type(v["projection"])
 
-    return nx.is_isomorphic(a.forward_graph(), b.forward_graph(), node_match=same_population, edge_match=same_projection)
+    return nx.is_isomorphic(
+        a.forward_graph(), b.forward_graph(), node_match=same_population, edge_match=same_projection
+    )
 
 
 def load_in_order(net: circuits.CircuitNet, module: nn.Module) -> None:

@@ -88,7 +88,9 @@ def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path):
         assert 0.01 < f["alignment/fc1/angle"][0] < 1 and f["alignment/fc2/sign_match"][0] == 1
         assert list(f["probe/step"]) == [1] and f["probe/loss"][0] == pytest.approx(loss, rel=1e-6)
         assert f["probe/errors/hidden/angle"][0] == pytest.approx(np_angle(d1_rule, d1_bp), rel=1e-5)
-        assert f["probe/errors/hidden/norm_ratio"][0] == pytest.approx(np.linalg.norm(d1_rule) / np.linalg.norm(d1_bp), rel=1e-5)
+        assert f["probe/errors/hidden/norm_ratio"][0] == pytest.approx(
+            np.linalg.norm(d1_rule) / np.linalg.norm(d1_bp), rel=1e-5
+        )
         assert f["probe/errors/output/angle"][0] == 0 and f["probe/errors/output/norm_ratio"][0] == 1
         assert f["probe/updates/fc1/angle"][0] == pytest.approx(np_angle(d1_rule.T @ X, d1_bp.T @ X), rel=1e-5)
         assert f["probe/updates/fc2/angle"][0] == 0
@@ -138,8 +140,10 @@ def test_snapshots_and_activity_hold_W_B_y_and_delta_of_the_chosen_steps(tmp_pat
             for p in net.forward_parameters():
                 p.add_(0.01 * torch.randn_like(p))
         if step in (2, 4):
-            expected[step] = {n: (net.projection(n).weight.detach().clone(), net.projection(n).feedback.detach().clone())
-                              for n in ("0", "5")}
+            expected[step] = {
+                n: (net.projection(n).weight.detach().clone(), net.projection(n).feedback.detach().clone())
+                for n in ("0", "5")
+            }
         if step == 3:
             probe, traces = copy.deepcopy(net), {}
             F.cross_entropy(probe(x, monitor=traces), t).backward()
@@ -187,8 +191,15 @@ def test_cadences_pick_their_ticks_and_steps(tmp_path):
     rec.begin(net, {})
     for tick in range(12):                      # learn, mirror, learn, mirror, ...: step = learning steps so far
         step = tick // 2 + 1
-        rec.step(tick, step=step, phase="learn" if tick % 2 == 0 else "mirror", loss=torch.tensor(1.0) if tick % 2 == 0 else None,
-                 lr=0.1, examples=step, net=net)
+        rec.step(
+            tick,
+            step=step,
+            phase="learn" if tick % 2 == 0 else "mirror",
+            loss=torch.tensor(1.0) if tick % 2 == 0 else None,
+            lr=0.1,
+            examples=step,
+            net=net,
+        )
     rec.evaluate(6, {"top1": 0.5, "loss": 1.25})
     rec.close()
     with open_recording(tmp_path / "run.h5") as f:
@@ -196,7 +207,9 @@ def test_cadences_pick_their_ticks_and_steps(tmp_path):
         assert list(f["probe/step"]) == [2, 5] and list(f["probe/tick"]) == [2, 8]
         assert list(f["snapshots/step"]) == [4] and list(f["snapshots/tick"]) == [6]
         assert list(f["evaluations/tick"]) == [11] and list(f["evaluations/step"]) == [6]
-        assert f["evaluations/top1"][0] == 0.5 and f["evaluations/loss"][0] == 1.25 and np.isnan(f["evaluations/top5"][0])
+        assert (
+            f["evaluations/top1"][0] == 0.5 and f["evaluations/loss"][0] == 1.25 and np.isnan(f["evaluations/top5"][0])
+        )
 
 
 def test_the_file_describes_itself(tmp_path):
@@ -213,7 +226,9 @@ def test_the_file_describes_itself(tmp_path):
         assert json.loads(f.attrs["versions"])["torch"] == torch.__version__
         pops = f["circuit/populations"]
         assert recording.strings(pops.fields("name")[:]) == ["retina", "hidden1", "output"]
-        assert recording.strings(pops.fields("shape")[:]) == ["[6]", "[5]", "[4]"] and list(pops.fields("input")[:]) == [True, False, False]
+        assert recording.strings(pops.fields("shape")[:]) == ["[6]", "[5]", "[4]"] and list(
+            pops.fields("input")[:]
+        ) == [True, False, False]
         projections = f["circuit/projections"]
         assert recording.strings(projections.fields("rule")[:]) == ["kp", "wm"]
         assert recording.strings(projections.fields("weight_shape")[:]) == ["[5, 6]", "[4, 5]"]
@@ -223,7 +238,9 @@ def test_the_file_describes_itself(tmp_path):
         rows = [d for d in datasets if not d.name.startswith("/circuit")]
         assert len(rows) > 20 and all({"units", "description", "index"} <= set(d.attrs) for d in rows)
         assert all(d.maxshape[0] is None and d.chunks for d in rows)
-        assert {d.attrs["index"] for d in rows} == {f"/{g}/tick" for g in ("steps", "probe", "evaluations", "snapshots", "activity")}
+        assert {d.attrs["index"] for d in rows} == {
+            f"/{g}/tick" for g in ("steps", "probe", "evaluations", "snapshots", "activity")
+        }
         assert all("description" in f[g].attrs for g in ("steps", "alignment", "probe", "evaluations", "circuit"))
 
 
@@ -275,7 +292,9 @@ def killed_run(tmp_path_factory):
     """A writer process killed with SIGKILL mid-run, while this process read its file as it grew."""
     folder = tmp_path_factory.mktemp("killed")
     path, checkpoint = folder / "run.h5", folder / "checkpoint.pt"
-    writer = multiprocessing.get_context("spawn").Process(target=_writer, args=(str(path), str(checkpoint)), daemon=True)
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_writer, args=(str(path), str(checkpoint)), daemon=True
+    )
     writer.start()
     try:
         deadline = time.monotonic() + 120

@@ -58,10 +58,12 @@ def authors_train_step(rule, weights, biases, backward_weights, x, y, learning_r
         weights = [weight_decay * w - (learning_rate / batch_size) * delw
                    for w, delw in zip(weights, del_w)]                    # FCNN_KP.py lines 64-65
     else:
-        weights = [w - (learning_rate / batch_size) * delw
-                   for w, delw in zip(weights, del_w)]                    # FCNN_BP.py 140-141, FCNN_FA.py 64-65, FCNN_WM.py 96-97
-    biases = [b - (learning_rate / batch_size) * delb
-              for b, delb in zip(biases, del_b)]                          # FCNN_BP.py 142-143, FCNN_KP.py 66-67, FCNN_WM.py 98-99
+        weights = [
+            w - (learning_rate / batch_size) * delw for w, delw in zip(weights, del_w)
+        ]  # FCNN_BP.py 140-141, FCNN_FA.py 64-65, FCNN_WM.py 96-97
+    biases = [
+        b - (learning_rate / batch_size) * delb for b, delb in zip(biases, del_b)
+    ]  # FCNN_BP.py 142-143, FCNN_KP.py 66-67, FCNN_WM.py 98-99
     if rule == "kp":
         backward_weights = [weight_decay * w - (learning_rate / batch_size) * delw.T
                             for w, delw in zip(backward_weights, del_w)]  # FCNN_KP.py lines 72-73
@@ -161,7 +163,9 @@ def test_csv_and_idx_loaders_read_a_written_slice_and_cache_it(tmp_path, monkeyp
     for part, name in data.IDX_FILES.items():
         values = {"train-images": images[:20], "train-labels": labels[:20],
                   "test-images": images[20:], "test-labels": labels[20:]}[part]
-        write_idx(idx_root / (name + ".gz" if part.startswith("train") else name), values, compress=part.startswith("train"))
+        write_idx(
+            idx_root / (name + ".gz" if part.startswith("train") else name), values, compress=part.startswith("train")
+        )
 
     def check(split, flat=False):
         assert (len(split.train), len(split.test), split.classes) == (20, 10, 10)

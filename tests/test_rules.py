@@ -128,7 +128,10 @@ def test_feedback_edges_are_the_graph_as_it_is():
 
 def test_dfa_one_line_forms_wire_every_hidden_population_to_the_output():
     net = mlp((8, 6, 5, 3), rule="dfa").build()
-    assert {(p.source, p.target) for _, p in net.feedback_projections()} == {("output", "hidden1"), ("output", "hidden2")}
+    assert {(p.source, p.target) for _, p in net.feedback_projections()} == {
+        ("output", "hidden1"),
+        ("output", "hidden2"),
+    }
     assert all(s.rule is None for _, s in net.projections())       # no layer-local feedback left
     conv = circuits.from_torch(ResidualNet(), rule="dfa", input_shape=(1, 8, 8)).build()
     shapes = {p.target: p.feedback_shape for _, p in conv.feedback_projections()}
@@ -214,7 +217,9 @@ def test_kolen_pollack_is_decay_with_tie():
         assert relative(local, kp) < 1e-14
 
 
-@pytest.mark.parametrize("shape,projection", [((6,), circuits.Dense(bias=False)), ((2, 6, 6), circuits.Conv2d(3, padding=1))])
+@pytest.mark.parametrize(
+    "shape,projection", [((6,), circuits.Dense(bias=False)), ((2, 6, 6), circuits.Conv2d(3, padding=1))]
+)
 def test_a_mirror_batch_is_one_step_of_decay_and_amp_on_white_noise(shape, projection):
     """WM: B += eta_B <y_{l+1} y_l^T> - lambda_B B; Kunin et al.: B -= lr (2 decay B - amp <(W y) y^T>)."""
     c = circuits.Circuit(rule=rules.WeightMirror(eta=0.3, decay=0.1))
