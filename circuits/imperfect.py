@@ -1,0 +1,98 @@
+"""Imperfect feedback: any rule with noisy, sparse or sign-constrained feedback synapses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import CircuitError
+from .rules import FeedbackAlignment, FeedbackHost, FeedbackRule, _finite, get
+
+
+@dataclass(frozen=True)
+class Imperfect(FeedbackRule):
+    """Any rule with imperfect feedback synapses, composable with every rule:
+
+        noise:    the signal that crosses B gains Gaussian noise of std noise * rms(signal)
+        sparsity: a fixed random fraction of B's entries is zero (absent synapses)
+        dale:     each feedback neuron (a row of B, one source unit) has outgoing synapses of one fixed
+                  random sign; entries of the other sign are held at zero (Dale's principle)
+
+    B as used is mask * B, then the sign constraint; a learned B keeps learning underneath.
+    """
+
+    rule: FeedbackRule = FeedbackAlignment()
+    noise: float = 0.0
+    sparsity: float = 0.0
+    dale: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rule", get(self.rule))
+        _finite(self, noise=self.noise, sparsity=self.sparsity)
+        if self.noise < 0 or not 0 <= self.sparsity < 1:
+            raise CircuitError(f"Imperfect needs noise >= 0 and 0 <= sparsity < 1, got {self}")
+
+    @property
+    def needs_weight(self) -> bool:   # type: ignore[override]
+        return self.rule.needs_weight
+
+    @property
+    def direct(self) -> bool:   # type: ignore[override]
+        return self.rule.direct
+
+    def attach(self, host: FeedbackHost) -> None:
+        self.rule.attach(host)
+        shape = host.feedback_shape
+        if self.sparsity:
+            host.register_buffer("feedback_mask", (torch.rand(shape) >= self.sparsity).float())
+        if self.dale:
+            signs = torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
+            host.register_buffer("feedback_sign", signs)
+
+    def feedback(self, host: FeedbackHost) -> Tensor:
+        b = self.rule.feedback(host)
+        if self.sparsity:
+            b = b * host.feedback_mask.to(b.dtype)
+        if self.dale:
+            sign = host.feedback_sign.to(b.dtype)
+            b = (b * sign).clamp_min(0) * sign
+        return b
+
+    def set_feedback(self, host, value):
+        self.rule.set_feedback(host, value)
+
+    def signal(self, error: Tensor) -> Tensor:
+        error = self.rule.signal(error)
+        if not self.noise:
+            return error
+        rms = error.detach().float().square().mean().sqrt().to(error.dtype)
+        return error + torch.randn_like(error) * (self.noise * rms)
+
+    @property
+    def learns_by_gradient(self) -> bool:
+        return self.rule.learns_by_gradient
+
+    @property
+    def saves_weight(self) -> bool:
+        return self.rule.saves_weight
+
+    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+        return self.rule.feedback_gradient(hebbian, y, weight, feedback, operator)
+
+    def weight_gradient(self, grad, weight):
+        return self.rule.weight_gradient(grad, weight)
+
+    @property
+    def mirrors(self) -> bool:
+        return self.rule.mirrors
+
+    def __getattr__(self, name: str):
+        """Everything else (a mirror rule's noise, update, decay) is the wrapped rule's."""
+        if name.startswith("__") or name == "rule":
+            raise AttributeError(name)
+        return getattr(self.rule, name)
+
+    def __str__(self) -> str:
+        parts = [f"noise={self.noise}"] * bool(self.noise) + [f"sparsity={self.sparsity}"] * bool(self.sparsity)
+        return f"{self.rule}({', '.join(parts + ['dale'] * self.dale)})"

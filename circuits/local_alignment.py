@@ -1,0 +1,135 @@
+"""Kunin et al. 2020's local alignment rules, composed of their named primitives (neuroailab/Neural-Alignment).
+
+Each primitive is a layer-local loss on W, B and the projection's input y; a rule is a weighted sum of
+them, and B descends its gradient with the optimizer's learning rate (circuits.rules has the rest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from .errors import CircuitError
+from .rules import FeedbackRule, _finite, register
+
+if TYPE_CHECKING:
+    from .synapse import ConvOperator, DenseOperator
+
+
+Primitive = Callable[[Tensor, Tensor, Tensor, "DenseOperator | ConvOperator"], Tensor]
+
+
+def _batch(y: Tensor) -> int:
+    return y.shape[0]
+
+
+def _decay(y, weight, feedback, operator):
+    """d/dB of |W|^2 + |B|^2 = 2 B."""
+    return 2 * feedback
+
+
+def _self(y, weight, feedback, operator):
+    """d/dB of -tr(W^T B) = -W."""
+    return -weight
+
+
+def _amp(y, weight, feedback, operator):
+    """d/dB of -<(W y) . (B y)> = -<(W y) y^T>: the weight mirror's Hebbian term on y."""
+    return -operator.backward(operator.forward(y, weight, None), y, feedback, (False, True, False))[1] / _batch(y)
+
+
+def _sparse(y, weight, feedback, operator):
+    """d/dB of <|W y|^2 + |B y|^2> = 2 <(B y) y^T>."""
+    return 2 * operator.backward(operator.forward(y, feedback, None), y, feedback, (False, True, False))[1] / _batch(y)
+
+
+def _null(y, weight, feedback, operator):
+    """d/dB of <|B^T W y|^2> = 2 <(W y) r^T>, r = B^T W y (the reconstruction of y through W then B)."""
+    z = operator.forward(y, weight, None)
+    r = operator.backward(z, y, feedback, (True, False, False))[0]
+    return 2 * operator.backward(z, r, feedback, (False, True, False))[1] / _batch(y)
+
+
+PRIMITIVES: dict[str, Primitive] = {"decay": _decay, "self": _self, "amp": _amp, "sparse": _sparse, "null": _null}
+INPUT_PRIMITIVES = ("amp", "sparse", "null")
+"""The primitives that read the projection's input y (decay and self need only W and B)."""
+"""Kunin et al. 2020's primitives (neuroailab/Neural-Alignment, Alignments/primitives.py), each as its
+gradient with respect to B (W's layout) on a batch y of the projection's input, averaged over the batch."""
+
+
+@dataclass(frozen=True)
+class LocalAlignment(FeedbackRule):
+    """B learns by gradient descent on a layer-local loss built from Kunin et al. 2020's primitives:
+
+        R(W, B) = sum of coefficient * primitive over `terms`, e.g. {"amp": 1.0, "decay": 0.1}
+        dL/dB   = dR/dB  (+ delta y^T, W's own gradient, if `tie`: Kolen-Pollack's tie)
+
+    with y the projection's input on the learning batch (PRIMITIVES gives each term's gradient),
+    divided by its root mean square when `normalize` (the default), so that y has unit variance per
+    unit, as the weight mirror's noise does, and a coefficient means the same in every layer (Kunin
+    et al.'s code normalises inputs as an option too). The optimizer steps B with its own learning
+    rate; W learns from the task alone. Special cases (tests/test_rules.py, normalize=False):
+    Kolen-Pollack's B gradient is {"decay": lambda / 2} with tie; one mirror batch of the weight
+    mirror is one step of {"decay": lambda_B / 2, "amp": eta_B} on white noise y.
+    """
+
+    source: ClassVar[str] = "Kunin et al. 2020 (neuroailab/Neural-Alignment)"
+    needs_weight: ClassVar[bool] = True
+    terms: tuple[tuple[str, float], ...] = ()
+    tie: bool = False
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        terms = dict(self.terms)
+        unknown = sorted(set(terms) - set(PRIMITIVES))
+        if unknown:
+            raise CircuitError(
+                f"{type(self).__name__}: unknown primitives {unknown}; primitives: {', '.join(PRIMITIVES)}"
+            )
+        _finite(self, **terms)
+        if terms.get("decay", 0) < 0:
+            raise CircuitError(f"{type(self).__name__}: the decay coefficient must be >= 0, got {terms['decay']}")
+        object.__setattr__(self, "terms", tuple(sorted(terms.items())))
+
+    @property
+    def learns_by_gradient(self) -> bool:
+        return True
+
+    @property
+    def saves_weight(self) -> bool:
+        return any(name != "decay" for name, _ in self.terms)
+
+    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+        grad = hebbian if self.tie else torch.zeros_like(feedback)
+        if self.normalize and any(name in INPUT_PRIMITIVES for name, _ in self.terms):
+            y = y - y.mean(0, keepdim=True)
+            y = y / y.float().square().mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny).to(y.dtype)
+        for name, c in self.terms:
+            if c:
+                grad = grad + c * PRIMITIVES[name](y, weight, feedback, operator)
+        return grad
+
+
+@register
+@dataclass(frozen=True)
+class InformationAlignment(LocalAlignment):
+    """IA (Kunin et al. 2020): amp + null + decay on the projection's input during learning.
+
+    The default coefficients (amp 0.1, null 0.01, decay 0.05) are this project's, chosen on the digits
+    MLP at SGD lr 0.1 with momentum 0.9. The null term's curvature grows with |W|^2: at larger learning
+    rates (the MNIST MLP's lr 1.0) B diverges unless the coefficients shrink with them.
+    """
+
+    short_name: ClassVar[str] = "ia"
+    terms: tuple[tuple[str, float], ...] = (("amp", 0.1), ("decay", 0.05), ("null", 0.01))
+
+
+@register
+@dataclass(frozen=True)
+class SymmetricAlignment(LocalAlignment):
+    """SA (Kunin et al. 2020): decay + self, so dL/dB = 2 decay B - self W and B -> (self / 2 decay) W."""
+
+    short_name: ClassVar[str] = "sa"
+    terms: tuple[tuple[str, float], ...] = (("decay", 0.5), ("self", 1.0))
