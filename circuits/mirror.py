@@ -10,7 +10,7 @@ the paper's eq. 7 with decay:
 
 For a convolution <y_{l+1} y_l^T> is the weight-gradient correlation of noise and response, one
 term per output position and kernel tap; zero padding gives border taps fewer real inputs, so each
-tap is divided by its own count of (input, output) pairs (Synapse.positions) to stay unbiased.
+tap is divided by its own count of (input, output) pairs (attach_statistics) to stay unbiased.
 A tap that never meets a real input (a 3x3 kernel on a 1x1 map) carries no signal either way; its
 correlation is 0, and its B only decays.
 
@@ -55,7 +55,19 @@ def require_mirrored(net: nn.Module, what: str = "a mirror phase") -> list[tuple
     return found
 
 
-def _spread(synapse: Synapse) -> float:
+def attach_statistics(synapse: Synapse) -> None:
+    """What a weight-mirror projection's mirror phases need, kept on it (weight-mirror rules call this
+    when they attach): `positions`, per kernel tap the (input, output) position pairs a weight entry
+    connects (1 for dense), and as host numbers `live_fan_in`, the inputs of a row at taps that meet real
+    inputs, and `live_positions`, the harmonic mean of those taps' positions."""
+    positions = synapse.operator.positions(synapse.in_shape, tuple(synapse.weight.shape))
+    synapse.register_buffer("positions", positions.to(synapse.weight.device), persistent=False)
+    live = positions[positions > 0].double()    # taps that meet real inputs (all, unless a map is tiny)
+    synapse.live_fan_in = math.prod(synapse.weight.shape[1:]) * live.numel() / positions.numel()
+    synapse.live_positions = float(live.numel() / live.reciprocal().sum())
+
+
+def _samples_times_tan2(synapse: Synapse) -> float:
     """m tan^2 theta = n lambda / (P (2 - lambda)), over the kernel taps that meet real inputs: n counts
     the live inputs of a row, P is the harmonic mean of their positions (an entry's variance goes as 1 / P).
     The formula is for the linear response; without decay B never settles, so there is no such angle."""
@@ -69,12 +81,12 @@ def _spread(synapse: Synapse) -> float:
 
 def settled_angle(synapse: Synapse, batch_size: int) -> float:
     """Expected angle(B, W) in degrees once B has settled under a fixed W, with `batch_size` samples."""
-    return math.degrees(math.atan(math.sqrt(_spread(synapse) / batch_size)))
+    return math.degrees(math.atan(math.sqrt(_samples_times_tan2(synapse) / batch_size)))
 
 
 def samples_for_angle(synapse: Synapse, angle: float) -> int:
     """Noise samples per mirror batch that let B settle within `angle` degrees of W (at least 1)."""
-    return max(1, math.ceil(_spread(synapse) / math.tan(math.radians(angle)) ** 2))
+    return max(1, math.ceil(_samples_times_tan2(synapse) / math.tan(math.radians(angle)) ** 2))
 
 
 def runs_channels_last(net: nn.Module) -> bool:

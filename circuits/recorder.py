@@ -63,7 +63,7 @@ _SCALAR_CHUNK = 1024       # rows per chunk of a scalar column
 _HEADROOM = 1 << 20        # bytes a flush keeps free beyond its rows, for HDF5's metadata
 
 
-def _due(when: int | frozenset[int], step: int) -> bool:
+def _is_due(when: int | frozenset[int], step: int) -> bool:
     return step % when == 0 if isinstance(when, int) else step in when
 
 
@@ -264,7 +264,7 @@ class Recorder:
             device = torch.cat([loss_value, alignment([s for _, s in self._synapses]).flatten()])
             self._tables["steps"].append((tick, step, PHASES[phase], float(lr), int(examples), time.time()), device)
         if phase == "learn":
-            self._learned(tick, step)
+            self._after_learning_step(tick, step)
         if any(t.full for t in self._tables.values()) or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -398,7 +398,7 @@ class Recorder:
         inputs, target = self.probe
         try:
             with self._isolated():
-                _, _, _, traces = self._credit()
+                _, _, _, traces = self._errors_and_updates()
         except Exception as e:  # noqa: BLE001 - any failure of the user's batch or loss, reported with its shapes
             shapes = ({k: tuple(v.shape) for k, v in inputs.items()} if isinstance(inputs, Mapping)
                       else tuple(inputs.shape))
@@ -639,9 +639,9 @@ class Recorder:
         self._open_tables(create=False)
 
     # --- the probe ---------------------------------------------------------------------------
-    def _learned(self, tick: int, step: int) -> None:
+    def _after_learning_step(self, tick: int, step: int) -> None:
         """After a learning step: probe, snapshot, sample activity, as their step settings say."""
-        if self.snapshot and _due(self.snapshot_steps, step):
+        if self.snapshot and _is_due(self.snapshot_steps, step):
             arrays = []
             for name in self.snapshot:
                 synapse = self._net.projection(name)
@@ -649,11 +649,11 @@ class Recorder:
             self._tables["snapshots"].append((tick, step), None, tuple(arrays))
         if self.probe is None:
             return
-        probing, sampling = _due(self.probe_steps, step), bool(self.activity) and _due(self.activity_steps, step)
+        probing, sampling = _is_due(self.probe_steps, step), bool(self.activity) and _is_due(self.activity_steps, step)
         if not (probing or sampling):
             return
         with self._isolated():
-            loss, errors, updates, traces = self._credit()
+            loss, errors, updates, traces = self._errors_and_updates()
             if sampling:
                 k = self._samples
                 arrays = tuple(t.detach()[:k].float().cpu().numpy() for pop in self.activity
@@ -661,13 +661,13 @@ class Recorder:
                 self._tables["activity"].append((tick, step), None, arrays)
             if probing:
                 with self._net.backprop_reference():
-                    _, bp_errors, bp_updates, _ = self._credit()
+                    _, bp_errors, bp_updates, _ = self._errors_and_updates()
                 pairs = list(zip(errors, bp_errors, strict=True)) + list(zip(updates, bp_updates, strict=True))
                 norms = torch.stack([_norms(u, v).to(self._device) for u, v in pairs])
                 device = torch.cat([loss.reshape(1).float(), _angles(norms).flatten()])
                 self._tables["probe"].append((tick, step), device)
 
-    def _credit(self) -> tuple[Tensor, list[Tensor | None], list[Tensor | None], dict[str, Trace]]:
+    def _errors_and_updates(self) -> tuple[Tensor, list[Tensor | None], list[Tensor | None], dict[str, Trace]]:
         """Loss on the probe batch, and the errors dL/da and updates dL/dW the circuit computes now."""
         traces: dict[str, Trace] = {}
         inputs = self._probe_inputs

@@ -391,6 +391,13 @@ class WeightMirror(FeedbackRule):
                 raise CircuitError(f"WeightMirror {name} must be {' or '.join(map(repr, allowed))}, "
                                    f"got {getattr(self, name)!r}")
 
+    def attach(self, host: FeedbackHost) -> None:
+        """B drawn independently of W, and the statistics mirror phases need (circuits.mirror)."""
+        from .mirror import attach_statistics      # mirror imports the network, which imports this module
+
+        super().attach(host)
+        attach_statistics(host)
+
     @property
     def mirrors(self) -> bool:
         return True

@@ -125,9 +125,8 @@ class Synapse(nn.Module):
     `weight` is W; `feedback` is B in W's layout, whatever the rule (for backprop it is W itself).
     Rules that keep a B of their own store it as the parameter `B`. With rule None the projection
     has no feedback of its own (its input population's error comes by direct feedback): no error
-    crosses it, and only W's gradient is computed. `positions` counts the (input, output) position
-    pairs each weight entry connects (per kernel tap; 1 for dense); `live_fan_in` and
-    `live_positions` summarise it as host numbers for the weight mirror. `transport` (set by
+    crosses it, and only W's gradient is computed (a weight-mirror rule adds what its mirror phases
+    need: circuits.mirror.attach_statistics). `transport` (set by
     CircuitNet.backprop_reference) sends the error back through W itself, whatever the rule.
     """
 
@@ -142,10 +141,6 @@ class Synapse(nn.Module):
         self.in_shape = tuple(in_shape)
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
-        self.register_buffer("positions", operator.positions(self.in_shape, weight_shape), persistent=False)
-        live = self.positions[self.positions > 0].double()    # taps that meet real inputs (all, unless a map is tiny)
-        self.live_fan_in = math.prod(weight_shape[1:]) * live.numel() / self.positions.numel()
-        self.live_positions = float(live.numel() / live.reciprocal().sum())   # their positions' harmonic mean
         self.reset_parameters()
         if state is not None:
             self.load_state_dict(state)

@@ -77,7 +77,7 @@ def _he_normal(shape: tuple[int, ...]) -> dict[str, Tensor]:
     return {"weight": weight}
 
 
-class _Wiring:
+class _ResNetBuilder:
     """Adds convolution + batch-norm units and residual blocks to a circuit."""
 
     def __init__(self, circuit: circuits.Circuit, layer_rules: circuits.LayerRules) -> None:
@@ -148,7 +148,7 @@ def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3
     kind, blocks = RESNETS[depth]
     layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name or f"resnet{depth}", rule=rule)
-    wiring = _Wiring(c, layer_rules)
+    wiring = _ResNetBuilder(c, layer_rules)
     y = wiring.conv_bn(c.input("image", shape=tuple(input_shape)), "conv1", "bn1", 64, 7, stride=2)
     _, h, w = y.shape
     pooled = c.population("maxpool", shape=(64, *(window_output_size(n, 3, 2, 1) for n in (h, w))))
@@ -185,7 +185,7 @@ def cifar_resnet(depth: int = 20, classes: int = 10, input_shape: Sequence[int] 
         raise circuits.CircuitError(f"shortcut must be 'padded' or 'projection', got {shortcut!r}")
     layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name or f"resnet{depth}", rule=rule)
-    wiring = _Wiring(c, layer_rules)
+    wiring = _ResNetBuilder(c, layer_rules)
     y = wiring.conv_bn(c.input("image", shape=tuple(input_shape)), "conv1", "bn1", 16, 3)
     for stage, planes in enumerate((16, 32, 64), start=1):
         for b in range((depth - 2) // 6):
