@@ -5,15 +5,15 @@
     python -m models.reproduce fashion --settings paper                # Fashion-MNIST, where installed
 
 The circuit is the authors' 784-500-10 sigmoid MLP, trained by plain SGD at a constant learning rate on
-the standard 60,000 training images (batch 128, pixels in [0, 1]) and tested on the 10,000 test images
-after every epoch, under bp, fa, dfa, ss, kp and wm; weight-mirror circuits follow the authors' cadence
+the standard 60,000 training images (batch 128) and tested on the 10,000 test images after every epoch, under bp, fa, dfa, ss, kp and wm; weight-mirror circuits follow the authors' cadence
 (circuits.paper_schedule: one epoch's worth of mirror batches of 128 noise samples before any data, then
 one after every learning step). Per seed every rule starts from the same forward weights.
 
 --settings paper: the paper's equations with the project's rules, so that only the feedback differs.
   The project's MLP (models.compare.setup): a linear output population trained with softmax
-  cross-entropy, torch's default init, data reshuffled every epoch; plain SGD at one constant learning
-  rate for every rule (--lr). KP: eqs. 16-17 with the per-step decay lam (--kp-lambda, by default
+  cross-entropy, torch's default init, pixels standardised (as models.compare's: centred inputs suit
+  sigmoid units; in [0, 1] FA is unstable at this learning rate), data reshuffled every epoch; plain
+  SGD at one constant learning rate for every rule (--lr). KP: eqs. 16-17 with the per-step decay lam (--kp-lambda, by default
   PAPER_KP_SHRINK / learning steps of the run), W <- (1 - lam) W - eta dW and B <- (1 - lam) B - eta dW,
   so W - B shrinks by (1 - lam) per step (rules.KolenPollack.per_step(lam, lr)). Eq. 16's forward decay -lam W is weight decay: every other
   rule's W gets the same (SGD weight decay lam / lr on W), so KP's accuracy is not compared against
@@ -104,6 +104,7 @@ RELEASED_MIRROR_ETA = 0.01
 RELEASED_CHOICES = (
     "output: sigmoid units trained with binary cross-entropy summed over the 10 classes and averaged over the "
     "batch (FCNN_BP.py lines 73, 182: delta = y - target), not a softmax",
+    "inputs: pixels in [0, 1] (main.py, preprocess), not centred",
     "init: W, b and B drawn from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30)",
     "learning rate per rule: BP 0.2, FA 0.2, WM 0.05, KP 0.3 (run.sh); SS and DFA, absent from their code, BP's 0.2",
     "bug: the bias gradient is averaged over the batch (FCNN_BP.py line 185) and then divided by the batch size "
@@ -311,7 +312,8 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
     if config.settings == "paper":
         kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
         lines += [f"Settings (paper): the paper's equations with the project's rules; softmax cross-entropy output; "
-                  f"torch's default init; data reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
+                  f"torch's default init; pixels standardised (training mean and standard deviation); data "
+                  f"reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
                   f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:g} of W and "
                   f"B (decay {kp.decay:g} inside the gradient), and the same decay of every other rule's W (SGD "
                   f"weight decay {config.kp_lambda / config.lr:g}); WM eq. 7 with Gaussian noise of variance 1 and "
@@ -343,7 +345,7 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
-    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True)
+    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True, standardize=config.settings == "paper")
     if config.settings == "paper" and config.kp_lambda is None:
         steps = config.epochs * math.ceil(len(split.train) / BATCH)
         config = dataclasses.replace(config, kp_lambda=PAPER_KP_SHRINK / steps)
