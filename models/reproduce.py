@@ -4,21 +4,24 @@
     python -m models.reproduce mnist --settings released --epochs 10   # the authors' code's choices, shorter
     python -m models.reproduce fashion --settings paper                # Fashion-MNIST, where installed
 
-The circuit is the authors' 784-500-10 sigmoid MLP, trained by plain SGD at a constant learning rate on
-the standard 60,000 training images (batch 128, pixels in [0, 1]) and tested on the 10,000 test images
-after every epoch, under bp, fa, dfa, ss, kp and wm; weight-mirror circuits follow the authors' cadence
-(circuits.paper_schedule: one epoch's worth of mirror batches of 128 noise samples before any data, then
-one after every learning step). Per seed every rule starts from the same forward weights.
+The circuit is the authors' 784-500-10 sigmoid MLP, trained by plain SGD at a constant learning rate
+on the standard 60,000 training images (batch 128) and tested on the 10,000 test images after every
+epoch, under bp, fa, dfa, ss, kp and wm; weight-mirror circuits follow the authors' cadence
+(circuits.paper_schedule: one epoch's worth of mirror batches of 128 noise samples before any data,
+then one after every learning step). Per seed every rule starts from the same forward weights.
 
 --settings paper: the paper's equations with the project's rules, so that only the feedback differs.
   The project's MLP (models.compare.setup): a linear output population trained with softmax
-  cross-entropy, torch's default init, data reshuffled every epoch; plain SGD at one constant learning
-  rate for every rule (--lr). KP: eqs. 16-17 with the per-step decay lam (--kp-lambda, by default
-  PAPER_KP_SHRINK / learning steps of the run), W <- (1 - lam) W - eta dW and B <- (1 - lam) B - eta dW,
-  so W - B shrinks by (1 - lam) per step (rules.KolenPollack.per_step(lam, lr)). Eq. 16's forward decay -lam W is weight decay: every other
-  rule's W gets the same (SGD weight decay lam / lr on W), so KP's accuracy is not compared against
-  an undecayed BP. WM: eq. 7, dB = eta_B <y_{l+1} y_l^T> - lambda_B B on Gaussian noise of variance 1
-  with eta_B = lambda_B (--wm-decay), so B -> W (rules.WeightMirror).
+  cross-entropy, torch's default init, pixels standardised (as models.compare's: centred inputs suit
+  sigmoid units; on [0, 1] pixels FA is unstable at this learning rate), data reshuffled every epoch;
+  plain SGD at one constant learning rate for every rule (--lr).
+  KP: eqs. 16-17 with the per-step decay lam (--kp-lambda, by default PAPER_KP_SHRINK / learning
+  steps of the run), W <- (1 - lam) W - eta dW and B <- (1 - lam) B - eta dW, so W - B shrinks by
+  (1 - lam) per step (rules.KolenPollack.per_step(lam, lr)). Eq. 16's forward decay -lam W is weight
+  decay: every other rule's W gets the same (SGD weight decay lam / lr on W), so that KP is not
+  compared against an undecayed BP.
+  WM: eq. 7, dB = eta_B <y_{l+1} y_l^T> - lambda_B B on Gaussian noise of variance 1 with
+  eta_B = lambda_B (--wm-decay), so B -> W (rules.WeightMirror).
 --settings released: the choices of the authors' released code (makrout/Deep-Learning-without-Weight-
   Transport at 688f47a, fcnn/FCNN_*.py and run.sh), each named in RELEASED_CHOICES, bugs included
   where they change results.
@@ -104,6 +107,7 @@ RELEASED_MIRROR_ETA = 0.01
 RELEASED_CHOICES = (
     "output: sigmoid units trained with binary cross-entropy summed over the 10 classes and averaged over the "
     "batch (FCNN_BP.py lines 73, 182: delta = y - target), not a softmax",
+    "inputs: pixels in [0, 1] (main.py, preprocess), not centred",
     "init: W, b and B drawn from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30)",
     "learning rate per rule: BP 0.2, FA 0.2, WM 0.05, KP 0.3 (run.sh); SS and DFA, absent from their code, BP's 0.2",
     "bug: the bias gradient is averaged over the batch (FCNN_BP.py line 185) and then divided by the batch size "
@@ -200,7 +204,9 @@ def released_loader(train: torch.utils.data.Dataset, batch_size: int = BATCH) ->
     return DataLoader(train, batch_size=batch_size, shuffle=False, drop_last=True)
 
 
-def train_released(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit, recording: Path) -> compare.RunResult:
+def train_released(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit,
+                   recording: Path) -> compare.RunResult:
+    """One run as the authors' code trains it, recorded to `recording`."""
     net = released_net(rule, seed, split.shape[0], split.classes)
     return compare.fit(rule, seed, net, released_optimizer(net, rule), released_loader(split.train), split,
                        config.epochs, recording, mirror_batch=BATCH, loss_fn=summed_bce,
@@ -230,7 +236,9 @@ def paper_optimizer(net: circuits.CircuitNet, rule: str, config: ReproduceConfig
                             {"params": [p for p in net.parameters() if id(p) not in ids]}], lr=config.lr)
 
 
-def train_paper(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit, recording: Path) -> compare.RunResult:
+def train_paper(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit,
+                recording: Path) -> compare.RunResult:
+    """One run of the paper's equations with the project's rules, recorded to `recording`."""
     net, loader = compare.setup(rule, seed, paper_config(config), split)
     return compare.fit(rule, seed, net, paper_optimizer(net, rule, config), loader, split, config.epochs, recording,
                        mirror_batch=BATCH, extra={"reproduce": asdict(config), "seed": seed})
@@ -311,12 +319,13 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
     if config.settings == "paper":
         kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
         lines += [f"Settings (paper): the paper's equations with the project's rules; softmax cross-entropy output; "
-                  f"torch's default init; data reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
-                  f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:g} of W and "
-                  f"B (decay {kp.decay:g} inside the gradient), and the same decay of every other rule's W (SGD "
-                  f"weight decay {config.kp_lambda / config.lr:g}); WM eq. 7 with Gaussian noise of variance 1 and "
-                  f"eta_B = lambda_B = {config.wm_decay:g} (B -> W), {BATCH} noise samples per mirror batch, one "
-                  f"epoch's worth of mirror batches first, then one after every learning step.", ""]
+                  f"torch's default init; pixels standardised (training mean and standard deviation); data "
+                  f"reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
+                  f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:.3g} of W "
+                  f"and B (decay {kp.decay:.3g} inside the gradient), and the same decay of every other rule's W "
+                  f"(SGD weight decay {config.kp_lambda / config.lr:.3g}); WM eq. 7 with Gaussian noise of variance "
+                  f"1 and eta_B = lambda_B = {config.wm_decay:g} (B -> W), {BATCH} noise samples per mirror batch, "
+                  f"one epoch's worth of mirror batches first, then one after every learning step.", ""]
     else:
         lines += ["Settings (released): the authors' code's choices (makrout/Deep-Learning-without-Weight-Transport "
                   "at 688f47a, fcnn/), bugs included:", ""]
@@ -343,7 +352,7 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
-    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True)
+    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True, standardize=config.settings == "paper")
     if config.settings == "paper" and config.kp_lambda is None:
         steps = config.epochs * math.ceil(len(split.train) / BATCH)
         config = dataclasses.replace(config, kp_lambda=PAPER_KP_SHRINK / steps)

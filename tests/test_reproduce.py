@@ -191,6 +191,8 @@ def test_csv_and_idx_loaders_read_a_written_slice_and_cache_it(tmp_path, monkeyp
 
     check(data.mnist_full(tmp_path / "cache-idx", root=idx_root))                 # IDX wins over CSV in a folder
     check(data.fashion_mnist(cache, root=idx_root))
+    centred = data.fashion_mnist(cache, root=idx_root, standardize=True).train.tensors[0]
+    assert abs(float(centred.mean())) < 1e-5 and float(centred.std()) == pytest.approx(1, rel=1e-5)
     assert (cache / "fashion-train-images.npy").is_file()
     assert np.array_equal(data.read_idx(idx_root / "t10k-labels-idx1-ubyte"), labels[20:])
 
