@@ -136,6 +136,7 @@ class ReproduceConfig:
     lr: float = PAPER_LR                 # --settings paper only
     kp_lambda: float | None = None       # --settings paper only: per-step decay of every W and KP's B
     wm_decay: float = PAPER_WM_DECAY     # --settings paper only
+    mirror_batch: int = BATCH            # --settings paper only: noise samples per mirror batch
     root: str | None = None              # the data's folder; default: the installed package's
     cache: str | None = None             # default: data/ beside the output folder
     out: str | None = None               # default: runs/reproduce/<dataset>-<settings>
@@ -222,7 +223,7 @@ def paper_config(config: ReproduceConfig) -> compare.CompareConfig:
     kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
     return compare.CompareConfig(model="mlp", rules=config.rules, seeds=config.seeds, epochs=config.epochs,
                                  batch_size=BATCH, lr=config.lr, kp_decay=kp.decay, wm_decay=config.wm_decay,
-                                 mirror_batch=BATCH, out=str(config.out_dir))
+                                 mirror_batch=config.mirror_batch, out=str(config.out_dir))
 
 
 def paper_optimizer(net: circuits.CircuitNet, rule: str, config: ReproduceConfig) -> torch.optim.SGD:
@@ -241,7 +242,7 @@ def train_paper(rule: str, seed: int, config: ReproduceConfig, split: data.DataS
     """One run of the paper's equations with the project's rules, recorded to `recording`."""
     net, loader = compare.setup(rule, seed, paper_config(config), split)
     return compare.fit(rule, seed, net, paper_optimizer(net, rule, config), loader, split, config.epochs, recording,
-                       mirror_batch=BATCH, extra={"reproduce": asdict(config), "seed": seed})
+                       mirror_batch=config.mirror_batch, extra={"reproduce": asdict(config), "seed": seed})
 
 
 # === the table ============================================================================
@@ -324,7 +325,7 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
                   f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:.3g} of W "
                   f"and B (decay {kp.decay:.3g} inside the gradient), and the same decay of every other rule's W "
                   f"(SGD weight decay {config.kp_lambda / config.lr:.3g}); WM eq. 7 with Gaussian noise of variance "
-                  f"1 and eta_B = lambda_B = {config.wm_decay:g} (B -> W), {BATCH} noise samples per mirror batch, "
+                  f"1 and eta_B = lambda_B = {config.wm_decay:g} (B -> W), {config.mirror_batch} noise samples per mirror batch, "
                   f"one epoch's worth of mirror batches first, then one after every learning step.", ""]
     else:
         lines += ["Settings (released): the authors' code's choices (makrout/Deep-Learning-without-Weight-Transport "
@@ -395,6 +396,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="folder for the data read once as .npy [<out>/../data]")
     p.add_argument("--out", default=None, help="folder for recordings, results and report "
                    "[runs/reproduce/<dataset>-<settings>]")
+    p.add_argument("--mirror-batch", type=int, default=None,
+                   help=f"paper only: noise samples per mirror batch [{BATCH}]")
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (torch.set_num_threads)")
     p.add_argument("--overwrite", action="store_true", help="replace recordings already in --out")
     p.add_argument("--no-report", action="store_true", help="skip the figures of python -m analysis report")
@@ -404,7 +407,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    paper_only = {"--lr": args.lr, "--kp-lambda": args.kp_lambda, "--wm-decay": args.wm_decay}
+    paper_only = {"--lr": args.lr, "--kp-lambda": args.kp_lambda, "--wm-decay": args.wm_decay,
+                  "--mirror-batch": args.mirror_batch}
     given = [flag for flag, value in paper_only.items() if value is not None]
     if args.settings == "released" and given:
         print(f"python -m models.reproduce: {', '.join(given)} set(s) --settings paper only; --settings released "
@@ -417,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset=args.dataset, settings=args.settings, rules=tuple(args.rules), seeds=tuple(args.seeds),
         epochs=args.epochs, lr=args.lr if args.lr is not None else d.lr,
         kp_lambda=args.kp_lambda,
-        wm_decay=args.wm_decay if args.wm_decay is not None else d.wm_decay, root=args.root, cache=args.cache,
+        wm_decay=args.wm_decay if args.wm_decay is not None else d.wm_decay,
+        mirror_batch=args.mirror_batch if args.mirror_batch is not None else d.mirror_batch, root=args.root, cache=args.cache,
         out=args.out, overwrite=args.overwrite, report=not args.no_report, progress=not args.no_progress)
     command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
