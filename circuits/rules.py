@@ -182,17 +182,23 @@ def get(rule: RuleLike, settings: Mapping[str, Mapping[str, Any]] | None = None)
 
 
 # === transported and fixed feedback ======================================================
-@register
 @dataclass(frozen=True)
-class Backprop(FeedbackRule):
-    """B = W at every step: the error travels back through the transported forward weights."""
+class FromWeight(FeedbackRule):
+    """Base of the rules whose B is computed from the current W whenever it is used: they keep no B."""
 
-    short_name: ClassVar[str] = "bp"
-    source: ClassVar[str] = "Rumelhart, Hinton & Williams 1986"
     needs_weight: ClassVar[bool] = True
 
     def attach(self, host: FeedbackHost) -> None:
         pass
+
+
+@register
+@dataclass(frozen=True)
+class Backprop(FromWeight):
+    """B = W at every step: the error travels back through the transported forward weights."""
+
+    short_name: ClassVar[str] = "bp"
+    source: ClassVar[str] = "Rumelhart, Hinton & Williams 1986"
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         return host.weight
@@ -236,7 +242,7 @@ def sign_symmetry_scale(weight: Tensor) -> float:
 
 @register
 @dataclass(frozen=True)
-class SignSymmetry(FeedbackRule):
+class SignSymmetry(FromWeight):
     """uSF: B = sign(W) * s, recomputed from the current W each step (Liao et al. 2016; Xiao et al. 2018).
 
     Transports the signs of W, not their magnitudes. s is sign_symmetry_scale(W): 1/sqrt(fan_in) for dense
@@ -245,10 +251,6 @@ class SignSymmetry(FeedbackRule):
 
     short_name: ClassVar[str] = "ss"
     source: ClassVar[str] = "Liao et al. 2016; Xiao et al. 2018"
-    needs_weight: ClassVar[bool] = True
-
-    def attach(self, host: FeedbackHost) -> None:
-        pass
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         w = host.weight.detach()
@@ -265,15 +267,11 @@ class UniformSignSymmetry(SignSymmetry):
 
 @register
 @dataclass(frozen=True)
-class BatchRandomSignSymmetry(FeedbackRule):
+class BatchRandomSignSymmetry(FromWeight):
     """brSF: B = |M| * sign(W), M redrawn Xavier-uniform at every batch (Liao et al. 2016; BioTorch)."""
 
     short_name: ClassVar[str] = "brsf"
     source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
-    needs_weight: ClassVar[bool] = True
-
-    def attach(self, host: FeedbackHost) -> None:
-        pass
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         w = host.weight.detach()
@@ -282,12 +280,11 @@ class BatchRandomSignSymmetry(FeedbackRule):
 
 @register
 @dataclass(frozen=True)
-class FixedRandomSignSymmetry(FeedbackRule):
+class FixedRandomSignSymmetry(FromWeight):
     """frSF: B = |M| * sign(W), M drawn Xavier-uniform once and kept (Liao et al. 2016; BioTorch)."""
 
     short_name: ClassVar[str] = "frsf"
     source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
-    needs_weight: ClassVar[bool] = True
 
     def attach(self, host: FeedbackHost) -> None:
         host.register_buffer("feedback_magnitude", _xavier(tuple(host.weight.shape)).abs_())
@@ -441,7 +438,7 @@ from .local_alignment import (INPUT_PRIMITIVES, PRIMITIVES, InformationAlignment
                               SymmetricAlignment)
 from .imperfect import Imperfect  # noqa: E402
 
-__all__ = ["FeedbackRule", "FeedbackHost", "RULES", "register", "get", "sign_symmetry_scale", "Backprop",
+__all__ = ["FeedbackRule", "FromWeight", "FeedbackHost", "RULES", "register", "get", "sign_symmetry_scale", "Backprop",
            "FeedbackAlignment", "DirectFeedbackAlignment", "SignSymmetry", "UniformSignSymmetry",
            "BatchRandomSignSymmetry", "FixedRandomSignSymmetry", "KolenPollack", "WeightMirror", "LocalAlignment",
            "InformationAlignment", "SymmetricAlignment", "PRIMITIVES", "INPUT_PRIMITIVES", "Imperfect"]

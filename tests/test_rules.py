@@ -29,15 +29,11 @@ def relative(a: Tensor, b: Tensor) -> float:
 
 @rules.register
 @dataclass(frozen=True)
-class PartialTransport(rules.FeedbackRule):
+class PartialTransport(rules.FromWeight):
     """A user's rule, defined outside circuits/: B = c W, a weight transport that loses part of its strength."""
 
     short_name: ClassVar[str] = "partial"
-    needs_weight: ClassVar[bool] = True
     strength: float = 0.5
-
-    def attach(self, host) -> None:
-        pass
 
     def feedback(self, host) -> Tensor:
         return self.strength * host.weight.detach()
