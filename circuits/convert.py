@@ -31,6 +31,17 @@ _ACTIVATION_MODULES = {
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
                          torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus"}
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_ACTIVATION_DEFAULTS = {nn.GELU: {"approximate": "none"}, nn.Softplus: {"beta": 1.0, "threshold": 20.0}}
+"""Settings a population's activation has: a module with others is refused, never converted to another function."""
+
+
+def _check_activation(layer: nn.Module, name: str) -> None:
+    """A CircuitError for an activation module whose settings differ from the population activation's."""
+    for setting, default in _ACTIVATION_DEFAULTS.get(type(layer), {}).items():
+        if getattr(layer, setting) != default:
+            raise CircuitError(f"layer {name!r} ({layer}): {setting}={getattr(layer, setting)!r} cannot be converted "
+                               f"yet (a population's {type(layer).__name__} has {setting}={default!r}); converting "
+                               f"it without would change what the network computes")
 
 
 def _projection(module: nn.Module, name: str) -> P.Projection:
@@ -129,6 +140,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
             layer = traced.get_submodule(node.target)
             act = _ACTIVATION_MODULES.get(type(layer))
             if act is not None:
+                _check_activation(layer, node.target)
                 activate(node, node.args[0], act)
                 continue
             if node.target in used_layers:
@@ -142,7 +154,8 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
             node.op == "call_function"
             and node.target in _ACTIVATION_FUNCTIONS
             and len(node.args) == 1
-            and not node.kwargs.get("inplace", False)
+            and not any(v for k, v in node.kwargs.items() if k == "inplace")
+            and set(node.kwargs) <= {"inplace"}
         ):
             activate(node, node.args[0], _ACTIVATION_FUNCTIONS[node.target])
         elif node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
