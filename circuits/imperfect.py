@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import CircuitError
 from .rules import FeedbackAlignment, FeedbackHost, FeedbackRule, _finite, get
+
+if TYPE_CHECKING:
+    from .synapse import ConvOperator, DenseOperator
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Imperfect(FeedbackRule):
             b = (b * sign).clamp_min(0) * sign
         return b
 
-    def set_feedback(self, host, value):
+    def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:
         self.rule.set_feedback(host, value)
 
     def signal(self, error: Tensor) -> Tensor:
@@ -77,10 +81,11 @@ class Imperfect(FeedbackRule):
     def saves_weight(self) -> bool:
         return self.rule.saves_weight
 
-    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+    def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
+                          operator: DenseOperator | ConvOperator) -> Tensor:
         return self.rule.feedback_gradient(hebbian, y, weight, feedback, operator)
 
-    def weight_gradient(self, grad, weight):
+    def weight_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
         return self.rule.weight_gradient(grad, weight)
 
     @property

@@ -101,7 +101,8 @@ class LocalAlignment(FeedbackRule):
     def saves_weight(self) -> bool:
         return any(name != "decay" for name, _ in self.terms)
 
-    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+    def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
+                          operator: DenseOperator | ConvOperator) -> Tensor:
         grad = hebbian if self.tie else torch.zeros_like(feedback)
         if self.normalize and any(name in INPUT_PRIMITIVES for name, _ in self.terms):
             y = y - y.mean(0, keepdim=True)

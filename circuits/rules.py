@@ -334,7 +334,8 @@ class KolenPollack(FeedbackRule):
     def saves_weight(self) -> bool:
         return bool(self.decay)
 
-    def feedback_gradient(self, hebbian, y, weight, feedback, operator):
+    def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
+                          operator: DenseOperator | ConvOperator) -> Tensor:
         return hebbian + self.decay * feedback if self.decay else hebbian
 
     def weight_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
