@@ -327,20 +327,21 @@ class Trainer:
         (summed over ranks under torch.distributed). Accuracies need class targets: class indices, or
         one-hot / soft labels shaped like the output; for other targets only the loss is returned."""
         self.net.eval()
-        totals = torch.zeros(4, device=self.device, dtype=torch.float64)   # loss sum, top1, top5, count
-        classified = True
+        totals = torch.zeros(3, device=self.device, dtype=torch.float64)   # loss sum, top1, top5 on the device
+        count, classified = 0, True                                         # examples, on the host
         for inputs, target in loader:
             inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.net(inputs)
-            n = torch.tensor(float(len(target)), device=self.device, dtype=torch.float64)
+            count += len(target)
             hits = torch.zeros(2, device=self.device, dtype=torch.float64)
             labels = _class_labels(out, target)
             classified = classified and labels is not None
             if labels is not None:
                 hit = out.topk(min(5, out.shape[1]), dim=1).indices.eq(labels[:, None])
                 hits = torch.stack([hit[:, :1].sum().double(), hit.sum().double()])
-            totals += torch.cat([(self.loss_fn(out.float(), target).double() * n)[None], hits, n[None]])
+            totals += torch.cat([(self.loss_fn(out.float(), target).double() * len(target))[None], hits])
+        totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(self.device)])
         if _distributed():
             dist.all_reduce(totals)
         loss, top1, top5, n = totals.tolist()
