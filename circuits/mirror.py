@@ -156,5 +156,10 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
         hebbian = [part.view_as(c) for part, c in zip(flat.split([c.numel() for c in hebbian]), hebbian, strict=True)]
+    by_rule: dict = {}         # projections of one rule update together: B += eta_B <y_{l+1} y_l^T> - lambda_B B
     for s, c in zip(synapses, hebbian, strict=True):
-        s.rule.mirror_update(s.B, c)          # B += eta_B <y_{l+1} y_l^T> - lambda_B B
+        group = by_rule.setdefault(s.rule, ([], []))
+        group[0].append(s.B)
+        group[1].append(c)
+    for rule, (feedback, correlations) in by_rule.items():
+        rule.mirror_update(feedback, correlations)

@@ -11,7 +11,7 @@ A rule answers, for the projection ("host") it is attached to:
   feedback(host)           B as the error crosses it now
   signal(error)            what arrives on the far side of B (imperfections add noise here)
   learns_by_gradient       B is a parameter the optimizer steps, with feedback_gradient(...) as its gradient
-  mirrors                  B learns in mirror phases, by mirror_update(B, correlation) (circuits.mirror)
+  mirrors                  B learns in mirror phases, by mirror_update([B], [correlation]) (circuits.mirror)
 
 `register` adds a user's rule to the short names that circuits, models and command lines accept:
 
@@ -429,9 +429,10 @@ class WeightMirror(FeedbackRule):
         """What the batch's summed correlation is divided by: the batch size (mean), or 1 (sum)."""
         return batch_size if self.reduction == "mean" else 1
 
-    def mirror_update(self, feedback: Tensor, correlation: Tensor) -> None:
-        """B += eta_B <y_{l+1} y_l^T> - lambda_B B, in place."""
-        feedback.mul_(1 - self.decay).add_(correlation, alpha=self.eta)
+    def mirror_update(self, feedback: list[Tensor], correlation: list[Tensor]) -> None:
+        """B += eta_B <y_{l+1} y_l^T> - lambda_B B, in place, for every B of this rule at once (two foreach ops)."""
+        torch._foreach_mul_(feedback, 1 - self.decay)
+        torch._foreach_add_(feedback, correlation, alpha=self.eta)
 
 
 # Kunin et al.'s local rules (ia, sa) and imperfect feedback live beside: registered on import.

@@ -223,7 +223,7 @@ def test_a_mirror_batch_is_one_step_of_decay_and_amp_on_white_noise(shape, proje
     synapse = c.build().double().projection("x->y")
     b0 = synapse.B.detach().clone()
     hebbian = correlation(synapse, 16, torch.Generator().manual_seed(5))
-    synapse.rule.mirror_update(synapse.B.data, hebbian)
+    synapse.rule.mirror_update([synapse.B.data], [hebbian])
     y = synapse.rule.mirror_noise((16, *shape), synapse.weight, torch.Generator().manual_seed(5))   # the same noise
     kunin = rules.LocalAlignment((("amp", 0.3), ("decay", 0.05)), normalize=False)
     if len(shape) > 1:      # the mirror averages each kernel tap over its real inputs; Kunin et al. sum over positions
