@@ -64,6 +64,8 @@ def _projection(module: nn.Module, name: str) -> P.Projection:
         return P.AdaptiveAvgPool(module.output_size)
     if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
         return P.Flatten()
+    if isinstance(module, nn.Dropout):
+        return P.Dropout(module.p)
     if isinstance(module, nn.Identity):
         return P.Identity()
     raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")

@@ -1,7 +1,7 @@
 """Projections: how one population's activity drives another's summed input.
 
 Synaptic projections (Dense, Conv2d) carry a forward weight W and a feedback weight B, set by a
-feedback rule. Local projections (BatchNorm, pooling, Flatten, Identity) have no synapses: the
+feedback rule. Local projections (BatchNorm, pooling, Dropout, Flatten, Identity) have no synapses: the
 error crosses them through their own local derivative, the same under every rule.
 
 A projection is a specification; `build` makes the torch module once the populations are known.
@@ -219,6 +219,24 @@ class Flatten(Projection):
 
     def _module(self, pre, post, rule):
         return nn.Flatten()
+
+
+@dataclass(frozen=True)
+class Dropout(Projection):
+    """Each unit silenced with probability p while learning, the rest scaled by 1 / (1 - p); the identity in eval
+    mode (the net's train/eval mode, as torch's nn.Dropout). A local operation: the error crosses the same mask."""
+
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.p < 1:
+            raise CircuitError(f"Dropout(p={self.p!r}): p must be in [0, 1)")
+
+    def output_shape(self, pre, post):
+        return pre.shape
+
+    def _module(self, pre, post, rule):
+        return nn.Dropout(self.p)
 
 
 @dataclass(frozen=True)

@@ -270,8 +270,8 @@ def test_unknown_rule_and_activation_are_clear_errors():
 
 
 def test_unconvertible_layer_is_named():
-    module = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
-    with pytest.raises(circuits.CircuitError, match=r"layer '1' \(Dropout\)"):
+    module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(circuits.CircuitError, match=r"layer '1' \(LayerNorm\)"):
         circuits.from_torch(module)
     class Reshape(nn.Module):
         def forward(self, x):
@@ -329,3 +329,26 @@ def test_bf16_autocast_and_channels_last_follow_torch():
         assert (
             relative(synapse.weight.grad, ref[layer + ".weight"].grad) < 1e-6
         ), layer  # equal on CPU: the same bf16 kernels
+
+
+@pytest.mark.parametrize("arch,size", [("alexnet", 64), ("vgg11", 32)])
+def test_torchvision_nets_with_dropout_convert_exactly(arch, size):
+    """Dropout is a local projection: the same outputs as torch in eval mode, and in train mode under the same
+    random draws; backprop through the circuit equals torch autograd (float32: the same kernels, so equal but for
+    the order of a few sums; vgg11's 133M parameters in float64 would take 8 GB)."""
+    torchvision = pytest.importorskip("torchvision")
+    module = getattr(torchvision.models, arch)(num_classes=10)
+    net = circuits.from_torch(module, input_shape=(3, size, size)).build()
+    x, target = torch.randn(2, 3, size, size), torch.tensor([1, 7])
+    torch.manual_seed(5)
+    out_ref = module(x)
+    torch.manual_seed(5)
+    out = net(x)
+    assert torch.equal(out, out_ref)                 # train mode: the same dropout masks
+    nn.functional.cross_entropy(out_ref, target).backward()
+    nn.functional.cross_entropy(out, target).backward()
+    reference = dict(module.named_parameters())
+    for layer, synapse in net.projections():
+        assert relative(synapse.weight.grad, reference[layer + ".weight"].grad) < 1e-5, layer
+    module.eval(), net.eval()
+    assert torch.equal(net(x), module(x))
