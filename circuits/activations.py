@@ -26,6 +26,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "gelu": F.gelu,
     "softplus": F.softplus,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
 }
 
 

@@ -27,11 +27,19 @@ _ACTIVATION_MODULES = {
     nn.Tanh: "tanh",
     nn.GELU: "gelu",
     nn.Softplus: "softplus",
+    nn.ReLU6: "relu6",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+    nn.ELU: "elu",
+    nn.LeakyReLU: "leaky_relu",
 }
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-                         torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus"}
+                         torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus",
+                         F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.elu: "elu",
+                         F.leaky_relu: "leaky_relu"}
 _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ACTIVATION_DEFAULTS = {nn.GELU: {"approximate": "none"}, nn.Softplus: {"beta": 1.0, "threshold": 20.0}}
+_ACTIVATION_DEFAULTS = {nn.GELU: {"approximate": "none"}, nn.Softplus: {"beta": 1.0, "threshold": 20.0},
+                        nn.ELU: {"alpha": 1.0}, nn.LeakyReLU: {"negative_slope": 0.01}}
 """Settings a population's activation has: a module with others is refused, never converted to another function."""
 
 

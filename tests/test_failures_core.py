@@ -112,3 +112,21 @@ def test_activation_functions_with_settings_are_refused():
     with pytest.raises(circuits.CircuitError, match="cannot be converted"):
         circuits.from_torch(Net(), input_shape=(4,))
     assert circuits.from_torch(nn.Sequential(nn.Linear(4, 3), nn.Softplus()))      # defaults still convert
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.SiLU(), nn.Hardswish(), nn.ELU(), nn.LeakyReLU(), nn.GELU(),
+                                 nn.Softplus()])
+def test_activations_at_their_default_settings_convert_exactly(act):
+    module = nn.Sequential(nn.Linear(5, 4), act, nn.Linear(4, 3)).double()
+    net = circuits.from_torch(module).build()
+    x = torch.randn(6, 5, dtype=torch.float64) * 3
+    assert torch.equal(net(x), module(x))
+    module(x).sum().backward()
+    net(x).sum().backward()
+    assert torch.equal(net.projection("0").weight.grad, module[0].weight.grad)
+
+
+@pytest.mark.parametrize("act", [nn.ELU(alpha=2.0), nn.LeakyReLU(0.2)])
+def test_activations_with_other_settings_are_refused(act):
+    with pytest.raises(circuits.CircuitError, match="cannot be converted yet"):
+        circuits.from_torch(nn.Sequential(nn.Linear(5, 4), act))
