@@ -15,8 +15,8 @@ _EXPORTS = {
     "Projection": "projections", "Dense": "projections", "Conv2d": "projections", "BatchNorm": "projections",
     "MaxPool": "projections", "AvgPool": "projections", "AdaptiveAvgPool": "projections", "Flatten": "projections",
     "Identity": "projections", "Dropout": "projections", "Schedule": "schedule", "Learn": "schedule",
-    "Mirror": "schedule", "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse", "Trainer": "trainer",
-    "TrainerConfig": "trainer", "DivergenceError": "trainer",
+    "Mirror": "schedule", "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse",
+    "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "trainer",
 }
 __all__ = [*_EXPORTS, "rules"]
 

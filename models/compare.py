@@ -122,7 +122,9 @@ def angles(net: circuits.CircuitNet) -> dict[str, float | None]:
     return {name: float(angle(s.feedback, s.weight)) if s.rule is not None else None for name, s in net.projections()}
 
 
-def setup(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit) -> tuple[circuits.CircuitNet, DataLoader]:
+def setup(
+    rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit
+) -> tuple[circuits.CircuitNet, DataLoader]:
     """The circuit under the rule with the seed's forward weights (the same for every rule), and the
     training data reshuffled every epoch by a generator of its own, seeded with `seed`."""
     torch.manual_seed(seed)
@@ -186,9 +188,12 @@ def summarize(results: Sequence[RunResult]) -> dict[str, dict]:
     summary: dict[str, dict] = {}
     for rule in dict.fromkeys(r.rule for r in results):
         runs = [r for r in results if r.rule == rule]
-        summary[rule] = {"seeds": [r.seed for r in runs], "top1": mean_spread([r.top1 for r in runs]),
-                         "angles": {p: mean_spread([r.final_angles[p] for r in runs]) for p in runs[0].final_angles},
-                         "initial_angles": {p: mean_spread([r.initial_angles[p] for r in runs]) for p in runs[0].initial_angles}}
+        summary[rule] = {
+            "seeds": [r.seed for r in runs],
+            "top1": mean_spread([r.top1 for r in runs]),
+            "angles": {p: mean_spread([r.final_angles[p] for r in runs]) for p in runs[0].final_angles},
+            "initial_angles": {p: mean_spread([r.initial_angles[p] for r in runs]) for p in runs[0].initial_angles},
+        }
     return summary
 
 
@@ -235,7 +240,9 @@ def markdown(summary: dict[str, dict], config: CompareConfig, command: str, spli
     return "\n".join(lines) + "\n"
 
 
-def recordings(out: Path, rule_names: Sequence[str], seeds: Sequence[int], overwrite: bool) -> dict[tuple[str, int], Path]:
+def recordings(
+    out: Path, rule_names: Sequence[str], seeds: Sequence[int], overwrite: bool
+) -> dict[tuple[str, int], Path]:
     """out/runs/<rule>-seed<seed>.h5 for every (rule, seed), seed by seed; a FileExistsError if any exists
     already, unless `overwrite` (then they are deleted)."""
     paths = {(r, s): out / "runs" / f"{r}-seed{s}.h5" for s in seeds for r in rule_names}
@@ -258,9 +265,12 @@ def train_all(paths: dict[tuple[str, int], Path], train_one: Callable[[str, int,
         bar.set_postfix(rule=rule, seed=seed)
         result = train_one(rule, seed, path)
         results.append(result)
-        tqdm.write(f"{rule:>2} seed {seed}: test accuracy {result.top1:.2f}%, angle(B, W) "
-                   + ", ".join(f"{p} {a:.1f}°" if a is not None else f"{p} –" for p, a in result.final_angles.items())
-                   + f" ({result.seconds:.0f} s)", file=sys.stdout)
+        tqdm.write(
+            f"{rule:>2} seed {seed}: test accuracy {result.top1:.2f}%, angle(B, W) "
+            + ", ".join(f"{p} {a:.1f}°" if a is not None else f"{p} –" for p, a in result.final_angles.items())
+            + f" ({result.seconds:.0f} s)",
+            file=sys.stdout,
+        )
     return results
 
 

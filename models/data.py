@@ -198,7 +198,9 @@ def _read_csv_set(train: Path, test: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _cached(name: str, cache: Path, sources: list[Path], read: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _cached(
+    name: str, cache: Path, sources: list[Path], read: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
     """The arrays of data set `name` from `cache`/<name>-<part>.npy if they were made from these very
     `sources` (path, size and modification time, kept in <name>.json), else read() and saved there."""
     stamp = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
@@ -285,7 +287,9 @@ def fashion_mnist(cache: str | Path, root: str | Path | None = None, flat: bool 
         raise FileNotFoundError(
             f"no Fashion-MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} (or .gz). "
             f"On Debian or Ubuntu: apt-get install dataset-fashion-mnist (puts them in {FASHION_ROOT}); "
-            f"elsewhere download the four files from github.com/zalandoresearch/fashion-mnist and pass their folder as root")
+            f"elsewhere download the four files from github.com/zalandoresearch/fashion-mnist and pass their folder "
+            f"as root"
+        )
     arrays = _cached("fashion", Path(cache), list(idx.values()), lambda: _read_idx_set(idx))
     return _full_split("fashion", arrays, flat, standardize)
 

@@ -33,7 +33,9 @@ def mlp(sizes: Sequence[int] = (784, 500, 10), activation: str = "sigmoid", rule
     pre = c.input("retina", shape=(sizes[0],))
     for l, n in enumerate(sizes[1:], start=1):
         last = l == len(sizes) - 1
-        post = c.population("output" if last else f"hidden{l}", shape=(n,), activation=output_activation if last else activation)
+        post = c.population(
+            "output" if last else f"hidden{l}", shape=(n,), activation=output_activation if last else activation
+        )
         c.connect(pre, post, circuits.Dense(), feedback=layer_rules(f"fc{l}"), name=f"fc{l}")
         pre = post
     return layer_rules.finish(c)

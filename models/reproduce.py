@@ -253,7 +253,9 @@ def machine() -> str:
         models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")]
         name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} cores; torch {torch.__version__} on the CPU with {torch.get_num_threads()} thread(s)"
+    return (
+        f"{name}, {os.cpu_count()} cores; torch {torch.__version__} on the CPU with {torch.get_num_threads()} thread(s)"
+    )
 
 
 def first_epoch(results: Sequence[compare.RunResult]) -> dict[str, dict[str, tuple[float, float] | None]]:
@@ -308,7 +310,8 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
                  if s["angles"][p] is not None else "– (direct feedback)" for p in projections]
         if mnist:
             final, final_angle = compare.PAPER_MNIST.get(rule, (None, None))
-            cells += [_logged(rule, config.epochs), f"{final:.2f}" if final is not None else "–", final_angle or "–"]
+            cells += [_logged(rule, config.epochs), f"{final:.2f}" if final is not None else "–",
+                      final_angle or "–"]
         lines.append(f"| {rule.upper()} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     if mnist:
@@ -319,14 +322,18 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
                   "their code.", ""]
     if config.settings == "paper":
         kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
-        lines += [f"Settings (paper): the paper's equations with the project's rules; softmax cross-entropy output; "
-                  f"torch's default init; pixels standardised (training mean and standard deviation); data "
-                  f"reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
-                  f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:.3g} of W "
-                  f"and B (decay {kp.decay:.3g} inside the gradient), and the same decay of every other rule's W "
-                  f"(SGD weight decay {config.kp_lambda / config.lr:.3g}); WM eq. 7 with Gaussian noise of variance "
-                  f"1 and eta_B = lambda_B = {config.wm_decay:g} (B -> W), {config.mirror_batch} noise samples per mirror batch, "
-                  f"one epoch's worth of mirror batches first, then one after every learning step.", ""]
+        lines += [
+            f"Settings (paper): the paper's equations with the project's rules; softmax cross-entropy output; "
+            f"torch's default init; pixels standardised (training mean and standard deviation); data "
+            f"reshuffled every epoch; plain SGD at a constant lr {config.lr:g} for "
+            f"every rule, batch {BATCH}; KP eqs. 16-17 with per-step decay lam = {config.kp_lambda:.3g} of W "
+            f"and B (decay {kp.decay:.3g} inside the gradient), and the same decay of every other rule's W "
+            f"(SGD weight decay {config.kp_lambda / config.lr:.3g}); WM eq. 7 with Gaussian noise of variance "
+            f"1 and eta_B = lambda_B = {config.wm_decay:g} (B -> W), {config.mirror_batch} noise samples per "
+            f"mirror batch, "
+            f"one epoch's worth of mirror batches first, then one after every learning step.",
+            "",
+        ]
     else:
         lines += ["Settings (released): the authors' code's choices (makrout/Deep-Learning-without-Weight-Transport "
                   "at 688f47a, fcnn/), bugs included:", ""]
@@ -377,9 +384,12 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
 
 def parser() -> argparse.ArgumentParser:
     d = ReproduceConfig()
-    p = argparse.ArgumentParser(prog="python -m models.reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
-                                            "recorded, tabled beside the authors' numbers.")
+    p = argparse.ArgumentParser(
+        prog="python -m models.reproduce",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
+        "recorded, tabled beside the authors' numbers.",
+    )
     p.add_argument("dataset", choices=list(DATASETS))
     p.add_argument("--settings", choices=SETTINGS, default=d.settings,
                    help="paper: the paper's equations; released: the authors' code's choices and bugs")
@@ -418,12 +428,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     d = ReproduceConfig()
     config = ReproduceConfig(
-        dataset=args.dataset, settings=args.settings, rules=tuple(args.rules), seeds=tuple(args.seeds),
-        epochs=args.epochs, lr=args.lr if args.lr is not None else d.lr,
+        dataset=args.dataset,
+        settings=args.settings,
+        rules=tuple(args.rules),
+        seeds=tuple(args.seeds),
+        epochs=args.epochs,
+        lr=args.lr if args.lr is not None else d.lr,
         kp_lambda=args.kp_lambda,
         wm_decay=args.wm_decay if args.wm_decay is not None else d.wm_decay,
-        mirror_batch=args.mirror_batch if args.mirror_batch is not None else d.mirror_batch, root=args.root, cache=args.cache,
-        out=args.out, overwrite=args.overwrite, report=not args.no_report, progress=not args.no_progress)
+        mirror_batch=args.mirror_batch if args.mirror_batch is not None else d.mirror_batch,
+        root=args.root,
+        cache=args.cache,
+        out=args.out,
+        overwrite=args.overwrite,
+        report=not args.no_report,
+        progress=not args.no_progress,
+    )
     command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run(config, command.strip())

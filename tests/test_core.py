@@ -260,8 +260,8 @@ def test_unknown_rule_and_activation_are_clear_errors():
     with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, dfa, ss, .*kp, wm"):
         circuits.Circuit(rule="hebb")
     c = circuits.Circuit()
-    with pytest.raises(circuits.CircuitError, match="unknown activation 'relu6'"):
-        c.population("h", shape=(3,), activation="relu6")
+    with pytest.raises(circuits.CircuitError, match="unknown activation 'swishy'"):
+        c.population("h", shape=(3,), activation="swishy")
     x, h = c.input("x", shape=(3,)), c.population("h", shape=(3,))
     with pytest.raises(circuits.CircuitError, match="unknown feedback rule"):
         c.connect(x, h, circuits.Dense(), feedback="transport")
