@@ -10,6 +10,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import networkx as nx
 from torch import Tensor, nn
 
 from .activations import activation
@@ -157,6 +158,15 @@ class CircuitNet(nn.Module):
         populations whose errors it joins, `.feedback` is B (source units x target units or channels)."""
         for key, module in self.feedback_proj.items():
             yield self._names[key], module
+
+    def error_populations(self) -> list[str]:
+        """Populations, in topological order, whose summed input depends on a trainable parameter: those that
+        receive an error (an error is dL/da)."""
+        graph = self.circuit.forward_graph()
+        sources = {post for name, _, post, _, _ in self.circuit.projections()
+                   if any(p.requires_grad for p in self.projection(name).parameters())}
+        reached = sources.union(*(nx.descendants(graph, s) for s in sources))
+        return [p for p in self.circuit.order() if p in reached]
 
     def projection(self, name: str) -> nn.Module:
         """The module of the projection called `name` (forward, or direct feedback)."""

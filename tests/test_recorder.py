@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import circuits
-from circuits import recorder as recording
+from circuits import recording_file as recording
 from circuits.recorder import Recorder, RecordingError, open_recording
 from conftest import ResidualNet
 from models.mlp import mlp
