@@ -16,7 +16,7 @@ _EXPORTS = {
     "MaxPool": "projections", "AvgPool": "projections", "AdaptiveAvgPool": "projections", "Flatten": "projections",
     "Identity": "projections", "Dropout": "projections", "Schedule": "schedule", "Learn": "schedule",
     "Mirror": "schedule", "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse",
-    "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "trainer",
+    "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "divergence",
 }
 __all__ = [*_EXPORTS, "rules"]
 

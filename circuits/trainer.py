@@ -29,12 +29,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import CircuitError
-from .network import Trace, unwrap
+from .divergence import NONE, DivergenceError, all_finite, diagnose, message
+from .network import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
 """What Trainer.evaluate returns (top1 and top5 only for class targets)."""
-_NONE = torch.iinfo(torch.int64).max    # "no non-finite step yet" in the device flag
 
 
 def _rank() -> int:
@@ -43,21 +43,6 @@ def _rank() -> int:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-class DivergenceError(FloatingPointError):
-    """Training produced a non-finite loss or parameter. `step`: the first learning step whose loss was
-    non-finite (None if only parameters are), `parameters`: the names of the non-finite parameters."""
-
-    def __init__(self, message: str, step: int | None, parameters: list[str]) -> None:
-        super().__init__(message)
-        self.step, self.parameters = step, parameters
-
-
-def _all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
-    """One boolean on the device: whether every element of every tensor is finite (no host sync)."""
-    flags = [torch.isfinite(t).all() for t in tensors]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
 @dataclass
@@ -107,12 +92,12 @@ class Trainer:
         self.step = 0        # learning steps taken
         self.tick = 0        # learning steps and mirror batches taken (the recorder's row index)
         self.examples = 0    # data examples seen (this rank)
-        self.epoch = 0
-        self.position = 0    # events of the schedule consumed
-        self.batch_in_epoch = 0
+        self.epoch = 0       # epochs completed
+        self.position = 0    # events of the schedule consumed: where its stream resumes (sleep batches are none)
+        self.batch_in_epoch = 0   # batches of this epoch consumed: where a resumed epoch's data goes on
         self.finished = False
         self.skipped_steps = 0   # learning steps skipped for a non-finite loss or gradient (nonfinite="skip")
-        self._first_nonfinite = torch.full((), _NONE, dtype=torch.int64, device=self.device)
+        self._first_nonfinite = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._last_batch: tuple[Tensor, Tensor] | None = None   # for the diagnosis of a divergence
 
     # --- single events -----------------------------------------------------------------------
@@ -144,7 +129,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.config.nonfinite == "raise":     # the first non-finite step, kept on the device
-                torch.minimum(self._first_nonfinite, torch.where(torch.isfinite(loss.detach()), _NONE, self.step),
+                torch.minimum(self._first_nonfinite, torch.where(torch.isfinite(loss.detach()), NONE, self.step),
                               out=self._first_nonfinite)
         if self.lr_scheduler is not None and self.config.lr_per_step:
             self.lr_scheduler.step()
@@ -173,7 +158,7 @@ class Trainer:
         tensors = [loss.detach()]
         if not self.scaler.is_enabled():
             tensors += [p.grad for p in self.circuit_net.parameters() if p.grad is not None]
-        finite = _all_finite(tensors, self.device).to(torch.int32)
+        finite = all_finite(tensors, self.device).to(torch.int32)
         if _distributed():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite)
@@ -186,52 +171,17 @@ class Trainer:
         """
         parameters = list(self.circuit_net.named_parameters())
         state = torch.stack([self._first_nonfinite,
-                             (~_all_finite((p.detach() for _, p in parameters), self.device)).to(torch.int64).neg()])
+                             (~all_finite((p.detach() for _, p in parameters), self.device)).to(torch.int64).neg()])
         if _distributed():
             dist.all_reduce(state, op=dist.ReduceOp.MIN)
         first, bad_parameters = state.tolist()
-        if first == _NONE and not bad_parameters:
+        if first == NONE and not bad_parameters:
             return
-        step = None if first == _NONE else first
         names = [n for n, p in parameters if not bool(torch.isfinite(p.detach()).all())]
-        parts = [f"training diverged: the loss was non-finite at learning step {step}" if step is not None
-                 else f"training diverged: parameters became non-finite by learning step {self.step}"]
-        if names:
-            shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-            parts.append(f"{len(names)} of {len(parameters)} parameters are non-finite now ({shown})")
-        parts += self._diagnose()
-        parts.append(f"found at the check after step {self.step} (TrainerConfig.check_every="
-                     f"{self.config.check_every}); lower the learning rate, or pass TrainerConfig(nonfinite='skip') "
-                     f"to skip such steps")
-        raise DivergenceError("; ".join(parts), step, names)
-
-    def _diagnose(self) -> list[str]:
-        """Which populations' activity and error are non-finite on the last batch (buffers restored)."""
-        if self._last_batch is None:
-            return []
-        inputs, target = self._last_batch
-        buffers = [(b, b.clone()) for b in self.circuit_net.buffers()]
-        traces: dict[str, Trace] = {}
-        try:
-            with torch.enable_grad(), self.autocast():
-                loss = self.loss_fn(self.circuit_net(inputs, monitor=traces), target)
-            names = [p for p, t in traces.items() if t.a.requires_grad]
-            errors = torch.autograd.grad(loss, [traces[p].a for p in names], allow_unused=True) if names else ()
-        except Exception as e:  # noqa: BLE001 - the divergence is the error to raise; say why there is no diagnosis
-            return [f"no diagnosis on the last batch ({type(e).__name__}: {e})"]
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-        activity = [p for p, t in traces.items() if not bool(torch.isfinite(t.y).all())]
-        error = [p for p, e in zip(names, errors, strict=True) if e is not None and not bool(torch.isfinite(e).all())]
-        out = []
-        if activity:
-            out.append(f"on the last batch the activity is non-finite from population {activity[0]!r} on "
-                       f"({len(activity)} populations)")
-        if error:
-            out.append(f"the error is non-finite at populations {error}")
-        return out
+        step = None if first == NONE else first
+        diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast)
+        raise DivergenceError(message(step, self.step, names, len(parameters), diagnosis, self.config.check_every),
+                              step, names)
 
     # --- epochs ----------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -263,36 +213,8 @@ class Trainer:
     def _fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None) -> list[dict[str, float]]:
         history, self._stop = [], False
         self.net.train()
-        events = self.schedule.events(self.position)
         while self.epoch < epochs and not self.finished and not self._stop:
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(self.epoch)
-            batches = itertools.islice(iter(train_loader), self.batch_in_epoch, None)
-            bar = tqdm(total=_length(train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
-                       disable=not self.config.progress or _rank() != 0, leave=False)
-            for event in events:
-                if isinstance(event, Mirror):
-                    self.mirror(event)
-                    self.position += 1
-                    continue
-                batch = next(batches, None)
-                if batch is None:                          # epoch over; this learning event waits
-                    events = itertools.chain([event], events)
-                    break
-                loss = self.learn(*batch)
-                self.position += 1
-                self.batch_in_epoch += 1
-                bar.update()
-                if self.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
-                for hook in self.hooks:
-                    hook(self)
-                if self._stop:
-                    break
-            else:
-                self.finished = True
-            bar.close()
+            self._epoch(train_loader)
             if self._stop:
                 break
             self.check_finite()
@@ -302,6 +224,37 @@ class Trainer:
             self.epoch_done(metrics)
         self.check_finite()
         return history
+
+    def _epoch(self, train_loader: Iterable) -> None:
+        """The schedule's events, from where it stands, until the epoch's data is spent (the learning step
+        that found no batch waits for the next epoch), the schedule ends (`finished`) or a hook calls stop()."""
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        batches = itertools.islice(iter(train_loader), self.batch_in_epoch, None)     # a resumed epoch goes on
+        bar = tqdm(total=_length(train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
+                   disable=not self.config.progress or _rank() != 0, leave=False)
+        for event in self.schedule.events(self.position):
+            if isinstance(event, Mirror):
+                self.mirror(event)
+                self.position += 1
+                continue
+            batch = next(batches, None)
+            if batch is None:
+                break
+            loss = self.learn(*batch)
+            self.position += 1
+            self.batch_in_epoch += 1
+            bar.update()
+            if self.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+            for hook in self.hooks:
+                hook(self)
+            if self._stop:
+                break
+        else:
+            self.finished = True
+        bar.close()
 
     def epoch_done(self, metrics: dict[str, float]) -> None:
         """Called by fit() after each epoch's end and evaluation (its row recorded): for subclasses,

@@ -57,7 +57,8 @@ import circuits
 from circuits import rules
 from circuits.recorder import Recorder
 from circuits.recording import RecordingError, WriterLock
-from circuits.trainer import DivergenceError, rng_state, set_rng_state
+from circuits.divergence import DivergenceError
+from circuits.trainer import rng_state, set_rng_state
 from circuits.schedule import Schedule
 
 from .imagenet_data import Batches, DatasetError, image_batches
@@ -347,12 +348,13 @@ class ImageNetTrainer(circuits.Trainer):
         self.saved_at: int | None = None
         self.skipped_before_epoch = 0      # unreadable images this rank met before the current epoch
         self.clock, self.clock_examples = time.perf_counter(), 0
+        self.hooks.append(self.checkpoint_due)
 
-    def learn(self, inputs, target):
-        # Here, before the step, the trainer's counters, the schedule and the data position agree.
-        if self.step % self.recipe.checkpoint_every == 0 and self.step != self.saved_at and self.step > 0:
+    def checkpoint_due(self, _: circuits.Trainer) -> None:
+        """A hook, after each learning step: save every checkpoint_every steps, except at an epoch's last
+        (epoch_done saves there, after the evaluation)."""
+        if self.step % self.recipe.checkpoint_every == 0 and self.batch_in_epoch < len(self.train):
             self.save()
-        return super().learn(inputs, target)
 
     def end_epoch(self) -> None:
         super().end_epoch()
