@@ -64,9 +64,9 @@ def synchronize(device: torch.device) -> None:
 def train_rate(recipe: imagenet.Recipe, device: torch.device, loader: Iterable, epochs: int, warmup: int,
                classes: int) -> dict:
     """Images/s of learning steps after `warmup` steps, over `epochs` passes of `loader`."""
-    procs = imagenet.Processes(device=device)
-    net, model = imagenet.build_model(recipe, procs, classes)
-    optimizer, lr_scheduler, schedule, config = imagenet.training_parts(net, recipe, procs, len(loader))
+    worker = imagenet.Worker(device=device)
+    net, model = imagenet.build_model(recipe, worker, classes)
+    optimizer, lr_scheduler, schedule, config = imagenet.training_parts(net, recipe, worker, len(loader))
     marks: list[tuple[float, int]] = []
 
     def clock(trainer: circuits.Trainer) -> None:
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="resnet50", choices=sorted(imagenet.ARCHS))
-    p.add_argument("--rules", nargs="+", default=["bp", "fa", "kp", "wm"], choices=imagenet.RULES)
+    p.add_argument("--rules", nargs="+", default=["bp", "fa", "kp", "wm"], choices=list(circuits.rules.RULES))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=30, help="timed synthetic steps")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning, compilation)")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         return results
                     recipe = dataclasses.replace(base, rule=rule, compile=compiled,
                                                  decode=source.split("/")[-1] if "/" in source else "device")
-                    recipe = imagenet.resolve(recipe, imagenet.Processes(device=device))
+                    recipe = imagenet.resolve(recipe, imagenet.Worker(device=device))
                     imagenet.configure_torch(recipe)
                     torch._dynamo.reset()       # each row compiles afresh, clear of the recompile limit
                     if device.type == "cuda":

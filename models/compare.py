@@ -41,6 +41,7 @@ from circuits.alignment import angle
 from circuits.recorder import Recorder
 
 from . import data
+from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .convnet import convnet
 from .mlp import mlp
 
@@ -60,19 +61,20 @@ ACCURACY_POINTS = 1.5
 class CompareConfig:
     """One comparison: which circuit, rules, seeds, and how each run trains."""
 
-    model: str = "mlp"
-    rules: tuple[str, ...] = RULES
+    model: str = option("mlp", "mlp: the authors' 784-500-10 sigmoid MLP", choices=MODELS)
+    rules: tuple[str, ...] = option(RULES, "any registered feedback rule (circuits.rules.RULES)",
+                                    choices=lambda: list(rules.RULES))
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float | None = None              # default: 1.0 for the sigmoid MLP, 0.02 for the convnet
-    kp_decay: float = 0.005              # Kolen-Pollack lambda
-    wm_decay: float = 0.005              # weight mirror lambda_B (= eta_B, so B -> W)
-    mirror_batch: int = 128              # noise samples per mirror batch
-    train_examples: int | None = None    # use only the first n training images (the smoke run)
-    out: str = "runs/compare"
-    overwrite: bool = False
-    report: bool = True
+    epochs: int = option(20, type=POSITIVE_INT)
+    batch_size: int = option(64, type=POSITIVE_INT)
+    lr: float | None = option(None, "SGD learning rate (default 1.0 for mlp, 0.02 for convnet)", type=POSITIVE)
+    kp_decay: float = option(0.005, "Kolen-Pollack lambda", type=NON_NEGATIVE)
+    wm_decay: float = option(0.005, "weight mirror lambda_B = eta_B (so B -> W)", type=NON_NEGATIVE)
+    mirror_batch: int = option(128, "noise samples per mirror batch", type=POSITIVE_INT)
+    train_examples: int | None = option(None, cli=False)     # only the first n training images (the smoke run)
+    out: str = option("runs/compare", "folder for recordings, results and report")
+    overwrite: bool = option(False, "replace recordings already in --out")
+    report: bool = option(True, "the figures of python -m analysis report")
     progress: bool = True
 
     @property
@@ -305,36 +307,12 @@ def run(config: CompareConfig, command: str = "python -m models.compare") -> dic
     return summary
 
 
-def parser() -> argparse.ArgumentParser:
-    d = CompareConfig()
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Train one circuit under every feedback rule on the embedded MNIST "
                                             "subset; record each run; compare accuracy and angle(B, W).")
-    p.add_argument("--model", choices=MODELS, default=d.model, help="mlp: the authors' 784-500-10 sigmoid MLP")
-    p.add_argument("--rules", nargs="+", choices=list(rules.RULES), default=list(d.rules),
-                   help="any registered feedback rule (circuits.rules.RULES)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default 1.0 for mlp, 0.02 for convnet)")
-    p.add_argument("--kp-decay", type=float, default=d.kp_decay, help="Kolen-Pollack lambda")
-    p.add_argument("--wm-decay", type=float, default=d.wm_decay, help="weight mirror lambda_B = eta_B")
-    p.add_argument("--mirror-batch", type=int, default=d.mirror_batch, help="noise samples per mirror batch")
-    p.add_argument("--out", default=d.out, help="folder for recordings, results and report")
-    p.add_argument("--overwrite", action="store_true", help="replace recordings already in --out")
-    p.add_argument("--no-report", action="store_true", help="skip the figures of python -m analysis report")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--smoke", action="store_true",
-                   help="a reduced run for CI: seed 0, 1 epoch on 256 training images")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    config = CompareConfig(model=args.model, rules=tuple(args.rules), seeds=tuple(args.seeds), epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, kp_decay=args.kp_decay, wm_decay=args.wm_decay,
-                           mirror_batch=args.mirror_batch, out=args.out, overwrite=args.overwrite,
-                           report=not args.no_report, progress=not args.no_progress)
+    p.add_argument("--smoke", action="store_true", help="a reduced run for CI: seed 0, 1 epoch on 256 training images")
+    config, args = parse(CompareConfig, argv, p)
     if args.smoke:
         config.seeds, config.epochs, config.train_examples = config.seeds[:1], 1, 256
     command = "python -m models.compare " + " ".join(sys.argv[1:] if argv is None else argv)

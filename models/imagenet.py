@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import os
 import pickle
 import sys
@@ -55,12 +54,13 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
+from circuits.divergence import DivergenceError
 from circuits.recorder import Recorder
 from circuits.recording import RecordingError, WriterLock
-from circuits.divergence import DivergenceError
-from circuits.trainer import rng_state, set_rng_state
 from circuits.schedule import Schedule
+from circuits.trainer import rng_state, set_rng_state
 
+from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .imagenet_data import Batches, DatasetError, image_batches
 from .resnet import cifar_resnet, resnet
 
@@ -69,145 +69,76 @@ ARCHS: dict[str, Callable[..., circuits.Circuit]] = {
     # He et al.'s CIFAR ResNets (3x3 stem, 16-64 channels): small images, smoke runs and tests
     **{f"resnet{d}": functools.partial(cifar_resnet, d, shortcut="projection") for d in (8, 20)},
 }
-RULES = tuple(rules.RULES)
 REFERENCE_BATCH = 256        # the batch at which lr = 0.1 (He et al. 2016; Goyal et al. 2017)
 _WM = rules.WeightMirror()
 
 
+WM, KP = "weight mirror (--rule wm)", "Kolen-Pollack (--rule kp)"
+
+
 @dataclass
 class Recipe:
-    """One ImageNet run. None means "derived": see `resolve`."""
+    """One ImageNet run. None means "derived": see `resolve`. Each field is a flag (models.cli)."""
 
-    data: str
-    arch: str = "resnet50"
-    rule: str = "bp"
-    epochs: int = 90
-    batch_size: int = 256                  # global batch, split evenly over the processes
-    lr: float | None = None                # 0.1 x batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: str = "step"              # "step" or "cosine"
-    milestones: tuple[int, ...] = (30, 60)  # epochs at which "step" multiplies lr by 0.1
-    warmup_epochs: float | None = None     # 5 if batch_size > 256 else 0 (a warm-up needs batch_size > 256)
-    image_size: int = 224
-    decode: str | None = None              # "device" on CUDA, "cpu" otherwise
-    workers: int | None = None             # DataLoader workers per process: this process's share of the CPUs
-    amp: bool | None = None                # bf16 autocast, on by default on CUDA
-    channels_last: bool | None = None      # on by default on CUDA
-    compile: bool = False
+    data: str = option(help="folder with train/ and val/ folders of class subfolders of JPEGs")
+    arch: str = option("resnet50", choices=sorted(ARCHS))
+    rule: str = option("bp", "feedback rule of every synaptic projection", choices=lambda: list(rules.RULES))
+    epochs: int = option(90, type=POSITIVE_INT)
+    batch_size: int = option(256, "global batch, split evenly over the processes", type=POSITIVE_INT)
+    lr: float | None = option(None, "None: 0.1 x batch-size / 256", type=POSITIVE)
+    momentum: float = option(0.9, type=NON_NEGATIVE)
+    weight_decay: float = option(1e-4, type=NON_NEGATIVE)
+    lr_schedule: str = option("step", choices=("step", "cosine"))
+    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1", type=COUNT)
+    warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from "
+                                               "lr x 256 / batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
+    image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)
+    decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
+    workers: int | None = option(None, "DataLoader workers per process (None: this process's share of the CPUs)",
+                                 type=COUNT)
+    amp: bool | None = option(None, "bf16 autocast (None: on CUDA)")
+    channels_last: bool | None = option(None, "None: on CUDA")
+    compile: bool = option(False, "torch.compile the net")
     seed: int = 0
-    deterministic: bool = False
-    out: str | None = None                 # runs/imagenet-ARCH-RULE
-    checkpoint_every: int = 1000
-    resume: bool = False
+    deterministic: bool = option(False, "deterministic kernels (slower on GPU)")
+    out: str | None = option(None, "run folder (checkpoint.pt); None: runs/imagenet-ARCH-RULE")
+    checkpoint_every: int = option(1000, "learning steps between checkpoints", type=POSITIVE_INT)
+    resume: bool = option(False, "continue the run saved in OUT/checkpoint.pt")
     progress: bool = True
-    record: bool = True                    # OUT/run.h5 (circuits.recorder.Recorder), rank 0
-    record_every: int = 10                 # ticks (learning steps and mirror batches) between rows
-    probe_every: int = 1000                # learning steps between error angles to backprop on a val batch; 0: none
-    # weight mirror (rule wm): circuits.rules.WeightMirror's defaults; the authors' cadence
-    wm_sigma: float = _WM.sigma
-    wm_eta: float = _WM.eta
-    wm_decay: float = _WM.decay
-    wm_noise: str = _WM.noise
-    mirror_batch_size: int | None = None   # noise samples per mirror batch: the per-process training batch
-    mirror_every: int = 1                  # learning steps between mirror batches
-    mirror_warmup: int | None = None       # mirror batches before the first step: one epoch's worth
-    # Kolen-Pollack (rule kp): extra decay beyond the optimizer's weight decay, which already acts on W and B
-    kp_decay: float = 0.0
+    record: bool = option(True, "record to OUT/run.h5 (circuits.recorder.Recorder), rank 0")
+    record_every: int = option(10, "ticks (learning steps and mirror batches) between recorded rows",
+                               type=POSITIVE_INT)
+    probe_every: int = option(1000, "learning steps between recorded error/update angles to backprop on a fixed "
+                                    "val batch (0: never)", type=COUNT)
+    # the weight mirror: circuits.rules.WeightMirror's defaults; the authors' cadence
+    wm_sigma: float = option(_WM.sigma, "noise standard deviation", type=POSITIVE, group=WM)
+    wm_eta: float = option(_WM.eta, "eta_B, B's Hebbian learning rate", type=POSITIVE, group=WM)
+    wm_decay: float = option(_WM.decay, "lambda_B, B's decay per mirror batch", type=NON_NEGATIVE, group=WM)
+    wm_noise: str = option(_WM.noise, choices=("gaussian", "uniform"), group=WM)
+    mirror_batch_size: int | None = option(None, "noise samples per mirror batch (None: the per-process training "
+                                                 "batch)", type=POSITIVE_INT, group=WM)
+    mirror_every: int = option(1, "learning steps between mirror batches", type=POSITIVE_INT, group=WM)
+    mirror_warmup: int | None = option(None, "mirror batches before learning (None: one epoch's worth of steps)",
+                                       type=COUNT, group=WM)
+    kp_decay: float = option(0.0, "decay of W and B beyond --weight-decay, which already applies to both",
+                             type=NON_NEGATIVE, group=KP)
 
     @property
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with this recipe to continue it (and the data's number of classes)."""
+    def checkpoint_key(self) -> dict[str, Any]:
+        """What a checkpoint must share with this recipe to be continued by it (and the data's number of classes)."""
         return {"arch": self.arch, "rule": self.rule, "image_size": self.image_size}
-
-
-def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    """An argparse type: `kind` of the text, refused (an argparse error naming the flag) unless `test` holds."""
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-POSITIVE_INT = _checked(int, lambda v: v > 0, "a positive integer")
-COUNT = _checked(int, lambda v: v >= 0, "a non-negative integer")
-POSITIVE = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Recipe:
     """The command line into a Recipe (flags are the field names with dashes)."""
     p = argparse.ArgumentParser(prog="python -m models.imagenet", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = Recipe(data="")
-    p.add_argument("--data", required=True, help="folder with train/ and val/ folders of class subfolders of JPEGs")
-    p.add_argument("--arch", default=d.arch, choices=sorted(ARCHS))
-    p.add_argument("--rule", default=d.rule, choices=RULES, help="feedback rule of every synaptic projection")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs)
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="global batch over all processes")
-    p.add_argument("--lr", type=POSITIVE, default=d.lr, help="default 0.1 x batch-size / 256")
-    p.add_argument("--momentum", type=NON_NEGATIVE, default=d.momentum)
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=d.weight_decay)
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=("step", "cosine"))
-    p.add_argument("--milestones", type=COUNT, nargs="*", default=list(d.milestones), help="epochs of the x0.1 steps")
-    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=d.warmup_epochs,
-                   help="default 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 / batch-size, so "
-                        "it needs a batch above 256")
-    p.add_argument("--image-size", type=POSITIVE_INT, default=d.image_size, help="training and evaluation crop")
-    p.add_argument("--decode", default=d.decode, choices=("cpu", "device"), help="default device on CUDA, else cpu")
-    p.add_argument("--workers", type=COUNT, default=d.workers, help="DataLoader workers per process")
-    p.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=d.amp, help="bf16 autocast (default on CUDA)"
-    )
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d.channels_last,
-                   help="default on CUDA")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile, help="torch.compile the net")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=d.deterministic,
-                   help="deterministic kernels (slower on GPU)")
-    p.add_argument("--out", default=d.out, help="run folder (checkpoint.pt); default runs/imagenet-ARCH-RULE")
-    p.add_argument(
-        "--checkpoint-every", type=POSITIVE_INT, default=d.checkpoint_every, help="learning steps between checkpoints"
-    )
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/checkpoint.pt")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
-    p.add_argument("--record", action=argparse.BooleanOptionalAction, default=d.record, help="record to OUT/run.h5")
-    p.add_argument("--record-every", type=POSITIVE_INT, default=d.record_every,
-                   help="ticks (learning steps and mirror batches) between recorded rows")
-    p.add_argument(
-        "--probe-every",
-        type=COUNT,
-        default=d.probe_every,
-        help="learning steps between recorded error/update angles to backprop on a fixed val batch (0: never)",
-    )
-    wm = p.add_argument_group("weight mirror (--rule wm)")
-    wm.add_argument("--wm-sigma", type=POSITIVE, default=d.wm_sigma, help="noise standard deviation")
-    wm.add_argument("--wm-eta", type=POSITIVE, default=d.wm_eta, help="eta_B, B's Hebbian learning rate")
-    wm.add_argument("--wm-decay", type=NON_NEGATIVE, default=d.wm_decay, help="lambda_B, B's decay per mirror batch")
-    wm.add_argument("--wm-noise", default=d.wm_noise, choices=("gaussian", "uniform"))
-    wm.add_argument("--mirror-batch-size", type=POSITIVE_INT, default=d.mirror_batch_size,
-                    help="noise samples per mirror batch (default: the per-process training batch)")
-    wm.add_argument(
-        "--mirror-every", type=POSITIVE_INT, default=d.mirror_every, help="learning steps between mirror batches"
-    )
-    wm.add_argument("--mirror-warmup", type=COUNT, default=d.mirror_warmup,
-                    help="mirror batches before learning (default: one epoch's worth of steps)")
-    kp = p.add_argument_group("Kolen-Pollack (--rule kp)")
-    kp.add_argument("--kp-decay", type=NON_NEGATIVE, default=d.kp_decay,
-                    help="decay of W and B beyond --weight-decay, which already applies to both")
-    args = vars(p.parse_args(argv))
-    args["milestones"] = tuple(args["milestones"])
-    return Recipe(**args)
+    return parse(Recipe, argv, p)[0]
 
 
 # --- distributed set-up ------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Processes:
+class Worker:
     """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or a lone process."""
 
     rank: int = 0
@@ -225,7 +156,7 @@ class Processes:
         return self.rank == 0
 
 
-def start_processes() -> Processes:
+def start_processes() -> Worker:
     """Join the torchrun process group (NCCL on GPU, gloo on CPU); one CUDA device per process."""
     env = os.environ
     world_size = int(env.get("WORLD_SIZE", 1))
@@ -239,18 +170,18 @@ def start_processes() -> Processes:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    return Processes(rank, world_size, local_rank, local_world, device)
+    return Worker(rank, world_size, local_rank, local_world, device)
 
 
 # --- the recipe, resolved -----------------------------------------------------------------------
-def resolve(recipe: Recipe, procs: Processes) -> Recipe:
+def resolve(recipe: Recipe, worker: Worker) -> Recipe:
     """Fill the derived defaults (None fields) and check the recipe; a CircuitError names any problem."""
-    cuda = procs.device.type == "cuda"
+    cuda = worker.device.type == "cuda"
     if recipe.arch not in ARCHS:
         raise circuits.CircuitError(f"unknown arch {recipe.arch!r}; known: {', '.join(sorted(ARCHS))}")
-    if recipe.batch_size % procs.world_size:
+    if recipe.batch_size % worker.world_size:
         raise circuits.CircuitError(
-            f"batch size {recipe.batch_size} does not split evenly over {procs.world_size} processes"
+            f"batch size {recipe.batch_size} does not split evenly over {worker.world_size} processes"
         )
     if recipe.lr_schedule not in ("step", "cosine"):
         raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
@@ -270,7 +201,7 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
         )
     workers = recipe.workers
     if workers is None:
-        workers = max(1, len(os.sched_getaffinity(0)) // procs.local_world_size - 1)
+        workers = max(1, len(os.sched_getaffinity(0)) // worker.local_world_size - 1)
     return dataclasses.replace(
         recipe,
         lr=recipe.lr if recipe.lr is not None else 0.1 * recipe.batch_size / REFERENCE_BATCH,
@@ -285,7 +216,7 @@ def resolve(recipe: Recipe, procs: Processes) -> Recipe:
         channels_last=cuda if recipe.channels_last is None else recipe.channels_last,
         out=recipe.out or f"runs/imagenet-{recipe.arch}-{recipe.rule}",
         mirror_batch_size=(
-            recipe.mirror_batch_size if recipe.mirror_batch_size is not None else recipe.batch_size // procs.world_size
+            recipe.mirror_batch_size if recipe.mirror_batch_size is not None else recipe.batch_size // worker.world_size
         ),
     )
 
@@ -312,9 +243,9 @@ def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoc
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def load_checkpoint(path: Path, key: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A checkpoint's contents, or a CircuitError if it is not one or belongs to another run
-    (another architecture, rule, crop size or number of classes: `identity`)."""
+    (another architecture, rule, crop size or number of classes: `key`, the recipe's checkpoint_key)."""
     if not path.is_file():
         raise circuits.CircuitError(f"--resume: there is no checkpoint {path}")
     try:
@@ -327,9 +258,9 @@ def load_checkpoint(path: Path, identity: dict[str, Any], device: torch.device) 
             f"of models.imagenet ({why}); move it away to run again from step 0, "
             f"or choose another --out"
         ) from None
-    if not isinstance(state, dict) or "identity" not in state or "trainer" not in state:
+    if not isinstance(state, dict) or "checkpoint_key" not in state or "trainer" not in state:
         raise circuits.CircuitError(f"{path} is not an ImageNet checkpoint of models.imagenet")
-    theirs, ours = state["identity"], identity
+    theirs, ours = state["checkpoint_key"], key
     if theirs != ours:
         diff = ", ".join(f"{k} {theirs.get(k)!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
         raise circuits.CircuitError(f"checkpoint {path} belongs to another run: {diff}")
@@ -340,10 +271,10 @@ class ImageNetTrainer(circuits.Trainer):
     """circuits.Trainer that checkpoints between learning steps and after each epoch, and reports
     images/s and unreadable images each epoch on rank 0."""
 
-    def __init__(self, *args, recipe: Recipe, procs: Processes, train: Batches, identity: dict[str, Any],
+    def __init__(self, *args, recipe: Recipe, worker: Worker, train: Batches, checkpoint_key: dict[str, Any],
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.recipe, self.procs, self.train, self.identity = recipe, procs, train, identity
+        self.recipe, self.worker, self.train, self.checkpoint_key = recipe, worker, train, checkpoint_key
         self.path = Path(recipe.out) / "checkpoint.pt"
         self.saved_at: int | None = None
         self.skipped_before_epoch = 0      # unreadable images this rank met before the current epoch
@@ -360,10 +291,10 @@ class ImageNetTrainer(circuits.Trainer):
         super().end_epoch()
         seconds = time.perf_counter() - self.clock
         skipped = torch.tensor([self.train.skipped], device=self.device)
-        if self.procs.distributed:
+        if self.worker.distributed:
             dist.all_reduce(skipped)
-        if self.procs.main:
-            images = (self.examples - self.clock_examples) * self.procs.world_size
+        if self.worker.main:
+            images = (self.examples - self.clock_examples) * self.worker.world_size
             tqdm.write(f"epoch {self.epoch - 1}: step {self.step}, {images / seconds:,.0f} images/s, "
                        f"{int(skipped)} unreadable images skipped so far")
         self.skipped_before_epoch = self.train.skipped
@@ -375,7 +306,7 @@ class ImageNetTrainer(circuits.Trainer):
 
     def evaluate(self, loader) -> dict[str, float]:
         metrics = super().evaluate(loader)
-        if self.procs.main:
+        if self.worker.main:
             tqdm.write(
                 f"validation after epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             )
@@ -387,15 +318,15 @@ class ImageNetTrainer(circuits.Trainer):
         First a DivergenceError if the state is not finite: no checkpoint is written from it."""
         self.check_finite()
         mine = {"rng": rng_state(), "skipped_before_epoch": self.skipped_before_epoch}
-        ranks = [None] * self.procs.world_size
-        if self.procs.distributed:
+        ranks = [None] * self.worker.world_size
+        if self.worker.distributed:
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
         self.saved_at = self.step
-        if not self.procs.main:
+        if not self.worker.main:
             return
-        state = {"identity": self.identity, "recipe": asdict(self.recipe), "trainer": self.state_dict(),
+        state = {"checkpoint_key": self.checkpoint_key, "recipe": asdict(self.recipe), "trainer": self.state_dict(),
                  "ranks": ranks}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_suffix(".partial")
@@ -410,14 +341,14 @@ class ImageNetTrainer(circuits.Trainer):
         self.load_state_dict(state["trainer"])
         self.saved_at = self.step
         ranks = state["ranks"]
-        if len(ranks) == self.procs.world_size:
-            set_rng_state(ranks[self.procs.rank]["rng"])
-            self.skipped_before_epoch = ranks[self.procs.rank]["skipped_before_epoch"]
+        if len(ranks) == self.worker.world_size:
+            set_rng_state(ranks[self.worker.rank]["rng"])
+            self.skipped_before_epoch = ranks[self.worker.rank]["skipped_before_epoch"]
         else:
-            if self.procs.main:
-                tqdm.write(f"resuming on {self.procs.world_size} processes a run saved on {len(ranks)}: "
+            if self.worker.main:
+                tqdm.write(f"resuming on {self.worker.world_size} processes a run saved on {len(ranks)}: "
                            f"the random streams (mirror noise) differ from an uninterrupted run")
-            self.skipped_before_epoch = sum(r["skipped_before_epoch"] for r in ranks) if self.procs.main else 0
+            self.skipped_before_epoch = sum(r["skipped_before_epoch"] for r in ranks) if self.worker.main else 0
         self.train.skipped = self.skipped_before_epoch
 
 
@@ -431,7 +362,7 @@ def configure_torch(recipe: Recipe) -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def build_model(recipe: Recipe, procs: Processes, classes: int) -> tuple[circuits.CircuitNet, nn.Module]:
+def build_model(recipe: Recipe, worker: Worker, classes: int) -> tuple[circuits.CircuitNet, nn.Module]:
     """(the circuit's net, the module to train: the net, wrapped in DDP and torch.compile as asked).
 
     Every rank builds the same initial W and B (seed), then seeds its own stream (seed + rank) for noise.
@@ -439,25 +370,25 @@ def build_model(recipe: Recipe, procs: Processes, classes: int) -> tuple[circuit
     torch.manual_seed(recipe.seed)
     circuit = ARCHS[recipe.arch](classes=classes, input_shape=(3, recipe.image_size, recipe.image_size),
                                  rule=feedback_rule(recipe))
-    net = circuit.build().to(procs.device)
+    net = circuit.build().to(worker.device)
     if recipe.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model: nn.Module = net
-    if procs.distributed:
-        model = DistributedDataParallel(net, device_ids=[procs.device] if procs.device.type == "cuda" else None,
+    if worker.distributed:
+        model = DistributedDataParallel(net, device_ids=[worker.device] if worker.device.type == "cuda" else None,
                                         gradient_as_bucket_view=True)
     if recipe.compile:
         model = torch.compile(model)
-    torch.manual_seed(recipe.seed + procs.rank)
+    torch.manual_seed(recipe.seed + worker.rank)
     return net, model
 
 
-def training_parts(net: circuits.CircuitNet, recipe: Recipe, procs: Processes, steps_per_epoch: int
+def training_parts(net: circuits.CircuitNet, recipe: Recipe, worker: Worker, steps_per_epoch: int
                    ) -> tuple[torch.optim.Optimizer, LRScheduler, Schedule, circuits.TrainerConfig]:
     """Optimizer (every trained parameter, B too under KP), lr schedule, phase schedule, trainer config."""
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=recipe.lr,
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    config = circuits.TrainerConfig(device=str(procs.device), amp_dtype="bfloat16" if recipe.amp else None,
+    config = circuits.TrainerConfig(device=str(worker.device), amp_dtype="bfloat16" if recipe.amp else None,
                                     channels_last=recipe.channels_last, lr_per_step=True,
                                     progress=recipe.progress, extra=asdict(recipe))
     schedule = circuits.paper_schedule(net, steps_per_epoch, recipe.mirror_batch_size, warmup=recipe.mirror_warmup,
@@ -465,10 +396,10 @@ def training_parts(net: circuits.CircuitNet, recipe: Recipe, procs: Processes, s
     return optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), schedule, config
 
 
-def lock_run(recipe: Recipe, procs: Processes) -> WriterLock | None:
+def lock_run(recipe: Recipe, worker: Worker) -> WriterLock | None:
     """Rank 0: the run folder's lock (OUT/checkpoint.pt.lock), or a CircuitError naming the process that holds it."""
     out = Path(recipe.out)
-    if not procs.main:
+    if not worker.main:
         return None
     if recipe.resume and not out.is_dir():
         raise circuits.CircuitError(f"--resume: there is no checkpoint {out / 'checkpoint.pt'} (no folder {out})")
@@ -481,7 +412,7 @@ def lock_run(recipe: Recipe, procs: Processes) -> WriterLock | None:
     return lock
 
 
-def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Batches, Batches]:
+def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batches, Batches]:
     """The data, net, optimizer, schedules and trainer of a resolved recipe (resumed if asked).
 
     --resume without a checkpoint but with a recording (a run that stopped before its first checkpoint)
@@ -499,19 +430,19 @@ def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Ba
                                     f"checkpoint. Pass --resume to run it again from step 0 into the same recording "
                                     f"(its rows are recorded anew), or --out for a new run")
     configure_torch(recipe)
-    train, val, classes = image_batches(recipe.data, batch_size=recipe.batch_size // procs.world_size,
-                                        device=procs.device, size=recipe.image_size, decode=recipe.decode,
-                                        workers=recipe.workers, seed=recipe.seed, rank=procs.rank,
-                                        world_size=procs.world_size, channels_last=recipe.channels_last)
+    train, val, classes = image_batches(recipe.data, batch_size=recipe.batch_size // worker.world_size,
+                                        device=worker.device, size=recipe.image_size, decode=recipe.decode,
+                                        workers=recipe.workers, seed=recipe.seed, rank=worker.rank,
+                                        world_size=worker.world_size, channels_last=recipe.channels_last)
     batches = iter(val)
     first_val = next(batches, None)    # a DatasetError now if the validation images cannot be read
     batches.close()
-    identity = {**recipe.identity, "classes": len(classes)}
-    state = load_checkpoint(checkpoint, identity, procs.device) if recipe.resume and not restart else None
-    net, model = build_model(recipe, procs, len(classes))
-    optimizer, lr_scheduler, schedule, config = training_parts(net, recipe, procs, len(train))
+    key = {**recipe.checkpoint_key, "classes": len(classes)}
+    state = load_checkpoint(checkpoint, key, worker.device) if recipe.resume and not restart else None
+    net, model = build_model(recipe, worker, len(classes))
+    optimizer, lr_scheduler, schedule, config = training_parts(net, recipe, worker, len(train))
     recorder = None
-    if recipe.record and procs.main:
+    if recipe.record and worker.main:
         recorder = Recorder(recording, every=recipe.record_every, probe=first_val if recipe.probe_every else None,
                             probe_steps=recipe.probe_every or 1, seeds={"seed": recipe.seed})
         if restart:
@@ -519,11 +450,11 @@ def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Ba
                        f"step 0 into {recording}")
             recorder.restart()
     trainer = ImageNetTrainer(model, optimizer, schedule, lr_scheduler=lr_scheduler, recorder=recorder,
-                              config=config, recipe=recipe, procs=procs, train=train, identity=identity)
+                              config=config, recipe=recipe, worker=worker, train=train, checkpoint_key=key)
     if state is not None:
         changed = {k: (v, getattr(recipe, k)) for k, v in state["recipe"].items()
                    if k not in ("resume", "progress") and v != getattr(recipe, k, v)}
-        if changed and procs.main:
+        if changed and worker.main:
             tqdm.write(
                 "resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
@@ -533,14 +464,14 @@ def build_trainer(recipe: Recipe, procs: Processes) -> tuple[ImageNetTrainer, Ba
 
 def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
     """Train as the command line says; returns the trainer (its net holds the final W and B)."""
-    procs = start_processes()
+    worker = start_processes()
     lock = None
     try:
-        recipe = resolve(parse_args(argv), procs)
-        lock = lock_run(recipe, procs)
-        trainer, train, val = build_trainer(recipe, procs)
-        if procs.main:
-            tqdm.write(f"{recipe.arch} under {recipe.rule} on {procs.world_size} x {procs.device.type}: "
+        recipe = resolve(parse_args(argv), worker)
+        lock = lock_run(recipe, worker)
+        trainer, train, val = build_trainer(recipe, worker)
+        if worker.main:
+            tqdm.write(f"{recipe.arch} under {recipe.rule} on {worker.world_size} x {worker.device.type}: "
                        f"{len(train)} steps per epoch of {recipe.batch_size} images, lr {recipe.lr:g}, "
                        f"decode on {recipe.decode}, out {recipe.out}")
         trainer.fit(train, recipe.epochs, val)

