@@ -171,7 +171,8 @@ class Recorder:
             loss_value = (loss.detach().reshape(1).float().to(self._device) if loss is not None
                           else torch.full((1,), float("nan"), device=self._device))
             device = torch.cat([loss_value, alignment([s for _, s in self._synapses]).flatten()])
-            self._file.tables["steps"].append((tick, step, PHASES[phase], float(lr), int(examples), time.time()), device)
+            host = (tick, step, PHASES[phase], float(lr), int(examples), time.time())
+            self._file.tables["steps"].append(host, device)
         if phase == "learn":
             self._after_learning_step(tick, step)
         if self._file.full or time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -317,7 +318,8 @@ class Recorder:
                     "probe_batch": len(self._probe_target) if self.probe is not None else 0,
                     "loss": getattr(self.loss, "__name__", repr(self.loss)), "block": self.block}
         f.attrs.update(circuit=circuit.name, config=as_json(config), seeds=as_json(seeds),
-                       versions=as_json(versions(torch=torch.__version__, cuda=str(torch.version.cuda))), recorder=as_json(settings))
+                       versions=as_json(versions(torch=torch.__version__, cuda=str(torch.version.cuda))),
+                       recorder=as_json(settings))
 
         def rule_texts(rule: Any) -> tuple[str, str]:
             return (str(rule), repr(rule)) if rule else ("", "")

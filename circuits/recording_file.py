@@ -109,7 +109,8 @@ class Contents:
             Column("/steps/loss", f4, "1", "training loss of the batch (NaN for a mirror batch)")]
         for name in self.aligned:
             g = f"/alignment/{key(name)}"
-            steps += [Column(f"{g}/angle", f4, "degrees", "angle between B and W, flattened: arccos(<B, W> / (|B| |W|))"),
+            steps += [Column(f"{g}/angle", f4, "degrees",
+                             "angle between B and W, flattened: arccos(<B, W> / (|B| |W|))"),
                       Column(f"{g}/norm_ratio", f4, "1", "|B| / |W| (Frobenius norms)"),
                       Column(f"{g}/sign_match", f4, "1", "fraction of synapses with sign(B) = sign(W)")]
         probe = index("probe") + [Column("/probe/loss", f4, "1", "loss of the probe batch")]

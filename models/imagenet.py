@@ -90,8 +90,8 @@ class Recipe:
     weight_decay: float = option(1e-4, type=NON_NEGATIVE)
     lr_schedule: str = option("step", choices=("step", "cosine"))
     milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1", type=COUNT)
-    warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from "
-                                               "lr x 256 / batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
+    warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
+                                               "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
     image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)
     decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
     workers: int | None = option(None, "DataLoader workers per process (None: this process's share of the CPUs)",

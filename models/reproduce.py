@@ -392,7 +392,8 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m models.reproduce",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
                                             "recorded, tabled beside the authors' numbers.")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch's CPU threads (torch.set_num_threads)")
