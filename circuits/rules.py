@@ -231,6 +231,11 @@ class DirectFeedbackAlignment(FeedbackRule):
     direct: ClassVar[bool] = True
 
 
+# The sign-symmetry family (ss, usf, brsf, frsf) lives beside; registered here, in the order rules are listed.
+from .sign_symmetry import (BatchRandomSignSymmetry, FixedRandomSignSymmetry, SignSymmetry,  # noqa: E402
+                            UniformSignSymmetry, sign_symmetry_scale)
+
+
 # === Kolen-Pollack ======================================================================
 @register
 @dataclass(frozen=True)
@@ -373,10 +378,7 @@ class WeightMirror(FeedbackRule):
         torch._foreach_add_(feedback, correlation, alpha=self.eta)
 
 
-# The sign-symmetry family, Kunin et al.'s local rules (ia, sa) and imperfect feedback live beside:
-# registered on import.
-from .sign_symmetry import (BatchRandomSignSymmetry, FixedRandomSignSymmetry, SignSymmetry,  # noqa: E402
-                            UniformSignSymmetry, sign_symmetry_scale)
+# Kunin et al.'s local rules (ia, sa) and imperfect feedback live beside: registered on import.
 from .local_alignment import (INPUT_PRIMITIVES, PRIMITIVES, InformationAlignment, LocalAlignment,  # noqa: E402
                               SymmetricAlignment)
 from .imperfect import Imperfect  # noqa: E402

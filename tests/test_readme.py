@@ -27,3 +27,14 @@ def test_readme_python_blocks_run_in_order(tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (tmp_path / "report" / "summary.md").exists()
+
+
+def test_the_readme_layout_names_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    modules = [p for package in ("circuits", "models", "analysis") for p in sorted((ROOT / package).glob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py")]
+    missing = [f"{p.parent.name}/{p.name}" for p in modules if f"`{p.name}`" not in layout]
+    assert not missing, f"README's layout section does not name {missing}"
+    named = set(re.findall(r"`(\w+\.py)`", layout))
+    gone = sorted(named - {p.name for p in modules} - {p.name for p in (ROOT / "benchmarks").glob("*.py")})
+    assert not gone, f"README's layout section names modules that do not exist: {gone}"
