@@ -410,7 +410,8 @@ class WeightMirror(FeedbackRule):
     def mirror_noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Zero-mean noise of variance sigma^2 per unit, in `like`'s dtype and device."""
         if self.noise == "gaussian":
-            return torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator).mul_(self.sigma)
+            y = torch.randn(shape, device=like.device, dtype=like.dtype, generator=generator)
+            return y if self.sigma == 1 else y.mul_(self.sigma)
         half_width = math.sqrt(3) * self.sigma      # uniform on [-sqrt(3) sigma, sqrt(3) sigma): variance sigma^2
         return (
             torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator).sub_(0.5).mul_(2 * half_width)
