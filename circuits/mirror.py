@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .errors import CircuitError
 from .network import unwrap
-from .synapse import Synapse
+from .synapse import ConvOperator, DenseOperator, Synapse
 
 
 def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
@@ -121,6 +121,8 @@ def _hebbian_sum(synapse: Synapse, batch_size: int, generator: torch.Generator |
     autocast W is cast to its dtype; the sums of several chunks are added in float32 at least.
     """
     rule, w = synapse.rule, synapse.weight
+    if getattr(rule, "wishart", False) and _wishart_inputs(synapse, batch_size):
+        return _wishart_sum(synapse, batch_size, generator)
     bias = synapse.bias if rule.response_uses_bias else None
     if torch.is_autocast_enabled(w.device.type):
         dtype = torch.get_autocast_dtype(w.device.type)
@@ -137,6 +139,33 @@ def _hebbian_sum(synapse: Synapse, batch_size: int, generator: torch.Generator |
         else:
             total = c
     return total
+
+
+def _wishart_inputs(synapse: Synapse, batch_size: int) -> bool:
+    """Whether the Wishart draw applies: a dense projection or a 1x1 convolution (groups 1) whose noise gives at
+    least as many independent input vectors (samples x output positions) as it has inputs."""
+    operator, shape = synapse.operator, synapse.weight.shape
+    if isinstance(operator, ConvOperator):
+        if tuple(shape[2:]) != (1, 1) or operator.groups != 1:
+            return False
+    elif not (isinstance(operator, DenseOperator) and len(synapse.in_shape) == 1):
+        return False
+    return batch_size * round(synapse.live_positions) >= shape[1]
+
+
+def _wishart_sum(synapse: Synapse, batch_size: int, generator: torch.Generator | None) -> Tensor:
+    """sum_t (W y_t) y_t^T = W S with S = sum_t y_t y_t^T ~ Wishart_n(sigma^2 I, k) drawn directly (Bartlett
+    decomposition: S = sigma^2 A A^T, A lower triangular, A_ii = sqrt(chi^2(k - i + 1)), A_ij ~ N(0, 1) for i > j),
+    k = batch_size x output positions; in float32 at least, outside autocast. The neurons are not simulated."""
+    w = synapse.weight
+    dtype, n = _accumulation_dtype(w.dtype), w.shape[1]
+    k = batch_size * round(synapse.live_positions)
+    with torch.autocast(w.device.type, enabled=False):
+        a = torch.randn(n, n, dtype=dtype, device=w.device, generator=generator).tril_(-1)
+        dof = torch.arange(k, k - n, -1, dtype=dtype, device=w.device)
+        a.diagonal().copy_(torch._standard_gamma(dof / 2, generator=generator).mul_(2).sqrt_())
+        second_moment = (a @ a.T).mul_(synapse.rule.sigma ** 2)
+        return (w.reshape(w.shape[0], n).to(dtype) @ second_moment).view(w.shape)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
