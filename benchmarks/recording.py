@@ -13,7 +13,10 @@ hits all of them alike:
                   on a fixed probe batch under the circuit's rules and under backprop
 
 A variant's rate is its steps over its time summed over all rounds (so block writes and probes
-count in proportion); its overhead is 1 - rate / rate(off).
+count in proportion); its overhead is 1 - rate / rate(off). Beside it, the overhead paired per round
+(1 - time(off) / time(variant) in the same round: robust to a machine whose load drifts), its median,
+lowest and highest. Last, what the metrics alone cost per step, against their floor: one pass that
+only reads every B and W.
 
     python benchmarks/recording.py --batch-size 256 --image-size 224          # GPU
     python benchmarks/recording.py --smoke                                    # CPU, seconds
@@ -21,6 +24,7 @@ count in proportion); its overhead is 1 - rate / rate(off).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,7 @@ from tqdm import tqdm
 
 import circuits
 from circuits import rules
+from circuits.alignment import alignment
 from circuits.recorder import Recorder
 from throughput import Trainee, parse_with_smoke, synchronize, workload
 
@@ -126,19 +131,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         for variant in tqdm(variants.values(), desc="warmup", leave=False):
             for _ in range(args.warmup):
                 variant.step(x, target)
-        elapsed = dict.fromkeys(variants, 0.0)
+        elapsed: dict[str, list[float]] = {key: [] for key in variants}
         for _ in tqdm(range(args.rounds), desc="rounds", leave=False):
             for key, variant in variants.items():
-                elapsed[key] += seconds(variant, x, target, args.steps)
+                elapsed[key].append(seconds(variant, x, target, args.steps))
         for variant in variants.values():
             if variant.recorder is not None:
                 variant.recorder.close()
         sizes = {key: (folder / f"{key}.h5").stat().st_size for key in variants if key != "off"}
-    rates = {key: args.rounds * args.steps / t for key, t in elapsed.items()}
-    print(f"{'variant':<14}{'steps/s':>12}{'overhead':>10}{'file (bytes)':>14}")
+    rates = {key: args.rounds * args.steps / sum(t) for key, t in elapsed.items()}
+    print(f"{'variant':<14}{'steps/s':>12}{'overhead':>10}{'paired':>9}{'lowest':>9}{'highest':>9}{'file (bytes)':>14}")
     for key, rate in rates.items():
-        print(f"{key:<14}{rate:>12.3f}{1 - rate / rates['off']:>10.2%}{sizes.get(key, 0):>14}")
+        paired = [1 - off / t for t, off in zip(elapsed[key], elapsed["off"], strict=True)]
+        print(f"{key:<14}{rate:>12.3f}{1 - rate / rates['off']:>10.2%}{statistics.median(paired):>9.2%}"
+              f"{min(paired):>9.2%}{max(paired):>9.2%}{sizes.get(key, 0):>14}")
+    metrics, floor = metric_seconds(net, x.device)
+    step = sum(elapsed["off"]) / (args.rounds * args.steps)
+    print(f"per step: unrecorded {step * 1e3:.1f} ms; the metrics of every projection (circuits.alignment.alignment) "
+          f"{metrics * 1e3:.1f} ms ({metrics / step:.1%}); reading B and W once (one torch._foreach_norm, the "
+          f"floor of any exact metric) {floor * 1e3:.1f} ms ({floor / step:.1%})")
     return rates
+
+
+def metric_seconds(net: torch.nn.Module, device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """Seconds per call of the recorder's alignment metrics, and of one pass that only reads every B and W
+    (the least any exact metric of them costs), each the median of `repeats` calls."""
+    synapses = [s for _, s in net.projections() if s.rule is not None]
+    with torch.no_grad():
+        tensors = [t for s in synapses for t in (s.feedback, s.weight)]
+
+    def timed(work) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            work()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    return timed(lambda: alignment(synapses)), timed(lambda: torch._foreach_norm(tensors))
 
 
 if __name__ == "__main__":

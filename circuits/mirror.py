@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .errors import CircuitError
 from .network import unwrap
-from .synapse import Synapse
+from .synapse import ConvOperator, DenseOperator, Synapse
 
 
 def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
@@ -91,35 +91,39 @@ def samples_for_angle(synapse: Synapse, angle: float) -> int:
 
 def runs_channels_last(net: nn.Module) -> bool:
     """Whether the net's conv weights are channels_last. Only a kernel wider than 1x1 can tell: a 1x1 kernel is
-    contiguous in both formats (and channels_last noise for it crashes torch's CPU convolution backward)."""
-    kernels = [s.weight for _, s in unwrap(net).projections() if s.weight.dim() == 4 and s.weight[0, 0].numel() > 1]
+    contiguous in both formats (and channels_last noise for it crashes torch's CPU convolution backward).
+    Reads only shapes and strides: no tensor op."""
+    kernels = [s.weight for _, s in unwrap(net).projections() if s.weight.dim() == 4 and math.prod(s.weight.shape[2:]) > 1]
     return any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in kernels)
 
 
 def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
           channels_last: bool = False, like: Tensor | None = None) -> Tensor:
     """The rule's zero-mean noise (variance sigma^2 per unit), shaped like the input population's activity,
-    drawn directly in `like`'s dtype and device (default: W's)."""
-    y = synapse.rule.mirror_noise((batch_size, *synapse.in_shape), synapse.weight if like is None else like, generator)
-    if y.dim() == 4 and channels_last:
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    drawn directly in `like`'s dtype and device (default: W's) and, for a 4-D batch with `channels_last`, in that
+    memory format (drawn as (batch, H, W, C) and viewed as (batch, C, H, W): no copy)."""
+    like = synapse.weight if like is None else like
+    if len(synapse.in_shape) == 3 and channels_last:
+        c, h, w = synapse.in_shape
+        return synapse.rule.mirror_noise((batch_size, h, w, c), like, generator).permute(0, 3, 1, 2)
+    return synapse.rule.mirror_noise((batch_size, *synapse.in_shape), like, generator)
 
 
 NOISE_ELEMENTS = 1 << 26
 """At most this many noise values (256 MB in float32) at once: a larger mirror batch is drawn in chunks."""
 
 
-def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
-                channels_last: bool = False) -> Tensor:
-    """<y_{l+1} y_l^T> on one batch of noise y_l, per kernel tap averaged over its real inputs; W's layout.
+def _hebbian_sum(synapse: Synapse, batch_size: int, generator: torch.Generator | None,
+                 channels_last: bool) -> Tensor:
+    """sum over the batch of y_{l+1} y_l^T (per kernel tap summed over positions), in the dtype it is computed in.
 
-    y_{l+1} is the rule's mirror_response to its drive W y_l (+ b where the response uses the bias);
-    <.> averages over the batch, or sums over it where the rule's reduction is "sum".
+    y_{l+1} is the rule's mirror_response to its drive W y_l (+ b where the response uses the bias). Under
+    autocast W is cast to its dtype; the sums of several chunks are added in float32 at least.
     """
-    rule = synapse.rule
-    w = synapse.weight.detach()
-    bias = synapse.bias.detach() if rule.response_uses_bias and synapse.bias is not None else None
+    rule, w = synapse.rule, synapse.weight
+    if getattr(rule, "wishart", False) and _wishart_inputs(synapse, batch_size):
+        return _wishart_sum(synapse, batch_size, generator)
+    bias = synapse.bias if rule.response_uses_bias else None
     if torch.is_autocast_enabled(w.device.type):
         dtype = torch.get_autocast_dtype(w.device.type)
         w, bias = w.to(dtype), bias.to(dtype) if bias is not None else None
@@ -129,9 +133,77 @@ def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | 
         y = noise(synapse, min(chunk, batch_size - start), generator, channels_last, like=w)
         response = rule.mirror_response(synapse.operator.forward(y, w, bias))
         c = synapse.operator.backward(response, y, w, (False, True, False))[1]
-        c = c.to(torch.promote_types(c.dtype, torch.float32))       # bf16 sums added and divided in float32 at least
-        total = c if total is None else total.add_(c)
-    return total.div_(synapse.positions.clamp_min(1) * rule.mirror_count(batch_size)).to(synapse.B.dtype)
+        if batch_size > chunk:      # bf16 sums added in float32 at least
+            c = c.to(_accumulation_dtype(c.dtype))
+            total = c if total is None else total.add_(c)
+        else:
+            total = c
+    return total
+
+
+def _wishart_inputs(synapse: Synapse, batch_size: int) -> bool:
+    """Whether the Wishart draw applies: a dense projection or a 1x1 convolution (groups 1) whose noise gives at
+    least as many independent input vectors (samples x output positions) as it has inputs."""
+    operator, shape = synapse.operator, synapse.weight.shape
+    if isinstance(operator, ConvOperator):
+        if tuple(shape[2:]) != (1, 1) or operator.groups != 1:
+            return False
+    elif not (isinstance(operator, DenseOperator) and len(synapse.in_shape) == 1):
+        return False
+    return batch_size * round(synapse.live_positions) >= shape[1]
+
+
+def _wishart_sum(synapse: Synapse, batch_size: int, generator: torch.Generator | None) -> Tensor:
+    """sum_t (W y_t) y_t^T = W S with S = sum_t y_t y_t^T ~ Wishart_n(sigma^2 I, k) drawn directly (Bartlett
+    decomposition: S = sigma^2 A A^T, A lower triangular, A_ii = sqrt(chi^2(k - i + 1)), A_ij ~ N(0, 1) for i > j),
+    k = batch_size x output positions; in float32 at least, outside autocast. The neurons are not simulated."""
+    w = synapse.weight
+    dtype, n = _accumulation_dtype(w.dtype), w.shape[1]
+    k = batch_size * round(synapse.live_positions)
+    with torch.autocast(w.device.type, enabled=False):
+        a = torch.randn(n, n, dtype=dtype, device=w.device, generator=generator).tril_(-1)
+        dof = torch.arange(k, k - n, -1, dtype=dtype, device=w.device)
+        a.diagonal().copy_(torch._standard_gamma(dof / 2, generator=generator).mul_(2).sqrt_())
+        second_moment = (a @ a.T).mul_(synapse.rule.sigma ** 2)
+        return (w.reshape(w.shape[0], n).to(dtype) @ second_moment).view(w.shape)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half-precision dtype, else the dtype itself (torch.promote_types(dtype, float32),
+    without dispatching an op)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _divisor(synapse: Synapse, batch_size: int) -> Tensor:
+    """positions.clamp_min(1) * rule.mirror_count(batch_size), in float32 at least: what the batch's summed
+    correlation is divided by, per kernel tap. Cached on the synapse per count; made again when `positions` has
+    moved to another device or dtype."""
+    count, positions = synapse.rule.mirror_count(batch_size), synapse.positions
+    dtype = _accumulation_dtype(positions.dtype)
+    cache: dict[int, Tensor] = synapse.__dict__.setdefault("_mirror_divisors", {})
+    cached = cache.get(count)
+    if cached is None or cached.device != positions.device or cached.dtype != dtype:
+        cached = cache[count] = positions.clamp_min(1).to(dtype) * count
+    return cached
+
+
+def _normalised(synapses: list[Synapse], sizes: list[int], sums: list[Tensor]) -> list[Tensor]:
+    """<y_{l+1} y_l^T> = sum / (positions.clamp_min(1) * mirror_count(batch)) for every synapse in one foreach
+    division, in float32 at least (the float32 divisor promotes a bf16 sum), then in B's dtype."""
+    divisors = [_divisor(s, m) for s, m in zip(synapses, sizes, strict=True)]
+    correlations = torch._foreach_div(sums, divisors)
+    return [c if c.dtype == s.B.dtype else c.to(s.B.dtype) for c, s in zip(correlations, synapses, strict=True)]
+
+
+@torch.no_grad()
+def correlation(synapse: Synapse, batch_size: int, generator: torch.Generator | None = None,
+                channels_last: bool = False) -> Tensor:
+    """<y_{l+1} y_l^T> on one batch of noise y_l, per kernel tap averaged over its real inputs; W's layout.
+
+    y_{l+1} is the rule's mirror_response to its drive W y_l (+ b where the response uses the bias);
+    <.> averages over the batch, or sums over it where the rule's reduction is "sum".
+    """
+    return _normalised([synapse], [batch_size], [_hebbian_sum(synapse, batch_size, generator, channels_last)])[0]
 
 
 @torch.no_grad()
@@ -150,7 +222,8 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
     synapses = [s for _, s in require_mirrored(net)]
     sizes = [samples_for_angle(s, angle) if angle is not None else batch_size for s in synapses]
     channels_last = runs_channels_last(net)
-    hebbian = [correlation(s, m, generator, channels_last) for s, m in zip(synapses, sizes, strict=True)]
+    sums = [_hebbian_sum(s, m, generator, channels_last) for s, m in zip(synapses, sizes, strict=True)]
+    hebbian = _normalised(synapses, sizes, sums)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([c.reshape(-1) for c in hebbian])
         dist.all_reduce(flat)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .alignment import _angles, _norms, alignment
+from .alignment import _angles, _pair_norms, alignment
 from .network import CircuitNet, Trace, unwrap
 from .recording import (LAYOUT_VERSION, METRICS, PHASES, TABLES, RecordingError, WriterLock, key,
                         open_recording)
@@ -374,7 +374,7 @@ class Recorder:
                 with self._net.backprop_reference():
                     _, bp_errors, bp_updates, _ = self._errors_and_updates()
                 pairs = list(zip(errors, bp_errors, strict=True)) + list(zip(updates, bp_updates, strict=True))
-                norms = torch.stack([_norms(u, v).to(self._device) for u, v in pairs])
+                norms = _pair_norms(pairs, self._device)
                 device = torch.cat([loss.reshape(1).float(), _angles(norms).flatten()])
                 self._file.tables["probe"].append((tick, step), device)
 
