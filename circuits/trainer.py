@@ -28,13 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .errors import CircuitError
 from .divergence import NONE, DivergenceError, all_finite, diagnose, message
+from .errors import CircuitError
 from .network import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
 """What Trainer.evaluate returns (top1 and top5 only for class targets)."""
+COUNTERS = ("step", "tick", "examples", "epoch", "position", "batch_in_epoch", "finished", "skipped_steps")
+"""Where a run stands, as a checkpoint keeps it (Trainer.__init__ says what each counts)."""
 
 
 def _rank() -> int:
@@ -95,7 +97,7 @@ class Trainer:
         self.epoch = 0       # epochs completed
         self.position = 0    # events of the schedule consumed: where its stream resumes (sleep batches are none)
         self.batch_in_epoch = 0   # batches of this epoch consumed: where a resumed epoch's data goes on
-        self.finished = False
+        self.finished = False     # the schedule has run out of events
         self.skipped_steps = 0   # learning steps skipped for a non-finite loss or gradient (nonfinite="skip")
         self._first_nonfinite = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._last_batch: tuple[Tensor, Tensor] | None = None   # for the diagnosis of a divergence
@@ -327,19 +329,7 @@ class Trainer:
             "net": self.circuit_net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "counters": {
-                k: getattr(self, k)
-                for k in (
-                    "step",
-                    "tick",
-                    "examples",
-                    "epoch",
-                    "position",
-                    "batch_in_epoch",
-                    "finished",
-                    "skipped_steps",
-                )
-            },
+            "counters": {k: getattr(self, k) for k in COUNTERS},
             "rng": rng_state(),
         }
         if self.lr_scheduler is not None:
