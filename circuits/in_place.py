@@ -1,0 +1,212 @@
+"""In-place conversion, for what torch.fx cannot trace: any module's synaptic layers become Synapses.
+
+    net = circuits.in_place(model, example, rule="wm", rules_by_layer={"head": "bp"})
+    print(net.report)      # 14 synaptic layers converted (wm), 1 embedding ..., 3 modules left as they are: ...
+
+Each nn.Linear, nn.Conv2d and nn.Embedding that the module calls as a layer on `example` is swapped, where
+it sits, for a circuits.synapse.Synapse with the same parameters (W and bias, their values, dtype and
+device), the same forward result bit for bit, and a feedback projection B under the layer's rule:
+
+    a_{l+1} = W y_l (+ bias),    delta_l = B^T delta_{l+1},    dL/dW = delta_{l+1} y_l^T
+
+as in a circuit (in the style of BioTorch's converter, jsalbert/biotorch). A Linear acts on the last
+dimension of inputs of any shape (tokens x channels: W shared over positions; its mirror noise has the
+input's real shape). The module keeps its own forward: everything between synaptic layers (layer norm,
+attention's products of activities, residual sums, pooling) passes the error back by its own local
+derivative, under every rule, as local projections do in a circuit.
+
+An embedding's input is indices: no error crosses it, so it needs no feedback and its B would never be
+used. It becomes a Synapse with rule None ("synaptic, no feedback needed"); W learns by delta scattered
+onto the rows of the indices seen (circuits.synapse.EmbeddingOperator), under every rule.
+
+Left as they are, and listed in the report: layers never called as a layer on `example` (nn.MultiheadAttention
+reads its out_proj's weight directly: its synapses keep backprop), subclasses that override forward, a
+convolution with non-zero padding modes or string padding, an embedding with max_norm, scale_grad_by_freq or
+sparse gradients, and every other module with parameters of its own (layer norm, positional embeddings).
+
+What is lost against circuits.from_torch: there is no population graph. The returned InPlaceNet is a
+CircuitNet for the trainer, circuits.mirror (mirror_step, mirror phases) and angle(B, W) (`projections()`:
+every Synapse by qualified name), but it has no circuit: no recorder (circuits.Recorder needs the graph
+to record activity and errors and draw the circuit), no monitor of population activity, and no direct
+feedback (dfa needs the populations its output error reaches: a clear CircuitError here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from . import rules
+from .errors import CircuitError
+from .network import CircuitNet
+from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
+
+_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+@dataclass
+class Report:
+    """What in_place did: qualified names of the layers converted under a rule, of the embeddings made
+    synaptic without feedback, and of the modules left as they are (each with why)."""
+
+    converted: dict[str, str] = field(default_factory=dict)        # name -> rule
+    embeddings: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)             # name -> why
+
+    def __str__(self) -> str:
+        rule_names = ", ".join(dict.fromkeys(self.converted.values()))
+        parts = [_count(len(self.converted), "synaptic layer") + f" converted ({rule_names or 'no rule'})"]
+        if self.embeddings:
+            parts.append(_count(len(self.embeddings), "embedding") + " synaptic, no feedback needed (no error "
+                         f"crosses an index input): {', '.join(self.embeddings)}")
+        left = "; ".join(f"{name} ({why})" for name, why in self.left.items())
+        parts.append(_count(len(self.left), "module") + " left as " + ("it is" if len(self.left) == 1 else "they are")
+                     + (f": {left}" if left else ""))
+        return ", ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+class InPlaceNet(CircuitNet):
+    """A module whose synaptic layers are Synapses, run by its own forward: a CircuitNet without a circuit.
+
+    `model` is the converted module, `report` what in_place did. projections(), backprop_reference() and
+    forward_parameters() are CircuitNet's; there are no direct feedback projections and no populations.
+    """
+
+    def __init__(self, model: nn.Module, report: Report) -> None:
+        nn.Module.__init__(self)        # not CircuitNet's: there is no circuit to build from
+        self.model, self.report = model, report
+        self._reference = False
+
+    @property
+    def circuit(self) -> NoReturn:
+        raise CircuitError(f"{type(self.model).__name__} was converted in place (circuits.in_place): it has no "
+                           f"population graph, so no recorder, activity monitor or circuit drawing; convert it "
+                           f"with circuits.from_torch where torch.fx can trace it")
+
+    def forward(self, *args: Any, monitor: dict | None = None, **kwargs: Any) -> Any:
+        if monitor is not None:
+            raise CircuitError("a net converted in place has no populations whose activity could be monitored")
+        return self.model(*args, **kwargs)
+
+    def projections(self) -> Iterator[tuple[str, Synapse]]:
+        """(qualified name in the module, Synapse) for every synaptic layer, embeddings included (rule None)."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, Synapse):
+                yield name, module
+
+    def feedback_projections(self) -> Iterator[tuple[str, nn.Module]]:
+        return iter(())
+
+    def projection(self, name: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            raise CircuitError(f"{type(self.model).__name__} has no layer named {name!r}") from None
+
+
+def _unconvertible(layer: nn.Module) -> str | None:
+    """Why a Linear, Conv2d or Embedding cannot become a Synapse with the same forward (None: it can)."""
+    kind = next(k for k in _LAYERS if isinstance(layer, k))
+    if type(layer).forward is not kind.forward:
+        return f"{type(layer).__name__} overrides {kind.__name__}.forward"
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return "only numeric zero padding converts"
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
+        return "max_norm, scale_grad_by_freq and sparse embeddings do not convert"
+    return None
+
+
+def _synapse(layer: nn.Module, rule: rules.FeedbackRule | None, in_shape: tuple[int, ...]) -> Synapse:
+    """The Synapse computing what `layer` computes, with its parameters' values, dtype and device."""
+    if isinstance(layer, nn.Linear):
+        operator = DenseOperator()
+    elif isinstance(layer, nn.Conv2d):
+        operator = ConvOperator(layer.stride, layer.padding, layer.dilation, layer.groups)
+    else:
+        operator = EmbeddingOperator(layer.padding_idx)
+    has_bias = getattr(layer, "bias", None) is not None
+    state = {k: v.detach() for k, v in layer.state_dict().items()}
+    with torch.device("meta"):      # only the shapes: the values come from the layer
+        synapse = Synapse(operator, tuple(layer.weight.shape), has_bias, None, in_shape)
+    synapse.to_empty(device=layer.weight.device).to(layer.weight.dtype).load_state_dict(state)
+    synapse.rule = rule
+    if rule is not None:
+        rule.attach(synapse)        # B (and what the rule keeps) beside W: then all of it where W is
+    return synapse.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+def _called_layers(module: nn.Module, example: tuple[Any, ...]) -> dict[nn.Module, tuple[int, ...]]:
+    """The Linear, Conv2d and Embedding modules called as layers on `example`, with their first input's
+    shape without the batch dimension (run once in eval mode without gradients: batch-norm statistics stay)."""
+    seen: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.setdefault(layer, tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, _LAYERS)]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.train(training)
+    return seen
+
+
+def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.RuleLike = "bp",
+             rules_by_layer: Mapping[str, rules.RuleLike] | None = None) -> InPlaceNet:
+    """Swap `module`'s synaptic layers in place for Synapses under `rule` (module docstring) and wrap it.
+
+    example: one batch the module takes (a tensor, or a tuple of its positional arguments), run once to
+    find which layers it calls and the input shape of each (mirror noise and padding statistics follow it).
+    rule: a FeedbackRule or a registered short name; rules_by_layer overrides it per qualified layer name.
+    Direct rules (dfa) need a population graph: a CircuitError (use circuits.from_torch).
+    Returns an InPlaceNet around `module`; `net.report` says what was converted and what was left.
+    """
+    default = rules.get(rule)
+    overrides = {name: rules.get(r) for name, r in (rules_by_layer or {}).items()}
+    direct = [str(r) for r in (default, *overrides.values()) if r.direct]
+    if direct:
+        raise CircuitError(f"direct feedback ({direct[0]}) sends the output error to hidden populations, which a "
+                           f"module converted in place does not have: use circuits.from_torch, or a layer-local "
+                           f"rule ({', '.join(n for n, r in rules.RULES.items() if not r.direct)})")
+    example = example if isinstance(example, tuple) else (example,)
+    called = _called_layers(module, example)
+    report, swapped = Report(), {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, _LAYERS):
+            why = _unconvertible(layer) or (None if layer in called else "not called as a layer: its parent "
+                                            "uses its weight directly, which keeps backprop")
+            if why is not None:
+                report.left[name] = f"{type(layer).__name__}: {why}"
+                continue
+            layer_rule = None if isinstance(layer, nn.Embedding) else overrides.pop(name, default)
+            swapped[layer] = _synapse(layer, layer_rule, called[layer])
+            if layer_rule is None:
+                report.embeddings.append(name)
+            else:
+                report.converted[name] = str(layer_rule)
+        elif any(True for _ in layer.parameters(recurse=False)):
+            own = ", ".join(n for n, _ in layer.named_parameters(recurse=False))
+            report.left[name or type(layer).__name__] = f"{type(layer).__name__}, local: {own}"
+    if overrides:
+        raise CircuitError(f"rules_by_layer names layers that {type(module).__name__} does not have or that were "
+                           f"not converted: {sorted(overrides)}; converted: {list(report.converted)}")
+    for parent in module.modules():      # every reference to a swapped layer (shared layers stay shared)
+        for child_name, child in list(parent._modules.items()):     # named_children() skips repeats
+            if child in swapped:
+                setattr(parent, child_name, swapped[child])
+    return InPlaceNet(module, report)
+
+
+__all__ = ["in_place", "InPlaceNet", "Report"]
