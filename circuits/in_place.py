@@ -1,11 +1,14 @@
 """In-place conversion, for what torch.fx cannot trace: any module's synaptic layers become Synapses.
 
-    net = circuits.in_place(model, example, rule="wm", rules_by_layer={"head": "bp"})
-    print(net.report)      # 14 synaptic layers converted (wm), 1 embedding ..., 3 modules left as they are: ...
+    net = circuits.in_place(torchvision.models.vit_b_16(), torch.zeros(2, 3, 224, 224), "wm",
+                            rules_by_layer={"heads.head": "bp"})
+    print(net.report)      # 50 synaptic layers converted (wm, bp), 27 modules left as they are: ...
 
 Each nn.Linear, nn.Conv2d and nn.Embedding that the module calls as a layer on `example` is swapped, where
 it sits, for a circuits.synapse.Synapse with the same parameters (W and bias, their values, dtype and
-device), the same forward result bit for bit, and a feedback projection B under the layer's rule:
+device), the same forward result bit for bit, and a feedback projection B under the layer's rule (an
+nn.MultiheadAttention called as self-attention becomes a SelfAttention, whose W_qkv and W_o are Synapses,
+named <attention>.in_proj and <attention>.out_proj):
 
     a_{l+1} = W y_l (+ bias),    delta_l = B^T delta_{l+1},    dL/dW = delta_{l+1} y_l^T
 
@@ -19,8 +22,9 @@ An embedding's input is indices: no error crosses it, so it needs no feedback an
 used. It becomes a Synapse with rule None ("synaptic, no feedback needed"); W learns by delta scattered
 onto the rows of the indices seen (circuits.synapse.EmbeddingOperator), under every rule.
 
-Left as they are, and listed in the report: layers never called as a layer on `example` (nn.MultiheadAttention
-reads its out_proj's weight directly: its synapses keep backprop), subclasses that override forward, a
+Left as they are, and listed in the report: layers never called as a layer on `example` (their parent
+reads their weight directly: those synapses keep backprop), an nn.MultiheadAttention called otherwise than
+as self-attention without masks or returned weights, subclasses that override forward, a
 convolution with non-zero padding modes or string padding, an embedding with max_norm, scale_grad_by_freq or
 sparse gradients, and every other module with parameters of its own (layer norm, positional embeddings).
 
@@ -32,10 +36,12 @@ feedback (dfa needs the populations its output error reaches: a clear CircuitErr
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NoReturn
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rules
@@ -43,7 +49,8 @@ from .errors import CircuitError
 from .network import CircuitNet
 from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 
-_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding)
+_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
+_ATTENTION_CALL = inspect.signature(nn.MultiheadAttention.forward)
 
 
 @dataclass
@@ -110,11 +117,62 @@ class InPlaceNet(CircuitNet):
             raise CircuitError(f"{type(self.model).__name__} has no layer named {name!r}") from None
 
 
-def _unconvertible(layer: nn.Module) -> str | None:
-    """Why a Linear, Conv2d or Embedding cannot become a Synapse with the same forward (None: it can)."""
+class SelfAttention(nn.Module):
+    """nn.MultiheadAttention's self-attention (key and value are the query) with W_qkv and W_o as Synapses:
+
+        q, k, v = split(W_qkv x + b_qkv),    out = W_o concat_heads(softmax(q k^T / sqrt(d_head)) v) + b_o
+
+    (dropout on the attention weights while training). It returns (out, None), as nn.MultiheadAttention
+    does with need_weights=False; other calls (masks, weights, cross-attention) are a CircuitError.
+    """
+
+    def __init__(self, in_proj: Synapse, out_proj: Synapse, heads: int, dropout: float, batch_first: bool) -> None:
+        super().__init__()
+        self.in_proj, self.out_proj = in_proj, out_proj
+        self.heads, self.dropout, self.batch_first = heads, dropout, batch_first
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, None]:
+        why = _not_self_attention(key is query and value is query, key_padding_mask, need_weights, attn_mask,
+                                  is_causal)
+        if why is not None:
+            raise CircuitError(f"this attention was converted for self-attention without masks or weights: {why}")
+        x = query if self.batch_first else query.transpose(0, 1)
+        qkv = self.in_proj(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)   # 3 x batch x heads x n x d
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+def _not_self_attention(same: bool, key_padding_mask: Tensor | None, need_weights: bool, attn_mask: Tensor | None,
+                        is_causal: bool) -> str | None:
+    """Why an nn.MultiheadAttention call is not plain self-attention (None: it is)."""
+    for problem, why in ((not same, "key and value are not the query"), (need_weights, "need_weights=True"),
+                         (key_padding_mask is not None, "a key_padding_mask"), (attn_mask is not None, "an attn_mask"),
+                         (is_causal, "is_causal=True")):
+        if problem:
+            return why
+    return None
+
+
+def _unconvertible(layer: nn.Module, call: tuple[tuple, dict] | None) -> str | None:
+    """Why a layer cannot be swapped for one computing the same (None: it can); `call`: its first call's
+    (args, kwargs) on the example, None if it was not called."""
     kind = next(k for k in _LAYERS if isinstance(layer, k))
     if type(layer).forward is not kind.forward:
         return f"{type(layer).__name__} overrides {kind.__name__}.forward"
+    if call is None:
+        return "not called as a layer: its parent uses its weight directly, which keeps backprop"
+    if isinstance(layer, nn.MultiheadAttention):
+        if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn:
+            return "separate key and value sizes, bias_k/bias_v or add_zero_attn do not convert"
+        bound = _ATTENTION_CALL.bind(layer, *call[0], **call[1])
+        bound.apply_defaults()
+        a = bound.arguments
+        why = _not_self_attention(a["key"] is a["query"] and a["value"] is a["query"], a["key_padding_mask"],
+                                  a["need_weights"], a["attn_mask"], a["is_causal"])
+        return None if why is None else f"called with {why}: only self-attention without masks or weights converts"
     if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
         return "only numeric zero padding converts"
     if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
@@ -122,34 +180,48 @@ def _unconvertible(layer: nn.Module) -> str | None:
     return None
 
 
-def _synapse(layer: nn.Module, rule: rules.FeedbackRule | None, in_shape: tuple[int, ...]) -> Synapse:
-    """The Synapse computing what `layer` computes, with its parameters' values, dtype and device."""
+def _synapse(operator: DenseOperator | ConvOperator | EmbeddingOperator, weight: Tensor, bias: Tensor | None,
+             rule: rules.FeedbackRule | None, in_shape: tuple[int, ...]) -> Synapse:
+    """The Synapse with W = `weight` and `bias` (their values, dtype and device) under `rule`."""
+    state = {"weight": weight.detach()} | ({"bias": bias.detach()} if bias is not None else {})
+    with torch.device("meta"):      # only the shapes: the values come from the layer
+        synapse = Synapse(operator, tuple(weight.shape), bias is not None, None, in_shape)
+    synapse.to_empty(device=weight.device).to(weight.dtype).load_state_dict(state)
+    synapse.rule = rule
+    if rule is not None:
+        rule.attach(synapse)        # B (and what the rule keeps) beside W: then all of it where W is
+    return synapse.to(device=weight.device, dtype=weight.dtype)
+
+
+def _swap(layer: nn.Module, call: tuple[tuple, dict], rule: rules.FeedbackRule | None,
+          out_rule: rules.FeedbackRule | None = None) -> nn.Module:
+    """The module that replaces `layer`, computing what it computes with Synapses under `rule` (an attention's
+    W_o under `out_rule`); `call` is its first call's (args, kwargs)."""
+    y = call[0][0] if call[0] else next(iter(call[1].values()))
+    if isinstance(layer, nn.MultiheadAttention):
+        x = y if layer.batch_first else y.transpose(0, 1)
+        in_proj = _synapse(DenseOperator(), layer.in_proj_weight, layer.in_proj_bias, rule, tuple(x.shape[1:]))
+        out_shape = (*x.shape[1:-1], layer.embed_dim)
+        out_proj = _synapse(DenseOperator(), layer.out_proj.weight, layer.out_proj.bias, out_rule, out_shape)
+        return SelfAttention(in_proj, out_proj, layer.num_heads, layer.dropout, layer.batch_first)
     if isinstance(layer, nn.Linear):
         operator = DenseOperator()
     elif isinstance(layer, nn.Conv2d):
         operator = ConvOperator(layer.stride, layer.padding, layer.dilation, layer.groups)
     else:
         operator = EmbeddingOperator(layer.padding_idx)
-    has_bias = getattr(layer, "bias", None) is not None
-    state = {k: v.detach() for k, v in layer.state_dict().items()}
-    with torch.device("meta"):      # only the shapes: the values come from the layer
-        synapse = Synapse(operator, tuple(layer.weight.shape), has_bias, None, in_shape)
-    synapse.to_empty(device=layer.weight.device).to(layer.weight.dtype).load_state_dict(state)
-    synapse.rule = rule
-    if rule is not None:
-        rule.attach(synapse)        # B (and what the rule keeps) beside W: then all of it where W is
-    return synapse.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    return _synapse(operator, layer.weight, getattr(layer, "bias", None), rule, tuple(y.shape[1:]))
 
 
-def _called_layers(module: nn.Module, example: tuple[Any, ...]) -> dict[nn.Module, tuple[int, ...]]:
-    """The Linear, Conv2d and Embedding modules called as layers on `example`, with their first input's
-    shape without the batch dimension (run once in eval mode without gradients: batch-norm statistics stay)."""
-    seen: dict[nn.Module, tuple[int, ...]] = {}
+def _called_layers(module: nn.Module, example: tuple[Any, ...]) -> dict[nn.Module, tuple[tuple, dict]]:
+    """The convertible layers called on `example`, each with its first call's (args, kwargs) (run once in
+    eval mode without gradients: batch-norm statistics stay)."""
+    seen: dict[nn.Module, tuple[tuple, dict]] = {}
 
-    def record(layer: nn.Module, args: tuple[Any, ...]) -> None:
-        seen.setdefault(layer, tuple(args[0].shape[1:]))
+    def record(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.setdefault(layer, (args, kwargs))
 
-    hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, _LAYERS)]
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in module.modules() if isinstance(m, _LAYERS)]
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()
@@ -169,7 +241,8 @@ def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.R
 
     example: one batch the module takes (a tensor, or a tuple of its positional arguments), run once to
     find which layers it calls and the input shape of each (mirror noise and padding statistics follow it).
-    rule: a FeedbackRule or a registered short name; rules_by_layer overrides it per qualified layer name.
+    rule: a FeedbackRule or a registered short name; rules_by_layer overrides it per qualified layer name
+    (an attention's by its name, or its projections' names <attention>.in_proj and <attention>.out_proj).
     Direct rules (dfa) need a population graph: a CircuitError (use circuits.from_torch).
     Returns an InPlaceNet around `module`; `net.report` says what was converted and what was left.
     """
@@ -182,16 +255,23 @@ def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.R
                            f"rule ({', '.join(n for n, r in rules.RULES.items() if not r.direct)})")
     example = example if isinstance(example, tuple) else (example,)
     called = _called_layers(module, example)
-    report, swapped = Report(), {}
+    report, swapped, attentions = Report(), {}, []
     for name, layer in module.named_modules():
+        if any(name.startswith(f"{n}.") for n in attentions):
+            continue                            # inside a converted attention: its out_proj is converted with it
         if isinstance(layer, _LAYERS):
-            why = _unconvertible(layer) or (None if layer in called else "not called as a layer: its parent "
-                                            "uses its weight directly, which keeps backprop")
+            why = _unconvertible(layer, called.get(layer))
             if why is not None:
                 report.left[name] = f"{type(layer).__name__}: {why}"
                 continue
             layer_rule = None if isinstance(layer, nn.Embedding) else overrides.pop(name, default)
-            swapped[layer] = _synapse(layer, layer_rule, called[layer])
+            if isinstance(layer, nn.MultiheadAttention):      # overrides by the attention's name or its projections'
+                attentions.append(name)
+                in_rule, out_rule = (overrides.pop(f"{name}.{p}", layer_rule) for p in ("in_proj", "out_proj"))
+                swapped[layer] = _swap(layer, called[layer], in_rule, out_rule)
+                report.converted |= {f"{name}.in_proj": str(in_rule), f"{name}.out_proj": str(out_rule)}
+                continue
+            swapped[layer] = _swap(layer, called[layer], layer_rule)
             if layer_rule is None:
                 report.embeddings.append(name)
             else:
@@ -209,4 +289,4 @@ def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.R
     return InPlaceNet(module, report)
 
 
-__all__ = ["in_place", "InPlaceNet", "Report"]
+__all__ = ["in_place", "InPlaceNet", "Report", "SelfAttention"]

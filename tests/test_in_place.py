@@ -73,22 +73,42 @@ def test_report_names_what_was_converted_and_what_was_left():
     assert net.projection("fc1").in_shape == (5, 8) and net.projection("conv").in_shape == (2, 4, 5)
 
 
-def test_attention_out_projection_read_directly_is_left_as_it_is():
-    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+class SelfAttention(nn.Module):
+    def __init__(self, batch_first=True, need_weights=False):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.fc, self.need_weights = nn.Linear(8, 3), need_weights
 
-    class SelfAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attention, self.fc = attention, nn.Linear(8, 3)
+    def forward(self, x):
+        return self.fc(self.attention(x, x, x, need_weights=self.need_weights)[0])
 
-        def forward(self, x):
-            return self.fc(self.attention(x, x, x, need_weights=False)[0])
 
-    net = circuits.in_place(SelfAttention(), torch.randn(2, 4, 8), "fa")
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_converts_its_projections(batch_first):
+    module = SelfAttention(batch_first)
+    x = torch.randn(2, 4, 8) if batch_first else torch.randn(4, 2, 8)
+    expected = module(x)
+    net = circuits.in_place(copy.deepcopy(module), x, "fa", rules_by_layer={"attention.out_proj": "kp"})
+    assert net.report.converted == {"attention.in_proj": "fa", "attention.out_proj": "kp", "fc": "fa"}
+    assert net.report.left == {}
+    assert net.projection("attention.in_proj").in_shape == (4, 8)
+    torch.testing.assert_close(net(x), expected, rtol=1e-5, atol=1e-6)       # bp's gradients too
+    net = circuits.in_place(copy.deepcopy(module), x, "bp")
+    module(x).square().sum().backward()
+    net(x).square().sum().backward()
+    torch.testing.assert_close(net.projection("attention.in_proj").weight.grad, module.attention.in_proj_weight.grad)
+    torch.testing.assert_close(net.projection("attention.out_proj").weight.grad, module.attention.out_proj.weight.grad)
+    with pytest.raises(circuits.CircuitError, match="key and value are not the query"):
+        net.model.attention(x, x.clone(), x)
+
+
+def test_attention_returning_weights_is_left_as_it_is():
+    module = SelfAttention(need_weights=True)
+    net = circuits.in_place(module, torch.randn(2, 4, 8), "fa")
     assert net.report.converted == {"fc": "fa"}
-    assert "attention.out_proj" in net.report.left and "not called as a layer" in net.report.left["attention.out_proj"]
-    assert "MultiheadAttention, local: in_proj_weight, in_proj_bias" in net.report.left["attention"]
-    assert isinstance(attention.out_proj, nn.Linear)
+    assert "called with need_weights=True" in net.report.left["attention"]
+    assert "not called as a layer" in net.report.left["attention.out_proj"]
+    assert isinstance(module.attention, nn.MultiheadAttention)
 
 
 def test_shared_layers_stay_shared_and_unknown_overrides_fail():
@@ -158,3 +178,20 @@ def test_mirror_phases_align_B_with_W_on_token_inputs():
         b, w = s.feedback.detach().flatten().double(), s.weight.detach().flatten().double()
         assert float(angle(b, w)) < 10, name
         assert float(b @ w / (w @ w)) == pytest.approx(1.0, rel=0.1), name     # B -> W: noise over 10 positions
+
+
+def test_torchvision_vision_transformer_converts_every_synaptic_layer():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    module = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                               num_classes=10)
+    x = torch.randn(3, 3, 32, 32)
+    expected = module(x)
+    net = circuits.in_place(copy.deepcopy(module), x, "kp")
+    assert torch.equal(net(x), expected)
+    layers = [f"encoder.layers.encoder_layer_{i}.{p}" for i in range(2)
+              for p in ("self_attention.in_proj", "self_attention.out_proj", "mlp.0", "mlp.3")]
+    assert list(net.report.converted) == ["conv_proj", *layers, "heads.head"]
+    assert sorted(net.report.left) == ["VisionTransformer", "encoder", "encoder.layers.encoder_layer_0.ln_1",
+                                       "encoder.layers.encoder_layer_0.ln_2", "encoder.layers.encoder_layer_1.ln_1",
+                                       "encoder.layers.encoder_layer_1.ln_2", "encoder.ln"]
