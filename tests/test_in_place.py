@@ -9,6 +9,7 @@ from torch import nn
 import circuits
 from circuits import rules
 from circuits.alignment import angle
+from circuits.recorder import Recorder
 from circuits.synapse import EmbeddingOperator, FeedbackPathway
 from conftest import ResidualNet
 
@@ -121,7 +122,7 @@ def test_shared_layers_stay_shared_and_unknown_overrides_fail():
     assert [n for n, _ in net.projections()] == ["0"]
 
 
-def test_direct_feedback_and_population_records_are_refused_clearly():
+def test_direct_feedback_and_population_records_are_refused_clearly(tmp_path):
     with pytest.raises(circuits.CircuitError, match="direct feedback .dfa. .* use circuits.from_torch"):
         circuits.in_place(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), "dfa")
     net = circuits.in_place(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), "fa")
@@ -129,6 +130,12 @@ def test_direct_feedback_and_population_records_are_refused_clearly():
         net.circuit
     with pytest.raises(circuits.CircuitError, match="no populations"):
         net(torch.randn(2, 4), monitor={})
+    batch = (torch.randn(4, 4), torch.randint(0, 2, (4,)))
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), config=circuits.TrainerConfig(
+        progress=False), recorder=Recorder(tmp_path / "run.h5", probe=batch))
+    with pytest.raises(circuits.CircuitError, match="no recorder"):
+        trainer.fit([batch], 1)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("rule", LAYER_LOCAL)
