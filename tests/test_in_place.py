@@ -168,6 +168,8 @@ def test_embedding_gradient_is_the_scatter_add_of_the_error():
     out.backward(delta)
     torch.testing.assert_close(weight.grad, table.weight.grad)
     assert weight.grad[2].abs().sum() == 0 and weight.grad[1].abs().sum() > 0
+    with pytest.raises(circuits.CircuitError, match="noise cannot drive"):      # no mirror phase for indices
+        circuits.Synapse(EmbeddingOperator(), (7, 3), False, rules.WeightMirror(), (3,))
 
 
 def test_mirror_phases_align_B_with_W_on_token_inputs():
