@@ -16,7 +16,8 @@ _EXPORTS = {
     "MaxPool": "projections", "AvgPool": "projections", "AdaptiveAvgPool": "projections", "Flatten": "projections",
     "Identity": "projections", "Dropout": "projections", "Schedule": "schedule", "Learn": "schedule",
     "Mirror": "schedule", "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse",
-    "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "divergence",
+    "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "divergence", "in_place": "in_place",
+    "InPlaceNet": "in_place",
 }
 __all__ = [*_EXPORTS, "rules"]
 

@@ -1,6 +1,6 @@
 """Synaptic projections: a forward weight W and its feedback weight B, written once for all rules.
 
-Forward:   a_{l+1} = W y_l (+ bias)          (dense product or 2-D convolution)
+Forward:   a_{l+1} = W y_l (+ bias)          (dense product, 2-D convolution, or embedding lookup)
 Backward:  delta_l  = B^T delta_{l+1}          (the feedback pathway: B instead of W^T)
            dL/dW    = delta_{l+1} y_l^T        (the same local rule for every method)
 
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DenseOperator:
-    """a = W y (+ bias) on 1-D populations (leading batch dimensions allowed)."""
+    """a = W y (+ bias) on the last dimension: 1-D populations, or N-D ones (tokens x channels) whose
+    positions share W, as nn.Linear applies it."""
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(y, weight, bias)
@@ -39,8 +40,9 @@ class DenseOperator:
         return grad_y, grad_w, grad_b
 
     def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
-        """How many (input, output) position pairs each weight entry connects: 1 for a dense W."""
-        return torch.ones(())
+        """How many (input, output) position pairs each weight entry connects: 1 for a 1-D population,
+        the number of positions (all dimensions but the last: tokens) where W is shared over them."""
+        return torch.tensor(float(math.prod(in_shape[:-1])))
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,36 @@ class ConvOperator:
         return torch.ops.aten.convolution_backward(
             ones_out, ones_in, tap, None, self.stride, self.padding, self.dilation,
             False, [0, 0], 1, [False, True, False])[1][0, 0]
+
+
+@dataclass(frozen=True)
+class EmbeddingOperator:
+    """a = W[y]: the rows of W (vocabulary x features) that the indices y pick, as nn.Embedding does;
+    the dense product W^T e_y with the one-hot population e_y, computed without making it.
+
+    An index input carries no error: no error crosses B (grad_y is None), so an embedding needs no
+    feedback of its own and its rule is irrelevant (circuits.in_place gives it none). W's gradient is
+    the usual delta e_y^T: delta scattered, summed, onto the rows of the indices seen (none onto the
+    padding_idx row, as nn.Embedding). Noise cannot drive an index input: there is no mirror phase.
+    """
+
+    padding_idx: int | None = None
+
+    def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.embedding(y, weight, self.padding_idx)
+
+    def backward(self, delta: Tensor, y: Tensor, feedback: Tensor, mask: tuple[bool, bool, bool]):
+        """(None, delta e_y^T, None): no input error, and the scatter-add of delta onto W's rows."""
+        grad_w = None
+        if mask[1]:
+            grad_w = torch.zeros_like(feedback).index_add_(0, y.reshape(-1), delta.reshape(-1, delta.shape[-1]))
+            if self.padding_idx is not None:
+                grad_w[self.padding_idx] = 0
+        return None, grad_w, None
+
+    def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
+        raise CircuitError("an embedding's input is indices, which noise cannot drive: it has no mirror phase "
+                           "(and needs no feedback: no error crosses an index input)")
 
 
 class FeedbackPathway(torch.autograd.Function):
@@ -130,7 +162,7 @@ class Synapse(nn.Module):
     CircuitNet.backprop_reference) sends the error back through W itself, whatever the rule.
     """
 
-    def __init__(self, operator: DenseOperator | ConvOperator, weight_shape: tuple[int, ...],
+    def __init__(self, operator: DenseOperator | ConvOperator | EmbeddingOperator, weight_shape: tuple[int, ...],
                  bias: bool, rule: FeedbackRule | None, in_shape: tuple[int, ...],
                  state: Mapping[str, Tensor] | None = None) -> None:
         """`in_shape`: the input population's shape; `state`: initial W (and bias), else torch's init."""

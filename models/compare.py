@@ -44,6 +44,7 @@ from . import data
 from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .convnet import convnet
 from .mlp import mlp
+from .transformer import vit
 
 RULES = ("bp", "fa", "dfa", "ss", "kp", "wm")
 MODELS = ("mlp", "convnet")
@@ -79,7 +80,7 @@ class CompareConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else {"mlp": 1.0, "convnet": 0.02}[self.model]
+        return self.lr if self.lr is not None else {"mlp": 1.0, "convnet": 0.02, "vit": 0.05}[self.model]
 
 
 @dataclass
@@ -92,7 +93,7 @@ class RunResult:
     initial_angles: dict[str, float]
     final_angles: dict[str, float]
     seconds: float
-    recording: str
+    recording: str | None
     history: list[float] = field(default_factory=list)   # test accuracy (%) after each epoch
     epoch_angles: list[dict[str, float | None]] = field(default_factory=list)   # angle(B, W) after each epoch
 
@@ -113,8 +114,12 @@ def load_data(config: CompareConfig) -> data.DataSplit:
 
 
 def build(config: CompareConfig, rule: rules.FeedbackRule, shape: tuple[int, ...]) -> circuits.CircuitNet:
+    """The comparison's circuit under `rule`; "vit" is models.vit's small ViT (examples/vit_rules.py runs it:
+    converted in place for now, it cannot be recorded, so the command line offers only MODELS)."""
     if config.model == "mlp":
         return mlp(sizes=(shape[0], 500, 10), rule=rule).build()
+    if config.model == "vit":
+        return vit(rule)
     return convnet(input_shape=shape, rule=rule).build()
 
 
@@ -149,18 +154,19 @@ def train(rule_name: str, seed: int, config: CompareConfig, split: data.DataSpli
 
 
 def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.optim.Optimizer, loader: DataLoader,
-        split: data.DataSplit, epochs: int, recording: Path, *, mirror_batch: int = 128,
+        split: data.DataSplit, epochs: int, recording: Path | None, *, mirror_batch: int = 128,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, extra: dict | None = None) -> RunResult:
     """Train a built `net` for `epochs` passes of `loader` under the authors' cadence (circuits.paper_schedule:
     with weight-mirror projections, one epoch's worth of mirror batches of `mirror_batch` noise samples first,
     then one after every learning step), testing on split.test after every epoch; recorded to `recording`
-    (probe: the first 256 training images, 20 times a run). angle(B, W) is taken before, after the last
-    learning step of every epoch, and at the end."""
+    (probe: the first 256 training images, 20 times a run), or not recorded if it is None. angle(B, W) is
+    taken before, after the last learning step of every epoch, and at the end."""
     test_loader = DataLoader(split.test, batch_size=1000)
     steps = epochs * len(loader)
     probe = split.train[:min(256, len(split.train))]
-    recorder = Recorder(recording, probe=probe, probe_steps=max(1, steps // 20), loss=loss_fn, seeds={"seed": seed})
+    recorder = None if recording is None else Recorder(recording, probe=probe, probe_steps=max(1, steps // 20),
+                                                       loss=loss_fn, seeds={"seed": seed})
     epoch_angles: list[dict[str, float | None]] = []
 
     def epoch_end(trainer: circuits.Trainer) -> None:
@@ -175,7 +181,7 @@ def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.op
     start = time.perf_counter()
     history = trainer.fit(loader, epochs, test_loader)
     return RunResult(rule_name, seed, 100 * history[-1]["top1"], initial, angles(net), time.perf_counter() - start,
-                     str(recording), [100 * h["top1"] for h in history], epoch_angles)
+                     None if recording is None else str(recording), [100 * h["top1"] for h in history], epoch_angles)
 
 
 def mean_spread(values: Sequence[float | None]) -> tuple[float, float] | None:
@@ -258,7 +264,7 @@ def recordings(
     return paths
 
 
-def train_all(paths: dict[tuple[str, int], Path], train_one: Callable[[str, int, Path], RunResult],
+def train_all(paths: dict[tuple[str, int], Path | None], train_one: Callable[[str, int, Path | None], RunResult],
               progress: bool = True) -> list[RunResult]:
     """train_one(rule, seed, recording) for every run, a line of results printed after each."""
     results = []

@@ -11,6 +11,8 @@ two that torchvision reads from disk.
   once (`read_csv`, `read_idx`) into .npy files in a cache folder, so a rerun loads in seconds.
 - `mnist`, `cifar10`: the full sets through torchvision, for users who have them on disk
   (never downloaded unless asked).
+- `python_source`: text that ships with every Python, the source of a few standard-library modules,
+  as (context characters, the characters that follow) pairs for character language models.
 
 Pixels are scaled to [0, 1]; with standardize=True the embedded sets subtract the training images'
 mean pixel value and divide by their pixel standard deviation (one scalar each, so the inputs are
@@ -23,6 +25,7 @@ import importlib.resources
 import importlib.util
 import json
 import os
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable
@@ -44,6 +47,17 @@ class DataSplit:
     test: Dataset
     shape: tuple[int, ...]
     classes: int
+
+
+@dataclass
+class TextSplit:
+    """Training and test windows of a text: (indices of `context` characters, indices of the next ones,
+    each shifted by one); `vocab` lists the characters, a character's index is its position there."""
+
+    train: Dataset
+    test: Dataset
+    vocab: str
+    context: int
 
 
 def _require(module: str, purpose: str, command: str):
@@ -136,6 +150,39 @@ def mnist(root: str | Path, download: bool = False, flat: bool = False) -> DataS
 def cifar10(root: str | Path, download: bool = False, flat: bool = False) -> DataSplit:
     """CIFAR-10 (50,000 + 10,000 colour images, (3, 32, 32)) read by torchvision from `root`."""
     return _torchvision_split("CIFAR10", root, download, (3, 32, 32), flat)
+
+
+STDLIB_MODULES = ("textwrap", "string", "shlex", "fnmatch", "glob", "heapq", "bisect", "copy", "abc")
+"""About 100,000 characters of Python's own standard library: python_source's default text."""
+
+
+def python_source(modules: tuple[str, ...] = STDLIB_MODULES, context: int = 64,
+                  test_fraction: float = 0.1) -> TextSplit:
+    """The source of standard-library modules of this interpreter, as character windows.
+
+    The files <stdlib>/<module>.py (stdlib = sysconfig.get_paths()["stdlib"]) are concatenated in the order
+    of `modules`; the vocabulary is the sorted set of their characters. The text is cut into consecutive,
+    non-overlapping windows of context + 1 characters c_0..c_context: input c_0..c_{context-1}, target
+    c_1..c_context (the next character at every position). The last `test_fraction` of the windows (the end
+    of the text) are the test set. The text is whatever this Python version ships: deterministic per version.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    missing = [m for m in modules if not (stdlib / f"{m}.py").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no source of {missing} under {stdlib} (modules that are a single .py file there)")
+    text = "".join((stdlib / f"{m}.py").read_text(encoding="utf-8") for m in modules)
+    vocab = "".join(sorted(set(text)))
+    index = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([index[c] for c in text], dtype=torch.long)
+    windows = codes[: (len(codes) - 1) // context * context + 1]
+    x = windows[:-1].reshape(-1, context)
+    y = windows[1:].reshape(-1, context)
+    n_test = max(1, round(test_fraction * len(x)))
+    if n_test >= len(x):
+        raise ValueError(f"{len(text):,} characters make {len(x)} windows of {context}: too few for a test set")
+    return TextSplit(TensorDataset(x[:-n_test], y[:-n_test]), TensorDataset(x[-n_test:], y[-n_test:]), vocab, context)
 
 
 IDX_FILES = {"train-images": "train-images-idx3-ubyte", "train-labels": "train-labels-idx1-ubyte",
