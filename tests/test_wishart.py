@@ -82,7 +82,8 @@ def test_wishart_B_settles_at_the_angle_of_the_simulated_mirror():
 
 def _mlp(rule):
     c = circuits.Circuit(rule=rule)
-    x, h, y = c.input("x", shape=(48,)), c.population("h", shape=(32,), activation="relu"), c.population("y", shape=(10,))
+    x, h = c.input("x", shape=(48,)), c.population("h", shape=(32,), activation="relu")
+    y = c.population("y", shape=(10,))
     c.connect(x, h, circuits.Dense())
     c.connect(h, y, circuits.Dense())
     return c.build()
