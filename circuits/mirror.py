@@ -93,7 +93,8 @@ def runs_channels_last(net: nn.Module) -> bool:
     """Whether the net's conv weights are channels_last. Only a kernel wider than 1x1 can tell: a 1x1 kernel is
     contiguous in both formats (and channels_last noise for it crashes torch's CPU convolution backward).
     Reads only shapes and strides: no tensor op."""
-    kernels = [s.weight for _, s in unwrap(net).projections() if s.weight.dim() == 4 and math.prod(s.weight.shape[2:]) > 1]
+    kernels = [s.weight for _, s in unwrap(net).projections()
+               if s.weight.dim() == 4 and math.prod(s.weight.shape[2:]) > 1]
     return any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in kernels)
 
 

@@ -10,13 +10,15 @@ from circuits.mirror import correlation, mirror_step, settled_angle
 DRAWS = 4000
 
 
-def layer(shape, projection, out_shape, rule):
+def layer(shape: tuple[int, ...], projection, out_shape: tuple[int, ...],
+          rule: rules.WeightMirror) -> circuits.Synapse:
     c = circuits.Circuit(rule=rule)
     c.connect(c.input("x", shape=shape), c.population("y", shape=out_shape), projection)
     return c.build().double().projection("x->y")
 
 
-def second_moments(synapse, batch_size, generator):
+def second_moments(synapse: circuits.Synapse, batch_size: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and covariance of the flattened correlation over DRAWS mirror batches."""
     draws = torch.stack([correlation(synapse, batch_size, generator).flatten() for _ in range(DRAWS)])
     return draws.mean(0), torch.cov(draws.T)
@@ -32,7 +34,7 @@ def expected_covariance(w: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("case", ["dense", "1x1 conv, stride 2"])
-def test_wishart_correlations_have_the_moments_of_the_simulated_ones(case):
+def test_wishart_correlations_have_the_moments_of_the_simulated_ones(case: str):
     sigma = 0.7
     if case == "dense":
         shape, projection, out_shape, batch, k = (12,), circuits.Dense(bias=False), (6,), 16, 16
@@ -80,9 +82,10 @@ def test_wishart_B_settles_at_the_angle_of_the_simulated_mirror():
         assert measured[True][name] == pytest.approx(measured[False][name], rel=0.15), name
 
 
-def _mlp(rule):
+def _mlp(rule: rules.WeightMirror) -> circuits.CircuitNet:
     c = circuits.Circuit(rule=rule)
-    x, h, y = c.input("x", shape=(48,)), c.population("h", shape=(32,), activation="relu"), c.population("y", shape=(10,))
+    x, h = c.input("x", shape=(48,)), c.population("h", shape=(32,), activation="relu")
+    y = c.population("y", shape=(10,))
     c.connect(x, h, circuits.Dense())
     c.connect(h, y, circuits.Dense())
     return c.build()
