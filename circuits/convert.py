@@ -12,7 +12,6 @@ from typing import Mapping
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -20,64 +19,7 @@ from . import projections as P
 from . import rules
 from .circuit import Circuit, LayerRules
 from .errors import CircuitError
-
-_ACTIVATION_MODULES = {
-    nn.ReLU: "relu",
-    nn.Sigmoid: "sigmoid",
-    nn.Tanh: "tanh",
-    nn.GELU: "gelu",
-    nn.Softplus: "softplus",
-    nn.ReLU6: "relu6",
-    nn.SiLU: "silu",
-    nn.Hardswish: "hardswish",
-    nn.ELU: "elu",
-    nn.LeakyReLU: "leaky_relu",
-}
-_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-                         torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus",
-                         F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.elu: "elu",
-                         F.leaky_relu: "leaky_relu"}
-_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ACTIVATION_DEFAULTS = {nn.GELU: {"approximate": "none"}, nn.Softplus: {"beta": 1.0, "threshold": 20.0},
-                        nn.ELU: {"alpha": 1.0}, nn.LeakyReLU: {"negative_slope": 0.01}}
-"""Settings a population's activation has: a module with others is refused, never converted to another function."""
-
-
-def _check_activation(layer: nn.Module, name: str) -> None:
-    """A CircuitError for an activation module whose settings differ from the population activation's."""
-    for setting, default in _ACTIVATION_DEFAULTS.get(type(layer), {}).items():
-        if getattr(layer, setting) != default:
-            raise CircuitError(f"layer {name!r} ({layer}): {setting}={getattr(layer, setting)!r} cannot be converted "
-                               f"yet (a population's {type(layer).__name__} has {setting}={default!r}); converting "
-                               f"it without would change what the network computes")
-
-
-def _projection(module: nn.Module, name: str) -> P.Projection:
-    """The circuit projection equivalent to one torch layer, carrying its parameters."""
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    if isinstance(module, nn.Linear):
-        return P.Dense(bias=module.bias is not None, state=state)
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
-        return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
-                        module.bias is not None, state=state)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return P.BatchNorm(module.eps, module.momentum, module.affine, module.track_running_stats, state=state)
-    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
-        return P.MaxPool(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
-    if isinstance(module, nn.AvgPool2d) and module.divisor_override is None:
-        return P.AvgPool(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad)
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return P.AdaptiveAvgPool(module.output_size)
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-        return P.Flatten()
-    if isinstance(module, nn.Dropout):
-        return P.Dropout(module.p)
-    if isinstance(module, nn.Identity):
-        return P.Identity()
-    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
-
+from .layers import call_activation, module_activation, projection as layer_projection
 
 def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
     """(in_features,) for a first Linear layer: the only input shape such a module takes."""
@@ -148,9 +90,8 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
             new_population(node, is_input=True)
         elif node.op == "call_module":
             layer = traced.get_submodule(node.target)
-            act = _ACTIVATION_MODULES.get(type(layer))
+            act = module_activation(layer, node.target)
             if act is not None:
-                _check_activation(layer, node.target)
                 activate(node, node.args[0], act)
                 continue
             if node.target in used_layers:
@@ -158,18 +99,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
                     f"layer {node.target!r} is called more than once; shared weights cannot be converted"
                 )
             used_layers.add(node.target)
-            projection = _projection(layer, node.target)
+            projection = layer_projection(layer, node.target)
             edges.append((source(node, node.args[0]), new_population(node), projection, node.target))
-        elif (
-            node.op == "call_function"
-            and node.target in _ACTIVATION_FUNCTIONS
-            and len(node.args) == 1
-            and not any(v for k, v in node.kwargs.items() if k == "inplace")
-            and set(node.kwargs) <= {"inplace"}
-        ):
-            activate(node, node.args[0], _ACTIVATION_FUNCTIONS[node.target])
-        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
-            activate(node, node.args[0], _ACTIVATION_METHODS[node.target])
+        elif (act := call_activation(node)) is not None:
+            activate(node, node.args[0], act)
         elif (
             node.op == "call_function"
             and node.target in (operator.add, torch.add, operator.iadd)

@@ -1,4 +1,4 @@
-"""Populations: groups of neurons with a shape and a pointwise activation."""
+"""Populations: groups of neurons with a shape and an activation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,13 +8,13 @@ from .errors import CircuitError
 from .graph import ERROR_PREFIX, error_name
 
 
-
 @dataclass(frozen=True)
 class Population:
     """A forward population of neurons.
 
     shape: the activity of one example, without the batch dimension, e.g. (500,) or (64, 56, 56).
-    activation: the pointwise nonlinearity phi applied to the summed synaptic input.
+    activation: the nonlinearity phi applied to the summed synaptic input, as a spec: a name and any settings
+        that differ from torch's defaults, e.g. "relu" or "leaky_relu(negative_slope=0.2)" (circuits.activations).
     is_input: an input (sensory) population, driven by data rather than by projections.
     """
 
@@ -32,7 +32,7 @@ class Population:
         if not shape or any(not isinstance(n, int) or n <= 0 for n in shape):
             raise CircuitError(f"population {self.name!r}: shape {self.shape!r} must be a tuple of positive ints")
         object.__setattr__(self, "shape", shape)
-        _activation(self.activation)  # fails early on an unknown name
+        _activation(self.activation)  # fails early on an unknown name or setting
 
     @property
     def error_name(self) -> str:
