@@ -52,10 +52,31 @@ class Circuit:
         """A population that sums its incoming projections and fires activation(sum)."""
         return self._add(Population(name, tuple(shape), activation))
 
+    def junction(self, name: str, operands: list[PopulationLike], operation: Projection,
+                 activation: str = "identity") -> Population:
+        """A population whose inputs combine by `operation` (circuits.operations.Operation) instead of summing:
+        a = op(y_0, y_1, ...) of the `operands` in argument order (Operand(i) in its template), y = phi(a). Its
+        shape is what the operation makes of theirs. No synapses: the error crosses through the operation's
+        own derivative, under every rule."""
+        from .operations import JunctionInput, Operation
+
+        if not isinstance(operation, Operation):
+            raise CircuitError(f"junction {name!r}: {operation!r} is not an Operation")
+        pops = [self[p] for p in operands]
+        if len({p.name for p in pops}) != len(pops) or operation.operands != len(pops):
+            raise CircuitError(f"junction {name!r}: {operation} reads {operation.operands} operands; give as many "
+                               f"distinct populations, got {[p.name for p in pops]}")
+        shape = operation.shape_of(pops, name)
+        post = self._add(Population(name, shape, activation, junction=operation))
+        for position, pre in enumerate(pops):
+            self.connect(pre, post, JunctionInput(position))
+        return post
+
     def _add(self, pop: Population) -> Population:
         if pop.name in self.graph:
             raise CircuitError(f"circuit {self.name!r} already has a population named {pop.name!r}")
-        graph.add_population(self.graph, pop.name, population=pop)
+        graph.add_population(self.graph, pop.name, population=pop,
+                             **({"junction": repr(pop.junction)} if pop.junction is not None else {}))
         return pop
 
     def __getitem__(self, pop: PopulationLike) -> Population:

@@ -13,6 +13,11 @@ from torch import nn
 from . import projections as P
 from .activations import ACTIVATIONS, settings
 from .errors import CircuitError
+from .operations import Held, Operand, Operation, WhileLearning
+
+LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention)
+"""Layers that convert on their own (from_torch(nn.Linear(4, 3))), with the activation modules."""
 
 _ACTIVATION_MODULES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
     nn.ReLU: ("relu", ()), nn.Sigmoid: ("sigmoid", ()), nn.Tanh: ("tanh", ()),
@@ -69,7 +74,8 @@ def call_activation(node: fx.Node) -> str | None:
 
 
 def projection(module: nn.Module, name: str) -> P.Projection:
-    """The circuit projection equivalent to one torch layer, carrying its parameters."""
+    """The circuit projection equivalent to one torch layer, carrying its parameters (a CircuitError naming the
+    layer if there is none)."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if isinstance(module, nn.Linear):
         return P.Dense(bias=module.bias is not None, state=state)
@@ -78,6 +84,11 @@ def projection(module: nn.Module, name: str) -> P.Projection:
             raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
         return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
                         module.bias is not None, state=state)
+    if isinstance(module, nn.LayerNorm):
+        return P.LayerNorm(tuple(module.normalized_shape), module.eps, module.elementwise_affine,
+                           module.bias is not None, state=state)
+    if isinstance(module, nn.GroupNorm):
+        return P.GroupNorm(module.num_groups, module.eps, module.affine, state=state)
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return P.BatchNorm(module.eps, module.momentum, module.affine, module.track_running_stats, state=state)
     if isinstance(module, nn.MaxPool2d) and not module.return_indices:
@@ -86,10 +97,41 @@ def projection(module: nn.Module, name: str) -> P.Projection:
         return P.AvgPool(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad)
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return P.AdaptiveAvgPool(module.output_size)
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-        return P.Flatten()
+    if isinstance(module, nn.Flatten):
+        return P.Flatten(module.start_dim, module.end_dim)
     if isinstance(module, nn.Dropout):
         return P.Dropout(module.p)
     if isinstance(module, nn.Identity):
         return P.Identity()
     raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+
+
+def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any], dtype: torch.dtype
+              ) -> tuple[P.Dense, Operation, P.Dense]:
+    """nn.MultiheadAttention's self-attention y -> out(attend(W_in y)) as circuit parts: the in-projection
+    [q k v] = W_in y + b_in (synaptic), the attention of each head softmax(q k^T / sqrt(d) + mask) v (an
+    operation: no synapses, its error crosses by its exact derivative) and the out-projection (synaptic).
+    `kwargs`: the call's keyword arguments, already values (masks constant tensors)."""
+    where = f"layer {name!r} ({type(layer).__name__})"
+    if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn:
+        raise CircuitError(f"{where}: only packed q/k/v projections without bias_k or add_zero_attn convert")
+    if kwargs.get("key_padding_mask") is not None:
+        raise CircuitError(f"{where}: a key_padding_mask depends on each example; it cannot be converted")
+    need_weights, is_causal = kwargs.get("need_weights", True), kwargs.get("is_causal", False)
+    mask = kwargs.get("attn_mask")
+    if is_causal and mask is None:
+        raise CircuitError(f"{where}: is_causal needs attn_mask, as torch's MultiheadAttention does")
+    if is_causal and not need_weights:
+        mask = None       # torch then lets scaled_dot_product_attention make the causal mask
+    else:
+        is_causal = False
+        mask = F._canonical_mask(mask=mask, mask_name="attn_mask", other_type=None, other_name="",
+                                 target_type=dtype, check_other=False)
+    in_proj = {"weight": layer.in_proj_weight.detach().clone()}
+    if layer.in_proj_bias is not None:
+        in_proj["bias"] = layer.in_proj_bias.detach().clone()
+    heads = Operation("multi_head_attention", (Operand(0), layer.num_heads, layer.batch_first, need_weights),
+                      {"attn_mask": Held("attn_mask") if mask is not None else None, "is_causal": is_causal,
+                       "dropout_p": WhileLearning(layer.dropout)},
+                      state={"attn_mask": mask} if mask is not None else None)
+    return P.Dense(bias="bias" in in_proj, state=in_proj), heads, projection(layer.out_proj, f"{name}.out_proj")

@@ -1,7 +1,8 @@
 """Populations: groups of neurons with a shape and an activation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .activations import activation as _activation
 from .errors import CircuitError
@@ -16,12 +17,15 @@ class Population:
     activation: the nonlinearity phi applied to the summed synaptic input, as a spec: a name and any settings
         that differ from torch's defaults, e.g. "relu" or "leaky_relu(negative_slope=0.2)" (circuits.activations).
     is_input: an input (sensory) population, driven by data rather than by projections.
+    junction: for a junction, the Operation (circuits.operations) that combines its inputs instead of their sum
+        (a * b, a @ b, attention); its incoming projections are JunctionInput(position) edges in argument order.
     """
 
     name: str
     shape: tuple[int, ...]
     activation: str = "identity"
     is_input: bool = False
+    junction: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name.startswith(ERROR_PREFIX):
