@@ -38,7 +38,10 @@ _SUMS = (operator.add, torch.add, operator.iadd)
 
 
 class _Tracer(fx.Tracer):
-    """fx tracing that keeps nn.MultiheadAttention whole: its forward branches on its inputs."""
+    """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs), and reads buffers
+    as graph nodes, so that slicing one by a size (nanoGPT's causal mask) traces."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualified_name)
@@ -71,15 +74,16 @@ def _trace(module: nn.Module) -> fx.GraphModule:
     """fx's graph of the module; where plain tracing fails, again with its optional arguments fixed at their defaults
     (nn.TransformerEncoderLayer's masks and is_causal)."""
     root = _Layer(module) if isinstance(module, LAYERS) or module_activation(module, "") is not None else module
-    try:
-        return fx.GraphModule(root, _Tracer().trace(root))
-    except Exception as first:  # noqa: BLE001 - fx raises many kinds
-        optional = list(inspect.signature(root.forward).parameters.values())[1:]
-        concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
+    with _slow_attention():
         try:
-            return fx.GraphModule(root, _Tracer().trace(root, concrete_args=concrete))
-        except Exception:  # noqa: BLE001
-            raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {first}") from first
+            return fx.GraphModule(root, _Tracer().trace(root))
+        except Exception as first:  # noqa: BLE001 - fx raises many kinds
+            optional = list(inspect.signature(root.forward).parameters.values())[1:]
+            concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
+            try:
+                return fx.GraphModule(root, _Tracer().trace(root, concrete_args=concrete))
+            except Exception:  # noqa: BLE001
+                raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {first}") from first
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """circuits.from_torch against torch: every activation with its settings, bare and N-D layers, junctions, the zoo."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -47,6 +49,7 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     """Outputs equal to torch's (bit for bit unless out_tol), and under the rule (default bp) input and parameter
     gradients equal to torch autograd's (bit for bit, or within grad_tol relative: a synapse's own backward sums
     W's and the input's gradient over positions in another order than autograd's)."""
+    module.zero_grad(set_to_none=True)
     net = circuits.from_torch(module, **kwargs).build()
     x_net = x.clone().requires_grad_()
     x = x.clone().requires_grad_()
@@ -56,10 +59,10 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     (out_ref * weights).sum().backward()
     (out * weights).sum().backward()
     assert _close(x_net.grad, x.grad, grad_tol)
-    grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
-    for name, p in module.named_parameters():
-        mine = [g for key, g in grads.items() if key.endswith(name.rsplit(".", 1)[-1]) and g.shape == p.shape]
-        assert any(_close(g, p.grad, grad_tol) for g in mine), name
+    grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
+    for name, p in module.named_parameters():     # fc.weight is proj.fc.weight; a held parameter proj.*.held_fc_w
+        mine = [g for key, g in grads.items() if key.endswith(name.replace(".", "_")) and g.shape == p.shape]
+        assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
     return net
 
 
@@ -154,3 +157,141 @@ def test_conversion_keeps_dtype_and_mode():
     module = Tokens().double().eval()
     net = circuits.from_torch(module, input_shape=(5, 6)).build()
     assert not net.training and all(p.dtype == torch.float64 for p in net.parameters())
+
+
+# --- junctions: populations whose inputs combine by an operation ---------------------------------------------------
+class Gate(nn.Module):
+    """Products of two populations: a * b, a @ b^T, bmm, and attention with a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        a, b, v = self.a(x), torch.sigmoid(self.b(x)), self.c(x)
+        gated = a * b
+        scores = gated @ b.transpose(-2, -1) / 2.0
+        mixed = torch.bmm(scores.softmax(-1), v)
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        attended = F.scaled_dot_product_attention(mixed, a, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(attended, b, v, is_causal=True) - a
+
+
+def test_junctions_compute_torchs_op_and_pass_its_exact_derivative():
+    module = Gate().double()
+    c = circuits.from_torch(module, input_shape=(5, 6))
+    junction = c["mul"]
+    assert junction.junction is not None and junction.junction.op == "operator.mul"
+    inputs = sorted((d["projection"].position, u) for u, _, d in c.forward_graph().in_edges("mul", data=True))
+    assert inputs == [(0, "a"), (1, "b")]
+    assert c.graph.nodes["mul"]["junction"].startswith("Operation(op='operator.mul'")
+    for rule in ("bp", "fa"):
+        net = _same_as_torch(module, torch.randn(3, 5, 6, dtype=torch.float64), 1e-13, input_shape=(5, 6), rule=rule) \
+            if rule == "bp" else circuits.from_torch(module, rule=rule, input_shape=(5, 6)).build()
+        assert sorted(name for name, _ in net.projections()) == ["a", "b", "c"]      # only synapses get a B
+
+
+def test_a_junction_in_a_hand_built_circuit():
+    from circuits.operations import Operand, Operation
+    c = circuits.Circuit("gate")
+    x = c.input("x", shape=(4,))
+    a, b = c.population("a", shape=(3,)), c.population("b", shape=(3,), activation="sigmoid")
+    c.connect(x, a, circuits.Dense())
+    c.connect(x, b, circuits.Dense())
+    y = c.junction("y", [a, b], Operation("operator.mul", (Operand(0), Operand(1))), activation="tanh")
+    assert y.shape == (3,)
+    net = c.build()
+    x_in = torch.randn(2, 4)
+    pa, pb = net.projection("x->a"), net.projection("x->b")
+    expected = torch.tanh((x_in @ pa.weight.T + pa.bias) * torch.sigmoid(x_in @ pb.weight.T + pb.bias))
+    assert torch.allclose(net(x_in), expected)
+    with pytest.raises(circuits.CircuitError, match=r"junction 'z'.*reads 2 operands"):
+        c.junction("z", [a], Operation("operator.mul", (Operand(0), Operand(1))))
+    with pytest.raises(circuits.CircuitError, match=r"into population 'w': torch refuses"):
+        c.junction("w", [a, x], Operation("torch.matmul", (Operand(0), Operand(1))))
+
+
+def test_a_parameter_multiplying_a_population_must_be_a_layer():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+    with pytest.raises(circuits.CircuitError, match=r"multiplies by parameters.*nn.Linear"):
+        circuits.from_torch(Raw(), input_shape=(4,))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_converts(batch_first, norm_first):
+    """float64, eval mode (dropout off, as torch's own layer then); the in-projection's products run with the
+    rows in the module's input layout rather than torch's transposed one, hence 1e-12."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first, norm_first=norm_first).double().eval()
+    net = _same_as_torch(layer, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+    assert sorted(name for name, _ in net.projections()) == [
+        "linear1", "linear2", "self_attn.in_proj", "self_attn.out_proj"]
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert not torch.equal(net.train()(x), net.eval()(x))            # dropout, in attention too, while learning
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's block: LayerNorm, q/k/v split, causal attention (SDPA or masked softmax), GELU MLP, residuals."""
+
+    def __init__(self, n_embd=8, n_head=2, block_size=6, flash=True):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.gelu, self.n_head, self.n_embd, self.flash = nn.GELU(), n_head, n_embd, flash
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def attend(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    def forward(self, x):
+        x = x + self.attend(self.ln_1(x))
+        return x + self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_nanogpt_block_converts(flash):
+    module = CausalSelfAttention(flash=flash).double()
+    _same_as_torch(module, torch.randn(2, 6, 8, dtype=torch.float64), 1e-13, input_shape=(6, 8))
+    _same_as_torch(module, torch.randn(2, 4, 8, dtype=torch.float64)[:, :4], 1e-13, input_shape=(4, 8))
+
+
+@pytest.mark.parametrize("rule", list(circuits.rules.RULES))
+def test_every_rule_trains_a_converted_transformer_block(rule):
+    torch.manual_seed(0)
+    module = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    net = circuits.from_torch(module, rule=rule, input_shape=(5, 8)).build()
+    x, target = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    loss = F.mse_loss(net(x), target)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters())
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    # under direct feedback the error reaches the populations feeding linear1 and the attention's out-projection
+    # by B straight from the output; the norms between them pass none back, so only these synapses learn
+    learning = ("linear1", "linear2", "self_attn_out_proj") if circuits.rules.get(rule).direct else \
+        ("linear1", "linear2", "self_attn_out_proj", "self_attn_in_proj")
+    assert {f"proj.{key}.weight" for key in learning} <= changed
+    if circuits.rules.get(rule).mirrors:
+        circuits.mirror_step(net, batch_size=16)
