@@ -28,7 +28,7 @@ from . import rules
 from .circuit import Circuit, LayerRules
 from .errors import CircuitError
 from .layers import LAYERS, attention, call_activation, module_activation, projection as layer_projection
-from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, op_name
+from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
 """What a traced node is: a population's activity, a tuple holding activities (split, attention), a plain value
@@ -110,7 +110,7 @@ class _Run(fx.Interpreter):
             kind = LEARNED if isinstance(out, nn.Parameter) else CONSTANT if isinstance(out, Tensor) else VALUE
         elif (n.op, n.target) in _SHAPE_READS and (n.target != getattr or n.args[1] in ("shape", "ndim", "dtype")):
             kind = VALUE
-        elif kinds & {POPULATION, BUNDLE}:
+        elif kinds & {POPULATION, BUNDLE} and out is not None:     # None: attention weights not computed
             kind = POPULATION if isinstance(out, Tensor) else BUNDLE if _holds_tensor(out) else None
             if kind is None:
                 raise CircuitError(f"node {n.name!r} ({n.format_node()}) reads a value out of a population's activity; "
@@ -259,7 +259,8 @@ class _Walk:
         if learned and call.op in SYNAPTIC_OPS:
             raise CircuitError(f"node {node.name!r} ({node.format_node()}) multiplies by parameters {learned}: a "
                                f"synaptic weight needs a projection with a B; use nn.Linear or nn.Conv2d")
-        operation = Operation(call.op, call.args, call.kwargs, learned=tuple(learned), state=held or None)
+        args, kwargs = follows_mode(call.op, call.args, call.kwargs)
+        operation = Operation(call.op, args, kwargs, learned=tuple(learned), state=held or None)
         if len(operands) == 1:
             self.connect(operands[0], self.new_population(node), operation)
         else:

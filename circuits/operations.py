@@ -13,6 +13,7 @@ autograd of `op`), the same under every rule. Only synaptic projections get a B.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -54,9 +55,10 @@ BATCH = Batch()
 
 @dataclass(frozen=True)
 class WhileLearning:
-    """`value` while the net learns (train mode), 0.0 in eval mode: an attention dropout rate."""
+    """`value` while the net learns (train mode), else `otherwise`: a dropout rate, or a function's training flag."""
 
-    value: float
+    value: Any
+    otherwise: Any = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", 
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
             "view_as", "reshape_as", "tril", "triu", "eq", "ne", "lt", "gt", "logical_not", "bool", "float", "type_as",
             "to", "__getitem__", "mT", "t", "abs", "clamp")
-_FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize")
+_FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize", "adaptive_avg_pool2d",
+               "avg_pool2d", "max_pool2d", "interpolate")
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne", "lt",
              "gt", "le", "ge", "invert", "and_", "or_")
 OPS: dict[str, Callable[..., Any]] = {
@@ -123,11 +126,28 @@ OPS: dict[str, Callable[..., Any]] = {
     **{f"operator.{n}": getattr(operator, n) for n in _OPERATOR}, **{f".{n}": _method(n) for n in _METHODS},
     "multi_head_attention": multi_head_attention,
 }
+with contextlib.suppress(ImportError):
+    from torchvision.ops import stochastic_depth
+    OPS["torchvision.stochastic_depth"] = stochastic_depth
 """The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name")."""
 SYNAPTIC_OPS = {"torch.matmul", "torch.bmm", "torch.einsum", "torch.outer", "torch.baddbmm", "operator.matmul",
                 ".matmul"}
 """Products that would make a held parameter a synaptic weight without a B: refused with a parameter."""
 _NAMES = {fn: name for name, fn in OPS.items() if not name.startswith(".")}
+TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3)}
+"""Functions with a `training` flag (name, position), which modules pass as self.training: the operation's own
+train/eval mode decides it (WhileLearning), as the module's did."""
+
+
+def follows_mode(op: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """args and kwargs of `op` with its training flag, if it has one, replaced by the operation's mode."""
+    if op not in TRAINING_FLAG:
+        return args, kwargs
+    name, position = TRAINING_FLAG[op]
+    flag = WhileLearning(True, False)
+    if len(args) > position:
+        return (*args[:position], flag, *args[position + 1:]), kwargs
+    return args, {**kwargs, name: flag}
 
 
 def op_name(target: Any) -> str | None:
@@ -205,7 +225,7 @@ class OperationModule(nn.Module):
         if isinstance(item, Held):
             return getattr(self, f"held_{item.key}")
         if isinstance(item, WhileLearning):
-            return item.value if self.training else 0.0
+            return item.value if self.training else item.otherwise
         if isinstance(item, Call):
             args = [self._evaluate(a, operands) for a in item.args]
             return OPS[item.op](*args, **{k: self._evaluate(v, operands) for k, v in item.kwargs.items()})

@@ -61,7 +61,8 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     assert _close(x_net.grad, x.grad, grad_tol)
     grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
     for name, p in module.named_parameters():     # fc.weight is proj.fc.weight; a held parameter proj.*.held_fc_w
-        mine = [g for key, g in grads.items() if key.endswith(name.replace(".", "_")) and g.shape == p.shape]
+        flat = name.replace(".", "_")
+        mine = [g for key, g in grads.items() if key == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
         assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
     return net
 
@@ -295,3 +296,40 @@ def test_every_rule_trains_a_converted_transformer_block(rule):
     assert {f"proj.{key}.weight" for key in learning} <= changed
     if circuits.rules.get(rule).mirrors:
         circuits.mirror_step(net, batch_size=16)
+
+
+# --- the torchvision zoo -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,size", [("squeezenet1_0", 48), ("mobilenet_v2", 32), ("efficientnet_b0", 32),
+                                       ("densenet121", 32)])
+def test_torchvision_zoo_converts_exactly(arch, size):
+    """Eval mode (batch-norm running statistics; dropout and stochastic depth off), float64: outputs equal torch's bit
+    for bit; under bp input and parameter gradients equal autograd's up to the order of sums in a synapse's own
+    backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
+    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation."""
+    torchvision = pytest.importorskip("torchvision")
+    module = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
+                         input_shape=(3, size, size))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+    junctions = [p for p in net.circuit.populations() if p.junction is not None]
+    if arch == "efficientnet_b0":
+        assert any(p.junction.op == "operator.mul" for p in junctions)
+        module.train(), net.train()
+        torch.manual_seed(3)
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        assert not torch.equal(net(x), net(x))           # stochastic depth and dropout follow the net's mode
+    if arch == "densenet121":
+        assert sum(p.junction.op == "torch.cat" for p in junctions) == 58
+
+
+def test_vit_b_16_converts_at_its_224_input():
+    """Class token (a parameter expanded over the batch and concatenated), positional embedding (a parameter added by
+    an operation), MultiheadAttention, LayerNorm, shapes read with getattr. float32, batch 1 (86M parameters): outputs
+    bit for bit; gradients within 1e-4 relative (float32 sums over 197 tokens in a synapse's own order)."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.vit_b_16(num_classes=10).eval()
+    with torch.no_grad():
+        module.class_token.normal_()
+        module.encoder.pos_embedding.normal_(std=0.1)
+    net = _same_as_torch(module, torch.randn(1, 3, 224, 224), 1e-4, input_shape=(3, 224, 224))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
