@@ -73,7 +73,8 @@ def settings(name: str, given: dict[str, Any], where: str) -> str:
     missing = [key for key, default in defaults.items() if default is REQUIRED and key not in given]
     if missing:
         raise CircuitError(f"{where}: activation {name!r} needs {', '.join(missing)}")
-    return activation_spec(name, {k: v for k, v in given.items() if v != defaults[k] or defaults[k] is REQUIRED})
+    return activation_spec(name, {k: given[k] for k, default in defaults.items()     # in torch's order
+                                  if k in given and (given[k] != default or default is REQUIRED)})
 
 
 def activation(spec: str) -> Callable[[Tensor], Tensor]:

@@ -38,12 +38,17 @@ _SUMS = (operator.add, torch.add, operator.iadd)
 
 
 class _Tracer(fx.Tracer):
-    """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs), and reads buffers
-    as graph nodes, so that slicing one by a size (nanoGPT's causal mask) traces."""
+    """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs) and traces into
+    nn.TransformerEncoderLayer; with `buffers`, reads buffers as graph nodes, so that slicing one by a size
+    (nanoGPT's causal mask) traces."""
 
-    proxy_buffer_attributes = True
+    def __init__(self, buffers: bool) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = buffers
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, nn.TransformerEncoderLayer):
+            return False
         return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualified_name)
 
 
@@ -71,19 +76,19 @@ def _slow_attention() -> Iterator[None]:
 
 
 def _trace(module: nn.Module) -> fx.GraphModule:
-    """fx's graph of the module; where plain tracing fails, again with its optional arguments fixed at their defaults
-    (nn.TransformerEncoderLayer's masks and is_causal)."""
+    """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
+    arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal)."""
     root = _Layer(module) if isinstance(module, LAYERS) or module_activation(module, "") is not None else module
+    optional = list(inspect.signature(root.forward).parameters.values())[1:]
+    concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
+    errors = []
     with _slow_attention():
-        try:
-            return fx.GraphModule(root, _Tracer().trace(root))
-        except Exception as first:  # noqa: BLE001 - fx raises many kinds
-            optional = list(inspect.signature(root.forward).parameters.values())[1:]
-            concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
+        for buffers, concrete_args in ((False, None), (True, None), (False, concrete)):
             try:
-                return fx.GraphModule(root, _Tracer().trace(root, concrete_args=concrete))
-            except Exception:  # noqa: BLE001
-                raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {first}") from first
+                return fx.GraphModule(root, _Tracer(buffers).trace(root, concrete_args=concrete_args))
+            except Exception as e:  # noqa: BLE001 - fx raises many kinds
+                errors.append(e)
+    raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}") from errors[0]
 
 
 @dataclass
@@ -144,7 +149,7 @@ def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
                        f"input_shape=(...) to from_torch, the shape of one example")
 
 
-def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict) -> dict[fx.Node, _Traced]:
+def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, name: str) -> dict[fx.Node, _Traced]:
     """Every node's kind and values on batches of 2 and 3 examples, in eval mode (batch statistics stay)."""
     found: dict[fx.Node, _Traced] = {}
     inputs = [n for n in traced.graph.nodes if n.op == "placeholder" and not n.args]   # not specialized to a default
@@ -157,7 +162,7 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict) ->
     except CircuitError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises many kinds
-        raise CircuitError(f"{type(traced).__name__} does not run on examples of shape {input_shape}: {e}; pass the "
+        raise CircuitError(f"{name} does not run on examples of shape {input_shape}: {e}; pass the "
                            f"input_shape of one example to from_torch") from e
     finally:
         traced.train(was_training)
@@ -191,7 +196,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, traced.graph)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
-    walk = _Walk(traced, _run(traced, input_shape, example), rules_by_layer)
+    walk = _Walk(traced, _run(traced, input_shape, example, type(module).__name__), rules_by_layer)
     circuit = Circuit(name or type(module).__name__, rule=rule)
     walk.build(circuit)
     circuit.dtype, circuit.training = example.get("dtype"), module.training

@@ -113,7 +113,7 @@ _TORCH = ("cat", "stack", "reshape", "permute", "transpose", "flatten", "split",
           "sqrt", "rsqrt", "mean", "sum", "pow", "abs", "clamp", "erf", "movedim", "swapaxes", "einsum", "ones",
           "zeros", "full", "arange", "unflatten", "outer", "roll", "baddbmm")
 _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as", "unsqueeze",
-            "squeeze", "split", "chunk", "masked_fill", "masked_fill_", "mean", "sum", "pow", "sqrt", "exp", "mul",
+            "squeeze", "split", "chunk", "masked_fill", "mean", "sum", "pow", "sqrt", "exp", "mul",
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
             "view_as", "reshape_as", "tril", "triu", "eq", "ne", "lt", "gt", "logical_not", "bool", "float", "type_as",
             "to", "__getitem__", "mT", "t", "abs", "clamp")
@@ -191,8 +191,10 @@ class Operation(Projection):
         """One example's output shape on `operands`, computed on meta tensors (no data); a CircuitError naming
         population `name` if torch's function refuses them."""
         module = self.build(None, None, None).to("meta")
+        floats = [t.dtype for t in (self.state or {}).values() if t.is_floating_point()]
+        dtype = floats[0] if floats else torch.get_default_dtype()
         try:
-            out = module(*[torch.empty(2, *p.shape, device="meta") for p in operands])
+            out = module(*[torch.empty(2, *p.shape, device="meta", dtype=dtype) for p in operands])
         except Exception as e:  # noqa: BLE001 - torch raises many kinds
             raise CircuitError(f"{self} into population {name!r}: torch refuses operands of shapes "
                                f"{[p.shape for p in operands]}: {e}") from e

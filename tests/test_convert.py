@@ -60,8 +60,9 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     (out * weights).sum().backward()
     assert _close(x_net.grad, x.grad, grad_tol)
     grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
+    bare = f"{type(module).__name__.lower()}_" if not list(module.children()) else ""   # a bare layer's name
     for name, p in module.named_parameters():     # fc.weight is proj.fc.weight; a held parameter proj.*.held_fc_w
-        flat = name.replace(".", "_")
+        flat = bare + name.replace(".", "_")
         mine = [g for key, g in grads.items() if key == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
         assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
     return net
@@ -236,6 +237,51 @@ def test_transformer_encoder_layer_converts(batch_first, norm_first):
         "linear1", "linear2", "self_attn.in_proj", "self_attn.out_proj"]
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     assert not torch.equal(net.train()(x), net.eval()(x))            # dropout, in attention too, while learning
+
+
+class MaskedLayer(nn.Module):
+    """A TransformerEncoderLayer called with a causal mask (and is_causal), inside another module."""
+
+    def __init__(self, is_causal):
+        super().__init__()
+        self.layer, self.is_causal = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), is_causal
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(5))
+
+    def forward(self, x):
+        return self.layer(x, src_mask=self.mask, is_causal=self.is_causal)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention on its own: need_weights=True by default, a sequence-first layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0]
+
+
+@pytest.mark.parametrize("module", [MaskedLayer(True), MaskedLayer(False), Attention()], ids=repr)
+def test_attention_with_masks_and_weights_converts(module):
+    module = module.double().eval()
+    _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+
+
+def test_attention_weights_and_cross_attention_are_refused():
+    class Weights(Attention):
+        def forward(self, x):
+            out, weights = self.mha(x, x, x)
+            return out * weights.sum()
+
+    class Cross(Attention):
+        def forward(self, x):
+            return self.mha(x, x * 2, x)[0]
+
+    with pytest.raises(circuits.CircuitError, match=r"node 'getitem_1' reads attention weights"):
+        circuits.from_torch(Weights(), input_shape=(5, 8))
+    with pytest.raises(circuits.CircuitError, match=r"layer 'mha'.*only self-attention"):
+        circuits.from_torch(Cross(), input_shape=(5, 8))
 
 
 class CausalSelfAttention(nn.Module):
