@@ -16,7 +16,7 @@ from .errors import CircuitError
 from .operations import Held, Operand, Operation, WhileLearning
 
 LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
-          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention)
+          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention, nn.PReLU, nn.RReLU)
 """Layers that convert on their own (from_torch(nn.Linear(4, 3))), with the activation modules."""
 
 _ACTIVATION_MODULES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
@@ -103,6 +103,10 @@ def projection(module: nn.Module, name: str) -> P.Projection:
         return P.Dropout(module.p)
     if isinstance(module, nn.Identity):
         return P.Identity()
+    if isinstance(module, nn.PReLU):      # a learned slope per channel: an operation whose parameter trains
+        return Operation("F.prelu", (Operand(0), Held("weight")), learned=("weight",), state=state)
+    if isinstance(module, nn.RReLU):      # a random slope while learning, the mean slope in eval mode
+        return Operation("F.rrelu", (Operand(0), module.lower, module.upper, WhileLearning(True, False)))
     raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
 
 

@@ -118,7 +118,7 @@ _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", 
             "view_as", "reshape_as", "tril", "triu", "eq", "ne", "lt", "gt", "logical_not", "bool", "float", "type_as",
             "to", "__getitem__", "mT", "t", "abs", "clamp")
 _FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize", "adaptive_avg_pool2d",
-               "avg_pool2d", "max_pool2d", "interpolate")
+               "avg_pool2d", "max_pool2d", "interpolate", "prelu", "rrelu")
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne", "lt",
              "gt", "le", "ge", "invert", "and_", "or_")
 OPS: dict[str, Callable[..., Any]] = {
@@ -134,7 +134,8 @@ SYNAPTIC_OPS = {"torch.matmul", "torch.bmm", "torch.einsum", "torch.outer", "tor
                 ".matmul"}
 """Products that would make a held parameter a synaptic weight without a B: refused with a parameter."""
 _NAMES = {fn: name for name, fn in OPS.items() if not name.startswith(".")}
-TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3)}
+TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3),
+                 "F.rrelu": ("training", 3)}
 """Functions with a `training` flag (name, position), which modules pass as self.training: the operation's own
 train/eval mode decides it (WhileLearning), as the module's did."""
 

@@ -61,9 +61,10 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     assert _close(x_net.grad, x.grad, grad_tol)
     grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
     bare = f"{type(module).__name__.lower()}_" if not list(module.children()) else ""   # a bare layer's name
-    for name, p in module.named_parameters():     # fc.weight is proj.fc.weight; a held parameter proj.*.held_fc_w
+    for name, p in module.named_parameters():     # fc.weight: proj.fc.weight, or a held parameter proj.<op>.held_fc_weight
         flat = bare + name.replace(".", "_")
-        mine = [g for key, g in grads.items() if key == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
+        mine = [g for key, g in grads.items()
+                if key.replace("held_", "") == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
         assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
     return net
 
@@ -77,6 +78,18 @@ def test_every_activation_module_converts_with_its_settings_bit_for_bit(act):
 @pytest.mark.parametrize("fn", ACTIVATION_CALLS)
 def test_every_activation_function_and_method_converts_with_its_arguments(fn):
     _same_as_torch(Call(fn), torch.randn(7, 5) * 3, input_shape=(5,))
+
+
+@pytest.mark.parametrize("act", [nn.PReLU(3), nn.PReLU(), nn.RReLU(0.1, 0.3)], ids=repr)
+def test_activations_with_parameters_or_noise_convert_as_operations(act):
+    """PReLU's slopes are parameters (they train, as batch norm's affine map does); RReLU draws its slopes while
+    learning and uses their mean in eval mode."""
+    module = nn.Sequential(nn.Linear(5, 3), act, nn.Linear(3, 2)).eval()
+    net = _same_as_torch(module, torch.randn(7, 5) * 3)
+    assert not net.training
+    if isinstance(act, nn.RReLU):
+        x = -torch.rand(4, 5)
+        assert not torch.equal(net.train()(x), net(x))
 
 
 def test_activation_settings_are_stored_readably_without_torch():

@@ -270,8 +270,8 @@ def test_unknown_rule_and_activation_are_clear_errors():
 
 
 def test_unconvertible_layer_is_named():
-    module = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2))
-    with pytest.raises(circuits.CircuitError, match=r"layer '1' \(PReLU\)"):
+    module = nn.Sequential(nn.Linear(4, 4), nn.AlphaDropout(), nn.Linear(4, 2))
+    with pytest.raises(circuits.CircuitError, match=r"layer '1' \(AlphaDropout\)"):
         circuits.from_torch(module)
     class Reshape(nn.Module):
         def forward(self, x):
