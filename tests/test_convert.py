@@ -61,7 +61,7 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     assert _close(x_net.grad, x.grad, grad_tol)
     grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
     bare = f"{type(module).__name__.lower()}_" if not list(module.children()) else ""   # a bare layer's name
-    for name, p in module.named_parameters():     # fc.weight: proj.fc.weight, or a held parameter proj.<op>.held_fc_weight
+    for name, p in module.named_parameters():     # fc.weight: proj.fc.weight, or held: proj.<op>.held_fc_weight
         flat = bare + name.replace(".", "_")
         mine = [g for key, g in grads.items()
                 if key.replace("held_", "") == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
