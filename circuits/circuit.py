@@ -6,7 +6,9 @@ pre -> post has a layer-local feedback edge δpost -> δpre that carries the err
 for synaptic projections, through the local derivative otherwise). `feedback(source, target)` adds
 a direct feedback edge δsource -> δtarget with its own B and rule (circuits.feedback), and removes
 the layer-local feedback edges into δtarget: a population's error comes either layer by layer or
-directly. Several projections into one population sum, forward and feedback alike.
+directly. Several projections into one population sum, forward and feedback alike, except into a
+junction (`junction`), whose inputs combine by an operation such as a * b or attention; its node in the
+graph carries `junction`, the operation as text.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from . import projections as P
 from . import rules
 from .circuit import Circuit, LayerRules
 from .errors import CircuitError
-from .layers import LAYERS, attention, call_activation, module_activation, projection as layer_projection
+from .layers import LAYERS, attention, call_activation, call_projection, module_activation
+from .layers import projection as layer_projection
 from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
@@ -250,6 +251,10 @@ class _Walk:
         act = call_activation(node)
         if act is not None:
             return self.activate(node, node.args[0], act)
+        projection = call_projection(node)
+        if projection is not None:
+            self.connect(self.source(node, node.args[0]), self.new_population(node), projection)
+            return None
         if node.target in _SUMS and len(node.args) == 2 and not node.kwargs and all(
                 self.found.get(a) and self.found[a].kind == POPULATION for a in node.args) \
                 and self.pop_of.get(node.args[0]) != self.pop_of.get(node.args[1]):
@@ -297,6 +302,8 @@ class _Walk:
         a, b = traced.values
         if traced.kind == CONSTANT and a.shape == b.shape and torch.equal(a, b):
             held[arg.name] = a
+            return Held(arg.name)
+        if arg.name in held:
             return Held(arg.name)
         if arg.op == "get_attr":
             self.use(arg.target, "parameter", "it is read more than once; shared parameters cannot be converted")

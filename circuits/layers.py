@@ -73,6 +73,15 @@ def call_activation(node: fx.Node) -> str | None:
     return settings(act, given, where)
 
 
+def call_projection(node: fx.Node) -> P.Projection | None:
+    """The projection of a function or method call that is one (x.flatten(1): Flatten), else None."""
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        dims = dict(zip(("start_dim", "end_dim")[:len(node.args) - 1], node.args[1:], strict=True)) | node.kwargs
+        if all(isinstance(v, int) for v in dims.values()):
+            return P.Flatten(dims.get("start_dim", 0), dims.get("end_dim", -1))
+    return None
+
+
 def projection(module: nn.Module, name: str) -> P.Projection:
     """The circuit projection equivalent to one torch layer, carrying its parameters (a CircuitError naming the
     layer if there is none)."""

@@ -1,5 +1,8 @@
 """A built circuit: one torch.nn.Module that runs the forward populations in topological order.
 
+A population sums its incoming projections; a junction combines them by its operation instead
+(circuits.operations), in the argument order of its JunctionInput projections.
+
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
 back through its B (circuits.synapse), local projections through their own derivative, and
 direct feedback projections (circuits.feedback) straight from a downstream error population.

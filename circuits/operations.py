@@ -167,7 +167,7 @@ class Operation(Projection):
     `learned` names those that are parameters. A local projection with one input population, a junction's
     combination with several (Population.junction)."""
 
-    op: str = "operator.mul"
+    op: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     learned: tuple[str, ...] = ()
