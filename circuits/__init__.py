@@ -14,7 +14,8 @@ _EXPORTS = {
     "Population": "population", "Recorder": "recorder", "RecordingError": "recording",
     "Projection": "projections", "Dense": "projections", "Conv2d": "projections", "BatchNorm": "projections",
     "MaxPool": "projections", "AvgPool": "projections", "AdaptiveAvgPool": "projections", "Flatten": "projections",
-    "Identity": "projections", "Dropout": "projections", "Schedule": "schedule", "Learn": "schedule",
+    "Identity": "projections", "Dropout": "projections", "LayerNorm": "projections", "GroupNorm": "projections",
+    "Operation": "operations", "JunctionInput": "operations", "Schedule": "schedule", "Learn": "schedule",
     "Mirror": "schedule", "Repeat": "schedule", "paper_schedule": "schedule", "Synapse": "synapse",
     "Trainer": "trainer", "TrainerConfig": "trainer", "DivergenceError": "trainer",
 }
