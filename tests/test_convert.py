@@ -392,3 +392,29 @@ def test_vit_b_16_converts_at_its_224_input():
         module.encoder.pos_embedding.normal_(std=0.1)
     net = _same_as_torch(module, torch.randn(1, 3, 224, 224), 1e-4, input_shape=(3, 224, 224))
     assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+
+
+class Bad(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.how, self.w = nn.Linear(4, 4), how, nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "batch":
+            return h.reshape(x.size(0) * 2, 2)
+        if self.how == "axis":
+            return h.transpose(0, 1)
+        if self.how == "data":
+            return h * float(h.sum())
+        return h * self.w + torch.sigmoid(h) * self.w
+
+
+@pytest.mark.parametrize("how,message", [
+    ("batch", r"node 'mul' .* is 4 on 2 examples and 6 on 3: only the batch size itself may follow the batch"),
+    ("axis", r"node 'transpose' .* a population keeps the batch as its first axis"),
+    ("data", r"cannot be traced by torch.fx"),
+    ("shared", r"parameter 'w': it is read more than once; shared parameters cannot be converted")])
+def test_what_cannot_convert_is_a_clear_error_naming_the_node(how, message):
+    with pytest.raises(circuits.CircuitError, match=message):
+        circuits.from_torch(Bad(how), input_shape=(4,))
