@@ -14,6 +14,7 @@ the module computes, for any batch size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 from dataclasses import dataclass
@@ -48,9 +49,33 @@ class _Tracer(fx.Tracer):
         self.proxy_buffer_attributes = buffers
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        if isinstance(m, nn.TransformerEncoderLayer):
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return False
         return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and not any(kwargs.values()):
+            return super().call_module(m, functools.partial(_encoder_layers, m), args, {})
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _encoder_layers(encoder: nn.Module, x: Any) -> Any:
+    """nn.TransformerEncoder without masks: its layers, then its norm. What its forward computes then, without
+    the checks on nested tensors that fx cannot trace."""
+    for layer in encoder.layers:
+        x = layer(x)
+    return encoder.norm(x) if encoder.norm is not None else x
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoder as the module converted: its layers and norm under their own names."""
+
+    def __init__(self, encoder: nn.TransformerEncoder) -> None:
+        super().__init__()
+        self.layers, self.norm, self.training = encoder.layers, encoder.norm, encoder.training
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _encoder_layers(self, x)
 
 
 class _Layer(nn.Module):
@@ -79,7 +104,8 @@ def _slow_attention() -> Iterator[None]:
 def _trace(module: nn.Module) -> fx.GraphModule:
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
     arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal)."""
-    root = _Layer(module) if isinstance(module, LAYERS) or module_activation(module, "") is not None else module
+    root = _Layer(module) if isinstance(module, LAYERS) or module_activation(module, "") is not None else \
+        _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
     errors = []
@@ -154,7 +180,7 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
     """Every node's kind and values on batches of 2 and 3 examples, in eval mode (batch statistics stay)."""
     found: dict[fx.Node, _Traced] = {}
     inputs = [n for n in traced.graph.nodes if n.op == "placeholder" and not n.args]   # not specialized to a default
-    was_training = traced.training
+    modes = {m: m.training for m in traced.modules()}     # the module's own layers: each keeps its mode
     traced.eval()
     try:
         with torch.no_grad(), _slow_attention():
@@ -166,7 +192,8 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
         raise CircuitError(f"{name} does not run on examples of shape {input_shape}: {e}; pass the "
                            f"input_shape of one example to from_torch") from e
     finally:
-        traced.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return found
 
 

@@ -252,6 +252,35 @@ def test_transformer_encoder_layer_converts(batch_first, norm_first):
     assert not torch.equal(net.train()(x), net.eval()(x))            # dropout, in attention too, while learning
 
 
+class Classifier(nn.Module):
+    """A TransformerEncoder stack inside a module, a linear read-out of the first token."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)[:, 0])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformer_encoder_stack_converts_and_keeps_every_layers_mode(nested):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    module = Classifier() if nested else nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8),
+                                                               enable_nested_tensor=False)
+    module = module.double().eval()
+    stack = module.encoder if nested else module
+    stack.layers[0].train()
+    circuits.from_torch(module, input_shape=(5, 8))
+    assert [m.training for m in (stack, stack.layers[0], stack.layers[0].dropout, stack.layers[1])] == [
+        False, True, True, False]                 # the module is left as it was
+    module.eval()
+    net = _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+    prefix = "encoder." if nested else ""
+    assert f"{prefix}layers.1.self_attn.in_proj" in dict(net.projections())
+
+
 class MaskedLayer(nn.Module):
     """A TransformerEncoderLayer called with a causal mask (and is_causal), inside another module."""
 
