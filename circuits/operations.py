@@ -116,7 +116,7 @@ _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", 
             "squeeze", "split", "chunk", "masked_fill", "mean", "sum", "pow", "sqrt", "exp", "mul",
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
             "view_as", "reshape_as", "tril", "triu", "eq", "ne", "lt", "gt", "logical_not", "bool", "float", "type_as",
-            "to", "__getitem__", "mT", "t", "abs", "clamp")
+            "to", "__getitem__", "t", "abs", "clamp")
 _FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize", "adaptive_avg_pool2d",
                "avg_pool2d", "max_pool2d", "interpolate", "prelu", "rrelu")
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne", "lt",
@@ -126,10 +126,11 @@ OPS: dict[str, Callable[..., Any]] = {
     **{f"operator.{n}": getattr(operator, n) for n in _OPERATOR}, **{f".{n}": _method(n) for n in _METHODS},
     "multi_head_attention": multi_head_attention,
 }
+"""The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name"), and
+torchvision's stochastic depth where torchvision is installed."""
 with contextlib.suppress(ImportError):
     from torchvision.ops import stochastic_depth
     OPS["torchvision.stochastic_depth"] = stochastic_depth
-"""The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name")."""
 SYNAPTIC_OPS = {"torch.matmul", "torch.bmm", "torch.einsum", "torch.outer", "torch.baddbmm", "operator.matmul",
                 ".matmul"}
 """Products that would make a held parameter a synaptic weight without a B: refused with a parameter."""
