@@ -6,7 +6,9 @@ pre -> post has a layer-local feedback edge δpost -> δpre that carries the err
 for synaptic projections, through the local derivative otherwise). `feedback(source, target)` adds
 a direct feedback edge δsource -> δtarget with its own B and rule (circuits.feedback), and removes
 the layer-local feedback edges into δtarget: a population's error comes either layer by layer or
-directly. Several projections into one population sum, forward and feedback alike.
+directly. Several projections into one population sum, forward and feedback alike, except into a
+junction (`junction`), whose inputs combine by an operation such as a * b or attention; its node in the
+graph carries `junction`, the operation as text.
 """
 from __future__ import annotations
 
@@ -52,10 +54,31 @@ class Circuit:
         """A population that sums its incoming projections and fires activation(sum)."""
         return self._add(Population(name, tuple(shape), activation))
 
+    def junction(self, name: str, operands: list[PopulationLike], operation: Projection,
+                 activation: str = "identity") -> Population:
+        """A population whose inputs combine by `operation` (circuits.operations.Operation) instead of summing:
+        a = op(y_0, y_1, ...) of the `operands` in argument order (Operand(i) in its template), y = phi(a). Its
+        shape is what the operation makes of theirs. No synapses: the error crosses through the operation's
+        own derivative, under every rule."""
+        from .operations import JunctionInput, Operation
+
+        if not isinstance(operation, Operation):
+            raise CircuitError(f"junction {name!r}: {operation!r} is not an Operation")
+        pops = [self[p] for p in operands]
+        if len({p.name for p in pops}) != len(pops) or operation.operands != len(pops):
+            raise CircuitError(f"junction {name!r}: {operation} reads {operation.operands} operands; give as many "
+                               f"distinct populations, got {[p.name for p in pops]}")
+        shape = operation.shape_of(pops, name)
+        post = self._add(Population(name, shape, activation, junction=operation))
+        for position, pre in enumerate(pops):
+            self.connect(pre, post, JunctionInput(position))
+        return post
+
     def _add(self, pop: Population) -> Population:
         if pop.name in self.graph:
             raise CircuitError(f"circuit {self.name!r} already has a population named {pop.name!r}")
-        graph.add_population(self.graph, pop.name, population=pop)
+        graph.add_population(self.graph, pop.name, population=pop,
+                             **({"junction": repr(pop.junction)} if pop.junction is not None else {}))
         return pop
 
     def __getitem__(self, pop: PopulationLike) -> Population:

@@ -1,82 +1,82 @@
 """Conversion of ordinary torch modules into circuits, by torch.fx tracing.
 
-Every traced value becomes a population; torch layers become projections carrying the layer's
-current parameters; additions become populations with several incoming Identity projections
-(residual connections); activations are folded into the population they act on when nothing
-else reads its summed input. The converted net computes exactly what the module computes.
+Every traced tensor that depends on the input becomes a population. Torch layers become projections
+carrying the layer's current parameters (circuits.layers); additions of two populations become a
+population with two incoming Identity projections (residual connections); activations are folded into
+the population they act on when nothing else reads its summed input. Any other call becomes an
+Operation (circuits.operations) with torch's own function: a local projection when it reads one
+population (reshape, x / 4, x + a parameter), a junction when it reads several (a * b, q @ k, cat).
+
+The module is run twice, on batches of 2 and 3 examples: shapes, sizes and constants come from those
+runs (a value that follows the batch size becomes BATCH), so the converted net computes exactly what
+the module computes, for any batch size.
 """
 from __future__ import annotations
 
 import operator
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import Tensor, nn
 
 from . import projections as P
 from . import rules
 from .circuit import Circuit, LayerRules
 from .errors import CircuitError
+from .layers import attention, call_activation, call_projection, module_activation
+from .layers import projection as layer_projection
+from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
+from .tracing import slow_attention, trace
 
-_ACTIVATION_MODULES = {
-    nn.ReLU: "relu",
-    nn.Sigmoid: "sigmoid",
-    nn.Tanh: "tanh",
-    nn.GELU: "gelu",
-    nn.Softplus: "softplus",
-    nn.ReLU6: "relu6",
-    nn.SiLU: "silu",
-    nn.Hardswish: "hardswish",
-    nn.ELU: "elu",
-    nn.LeakyReLU: "leaky_relu",
-}
-_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-                         torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.softplus: "softplus",
-                         F.relu6: "relu6", F.silu: "silu", F.hardswish: "hardswish", F.elu: "elu",
-                         F.leaky_relu: "leaky_relu"}
-_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
-_ACTIVATION_DEFAULTS = {nn.GELU: {"approximate": "none"}, nn.Softplus: {"beta": 1.0, "threshold": 20.0},
-                        nn.ELU: {"alpha": 1.0}, nn.LeakyReLU: {"negative_slope": 0.01}}
-"""Settings a population's activation has: a module with others is refused, never converted to another function."""
+POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
+"""What a traced node is: a population's activity, a tuple holding activities (split, attention), a plain value
+(a size, a setting), a constant tensor, or a tensor computed from parameters alone (a class token)."""
+_SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)}
+_SUMS = (operator.add, torch.add, operator.iadd)
 
 
-def _check_activation(layer: nn.Module, name: str) -> None:
-    """A CircuitError for an activation module whose settings differ from the population activation's."""
-    for setting, default in _ACTIVATION_DEFAULTS.get(type(layer), {}).items():
-        if getattr(layer, setting) != default:
-            raise CircuitError(f"layer {name!r} ({layer}): {setting}={getattr(layer, setting)!r} cannot be converted "
-                               f"yet (a population's {type(layer).__name__} has {setting}={default!r}); converting "
-                               f"it without would change what the network computes")
+@dataclass
+class _Traced:
+    """A node's kind and its values in the runs on 2 and 3 examples (shape and dtype only for populations)."""
+
+    kind: str
+    values: list[Any]
 
 
-def _projection(module: nn.Module, name: str) -> P.Projection:
-    """The circuit projection equivalent to one torch layer, carrying its parameters."""
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    if isinstance(module, nn.Linear):
-        return P.Dense(bias=module.bias is not None, state=state)
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
-        return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
-                        module.bias is not None, state=state)
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return P.BatchNorm(module.eps, module.momentum, module.affine, module.track_running_stats, state=state)
-    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
-        return P.MaxPool(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
-    if isinstance(module, nn.AvgPool2d) and module.divisor_override is None:
-        return P.AvgPool(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad)
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return P.AdaptiveAvgPool(module.output_size)
-    if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
-        return P.Flatten()
-    if isinstance(module, nn.Dropout):
-        return P.Dropout(module.p)
-    if isinstance(module, nn.Identity):
-        return P.Identity()
-    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+class _Run(fx.Interpreter):
+    """Runs the traced module and records what each node is, and its value."""
+
+    def __init__(self, module: fx.GraphModule, found: dict[fx.Node, _Traced]) -> None:
+        super().__init__(module)
+        self.found = found
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        kinds = {self.found[m].kind for m in n.all_input_nodes}
+        if n.op == "placeholder":
+            kind = POPULATION if isinstance(out, Tensor) else VALUE
+        elif n.op == "get_attr":
+            kind = LEARNED if isinstance(out, nn.Parameter) else CONSTANT if isinstance(out, Tensor) else VALUE
+        elif (n.op, n.target) in _SHAPE_READS and (n.target != getattr or n.args[1] in ("shape", "ndim", "dtype")):
+            kind = VALUE
+        elif kinds & {POPULATION, BUNDLE} and out is not None:     # None: attention weights not computed
+            kind = POPULATION if isinstance(out, Tensor) else BUNDLE if _holds_tensor(out) else None
+            if kind is None:
+                raise CircuitError(f"node {n.name!r} ({n.format_node()}) reads a value out of a population's activity; "
+                                   f"a circuit cannot convert what depends on the data itself")
+        elif LEARNED in kinds and (isinstance(out, Tensor) or _holds_tensor(out)):
+            kind = LEARNED
+        else:
+            kind = CONSTANT if isinstance(out, Tensor) else VALUE
+        record = (tuple(out.shape), out.dtype) if kind == POPULATION else out
+        self.found.setdefault(n, _Traced(kind, [])).values.append(record)
+        return out
+
+
+def _holds_tensor(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
 
 
 def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
@@ -91,113 +91,257 @@ def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
                 raise CircuitError(f"{type(root).__name__} starts with a convolution, which takes any image size: pass "
                                    f"input_shape=({first.in_channels}, height, width) to from_torch, the size of the "
                                    f"images it will learn from (mirror noise and padding statistics follow it)")
-    raise CircuitError(f"cannot infer {type(root).__name__}'s input shape: pass input_shape=(...) to from_torch")
+    raise CircuitError(f"cannot infer {type(root).__name__}'s input shape (its first layer does not fix it): pass "
+                       f"input_shape=(...) to from_torch, the shape of one example")
+
+
+def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, name: str) -> dict[fx.Node, _Traced]:
+    """Every node's kind and values on batches of 2 and 3 examples, in eval mode (batch statistics stay)."""
+    found: dict[fx.Node, _Traced] = {}
+    inputs = [n for n in traced.graph.nodes if n.op == "placeholder" and not n.args]   # not specialized to a default
+    modes = {m: m.training for m in traced.modules()}     # the module's own layers: each keeps its mode
+    traced.eval()
+    try:
+        with torch.no_grad(), slow_attention():
+            for batch in (2, 3):
+                _Run(traced, found).run(*[torch.zeros(batch, *input_shape, **example) for _ in inputs])
+    except CircuitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds
+        raise CircuitError(f"{name} does not run on examples of shape {input_shape}: {e}; pass the "
+                           f"input_shape of one example to from_torch") from e
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return found
+
+
+def _literal(node: fx.Node, values: list[Any]) -> Any:
+    """A value the same in both runs, with BATCH where it is the batch size (2, then 3)."""
+    a, b = values
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return tuple(_literal(node, [x, y]) for x, y in zip(a, b, strict=True))
+    if type(a) is int and (a, b) == (2, 3):
+        return BATCH
+    if isinstance(a, Tensor) or a != b:
+        raise CircuitError(f"node {node.name!r} ({node.format_node()}) is {a!r} on 2 examples and {b!r} on 3: only "
+                           f"the batch size itself may follow the batch")
+    return a
 
 
 def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tuple[int, ...] | None = None,
                rules_by_layer: Mapping[str, rules.RuleLike] | None = None, name: str | None = None) -> Circuit:
-    """Convert a torch module (fx-traceable, built from circuit layers) into a Circuit.
+    """Convert a torch module (fx-traceable, built from circuit layers and torch functions) into a Circuit.
 
     rule: the feedback rule of every synaptic layer; rules_by_layer overrides it per layer name
     (the module's qualified name, e.g. "layer1.0.conv1"). A direct rule ("dfa") instead sends the
     output error straight to every hidden population that feeds a synaptic layer
-    (Circuit.direct_feedback). input_shape: one example's input shape, by default (in_features,) or
-    (in_channels, 224, 224) from the first layer.
+    (Circuit.direct_feedback). input_shape: one example's input shape, by default (in_features,) from a
+    first Linear layer. The circuit keeps the module's dtype and train/eval mode.
     """
-    try:
-        traced = fx.symbolic_trace(module)
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {e}") from e
-    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(module, traced.graph)
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    was_training = traced.training
-    traced.eval()
+    traced = trace(module)
+    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, traced.graph)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
-    with torch.no_grad():
-        ShapeProp(traced).propagate(*[torch.zeros(2, *input_shape, **example) for _ in placeholders])
-    traced.train(was_training)
-
-    layer_rules = LayerRules(rules_by_layer)
+    walk = _Walk(traced, _run(traced, input_shape, example, type(module).__name__), rules_by_layer)
     circuit = Circuit(name or type(module).__name__, rule=rule)
-    pops: dict[str, list] = {}   # population name -> [shape, activation, is_input], in graph order
-    edges: list[tuple[str, str, P.Projection, str]] = []
-    pop_of: dict[fx.Node, str] = {}
-    used_layers: set[str] = set()
+    walk.build(circuit)
+    circuit.dtype, circuit.training = example.get("dtype"), module.training
+    return walk.layer_rules.finish(circuit)
 
-    def new_population(node: fx.Node, activation: str = "identity", is_input: bool = False) -> str:
-        pops[node.name] = [tuple(node.meta["tensor_meta"].shape[1:]), activation, is_input]
-        pop_of[node] = node.name
+
+class _Walk:
+    """The fx graph, node by node, into populations (with activation or junction) and projections."""
+
+    def __init__(self, traced: fx.GraphModule, found: dict[fx.Node, _Traced],
+                 rules_by_layer: Mapping[str, rules.RuleLike] | None) -> None:
+        self.traced, self.found = traced, found
+        self.layer_rules = LayerRules(rules_by_layer)
+        self.pops: dict[str, dict[str, Any]] = {}    # population -> shape, activation, input, junction, operands
+        self.edges: list[tuple[str, str, P.Projection, str]] = []
+        self.pop_of: dict[fx.Node, str] = {}
+        self.used: set[str] = set()                 # layers and parameters already converted once
+        for node in traced.graph.nodes:
+            self.visit(node)
+
+    def visit(self, node: fx.Node) -> None:
+        kind = self.found[node].kind
+        if node.op == "output":
+            self.source(node, node.args[0])
+        elif kind == POPULATION and node.op == "placeholder":
+            self.new_population(node, is_input=True)
+        elif kind == POPULATION:
+            self.population(node)
+        elif kind == BUNDLE and node.op == "call_module":
+            if not isinstance(self.traced.get_submodule(node.target), nn.MultiheadAttention):
+                raise CircuitError(f"layer {node.target!r} ({node.format_node()}) returns several tensors; it cannot "
+                                   f"be converted into a circuit projection")
+            self.attention(node)
+
+    def population(self, node: fx.Node) -> None:
+        if node.op == "call_module":
+            layer = self.traced.get_submodule(node.target)
+            act = module_activation(layer, node.target)
+            if act is not None:
+                return self.activate(node, node.args[0], act)
+            self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+            self.connect(self.source(node, node.args[0]), self.new_population(node),
+                         layer_projection(layer, node.target), node.target)
+            return None
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.pop_of \
+                and self.found[node.args[0]].kind == BUNDLE:
+            if node.args[1] != 0:
+                raise CircuitError(f"node {node.name!r} reads attention weights; only the attention output converts")
+            self.pop_of[node] = self.pop_of[node.args[0]]
+            return None
+        act = call_activation(node)
+        if act is not None:
+            return self.activate(node, node.args[0], act)
+        projection = call_projection(node)
+        if projection is not None:
+            self.connect(self.source(node, node.args[0]), self.new_population(node), projection)
+            return None
+        if node.target in _SUMS and len(node.args) == 2 and not node.kwargs and all(
+                self.found.get(a) and self.found[a].kind == POPULATION for a in node.args) \
+                and self.pop_of.get(node.args[0]) != self.pop_of.get(node.args[1]):
+            post = self.new_population(node)
+            for arg in node.args:
+                self.connect(self.source(node, arg), post, P.Identity())
+            return None
+        operands: list[str] = []
+        held: dict[str, Tensor] = {}
+        learned: list[str] = []
+        call = self.template(node, node, operands, held, learned)
+        if learned and call.op in SYNAPTIC_OPS:
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) multiplies by parameters {learned}: a "
+                               f"synaptic weight needs a projection with a B; use nn.Linear or nn.Conv2d")
+        args, kwargs = follows_mode(call.op, call.args, call.kwargs)
+        operation = Operation(call.op, args, kwargs, learned=tuple(learned), state=held or None)
+        if len(operands) == 1:
+            self.connect(operands[0], self.new_population(node), operation)
+        else:
+            self.new_population(node, junction=operation, operands=operands)
+        return None
+
+    def template(self, node: fx.Node, arg: Any, operands: list[str], held: dict[str, Tensor],
+                 learned: list[str]) -> Any:
+        """`arg` of `node` as an operation template: populations become Operand, values literals, constant
+        tensors and parameters Held, calls on parameters or inside bundles a nested Call."""
+        def inner(a: Any) -> Any:
+            return self.template(node, a, operands, held, learned)
+
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(inner(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: inner(v) for k, v in arg.items()}
+        if isinstance(arg, slice):
+            return slice(inner(arg.start), inner(arg.stop), inner(arg.step))
+        if not isinstance(arg, fx.Node):
+            return arg
+        traced = self.found[arg]
+        if arg in self.pop_of and arg is not node:
+            if self.pop_of[arg] not in operands:
+                operands.append(self.pop_of[arg])
+            return Operand(operands.index(self.pop_of[arg]))
+        if traced.kind == VALUE:
+            return _literal(arg, traced.values)
+        a, b = traced.values
+        if traced.kind == CONSTANT and a.shape == b.shape and torch.equal(a, b):
+            held[arg.name] = a
+            return Held(arg.name)
+        if arg.name in held:
+            return Held(arg.name)
+        if arg.op == "get_attr":
+            self.use(arg.target, "parameter", "it is read more than once; shared parameters cannot be converted")
+            held[arg.name] = a
+            learned.append(arg.name)
+            return Held(arg.name)
+        op = op_name(arg.target) if arg.op in ("call_function", "call_method") else None
+        if op is None:
+            raise CircuitError(f"node {arg.name!r} ({arg.format_node()}) cannot be converted into a circuit")
+        return Call(op, inner(arg.args), inner(dict(arg.kwargs)))
+
+    def attention(self, node: fx.Node) -> None:
+        """nn.MultiheadAttention: in-projection, attention, out-projection (circuits.layers.attention)."""
+        layer = self.traced.get_submodule(node.target)
+        query = node.args[0]
+        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+        given = dict(zip(names[:len(node.args)], node.args, strict=True)) | dict(node.kwargs)
+        if not (given.get("key") is query and given.get("value") is query):
+            raise CircuitError(f"layer {node.target!r} ({node.format_node()}): only self-attention, query = key = "
+                               f"value, converts")
+        settings = {k: self.constant(node, v) for k, v in given.items() if k not in ("query", "key", "value")}
+        self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+        dtype = layer.in_proj_weight.dtype
+        in_proj, heads, out_proj = attention(layer, node.target, settings, dtype)
+        pre = self.source(node, query)
+        shape = self.pops[pre]["shape"]
+        qkv, attended = f"{node.name}_qkv", f"{node.name}_heads"
+        for pop, width in ((qkv, 3 * layer.embed_dim), (attended, layer.embed_dim), (node.name, layer.embed_dim)):
+            self.pops[pop] = dict(shape=(*shape[:-1], width), activation="identity")
+        self.connect(pre, qkv, in_proj, f"{node.target}.in_proj")
+        self.connect(qkv, attended, heads)
+        self.connect(attended, node.name, out_proj, f"{node.target}.out_proj")
+        self.pop_of[node] = node.name
+
+    def constant(self, node: fx.Node, arg: Any) -> Any:
+        """An argument that must be the same for every batch: its value, or a CircuitError naming `node`."""
+        if not isinstance(arg, fx.Node):
+            return arg
+        traced = self.found[arg]
+        if traced.kind == VALUE:
+            return _literal(arg, traced.values)
+        if traced.kind == CONSTANT and torch.equal(*traced.values):
+            return traced.values[0]
+        raise CircuitError(f"node {node.name!r} ({node.format_node()}) takes {arg.name!r}, which changes with the data "
+                           f"or the batch; only constant masks and settings convert")
+
+    def use(self, target: str, what: str, why: str) -> None:
+        if target in self.used:
+            raise CircuitError(f"{what} {target!r}: {why}")
+        self.used.add(target)
+
+    def new_population(self, node: fx.Node, activation: str = "identity", is_input: bool = False,
+                       junction: Operation | None = None, operands: list[str] | None = None) -> str:
+        shapes = [(shape[0], shape[1:]) for shape, _ in self.found[node].values]
+        if [batch for batch, _ in shapes] != [2, 3] or shapes[0][1] != shapes[1][1]:
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) has shape {shapes[0][0:1] + shapes[0][1]} "
+                               f"on 2 examples and {shapes[1][0:1] + shapes[1][1]} on 3: a population keeps the batch "
+                               f"as its first axis")
+        self.pops[node.name] = dict(shape=shapes[0][1], activation=activation, input=is_input, junction=junction,
+                                    operands=operands)
+        self.pop_of[node] = node.name
         return node.name
 
-    def source(node: fx.Node, arg) -> str:
-        if not isinstance(arg, fx.Node) or arg not in pop_of:
+    def source(self, node: fx.Node, arg: Any) -> str:
+        if not isinstance(arg, fx.Node) or arg not in self.pop_of:
             raise CircuitError(f"node {node.name!r} ({node.format_node()}) reads {arg!r}, which is not a population")
-        return pop_of[arg]
+        return self.pop_of[arg]
 
-    def activate(node: fx.Node, arg: fx.Node, act: str) -> None:
-        pre = source(node, arg)
-        if pops[pre][1] == "identity" and not pops[pre][2] and len(arg.users) == 1:
-            pops[pre][1] = act          # fold phi into the population it acts on
-            pop_of[node] = pre
+    def activate(self, node: fx.Node, arg: fx.Node, act: str) -> None:
+        pre = self.source(node, arg)
+        pop = self.pops[pre]
+        if pop["activation"] == "identity" and not pop.get("input") and len(arg.users) == 1:
+            pop["activation"] = act          # fold phi into the population it acts on
+            self.pop_of[node] = pre
         else:
-            edges.append((pre, new_population(node, act), P.Identity(), f"{pre}->{node.name}"))
+            self.connect(pre, self.new_population(node, act), P.Identity())
 
-    for node in traced.graph.nodes:
-        if node.op == "placeholder":
-            new_population(node, is_input=True)
-        elif node.op == "call_module":
-            layer = traced.get_submodule(node.target)
-            act = _ACTIVATION_MODULES.get(type(layer))
-            if act is not None:
-                _check_activation(layer, node.target)
-                activate(node, node.args[0], act)
-                continue
-            if node.target in used_layers:
-                raise CircuitError(
-                    f"layer {node.target!r} is called more than once; shared weights cannot be converted"
-                )
-            used_layers.add(node.target)
-            projection = _projection(layer, node.target)
-            edges.append((source(node, node.args[0]), new_population(node), projection, node.target))
-        elif (
-            node.op == "call_function"
-            and node.target in _ACTIVATION_FUNCTIONS
-            and len(node.args) == 1
-            and not any(v for k, v in node.kwargs.items() if k == "inplace")
-            and set(node.kwargs) <= {"inplace"}
-        ):
-            activate(node, node.args[0], _ACTIVATION_FUNCTIONS[node.target])
-        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS and len(node.args) == 1:
-            activate(node, node.args[0], _ACTIVATION_METHODS[node.target])
-        elif (
-            node.op == "call_function"
-            and node.target in (operator.add, torch.add, operator.iadd)
-            and len(node.args) == 2
-            and not node.kwargs
-        ):
-            a, b = (source(node, x) for x in node.args)
-            if a == b:
-                raise CircuitError(f"node {node.name!r} adds a population to itself; this cannot be converted")
-            post = new_population(node)
-            edges += [(a, post, P.Identity(), f"{a}->{post}"), (b, post, P.Identity(), f"{b}->{post}")]
-        elif (node.op == "call_function" and node.target is torch.flatten) or (
-            node.op == "call_method" and node.target == "flatten"
-        ):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            if start != 1 or end != -1:
-                raise CircuitError(f"node {node.name!r}: only flatten(x, 1) (all but the batch) can be converted")
-            pre = source(node, node.args[0])
-            edges.append((pre, new_population(node), P.Flatten(), f"{pre}->{node.name}"))
-        elif node.op == "output":
-            source(node, node.args[0])
-        else:
-            raise CircuitError(f"node {node.name!r} ({node.format_node()}) cannot be converted into a circuit")
+    def connect(self, pre: str, post: str, projection: P.Projection, layer: str | None = None) -> None:
+        self.edges.append((pre, post, projection, layer or f"{pre}->{post}"))
 
-    for pop, (shape, act, is_input) in pops.items():
-        circuit.input(pop, shape) if is_input else circuit.population(pop, shape, act)
-    for pre, post, projection, layer in edges:
-        circuit.connect(pre, post, projection, feedback=layer_rules(layer) if projection.synaptic else None, name=layer)
-    circuit.dtype, circuit.training = example.get("dtype"), module.training
-    return layer_rules.finish(circuit)
+    def build(self, circuit: Circuit) -> None:
+        """The populations in graph order (a junction with its inputs), then the projections."""
+        for pop, d in self.pops.items():
+            if d.get("input"):
+                circuit.input(pop, d["shape"])
+            elif d.get("junction") is not None:
+                made = circuit.junction(pop, d["operands"], d["junction"], d["activation"])
+                if made.shape != d["shape"]:
+                    raise CircuitError(f"junction {pop!r}: {d['junction']} makes shape {made.shape}, torch made "
+                                       f"{d['shape']}")
+            else:
+                circuit.population(pop, d["shape"], d["activation"])
+        for pre, post, projection, layer in self.edges:
+            feedback = self.layer_rules(layer) if projection.synaptic else None
+            circuit.connect(pre, post, projection, feedback=feedback, name=layer)

@@ -6,9 +6,10 @@ one joins two error populations that no single forward projection joins, with it
     delta_target = phi'(a_target) * (B^T delta_source)
 
 B is stored in the layout of a forward weight from target to source: (source units x target units)
-for a 1-D target; for a target with channels (C x H x W) it is (source units x C), shared over
-positions. delta_source is dL/da_source, the error of the source's summed input. A population that
-receives direct feedback receives its error from its direct feedback projections alone (they sum):
+for a 1-D target or an N-D one without channels (tokens x features); for a feature map with channels
+(C x H x W) it is (source units x C), shared over positions. delta_source is dL/da_source, the error of the
+source's summed input. A population that receives direct feedback receives its error from its direct feedback
+projections alone (they sum):
 the layer-local feedback of every projection leaving it is removed (circuits.Circuit.feedback).
 
 In the built net the projection is an identity on a_source in the forward pass, holding y_target;
@@ -42,7 +43,7 @@ class DirectFeedbackPathway(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             signal = ctx.rule.signal(delta.reshape(delta.shape[0], -1).to(feedback.dtype) @ feedback)
             shape = ctx.target_shape
-            spread = (shape[0], shape[1]) + (1,) * (len(shape) - 2)     # shared over positions
+            spread = (shape[0], shape[1], 1, 1) if len(shape) == 4 else shape     # a map's B: shared over positions
             grad_target = signal.to(ctx.target_dtype).view(spread).expand(shape)
         return delta, grad_target, None, None
 
@@ -56,7 +57,8 @@ class DirectFeedback(nn.Module):
         super().__init__()
         rule.check("direct feedback projection", has_weight=False)
         self.source, self.target = source.name, target.name
-        self.feedback_shape = (math.prod(source.shape), target.shape[0])
+        channels = target.shape[0] if len(target.shape) == 3 else math.prod(target.shape)
+        self.feedback_shape = (math.prod(source.shape), channels)
         self.rule = rule
         rule.attach(self)
 

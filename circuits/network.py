@@ -1,5 +1,8 @@
 """A built circuit: one torch.nn.Module that runs the forward populations in topological order.
 
+A population sums its incoming projections; a junction combines them by its operation instead
+(circuits.operations), in the argument order of its JunctionInput projections.
+
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
 back through its B (circuits.synapse), local projections through their own derivative, and
 direct feedback projections (circuits.feedback) straight from a downstream error population.
@@ -7,6 +10,8 @@ direct feedback projections (circuits.feedback) straight from a downstream error
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -79,14 +84,20 @@ class CircuitNet(nn.Module):
             for pre in [*graph.predecessors(pop), *(target for _, target in direct[pop])]:
                 last_use[pre] = step
         self._plan = []
+        self.junctions = nn.ModuleDict()
         for step, pop in enumerate(order):
             if circuit[pop].is_input:
                 continue
             incoming = [(module_key(graph.edges[pre, pop]["name"]), pre) for pre in graph.predecessors(pop)]
             if not incoming:
                 raise CircuitError(f"population {pop!r} has no incoming projection and is not an input")
+            junction = None
+            if circuit[pop].junction is not None:     # inputs in argument order, combined by the operation
+                junction = module_key(pop)
+                self.junctions[junction] = circuit[pop].junction.build(None, None, None)
+                incoming.sort(key=lambda edge: graph.edges[edge[1], pop]["projection"].position)
             release = [p for p, s in last_use.items() if s == step and p not in self.outputs]
-            self._plan.append((pop, activation(circuit[pop].activation), incoming, direct[pop], release))
+            self._plan.append((pop, activation(circuit[pop].activation), incoming, junction, direct[pop], release))
         self._reference = False
 
     def forward(self, *args: Tensor, monitor: dict[str, Trace] | None = None, **inputs: Tensor):
@@ -108,11 +119,9 @@ class CircuitNet(nn.Module):
                 )
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
-        for pop, phi, incoming, direct, release in self._plan:
-            a = None
-            for key, pre in incoming:
-                drive = self.proj[key](activity[pre])
-                a = drive if a is None else a + drive
+        for pop, phi, incoming, junction, direct, release in self._plan:
+            drives = [self.proj[key](activity[pre]) for key, pre in incoming]
+            a = self.junctions[junction](*drives) if junction is not None else functools.reduce(operator.add, drives)
             if not self._reference:
                 for key, target in direct:
                     a = self.feedback_proj[key](a, sensed[target])

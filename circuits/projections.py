@@ -1,7 +1,8 @@
 """Projections: how one population's activity drives another's summed input.
 
 Synaptic projections (Dense, Conv2d) carry a forward weight W and a feedback weight B, set by a
-feedback rule. Local projections (BatchNorm, pooling, Dropout, Flatten, Identity) have no synapses: the
+feedback rule. Local projections (BatchNorm, LayerNorm, GroupNorm, pooling, Dropout, Flatten, Identity, and
+circuits.operations.Operation) have no synapses: the
 error crosses them through their own local derivative, the same under every rule.
 
 A projection is a specification; `build` makes the torch module once the populations are known.
@@ -77,18 +78,19 @@ class Projection:
 
 @dataclass(frozen=True)
 class Dense(Projection):
-    """All-to-all synapses between 1-D populations: a = W y + bias."""
+    """All-to-all synapses along the last axis: a = W y + bias. For 1-D populations the classic layer; for N-D
+    ones (tokens x channels) the same W at every position of the leading axes, as nn.Linear acts."""
 
     synaptic: ClassVar[bool] = True
     bias: bool = True
 
     def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
-        self._require_dims(pre, 1, "input")
-        self._require_dims(post, 1, "output")
-        return post.shape
+        if len(post.shape) != len(pre.shape):
+            self._require_dims(pre, len(post.shape), "input")
+        return (*pre.shape[:-1], post.shape[-1])
 
     def _module(self, pre, post, rule) -> nn.Module:
-        return Synapse(DenseOperator(), (post.shape[0], pre.shape[0]), self.bias, rule, pre.shape, self.state)
+        return Synapse(DenseOperator(), (post.shape[-1], pre.shape[-1]), self.bias, rule, pre.shape, self.state)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,45 @@ class BatchNorm(Projection):
     def _module(self, pre, post, rule):
         cls = nn.BatchNorm1d if len(pre.shape) == 1 else nn.BatchNorm2d
         return cls(pre.shape[0], self.eps, self.momentum, self.affine, self.track_running_stats)
+
+
+@dataclass(frozen=True)
+class LayerNorm(Projection):
+    """Layer normalisation over the last len(normalized_shape) axes of each example, a local operation:
+    a = (y - mean) / sqrt(var + eps) * weight + bias (torch's nn.LayerNorm; weight and bias train as usual)."""
+
+    normalized_shape: tuple[int, ...] = ()
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+
+    def output_shape(self, pre, post):
+        if tuple(pre.shape[len(pre.shape) - len(self.normalized_shape):]) != tuple(self.normalized_shape):
+            raise CircuitError(f"{self}: population {pre.name!r} has shape {pre.shape}, which does not end "
+                               f"in {tuple(self.normalized_shape)}")
+        return pre.shape
+
+    def _module(self, pre, post, rule):
+        return nn.LayerNorm(self.normalized_shape, self.eps, self.elementwise_affine, self.bias)
+
+
+@dataclass(frozen=True)
+class GroupNorm(Projection):
+    """Group normalisation: channels (the first axis) in num_groups groups, each normalised over its channels
+    and positions, then a per-channel affine map (torch's nn.GroupNorm), a local operation."""
+
+    num_groups: int = 1
+    eps: float = 1e-5
+    affine: bool = True
+
+    def output_shape(self, pre, post):
+        if pre.shape[0] % self.num_groups:
+            raise CircuitError(f"{self}: population {pre.name!r} has {pre.shape[0]} channels, "
+                               f"not divisible into {self.num_groups} groups")
+        return pre.shape
+
+    def _module(self, pre, post, rule):
+        return nn.GroupNorm(self.num_groups, pre.shape[0], self.eps, self.affine)
 
 
 @dataclass(frozen=True)
@@ -212,13 +253,23 @@ class AdaptiveAvgPool(Projection):
 
 @dataclass(frozen=True)
 class Flatten(Projection):
-    """All dimensions but the batch into one."""
+    """Axes start_dim..end_dim into one, counted as torch counts them (the batch is axis 0, which stays):
+    by default all axes but the batch."""
+
+    start_dim: int = 1
+    end_dim: int = -1
 
     def output_shape(self, pre, post):
-        return (math.prod(pre.shape),)
+        dims = len(pre.shape) + 1
+        start, end = self.start_dim % dims, self.end_dim % dims
+        if not 1 <= start <= end:
+            raise CircuitError(f"{self} on population {pre.name!r} (shape {pre.shape}): it must keep the batch "
+                               f"axis 0 and have start_dim <= end_dim")
+        shape = (1, *pre.shape)
+        return (*shape[1:start], math.prod(shape[start:end + 1]), *shape[end + 1:])
 
     def _module(self, pre, post, rule):
-        return nn.Flatten()
+        return nn.Flatten(self.start_dim, self.end_dim)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DenseOperator:
-    """a = W y (+ bias) on the last dimension: 1-D populations, or N-D ones (tokens x channels) whose
-    positions share W, as nn.Linear applies it."""
+    """a = W y (+ bias) along the last axis (leading batch and position axes allowed, as nn.Linear)."""
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(y, weight, bias)
@@ -40,8 +39,8 @@ class DenseOperator:
         return grad_y, grad_w, grad_b
 
     def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
-        """How many (input, output) position pairs each weight entry connects: 1 for a 1-D population,
-        the number of positions (all dimensions but the last: tokens) where W is shared over them."""
+        """How many (input, output) position pairs each weight entry connects: 1 for a dense W on a 1-D
+        population, the number of positions (tokens) on an N-D one, where the same W acts at each."""
         return torch.tensor(float(math.prod(in_shape[:-1])))
 
 

@@ -1,0 +1,150 @@
+"""The layer table of circuits.from_torch: which torch layer, function or method becomes which
+population activation or projection, with its settings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import projections as P
+from .activations import ACTIVATIONS, settings
+from .errors import CircuitError
+from .operations import Held, Operand, Operation, WhileLearning
+
+LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention, nn.PReLU, nn.RReLU)
+"""Layers that convert on their own (from_torch(nn.Linear(4, 3))), with the activation modules."""
+
+_ACTIVATION_MODULES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
+    nn.ReLU: ("relu", ()), nn.Sigmoid: ("sigmoid", ()), nn.Tanh: ("tanh", ()),
+    nn.GELU: ("gelu", ("approximate",)), nn.Softplus: ("softplus", ("beta", "threshold")),
+    nn.ReLU6: ("relu6", ()), nn.SiLU: ("silu", ()), nn.Hardswish: ("hardswish", ()),
+    nn.Hardsigmoid: ("hardsigmoid", ()), nn.Mish: ("mish", ()), nn.ELU: ("elu", ("alpha",)),
+    nn.CELU: ("celu", ("alpha",)), nn.SELU: ("selu", ()), nn.LeakyReLU: ("leaky_relu", ("negative_slope",)),
+    nn.Hardtanh: ("hardtanh", ("min_val", "max_val")), nn.Threshold: ("threshold", ("threshold", "value")),
+    nn.Hardshrink: ("hardshrink", ("lambd",)), nn.Softshrink: ("softshrink", ("lambd",)),
+    nn.LogSigmoid: ("logsigmoid", ()), nn.Softsign: ("softsign", ()), nn.Tanhshrink: ("tanhshrink", ()),
+    nn.Softmax: ("softmax", ("dim",)), nn.LogSoftmax: ("log_softmax", ("dim",)), nn.Softmin: ("softmin", ("dim",)),
+    nn.GLU: ("glu", ("dim",)),
+}
+"""Activation modules (exact type: ReLU6 is a Hardtanh) -> (activation, the module attributes that are its settings)."""
+
+_ACTIVATION_FUNCTIONS = {getattr(module, name): name for name in ACTIVATIONS for module in (F, torch)
+                         if name != "identity" and hasattr(module, name)}
+_ACTIVATION_METHODS = {name for name in ACTIVATIONS if hasattr(torch.Tensor, name)}
+_IGNORED = {"inplace": None, "_stacklevel": None, "dtype": None}
+"""Call arguments that do not change the function (in place or not) or that must keep their default (dtype)."""
+
+
+def module_activation(layer: nn.Module, name: str) -> str | None:
+    """The activation spec of an activation module with its settings (None: not an activation)."""
+    found = _ACTIVATION_MODULES.get(type(layer))
+    if found is None:
+        return None
+    act, attributes = found
+    given = {a: getattr(layer, a) for a in attributes if getattr(layer, a) is not None}   # Softmax(dim=None): none
+    return settings(act, given, f"layer {name!r} ({layer})")
+
+
+def call_activation(node: fx.Node) -> str | None:
+    """The activation spec of an activation function or tensor method call, its arguments mapped to settings by
+    torch's positional order (None: not an activation call)."""
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        act = _ACTIVATION_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+        act = node.target
+    else:
+        return None
+    where = f"node {node.name!r} ({node.format_node()})"
+    order = list(ACTIVATIONS[act][1])
+    if len(node.args) - 1 > len(order):
+        raise CircuitError(f"{where}: activation {act!r} takes settings {order} only; it cannot be converted")
+    given: dict[str, Any] = dict(zip(order[:len(node.args) - 1], node.args[1:], strict=True))
+    for key, value in node.kwargs.items():
+        if key in _IGNORED:
+            if key == "dtype" and value is not None:
+                raise CircuitError(f"{where}: dtype={value} cannot be converted (a population keeps its dtype)")
+        else:
+            given[key] = value
+    return settings(act, given, where)
+
+
+def call_projection(node: fx.Node) -> P.Projection | None:
+    """The projection of a function or method call that is one (x.flatten(1): Flatten), else None."""
+    if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
+        dims = dict(zip(("start_dim", "end_dim")[:len(node.args) - 1], node.args[1:], strict=True)) | node.kwargs
+        if all(isinstance(v, int) for v in dims.values()):
+            return P.Flatten(dims.get("start_dim", 0), dims.get("end_dim", -1))
+    return None
+
+
+def projection(module: nn.Module, name: str) -> P.Projection:
+    """The circuit projection equivalent to one torch layer, carrying its parameters (a CircuitError naming the
+    layer if there is none)."""
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if isinstance(module, nn.Linear):
+        return P.Dense(bias=module.bias is not None, state=state)
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
+        return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
+                        module.bias is not None, state=state)
+    if isinstance(module, nn.LayerNorm):
+        return P.LayerNorm(tuple(module.normalized_shape), module.eps, module.elementwise_affine,
+                           module.bias is not None, state=state)
+    if isinstance(module, nn.GroupNorm):
+        return P.GroupNorm(module.num_groups, module.eps, module.affine, state=state)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return P.BatchNorm(module.eps, module.momentum, module.affine, module.track_running_stats, state=state)
+    if isinstance(module, nn.MaxPool2d) and not module.return_indices:
+        return P.MaxPool(module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
+    if isinstance(module, nn.AvgPool2d) and module.divisor_override is None:
+        return P.AvgPool(module.kernel_size, module.stride, module.padding, module.ceil_mode, module.count_include_pad)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return P.AdaptiveAvgPool(module.output_size)
+    if isinstance(module, nn.Flatten):
+        return P.Flatten(module.start_dim, module.end_dim)
+    if isinstance(module, nn.Dropout):
+        return P.Dropout(module.p)
+    if isinstance(module, nn.Identity):
+        return P.Identity()
+    if isinstance(module, nn.PReLU):      # a learned slope per channel: an operation whose parameter trains
+        return Operation("F.prelu", (Operand(0), Held("weight")), learned=("weight",), state=state)
+    if isinstance(module, nn.RReLU):      # a random slope while learning, the mean slope in eval mode
+        return Operation("F.rrelu", (Operand(0), module.lower, module.upper, WhileLearning(True, False)))
+    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+
+
+def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any], dtype: torch.dtype
+              ) -> tuple[P.Dense, Operation, P.Dense]:
+    """nn.MultiheadAttention's self-attention y -> out(attend(W_in y)) as circuit parts: the in-projection
+    [q k v] = W_in y + b_in (synaptic), the attention of each head softmax(q k^T / sqrt(d) + mask) v (an
+    operation: no synapses, its error crosses by its exact derivative) and the out-projection (synaptic).
+    `kwargs`: the call's keyword arguments, already values (masks constant tensors)."""
+    where = f"layer {name!r} ({type(layer).__name__})"
+    if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn:
+        raise CircuitError(f"{where}: only packed q/k/v projections without bias_k or add_zero_attn convert")
+    if kwargs.get("key_padding_mask") is not None:
+        raise CircuitError(f"{where}: a key_padding_mask depends on each example; it cannot be converted")
+    need_weights, is_causal = kwargs.get("need_weights", True), kwargs.get("is_causal", False)
+    mask = kwargs.get("attn_mask")
+    if is_causal and mask is None:
+        raise CircuitError(f"{where}: is_causal needs attn_mask, as torch's MultiheadAttention does")
+    if is_causal and not need_weights:
+        mask = None       # torch then lets scaled_dot_product_attention make the causal mask
+    else:
+        is_causal = False
+        mask = F._canonical_mask(mask=mask, mask_name="attn_mask", other_type=None, other_name="",
+                                 target_type=dtype, check_other=False)
+    in_proj = {"weight": layer.in_proj_weight.detach().clone()}
+    if layer.in_proj_bias is not None:
+        in_proj["bias"] = layer.in_proj_bias.detach().clone()
+    heads = Operation("multi_head_attention", (Operand(0), layer.num_heads, layer.batch_first, need_weights),
+                      {"attn_mask": Held("attn_mask") if mask is not None else None, "is_causal": is_causal,
+                       "dropout_p": WhileLearning(layer.dropout)},
+                      state={"attn_mask": mask} if mask is not None else None)
+    return P.Dense(bias="bias" in in_proj, state=in_proj), heads, projection(layer.out_proj, f"{name}.out_proj")

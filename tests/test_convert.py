@@ -1,0 +1,449 @@
+"""circuits.from_torch against torch: every activation with its settings, bare and N-D layers, junctions, the zoo."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import circuits
+from circuits import graph
+
+F = nn.functional
+
+ACTIVATION_MODULES = [
+    nn.ReLU(), nn.ReLU6(), nn.Hardswish(), nn.SiLU(), nn.GELU(), nn.GELU(approximate="tanh"), nn.Softplus(),
+    nn.Softplus(beta=5, threshold=3), nn.LeakyReLU(), nn.LeakyReLU(0.2), nn.ELU(), nn.ELU(alpha=2.5), nn.Sigmoid(),
+    nn.Tanh(), nn.Hardsigmoid(), nn.Mish(), nn.CELU(0.7), nn.SELU(), nn.Hardtanh(-2, 3), nn.Threshold(0.1, -4.0),
+    nn.Hardshrink(0.3), nn.Softshrink(0.2), nn.LogSigmoid(), nn.Softsign(), nn.Tanhshrink(), nn.Softmax(dim=1),
+    nn.Softmax(dim=-1), nn.LogSoftmax(dim=1), nn.Softmin(dim=-1),
+]
+
+
+class Call(nn.Module):
+    """fc, then one activation function or tensor method call, then fc2."""
+
+    def __init__(self, fn, width=6):
+        super().__init__()
+        self.fc, self.fn, self.fc2 = nn.Linear(5, width), fn, nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc2(self.fn(self.fc(x)))
+
+
+ACTIVATION_CALLS = [
+    lambda a: F.gelu(a, approximate="tanh"), lambda a: F.softplus(a, 5, 3), lambda a: F.softplus(a, beta=0.5),
+    lambda a: F.leaky_relu(a, 0.3), lambda a: F.elu(a, alpha=0.5, inplace=False), lambda a: F.relu6(a),
+    lambda a: F.hardswish(a), lambda a: F.silu(a), lambda a: F.mish(a), lambda a: F.hardsigmoid(a),
+    lambda a: torch.softmax(a, -1), lambda a: F.softmax(a, dim=1), lambda a: a.softmax(-1), lambda a: a.log_softmax(1),
+    lambda a: F.log_softmax(a, dim=-1), lambda a: torch.sigmoid(a), lambda a: a.tanh(), lambda a: a.relu(),
+    lambda a: F.hardtanh(a, -0.5, 0.5),
+]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return torch.equal(a, b) if tol == 0 else bool((a - b).norm() <= tol * b.norm())
+
+
+def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, out_tol: float = 0.0,
+                   **kwargs) -> circuits.CircuitNet:
+    """Outputs equal to torch's (bit for bit unless out_tol), and under the rule (default bp) input and parameter
+    gradients equal to torch autograd's (bit for bit, or within grad_tol relative: a synapse's own backward sums
+    W's and the input's gradient over positions in another order than autograd's)."""
+    module.zero_grad(set_to_none=True)
+    net = circuits.from_torch(module, **kwargs).build()
+    x_net = x.clone().requires_grad_()
+    x = x.clone().requires_grad_()
+    out, out_ref = net(x_net), module(x)
+    assert out.dtype == out_ref.dtype and _close(out, out_ref, out_tol)
+    weights = torch.randn_like(out_ref)
+    (out_ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    assert _close(x_net.grad, x.grad, grad_tol)
+    grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
+    bare = f"{type(module).__name__.lower()}_" if not list(module.children()) else ""   # a bare layer's name
+    for name, p in module.named_parameters():     # fc.weight: proj.fc.weight, or held: proj.<op>.held_fc_weight
+        flat = bare + name.replace(".", "_")
+        mine = [g for key, g in grads.items()
+                if key.replace("held_", "") == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
+        assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
+    return net
+
+
+@pytest.mark.parametrize("act", ACTIVATION_MODULES, ids=repr)
+def test_every_activation_module_converts_with_its_settings_bit_for_bit(act):
+    module = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 3))
+    _same_as_torch(module, torch.randn(7, 5) * 3)
+
+
+@pytest.mark.parametrize("fn", ACTIVATION_CALLS)
+def test_every_activation_function_and_method_converts_with_its_arguments(fn):
+    _same_as_torch(Call(fn), torch.randn(7, 5) * 3, input_shape=(5,))
+
+
+@pytest.mark.parametrize("act", [nn.PReLU(3), nn.PReLU(), nn.RReLU(0.1, 0.3)], ids=repr)
+def test_activations_with_parameters_or_noise_convert_as_operations(act):
+    """PReLU's slopes are parameters (they train, as batch norm's affine map does); RReLU draws its slopes while
+    learning and uses their mean in eval mode."""
+    module = nn.Sequential(nn.Linear(5, 3), act, nn.Linear(3, 2)).eval()
+    net = _same_as_torch(module, torch.randn(7, 5) * 3)
+    assert not net.training
+    if isinstance(act, nn.RReLU):
+        x = -torch.rand(4, 5)
+        assert not torch.equal(net.train()(x), net(x))
+
+
+def test_activation_settings_are_stored_readably_without_torch():
+    c = circuits.from_torch(nn.Sequential(nn.Linear(5, 6), nn.LeakyReLU(0.2), nn.Linear(6, 4), nn.GELU("tanh"),
+                                          nn.Linear(4, 3), nn.ELU(), nn.Linear(3, 3), nn.Softmax(-1)))
+    specs = [p.activation for p in c.populations()]
+    assert specs == ["identity", "leaky_relu(negative_slope=0.2)", "gelu(approximate='tanh')", "elu", "softmax(dim=-1)"]
+    assert graph.parse_activation(specs[1]) == ("leaky_relu", {"negative_slope": 0.2})
+    assert graph.parse_activation(specs[3]) == ("elu", {})
+
+
+def test_activations_that_cannot_be_converted_are_clear_errors():
+    with pytest.warns(UserWarning, match="Implicit dimension"), pytest.raises(
+            circuits.CircuitError, match=r"layer '1' \(Softmax\(dim=None\)\).*needs dim"):
+        circuits.from_torch(nn.Sequential(nn.Linear(5, 6), nn.Softmax()))
+    with pytest.raises(circuits.CircuitError, match=r"node 'softmax'.*dtype=torch.float64"):
+        circuits.from_torch(Call(lambda a: F.softmax(a, -1, dtype=torch.float64).float()), input_shape=(5,))
+    required = circuits.from_torch(nn.Sequential(nn.Linear(5, 6), nn.Threshold(0.1, 2)))
+    assert required.populations()[-1].activation == "threshold(threshold=0.1, value=2)"
+
+
+# --- bare layers, N-D populations, shapes and constants ------------------------------------------------------------
+def test_a_bare_layer_converts():
+    layer = nn.Linear(4, 3)
+    net = circuits.from_torch(layer, rule="fa").build()
+    assert [name for name, _ in net.projections()] == ["linear"]
+    _same_as_torch(layer, torch.randn(5, 4))
+    _same_as_torch(nn.LayerNorm(6), torch.randn(5, 6), input_shape=(6,))
+
+
+class Tokens(nn.Module):
+    """Tokens x channels: Linear on the last axis, LayerNorm, GroupNorm, and the shape and arithmetic ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm, self.fc2 = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+        self.group = nn.GroupNorm(2, 4)
+
+    def forward(self, x):
+        b, t, c = x.size()
+        h = self.norm(self.fc(x)) / 4.0
+        h = -(h * 2 + 1.5) - 0.25
+        h = h.view(b, t, 2, 4).permute(0, 2, 1, 3).contiguous().transpose(1, 2).reshape(b, t * 8)
+        h = h.reshape(x.shape[0], t, 8)
+        first, second = h.split(4, dim=-1)
+        h = torch.cat([second, first], dim=-1) + torch.stack(h.chunk(2, dim=-1), dim=2).flatten(2)
+        h = self.fc2(h)[:, 1:]
+        return self.group(h.transpose(1, 2)).flatten(1)
+
+
+def test_tokens_by_channels_convert_exactly_with_shape_ops_and_norms():
+    module = Tokens().double()
+    c = circuits.from_torch(module, input_shape=(5, 6))
+    assert c["fc"].shape == (5, 8) and c["x"].shape == (5, 6)
+    net = c.build()
+    assert net.projection("fc").weight.shape == (8, 6) and net.projection("fc").weight.dtype == torch.float64
+    _same_as_torch(module, torch.randn(3, 5, 6, dtype=torch.float64), 1e-13, input_shape=(5, 6))
+
+
+def test_weight_mirror_noise_on_tokens_learns_the_mean_over_positions():
+    """On an N-D population the same W acts at every position: the mirror's correlation averages over positions,
+    so B -> (eta sigma^2 / lambda) W as for a 1-D population (not T times that)."""
+    from circuits import mirror
+    net = circuits.from_torch(nn.Linear(6, 4), rule="wm", input_shape=(10, 6)).build()
+    synapse = net.projection("linear")
+    assert synapse.in_shape == (10, 6) and float(synapse.positions) == 10
+    c = mirror.correlation(synapse, 4000, torch.Generator().manual_seed(0))
+    sigma2 = synapse.rule.sigma ** 2
+    assert torch.allclose(c, sigma2 * synapse.weight.detach(), atol=0.02)
+
+
+def test_a_model_without_an_input_shape_is_asked_for_one():
+    with pytest.raises(circuits.CircuitError, match=r"pass input_shape=\(\.\.\.\) to from_torch"):
+        circuits.from_torch(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)))
+    with pytest.raises(circuits.CircuitError, match=r"does not run on examples of shape \(5,\)"):
+        circuits.from_torch(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 2)), input_shape=(5,))
+
+
+def test_conversion_keeps_dtype_and_mode():
+    module = Tokens().double().eval()
+    net = circuits.from_torch(module, input_shape=(5, 6)).build()
+    assert not net.training and all(p.dtype == torch.float64 for p in net.parameters())
+
+
+# --- junctions: populations whose inputs combine by an operation ---------------------------------------------------
+class Gate(nn.Module):
+    """Products of two populations: a * b, a @ b^T, bmm, and attention with a mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4)
+
+    def forward(self, x):
+        a, b, v = self.a(x), torch.sigmoid(self.b(x)), self.c(x)
+        gated = a * b
+        scores = gated @ b.transpose(-2, -1) / 2.0
+        mixed = torch.bmm(scores.softmax(-1), v)
+        mask = torch.ones(5, 5, dtype=torch.bool).tril()
+        attended = F.scaled_dot_product_attention(mixed, a, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(attended, b, v, is_causal=True) - a
+
+
+def test_junctions_compute_torchs_op_and_pass_its_exact_derivative():
+    module = Gate().double()
+    c = circuits.from_torch(module, input_shape=(5, 6))
+    junction = c["mul"]
+    assert junction.junction is not None and junction.junction.op == "operator.mul"
+    inputs = sorted((d["projection"].position, u) for u, _, d in c.forward_graph().in_edges("mul", data=True))
+    assert inputs == [(0, "a"), (1, "b")]
+    assert c.graph.nodes["mul"]["junction"].startswith("Operation(op='operator.mul'")
+    for rule in ("bp", "fa"):
+        net = _same_as_torch(module, torch.randn(3, 5, 6, dtype=torch.float64), 1e-13, input_shape=(5, 6), rule=rule) \
+            if rule == "bp" else circuits.from_torch(module, rule=rule, input_shape=(5, 6)).build()
+        assert sorted(name for name, _ in net.projections()) == ["a", "b", "c"]      # only synapses get a B
+
+
+def test_a_junction_in_a_hand_built_circuit():
+    from circuits.operations import Operand, Operation
+    c = circuits.Circuit("gate")
+    x = c.input("x", shape=(4,))
+    a, b = c.population("a", shape=(3,)), c.population("b", shape=(3,), activation="sigmoid")
+    c.connect(x, a, circuits.Dense())
+    c.connect(x, b, circuits.Dense())
+    y = c.junction("y", [a, b], Operation("operator.mul", (Operand(0), Operand(1))), activation="tanh")
+    assert y.shape == (3,)
+    net = c.build()
+    x_in = torch.randn(2, 4)
+    pa, pb = net.projection("x->a"), net.projection("x->b")
+    expected = torch.tanh((x_in @ pa.weight.T + pa.bias) * torch.sigmoid(x_in @ pb.weight.T + pb.bias))
+    assert torch.allclose(net(x_in), expected)
+    with pytest.raises(circuits.CircuitError, match=r"junction 'z'.*reads 2 operands"):
+        c.junction("z", [a], Operation("operator.mul", (Operand(0), Operand(1))))
+    with pytest.raises(circuits.CircuitError, match=r"into population 'w': torch refuses"):
+        c.junction("w", [a, x], Operation("torch.matmul", (Operand(0), Operand(1))))
+
+
+def test_a_parameter_multiplying_a_population_must_be_a_layer():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return x @ self.w
+
+    with pytest.raises(circuits.CircuitError, match=r"multiplies by parameters.*nn.Linear"):
+        circuits.from_torch(Raw(), input_shape=(4,))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder_layer_converts(batch_first, norm_first):
+    """float64, eval mode (dropout off, as torch's own layer then); the in-projection's products run with the
+    rows in the module's input layout rather than torch's transposed one, hence 1e-12."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first, norm_first=norm_first).double().eval()
+    net = _same_as_torch(layer, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+    assert sorted(name for name, _ in net.projections()) == [
+        "linear1", "linear2", "self_attn.in_proj", "self_attn.out_proj"]
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert not torch.equal(net.train()(x), net.eval()(x))            # dropout, in attention too, while learning
+
+
+class Classifier(nn.Module):
+    """A TransformerEncoder stack inside a module, a linear read-out of the first token."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x)[:, 0])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformer_encoder_stack_converts_and_keeps_every_layers_mode(nested):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    module = Classifier() if nested else nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8),
+                                                               enable_nested_tensor=False)
+    module = module.double().eval()
+    stack = module.encoder if nested else module
+    stack.layers[0].train()
+    circuits.from_torch(module, input_shape=(5, 8))
+    assert [m.training for m in (stack, stack.layers[0], stack.layers[0].dropout, stack.layers[1])] == [
+        False, True, True, False]                 # the module is left as it was
+    module.eval()
+    net = _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+    prefix = "encoder." if nested else ""
+    assert f"{prefix}layers.1.self_attn.in_proj" in dict(net.projections())
+
+
+class MaskedLayer(nn.Module):
+    """A TransformerEncoderLayer called with a causal mask (and is_causal), inside another module."""
+
+    def __init__(self, is_causal):
+        super().__init__()
+        self.layer, self.is_causal = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), is_causal
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(5))
+
+    def forward(self, x):
+        return self.layer(x, src_mask=self.mask, is_causal=self.is_causal)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention on its own: need_weights=True by default, a sequence-first layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0]
+
+
+@pytest.mark.parametrize("module", [MaskedLayer(True), MaskedLayer(False), Attention()], ids=repr)
+def test_attention_with_masks_and_weights_converts(module):
+    module = module.double().eval()
+    _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
+
+
+def test_attention_weights_and_cross_attention_are_refused():
+    class Weights(Attention):
+        def forward(self, x):
+            out, weights = self.mha(x, x, x)
+            return out * weights.sum()
+
+    class Cross(Attention):
+        def forward(self, x):
+            return self.mha(x, x * 2, x)[0]
+
+    with pytest.raises(circuits.CircuitError, match=r"node 'getitem_1' reads attention weights"):
+        circuits.from_torch(Weights(), input_shape=(5, 8))
+    with pytest.raises(circuits.CircuitError, match=r"layer 'mha'.*only self-attention"):
+        circuits.from_torch(Cross(), input_shape=(5, 8))
+
+
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's block: LayerNorm, q/k/v split, causal attention (SDPA or masked softmax), GELU MLP, residuals."""
+
+    def __init__(self, n_embd=8, n_head=2, block_size=6, flash=True):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.c_fc, self.mlp_proj = nn.Linear(n_embd, 4 * n_embd), nn.Linear(4 * n_embd, n_embd)
+        self.gelu, self.n_head, self.n_embd, self.flash = nn.GELU(), n_head, n_embd, flash
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def attend(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+    def forward(self, x):
+        x = x + self.attend(self.ln_1(x))
+        return x + self.mlp_proj(self.gelu(self.c_fc(self.ln_2(x))))
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_nanogpt_block_converts(flash):
+    module = CausalSelfAttention(flash=flash).double()
+    _same_as_torch(module, torch.randn(2, 6, 8, dtype=torch.float64), 1e-13, input_shape=(6, 8))
+    _same_as_torch(module, torch.randn(2, 4, 8, dtype=torch.float64)[:, :4], 1e-13, input_shape=(4, 8))
+
+
+@pytest.mark.parametrize("rule", list(circuits.rules.RULES))
+def test_every_rule_trains_a_converted_transformer_block(rule):
+    torch.manual_seed(0)
+    module = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    net = circuits.from_torch(module, rule=rule, input_shape=(5, 8)).build()
+    x, target = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    loss = F.mse_loss(net(x), target)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters())
+    changed = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
+    # under direct feedback the error reaches the populations feeding linear1 and the attention's out-projection
+    # by B straight from the output; the norms between them pass none back, so only these synapses learn
+    learning = ("linear1", "linear2", "self_attn_out_proj") if circuits.rules.get(rule).direct else \
+        ("linear1", "linear2", "self_attn_out_proj", "self_attn_in_proj")
+    assert {f"proj.{key}.weight" for key in learning} <= changed
+    if circuits.rules.get(rule).mirrors:
+        circuits.mirror_step(net, batch_size=16)
+
+
+# --- the torchvision zoo -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,size", [("squeezenet1_0", 48), ("mobilenet_v2", 32), ("efficientnet_b0", 32),
+                                       ("densenet121", 32)])
+def test_torchvision_zoo_converts_exactly(arch, size):
+    """Eval mode (batch-norm running statistics; dropout and stochastic depth off), float64: outputs equal torch's bit
+    for bit; under bp input and parameter gradients equal autograd's up to the order of sums in a synapse's own
+    backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
+    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation."""
+    torchvision = pytest.importorskip("torchvision")
+    module = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
+                         input_shape=(3, size, size))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+    junctions = [p for p in net.circuit.populations() if p.junction is not None]
+    if arch == "efficientnet_b0":
+        assert any(p.junction.op == "operator.mul" for p in junctions)
+        module.train(), net.train()
+        torch.manual_seed(3)
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        assert not torch.equal(net(x), net(x))           # stochastic depth and dropout follow the net's mode
+    if arch == "densenet121":
+        assert sum(p.junction.op == "torch.cat" for p in junctions) == 58
+
+
+def test_vit_b_16_converts_at_its_224_input():
+    """Class token (a parameter expanded over the batch and concatenated), positional embedding (a parameter added by
+    an operation), MultiheadAttention, LayerNorm, shapes read with getattr. float32, batch 1 (86M parameters): outputs
+    bit for bit; gradients within 1e-4 relative (float32 sums over 197 tokens in a synapse's own order)."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.vit_b_16(num_classes=10).eval()
+    with torch.no_grad():
+        module.class_token.normal_()
+        module.encoder.pos_embedding.normal_(std=0.1)
+    net = _same_as_torch(module, torch.randn(1, 3, 224, 224), 1e-4, input_shape=(3, 224, 224))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+
+
+class Bad(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.how, self.w = nn.Linear(4, 4), how, nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "batch":
+            return h.reshape(x.size(0) * 2, 2)
+        if self.how == "axis":
+            return h.transpose(0, 1)
+        if self.how == "data":
+            return h * float(h.sum())
+        return h * self.w + torch.sigmoid(h) * self.w
+
+
+@pytest.mark.parametrize("how,message", [
+    ("batch", r"node 'mul' .* is 4 on 2 examples and 6 on 3: only the batch size itself may follow the batch"),
+    ("axis", r"node 'transpose' .* a population keeps the batch as its first axis"),
+    ("data", r"cannot be traced by torch.fx"),
+    ("shared", r"parameter 'w': it is read more than once; shared parameters cannot be converted")])
+def test_what_cannot_convert_is_a_clear_error_naming_the_node(how, message):
+    with pytest.raises(circuits.CircuitError, match=message):
+        circuits.from_torch(Bad(how), input_shape=(4,))
