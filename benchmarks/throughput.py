@@ -101,20 +101,11 @@ def architecture(name: str, image_size: int) -> tuple[nn.Module, tuple[int, ...]
     return getattr(torchvision.models, name)(num_classes=CLASSES, **size), (3, image_size, image_size)
 
 
-def convert(model: nn.Module, rule: str, input_shape: tuple[int, ...]) -> nn.Module:
-    """The net as a circuit under `rule` (circuits.from_torch), with the same weights; a transformer converted in
-    place (circuits.in_place on a copy) while from_torch does not convert attention and layer norm."""
-    if any(isinstance(m, (nn.MultiheadAttention, models.transformer.Attention)) for m in model.modules()):
-        # TODO(convert branch): from_torch converts transformers: drop this branch
-        return circuits.in_place(copy.deepcopy(model), torch.zeros(2, *input_shape), rule)
-    return circuits.from_torch(model, rule=rule, input_shape=input_shape).build()
-
-
 def build(variant: Variant, model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     """The torchvision net itself (a copy) or its circuit under the variant's rule, with the same weights."""
     if variant.rule is None:
         return copy.deepcopy(model)
-    return convert(model, variant.rule, input_shape)
+    return circuits.from_torch(model, rule=variant.rule, input_shape=input_shape).build()
 
 
 class Trainee:

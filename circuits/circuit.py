@@ -114,16 +114,19 @@ class Circuit:
         if not projection.synaptic and feedback is not None:
             raise CircuitError(f"{projection} from {pre.name!r} to {post.name!r} is a local operation "
                                f"with no synapses; it takes no feedback rule")
+        if not projection.sends_error and feedback is not None:
+            raise CircuitError(f"{projection} from {pre.name!r} to {post.name!r} sends no error back (its input "
+                               f"carries none); it takes no feedback rule")
         if direct and feedback is not None:
             raise CircuitError(f"{pre.name!r} receives direct feedback, so the projection {pre.name!r} -> "
                                f"{post.name!r} has no feedback of its own; it takes no feedback rule")
         rule = None
-        if projection.synaptic and not direct:
+        if projection.synaptic and projection.sends_error and not direct:
             rule = rules.get(feedback) if feedback is not None else self.default_rule
         name = name or f"{pre.name}->{post.name}"
         self._check_new_name(name)
         graph.add_projection(self.graph, pre.name, post.name, name=name, projection=projection, rule=rule)
-        if not direct:
+        if not direct and projection.sends_error:
             graph.add_feedback(self.graph, post.error_name, pre.error_name, name=name, direct=False, rule=rule,
                                carries=graph.CARRIES_B if projection.synaptic else graph.CARRIES_LOCAL)
         return name

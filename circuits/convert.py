@@ -104,7 +104,8 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
     try:
         with torch.no_grad(), slow_attention():
             for batch in (2, 3):
-                _Run(traced, found).run(*[torch.zeros(batch, *input_shape, **example) for _ in inputs])
+                _Run(traced, found).run(*[torch.zeros(batch, *input_shape, **_example_of(traced, n, example))
+                                          for n in inputs])
     except CircuitError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises many kinds
@@ -114,6 +115,14 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
         for m, training in modes.items():
             m.training = training
     return found
+
+
+def _example_of(traced: fx.GraphModule, placeholder: fx.Node, example: dict) -> dict:
+    """The dtype and device of an example input: indices (int64) for an input that an embedding reads."""
+    if any(user.op == "call_module" and isinstance(traced.get_submodule(user.target), nn.Embedding)
+           for user in placeholder.users):
+        return {**example, "dtype": torch.int64}
+    return example
 
 
 def _literal(node: fx.Node, values: list[Any]) -> Any:
@@ -343,5 +352,5 @@ class _Walk:
             else:
                 circuit.population(pop, d["shape"], d["activation"])
         for pre, post, projection, layer in self.edges:
-            feedback = self.layer_rules(layer) if projection.synaptic else None
+            feedback = self.layer_rules(layer) if projection.synaptic and projection.sends_error else None
             circuit.connect(pre, post, projection, feedback=feedback, name=layer)

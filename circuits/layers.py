@@ -93,6 +93,11 @@ def projection(module: nn.Module, name: str) -> P.Projection:
             raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
         return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
                         module.bias is not None, state=state)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise CircuitError(f"layer {name!r} ({module}): max_norm, scale_grad_by_freq and sparse cannot be "
+                               f"converted (W's update would differ)")
+        return P.Embedding(module.num_embeddings, module.padding_idx, state=state)
     if isinstance(module, nn.LayerNorm):
         return P.LayerNorm(tuple(module.normalized_shape), module.eps, module.elementwise_affine,
                            module.bias is not None, state=state)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .errors import CircuitError
 from .population import Population
 from .rules import FeedbackRule
-from .synapse import ConvOperator, DenseOperator, Synapse
+from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -47,6 +47,8 @@ class Projection:
     """Base class: `output_shape` maps the input population's shape to the shape it drives."""
 
     synaptic: ClassVar[bool] = False
+    sends_error: ClassVar[bool] = True
+    """The error crosses it back to its input population (not from an index input: Embedding)."""
     state: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False, kw_only=True)
     """Initial parameters and buffers (a state_dict), e.g. from a converted torch module."""
 
@@ -91,6 +93,28 @@ class Dense(Projection):
 
     def _module(self, pre, post, rule) -> nn.Module:
         return Synapse(DenseOperator(), (post.shape[-1], pre.shape[-1]), self.bias, rule, pre.shape, self.state)
+
+
+@dataclass(frozen=True)
+class Embedding(Projection):
+    """a = W[y]: the rows of W (vocabulary x features) that an input population of indices y picks, as
+    nn.Embedding does; the dense product W^T e_y with the one-hot code e_y of each index. Synaptic (W learns
+    from delta e_y^T), but no error crosses it: an index input has none, so it has no feedback and no rule."""
+
+    synaptic: ClassVar[bool] = True
+    sends_error: ClassVar[bool] = False
+    vocabulary: int = 2
+    padding_idx: int | None = None
+
+    def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        if not pre.is_input:
+            raise CircuitError(f"{self}: an embedding reads indices, so its input must be an input population; "
+                               f"{pre.name!r} is not one")
+        return (*pre.shape, post.shape[-1])
+
+    def _module(self, pre, post, rule) -> nn.Module:
+        return Synapse(EmbeddingOperator(self.padding_idx), (self.vocabulary, post.shape[-1]), False, None, pre.shape,
+                       self.state)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)   # 3 x batch x heads x n x d
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=self.causal)
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(0, 2, 3, 1, 4)   # batch x 3 x heads x n x d
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)          # batch x heads x n x d
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -109,9 +110,7 @@ def lm_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 def _convert(module: nn.Module, example: Tensor, rule: rules.RuleLike,
              rules_by_layer: Mapping[str, rules.RuleLike] | None) -> circuits.CircuitNet:
-    # TODO(convert branch): return circuits.from_torch(module, rule, tuple(example.shape[1:]), rules_by_layer).build()
-    # once from_torch converts layer norm, attention and N-D populations; meanwhile the in-place converter.
-    return circuits.in_place(module, example, rule, rules_by_layer)
+    return circuits.from_torch(module, rule, tuple(example.shape[1:]), rules_by_layer).build()
 
 
 def vit(rule: rules.RuleLike = "bp", rules_by_layer: Mapping[str, rules.RuleLike] | None = None,

@@ -47,12 +47,32 @@ def test_the_language_model_is_causal():
 
 def test_builders_convert_every_synaptic_layer():
     net = models.vit("kp", rules_by_layer={"head": "bp"}, **TINY)
-    assert isinstance(net.model, ViT)
-    assert net.report.converted == {"patch": "kp", "blocks.0.attention.qkv": "kp", "blocks.0.attention.proj": "kp",
-                                    "blocks.0.fc1": "kp", "blocks.0.fc2": "kp", "head": "bp"}
-    assert set(net.report.left) == {"ViT", "blocks.0.norm1", "blocks.0.norm2", "norm"}
+    assert {name: str(s.rule) for name, s in net.projections()} == {
+        "patch": "kp", "blocks.0.attention.qkv": "kp", "blocks.0.attention.proj": "kp", "blocks.0.fc1": "kp",
+        "blocks.0.fc2": "kp", "head": "bp"}
     lm = models.transformer_lm("fa", vocab=20, context=8, **TINY)
-    assert lm.report.embeddings == ["token"] and lm.projection("head").in_shape == (8, 16)
+    assert lm.projection("token").rule is None and lm.projection("head").in_shape == (8, 16)
+    assert [n for n, _ in lm.projections() if _.rule is None] == ["token"]      # an index input takes no error
+
+
+@pytest.mark.parametrize("which", ["vit", "lm"])
+def test_the_circuits_compute_what_the_modules_compute_and_backprop_their_gradients(which):
+    torch.manual_seed(0)
+    if which == "vit":
+        module, x = ViT(**TINY).double(), torch.randn(3, 1, 28, 28, dtype=torch.float64)
+        target, loss_fn, shape = torch.randint(0, 10, (3,)), F.cross_entropy, (1, 28, 28)
+    else:
+        module, x = CharTransformer(20, context=8, **TINY).double(), torch.randint(0, 20, (3, 8))
+        target, loss_fn, shape = torch.randint(0, 20, (3, 8)), lm_loss, (8,)
+    net = circuits.from_torch(module, "bp", shape).build()
+    out = net(x)
+    assert torch.equal(out, module(x))
+    ours = torch.autograd.grad(loss_fn(out, target), list(net.forward_parameters()))
+    theirs = dict(zip([n for n, _ in module.named_parameters()],
+                      torch.autograd.grad(loss_fn(module(x), target), list(module.parameters())), strict=True))
+    assert len(ours) == len(theirs)
+    for g in ours:     # every gradient of the circuit is one of torch's (same parameters, possibly renamed)
+        assert min(float((g - t).abs().max()) if g.shape == t.shape else 1.0 for t in theirs.values()) < 1e-12
 
 
 def _loss(net, x, y, loss_fn):
