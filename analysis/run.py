@@ -98,12 +98,12 @@ class Run:
         direct feedback projection, `direct` True) or "local derivative"."""
         table = self.file["circuit/populations"]
         graph = nx.DiGraph(name=str(self.file["circuit"].attrs["name"]))
-        for name, shape, activation, is_input in zip(
-            *(_column(table, f) for f in ("name", "shape", "activation", "input")), strict=True
+        junctions = _column(table, "junction") if "junction" in table.dtype.names else [""] * len(table)
+        for name, shape, activation, is_input, junction in zip(
+            *(_column(table, f) for f in ("name", "shape", "activation", "input")), junctions, strict=True
         ):
-            schema.add_population(
-                graph, name, shape=tuple(json.loads(shape)), activation=activation, input=bool(is_input)
-            )
+            schema.add_population(graph, name, shape=tuple(json.loads(shape)), activation=activation,
+                                  input=bool(is_input), **({"junction": junction} if junction else {}))
         table = self.file["circuit/projections"]
         forward = {}
         for name, pre, post, kind, spec, synaptic, rule, rule_spec, weight in zip(

@@ -327,7 +327,8 @@ class Recorder:
         def shape(values: Sequence[int]) -> str:
             return json.dumps(list(values))
 
-        populations = [(p.name, shape(p.shape), p.activation, p.is_input) for p in circuit.populations()]
+        populations = [(p.name, shape(p.shape), p.activation, p.is_input, repr(p.junction) if p.junction else "")
+                       for p in circuit.populations()]
         projections = [(name, pre, post, type(projection).__name__, repr(projection), projection.synaptic,
                         *rule_texts(rule), shape(module.weight.shape) if isinstance(module, Synapse) else "")
                        for name, pre, post, projection, rule in circuit.projections()

@@ -323,7 +323,7 @@ GROUPS = {"steps": "every `every`-th tick: loss, learning rate, phase, examples,
 
 def write_circuit(file: h5py.File, name: str, populations: Sequence[tuple], projections: Sequence[tuple],
                   feedback: Sequence[tuple]) -> None:
-    """/circuit: one table each of populations (name, shape, activation, input), projections (name, pre, post,
+    """/circuit: one table each of populations (name, shape, activation, input, junction), projections (name, pre, post,
     projection, spec, synaptic, rule, rule_spec, weight_shape) and feedback projections (name, source, target,
     carries, rule, rule_spec, direct, feedback_shape); shapes as JSON lists, "" where there is none."""
     circuit = file.create_group("circuit")
@@ -332,8 +332,9 @@ def write_circuit(file: h5py.File, name: str, populations: Sequence[tuple], proj
         "the feedback table lists the feedback projections between them"))
     text = h5py.string_dtype()
     tables = (
-        ("populations", populations, [("name", text), ("shape", text), ("activation", text), ("input", bool)],
-         "forward populations"),
+        ("populations", populations, [("name", text), ("shape", text), ("activation", text), ("input", bool),
+                                      ("junction", text)],
+         "forward populations; a junction's inputs combine by its operation (the text), not by their sum"),
         ("projections", projections, [(n, text) for n in ("name", "pre", "post", "projection", "spec")]
          + [("synaptic", bool)] + [(n, text) for n in ("rule", "rule_spec", "weight_shape")],
          "projections pre -> post: kind and settings, feedback rule (short name and settings), W's shape"),

@@ -13,7 +13,8 @@ models.vit (28x28 images in 7x7 patches, 2 pre-LN blocks of width 64, 4 heads) o
 mirror on the authors' cadence (one epoch's worth of mirror batches before any data, then one after every
 learning step); here with SGD momentum 0.9 and a cosine learning-rate schedule. Printed: each rule's test
 accuracy and each projection's angle(B, W) at the start and the end, and the paper's claims checked on them.
-The ViT is converted in place (circuits.in_place), so the runs are not recorded.
+The ViT is circuits.from_torch's conversion of models.transformer.ViT; the runs are not recorded (to record
+one, give compare.fit a recording path, as models.compare does).
 """
 import argparse
 import sys

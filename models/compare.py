@@ -114,8 +114,8 @@ def load_data(config: CompareConfig) -> data.DataSplit:
 
 
 def build(config: CompareConfig, rule: rules.FeedbackRule, shape: tuple[int, ...]) -> circuits.CircuitNet:
-    """The comparison's circuit under `rule`; "vit" is models.vit's small ViT (examples/vit_rules.py runs it:
-    converted in place for now, it cannot be recorded, so the command line offers only MODELS)."""
+    """The comparison's circuit under `rule`; "vit" is models.vit's small ViT (examples/vit_rules.py trains it
+    with its own optimizer and schedule, so the command line offers only MODELS)."""
     if config.model == "mlp":
         return mlp(sizes=(shape[0], 500, 10), rule=rule).build()
     if config.model == "vit":

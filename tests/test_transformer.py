@@ -134,3 +134,27 @@ def test_python_source_is_deterministic_text_in_shifted_windows(text):
     assert len(text.train) > 5000 and len(text.test) == round(0.1 * (len(text.train) + len(text.test)))
     with pytest.raises(FileNotFoundError, match="no source of"):
         data.python_source(("no_such_module",))
+
+
+def test_a_vit_run_is_recorded_and_reported_with_its_junctions(tmp_path, mnist):
+    from analysis import open_run
+    from analysis.__main__ import main as analysis_main
+    from circuits.recorder import Recorder
+
+    torch.manual_seed(0)
+    net = models.vit("wm", **TINY)
+    images, labels = mnist
+    batches = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 128, 32)]
+    recorder = Recorder(tmp_path / "vit.h5", probe=batches[0], probe_steps=2)
+    schedule = circuits.paper_schedule(net, len(batches), batch_size=32, warmup=2)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.05), schedule, recorder=recorder,
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(batches, 1, batches[:1])
+    with open_run(tmp_path / "vit.h5") as run:
+        graph = run.circuit
+        junctions = {n: d["junction"] for n, d in graph.nodes(data=True) if "junction" in d}
+        assert any("scaled_dot_product_attention" in j for j in junctions.values()), junctions
+        assert len(run.file["steps/tick"]) == trainer.tick and set(run.file["alignment"]) == {
+            circuits.recording.key(n) for n, _ in net.projections()}
+    assert analysis_main(["report", str(tmp_path / "vit.h5"), "-o", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "summary.md").exists()
