@@ -34,7 +34,7 @@ class Circuit:
     >>> c = Circuit("mlp")
     >>> x = c.input("retina", shape=(784,))
     >>> h = c.population("hidden", shape=(500,), activation="relu")
-    >>> c.connect(x, h, Dense(), feedback="wm")
+    >>> c.connect(x, h, Dense(), rule="wm")
     """
 
     def __init__(self, name: str = "circuit", rule: rules.RuleLike = "bp") -> None:
@@ -97,8 +97,8 @@ class Circuit:
 
     # --- projections -------------------------------------------------------------------------
     def connect(self, pre: PopulationLike, post: PopulationLike, projection: Projection,
-                feedback: rules.RuleLike | None = None, name: str | None = None) -> str:
-        """Project `pre` onto `post`; synaptic projections get the feedback rule `feedback`.
+                rule: rules.RuleLike | None = None, name: str | None = None) -> str:
+        """Project `pre` onto `post`; a synaptic projection's feedback learns by `rule` (default: the circuit's).
 
         Returns the projection's name (default "pre->post").
         """
@@ -111,18 +111,17 @@ class Circuit:
             raise CircuitError(f"{pre.name!r} already projects onto {post.name!r}")
         projection.check(pre, post)
         direct = self.receives_direct_feedback(pre)
-        if not projection.synaptic and feedback is not None:
+        if not projection.synaptic and rule is not None:
             raise CircuitError(f"{projection} from {pre.name!r} to {post.name!r} is a local operation "
                                f"with no synapses; it takes no feedback rule")
-        if not projection.sends_error and feedback is not None:
+        if not projection.sends_error and rule is not None:
             raise CircuitError(f"{projection} from {pre.name!r} to {post.name!r} sends no error back (its input "
                                f"carries none); it takes no feedback rule")
-        if direct and feedback is not None:
+        if direct and rule is not None:
             raise CircuitError(f"{pre.name!r} receives direct feedback, so the projection {pre.name!r} -> "
                                f"{post.name!r} has no feedback of its own; it takes no feedback rule")
-        rule = None
         if projection.synaptic and projection.sends_error and not direct:
-            rule = rules.get(feedback) if feedback is not None else self.default_rule
+            rule = rules.get(rule) if rule is not None else self.default_rule
         name = name or f"{pre.name}->{post.name}"
         self._check_new_name(name)
         graph.add_projection(self.graph, pre.name, post.name, name=name, projection=projection, rule=rule)

@@ -352,5 +352,5 @@ class _Walk:
             else:
                 circuit.population(pop, d["shape"], d["activation"])
         for pre, post, projection, layer in self.edges:
-            feedback = self.layer_rules(layer) if projection.synaptic and projection.sends_error else None
-            circuit.connect(pre, post, projection, feedback=feedback, name=layer)
+            rule = self.layer_rules(layer) if projection.synaptic and projection.sends_error else None
+            circuit.connect(pre, post, projection, rule=rule, name=layer)

@@ -30,9 +30,9 @@ def build() -> circuits.Circuit:
     v2 = c.population("v2", shape=(64,), activation="relu")
     output = c.population("output", shape=(10,))
     c.connect(retina, v1, circuits.Dense())                                  # the circuit's rule: kp
-    c.connect(v1, v2, circuits.Dense(), feedback=rules.WeightMirror(eta=0.01, decay=0.01))
-    c.connect(v2, output, circuits.Dense(), feedback="fa")
-    c.connect(v1, output, circuits.Dense(bias=False), feedback="ss", name="skip")   # sums with v2 -> output
+    c.connect(v1, v2, circuits.Dense(), rule=rules.WeightMirror(eta=0.01, decay=0.01))
+    c.connect(v2, output, circuits.Dense(), rule="fa")
+    c.connect(v1, output, circuits.Dense(bias=False), rule="ss", name="skip")   # sums with v2 -> output
     return c
 
 

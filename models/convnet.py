@@ -32,7 +32,7 @@ def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = 
     for i, ch in enumerate(channels, start=1):
         conv = c.population(f"conv{i}", shape=(ch, height, width), activation=activation)
         c.connect(pre, conv, circuits.Conv2d(kernel_size, padding=kernel_size // 2, bias=True),
-                  feedback=layer_rules(f"conv{i}"), name=f"conv{i}")
+                  rule=layer_rules(f"conv{i}"), name=f"conv{i}")
         height, width = height // 2, width // 2
         if not (height and width):
             raise circuits.CircuitError(
@@ -43,5 +43,5 @@ def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = 
     features = c.population("features", shape=(math.prod(pre.shape),))
     c.connect(pre, features, circuits.Flatten(), name="flatten")
     output = c.population("output", shape=(classes,))
-    c.connect(features, output, circuits.Dense(), feedback=layer_rules("fc"), name="fc")
+    c.connect(features, output, circuits.Dense(), rule=layer_rules("fc"), name="fc")
     return layer_rules.finish(c)

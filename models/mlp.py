@@ -36,6 +36,6 @@ def mlp(sizes: Sequence[int] = (784, 500, 10), activation: str = "sigmoid", rule
         post = c.population(
             "output" if last else f"hidden{l}", shape=(n,), activation=output_activation if last else activation
         )
-        c.connect(pre, post, circuits.Dense(), feedback=layer_rules(f"fc{l}"), name=f"fc{l}")
+        c.connect(pre, post, circuits.Dense(), rule=layer_rules(f"fc{l}"), name=f"fc{l}")
         pre = post
     return layer_rules.finish(c)

@@ -92,7 +92,7 @@ class _ResNetBuilder:
         a = self.c.population(conv, shape=(channels, *size))
         weight = _he_normal((channels, pre.shape[0], kernel, kernel))
         self.c.connect(pre, a, circuits.Conv2d(kernel, stride, padding, bias=False, state=weight),
-                       feedback=self.rules(conv), name=conv)
+                       rule=self.rules(conv), name=conv)
         y = self.c.population(bn, shape=a.shape, activation=activation)
         self.c.connect(a, y, circuits.BatchNorm(), name=bn)
         return y
@@ -131,7 +131,7 @@ class _ResNetBuilder:
         features = self.c.population("features", shape=(pre.shape[0],))
         self.c.connect(pooled, features, circuits.Flatten(), name="flatten")
         output = self.c.population("output", shape=(classes,))
-        self.c.connect(features, output, circuits.Dense(), feedback=self.rules("fc"), name="fc")
+        self.c.connect(features, output, circuits.Dense(), rule=self.rules("fc"), name="fc")
 
 
 def resnet(depth: int = 18, classes: int = 1000, input_shape: Sequence[int] = (3, 224, 224),

@@ -264,9 +264,9 @@ def test_unknown_rule_and_activation_are_clear_errors():
         c.population("h", shape=(3,), activation="swishy")
     x, h = c.input("x", shape=(3,)), c.population("h", shape=(3,))
     with pytest.raises(circuits.CircuitError, match="unknown feedback rule"):
-        c.connect(x, h, circuits.Dense(), feedback="transport")
+        c.connect(x, h, circuits.Dense(), rule="transport")
     with pytest.raises(circuits.CircuitError, match="local operation"):
-        c.connect(x, h, circuits.Identity(), feedback="fa")
+        c.connect(x, h, circuits.Identity(), rule="fa")
 
 
 def test_unconvertible_layer_is_named():

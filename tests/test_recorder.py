@@ -31,8 +31,8 @@ def tiny_net(rules=("fa", "ss")) -> circuits.CircuitNet:
     """retina (5) -> fc1 -> hidden (4, sigmoid) -> fc2 -> output (3), in float64."""
     c = circuits.Circuit("tiny")
     x, h, y = c.input("retina", (5,)), c.population("hidden", (4,), "sigmoid"), c.population("output", (3,))
-    c.connect(x, h, circuits.Dense(), feedback=rules[0], name="fc1")
-    c.connect(h, y, circuits.Dense(), feedback=rules[1], name="fc2")
+    c.connect(x, h, circuits.Dense(), rule=rules[0], name="fc1")
+    c.connect(h, y, circuits.Dense(), rule=rules[1], name="fc2")
     return c.build().double()
 
 

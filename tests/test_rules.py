@@ -150,7 +150,7 @@ def test_direct_feedback_errors_are_clear():
     with pytest.raises(circuits.CircuitError, match="needs the forward weight W"):
         c.feedback("h2", "h1", rule="kp")
     with pytest.raises(circuits.CircuitError, match="receives direct feedback"):
-        c.connect("h1", c.population("h3", shape=(2,)), circuits.Dense(), feedback="fa")
+        c.connect("h1", c.population("h3", shape=(2,)), circuits.Dense(), rule="fa")
     with pytest.raises(circuits.CircuitError, match="cannot be combined with the direct rule"):
         mlp((4, 3, 2), rule="dfa", rules_by_layer={"fc1": "bp"})
 
