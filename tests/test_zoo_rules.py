@@ -43,3 +43,33 @@ def test_every_rule_trains_a_step_on_each_converted_model(arch):
             assert learned == list(before), (arch, rule, sorted(set(before) - set(learned)))
         if circuits.rules.get(rule).mirrors:
             circuits.mirror_step(net, batch_size=2)
+
+
+def _transformers():
+    from models.transformer import CharTransformer, ViT, lm_loss
+    from test_convert import CausalSelfAttention
+
+    tiny = dict(dim=16, depth=1, heads=2, mlp_dim=32)
+    yield "vit", ViT(**tiny), (1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([1, 3]), F.cross_entropy
+    yield ("transformer_lm", CharTransformer(20, context=8, **tiny), (8,), torch.randint(0, 20, (2, 8)),
+           torch.randint(0, 20, (2, 8)), lm_loss)
+    yield "nanogpt_block", CausalSelfAttention(), (6, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8), F.mse_loss
+
+
+@pytest.mark.parametrize("name", ["vit", "transformer_lm", "nanogpt_block"])
+def test_every_rule_trains_a_step_on_each_transformer(name):
+    torch.manual_seed(0)
+    _, module, shape, x, target, loss_fn = next(t for t in _transformers() if t[0] == name)
+    for rule in circuits.rules.RULES:
+        net = circuits.from_torch(module, rule=rule, input_shape=shape).build()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+        before = {n: s.weight.detach().clone() for n, s in net.projections()}
+        loss = loss_fn(net(x), target)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and all(torch.isfinite(p).all() for p in net.parameters()), (name, rule)
+        learned = [n for n, s in net.projections() if not torch.equal(s.weight, before[n])]
+        assert list(before)[-1] in learned and (circuits.rules.get(rule).direct or learned == list(before)), \
+            (name, rule, sorted(set(before) - set(learned)))
+        if circuits.rules.get(rule).mirrors:
+            circuits.mirror_step(net, batch_size=4)
