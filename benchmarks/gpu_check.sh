@@ -15,6 +15,7 @@
 #   recording  recording every step (and probes) against none, under wm (benchmarks/recording.py)
 #   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
 #   compiled   torch.compile: plain torch, wm + mirror (5 deg), fa, bp
+#   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -25,11 +26,13 @@ if [[ -n "${SMOKE:-}" ]]; then
     NET=(--arch resnet18 --batch-size 2 --image-size 32 --device cpu)
     TIMED=(--steps 1 --warmup 1 --rounds 2)
     LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
+    VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
 else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
     LOADER=(--images 3072 --batch-size 256 --classes 16)
+    VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
 fi
 
@@ -69,10 +72,12 @@ step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --mode
     --json "$OUT/eager.json"
 step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
     --json "$OUT/mirror.json"
-step recording 70 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
-step loader 70 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
+step recording 60 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
+step loader 60 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
 if [[ -z "${SMOKE:-}" ]]; then
-    step compiled 190 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes compiled --mirror-angle 5 \
+    step compiled 150 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes compiled --mirror-angle 5 \
         --rules wm+mirror fa bp --json "$OUT/compiled.json"
 fi
+step vit 60 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED[@]}" --modes eager --rules bp fa kp wm \
+    --json "$OUT/vit.json"
 echo "=== all steps done; outputs in $OUT"
