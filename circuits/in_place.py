@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, NoReturn
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import rules
 from .errors import CircuitError
 from .network import CircuitNet
+from .operations import multi_head_attention
 from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
@@ -138,11 +138,9 @@ class SelfAttention(nn.Module):
                                   is_causal)
         if why is not None:
             raise CircuitError(f"this attention was converted for self-attention without masks or weights: {why}")
-        x = query if self.batch_first else query.transpose(0, 1)
-        qkv = self.in_proj(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)   # 3 x batch x heads x n x d
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0)
-        out = self.out_proj(out.transpose(1, 2).flatten(2))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        heads = multi_head_attention(self.in_proj(query), self.heads, self.batch_first, need_weights=False,
+                                     dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(heads), None
 
 
 def _not_self_attention(same: bool, key_padding_mask: Tensor | None, need_weights: bool, attn_mask: Tensor | None,

@@ -85,9 +85,10 @@ class EmbeddingOperator:
     the dense product W^T e_y with the one-hot population e_y, computed without making it.
 
     An index input carries no error: no error crosses B (grad_y is None), so an embedding needs no
-    feedback of its own and its rule is irrelevant (circuits.in_place gives it none). W's gradient is
-    the usual delta e_y^T: delta scattered, summed, onto the rows of the indices seen (none onto the
-    padding_idx row, as nn.Embedding). Noise cannot drive an index input: there is no mirror phase.
+    feedback of its own and its rule is irrelevant (circuits.projections.Embedding and circuits.in_place
+    give it none). W's gradient is the usual delta e_y^T: delta scattered, summed, onto the rows of the
+    indices seen (none onto the padding_idx row, as nn.Embedding). Noise cannot drive an index input: there
+    is no mirror phase.
     """
 
     padding_idx: int | None = None
