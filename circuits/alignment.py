@@ -88,9 +88,9 @@ def alignment(synapses: Sequence[Synapse]) -> Tensor:
         torch._foreach_abs_(differences)
         torch._foreach_clamp_max_(differences, 1)
         terms[3].extend(torch._foreach_norm(differences, 1, dtype=count))
+    terms[3][:] = torch._foreach_div(terms[3], [float(w.numel()) for w in weights])   # sizes as scalars: no copy
     nb, nw, chord, mismatched = torch.stack(sum(terms, [])).float().view(4, -1)
-    sizes = torch.tensor([w.numel() for w in weights], dtype=torch.float32, device=nb.device)
-    return torch.cat([_angles(torch.stack([nb, nw, chord], dim=1)), ((sizes - mismatched) / sizes)[:, None]], dim=1)
+    return torch.cat([_angles(torch.stack([nb, nw, chord], dim=1)), (1 - mismatched)[:, None]], dim=1)
 
 
 def _waves(sizes: Sequence[int]) -> list[slice]:
