@@ -211,7 +211,7 @@ class OperationModule(nn.Module):
 
     def __init__(self, spec: Operation) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.call = spec, Call(spec.op, spec.args, spec.kwargs)
         for key, value in (spec.state or {}).items():
             if key in spec.learned:
                 self.register_parameter(f"held_{key}", nn.Parameter(value.detach().clone()))
@@ -219,7 +219,7 @@ class OperationModule(nn.Module):
                 self.register_buffer(f"held_{key}", value.detach().clone())
 
     def forward(self, *operands: Tensor) -> Tensor:
-        return self._evaluate(Call(self.spec.op, self.spec.args, self.spec.kwargs), operands)
+        return self._evaluate(self.call, operands)
 
     def _evaluate(self, item: Any, operands: tuple[Tensor, ...]) -> Any:
         if isinstance(item, Operand):
