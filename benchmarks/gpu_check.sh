@@ -7,15 +7,17 @@
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   SMOKE=1 bash benchmarks/gpu_check.sh    # every step at toy size on the CPU, to check the script
 #
-# Steps (each skipped or cut short on its own, the others still run):
+# Steps, in priority order (each cut short on its own, the others still run; STEPS="env eager ..." runs
+# only those named):
 #   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
 #   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
 #              step with the noise that settles B within 5 deg, against plain torch (benchmarks/throughput.py)
-#   mirror     the same, wm + a mirror batch of as many noise samples as the training batch
+#   compiled   torch.compile: plain torch, bp, fa, each profiled after timing (the busiest
+#              kernels, kernel time and kernels per step against wall time per step, under $OUT/profiles)
 #   recording  recording every step (and probes) against none, under wm (benchmarks/recording.py)
-#   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
-#   compiled   torch.compile: plain torch, wm + mirror (5 deg), fa, bp
 #   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
+#   mirror     the same as eager, wm + a mirror batch of as many noise samples as the training batch
+#   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -25,19 +27,26 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISA
 if [[ -n "${SMOKE:-}" ]]; then
     NET=(--arch resnet18 --batch-size 2 --image-size 32 --device cpu)
     TIMED=(--steps 1 --warmup 1 --rounds 2)
+    TIMED_COMPILED=("${TIMED[@]}")
     LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
     VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
+    DEFAULT_STEPS="env eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
 else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
+    TIMED_COMPILED=(--steps 10 --warmup 3 --rounds 3)
     LOADER=(--images 3072 --batch-size 256 --classes 16)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
+    DEFAULT_STEPS="env eager compiled recording vit mirror loader"
 fi
+
+STEPS="${STEPS:-$DEFAULT_STEPS}"
 
 step() {   # step NAME SECONDS COMMAND...: run under timeout, output to $OUT/NAME.txt and the screen
     local name=$1 seconds=$(( $2 * SCALE )); shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
     echo "=== $name (at most ${seconds}s): $*"
     local start=$SECONDS
     timeout -k 5 "$seconds" "$@" > >(tee "$OUT/$name.txt") 2> "$OUT/$name.err"
@@ -70,14 +79,12 @@ EOF
 
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
-step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
-    --json "$OUT/mirror.json"
+step compiled 180 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" --modes compiled \
+    --rules bp fa --json "$OUT/compiled.json" --profile "$OUT/profiles"
 step recording 60 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
-step loader 60 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
-if [[ -z "${SMOKE:-}" ]]; then
-    step compiled 150 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes compiled --mirror-angle 5 \
-        --rules wm+mirror fa bp --json "$OUT/compiled.json"
-fi
 step vit 60 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED[@]}" --modes eager --rules bp fa kp wm \
     --json "$OUT/vit.json"
+step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
+    --json "$OUT/mirror.json"
+step loader 60 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
 echo "=== all steps done; outputs in $OUT"

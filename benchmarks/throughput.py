@@ -137,6 +137,32 @@ class Trainee:
         return loss.detach()
 
 
+def profile(trainee: Trainee, x: Tensor, target: Tensor, steps: int, path: Path) -> str:
+    """Profile one block of `steps` steps; write the busiest kernels (ops on CPU) to `path`, and return a
+    summary: wall time, device time summed over kernels and kernels launched, each per step.
+
+    Wall time well above kernel time means the host's launches, not the kernels, set the pace."""
+    from torch.profiler import ProfilerActivity
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(x.device)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainee.step(x, target)
+        synchronize(x.device)
+        wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(events.table(sort_by=sort, row_limit=25, max_name_column_width=90))
+    if not cuda:
+        return f"wall {wall * 1e3:.2f} ms/step"
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    launched = sum(e.count for e in kernels) / steps
+    return f"wall {wall * 1e3:.2f} ms/step, kernels {busy:.2f} ms/step, {launched:.0f} kernels/step"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -249,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-rules", nargs="+", default=None,
                    help="the variants (of --rules) timed compiled, beside plain torch (default: all of --rules)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here after every round")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="after timing, profile one block of each variant (torch.profiler): a summary line each, "
+                        "and each one's busiest kernels (ops on CPU) in this folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="initial weights and synthetic batch")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, eager only, quick: " + ", ".join(
@@ -358,6 +387,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Row]]:
         breaks = warm_up(trainees, x, target, args.warmup, mode)
         save(mode, measure(trainees, x, target, args.steps, args.rounds, mode, lambda r, m=mode: save(m, r)))
         print(table(mode, results[mode]), flush=True)
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            for variant, trainee in trainees.items():
+                path = args.profile / f"{mode}_{variant}.txt"
+                print(f"profile, {mode} {variant}: {profile(trainee, x, target, args.steps, path)} ({path})", flush=True)
         for variant, reasons in breaks.items():
             if reasons:
                 listed = "; ".join(f"{n}x {reason.splitlines()[0]}" for reason, n in reasons.most_common())

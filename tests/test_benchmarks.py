@@ -65,6 +65,16 @@ def test_json_is_written_as_rounds_end(tmp_path):
     assert saved["modes"]["eager"]["torch"]["ratio"] == 1.0
 
 
+def test_profile_writes_each_variants_busiest_ops(tmp_path, capsys):
+    throughput.main(["--smoke", "--rules", "fa", "--profile", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("profile, ")]
+    assert [line.split(":")[0] for line in lines] == ["profile, eager torch", "profile, eager fa"]
+    assert float(lines[1].split("wall ")[1].split(" ms/step")[0]) > 0
+    table = (tmp_path / "eager_fa.txt").read_text()
+    assert "FeedbackPathwayBackward" in table and "aten::convolution_backward" in table
+    assert "FeedbackPathway" not in (tmp_path / "eager_torch.txt").read_text()
+
+
 def test_variants_start_from_the_same_weights_and_train_what_they_name():
     model = ResidualNet()
     nets = {v.name: throughput.build(v, model, (1, 8, 8)) for v in throughput.variants(ROWS[1:])}
