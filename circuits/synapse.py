@@ -135,7 +135,7 @@ class FeedbackPathway(torch.autograd.Function):
         rule = ctx.rule
         learns = rule.learns_by_gradient and ctx.needs_input_grad[3]
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or learns, ctx.has_bias and ctx.needs_input_grad[2])
-        delta = delta.contiguous(memory_format=_memory_format(delta))
+        delta = delta.contiguous(memory_format=_memory_format(y))   # y's layout: none copied inside cuDNN
         grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, weight if feedback is None else feedback, mask)
         if grad_y is not None:
             grad_y = rule.signal(grad_y)
@@ -146,6 +146,11 @@ class FeedbackPathway(torch.autograd.Function):
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor in it (and not also plain contiguous), else contiguous_format.
+
+    The error delta takes the layout of the input y, never its own: under torch.compile the error's strides when
+    traced need not be those it has in eager mode (they were NCHW for a channels_last net, and cuDNN then copied
+    every delta to channels_last inside convolution_backward: 15 of 52 ms per resnet50 step on an H200)."""
     if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
