@@ -331,6 +331,32 @@ def test_bf16_autocast_and_channels_last_follow_torch():
         ), layer  # equal on CPU: the same bf16 kernels
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_error_reaches_cudnn_in_the_layout_of_the_input(layout):
+    """convolution_backward gets delta in y's memory format whatever delta's own strides: an error arriving in
+    another layout (as a compiled graph's may) would be copied inside cuDNN at every projection."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Layouts(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                self.seen.append(args[0].is_contiguous(memory_format=layout))
+            return func(*args, **(kwargs or {}))
+
+    c = circuits.Circuit(rule="fa")
+    c.connect(c.input("x", shape=(4, 6, 6)), c.population("y", shape=(5, 6, 6)), circuits.Conv2d(3, padding=1))
+    net = c.build().to(memory_format=torch.channels_last)
+    y = torch.randn(2, 4, 6, 6).contiguous(memory_format=layout).requires_grad_()
+    other = torch.contiguous_format if layout == torch.channels_last else torch.channels_last
+    delta = torch.randn(2, 5, 6, 6).contiguous(memory_format=other)
+    out = net(y)
+    with Layouts():
+        out.backward(delta)
+    assert Layouts.seen == [True]
+
+
 @pytest.mark.parametrize("arch,size", [("alexnet", 64), ("vgg11", 32)])
 def test_torchvision_nets_with_dropout_convert_exactly(arch, size):
     """Dropout is a local projection: the same outputs as torch in eval mode, and in train mode under the same
