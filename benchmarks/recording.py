@@ -11,12 +11,14 @@ hits all of them alike:
                   device, copied to the host once per block of rows, written to HDF5 in blocks
     record+probe  the same, plus the probe every --probe-steps steps: errors and weight updates
                   on a fixed probe batch under the circuit's rules and under backprop
+    compiled      record, with the metrics compiled (Recorder(compiled=True): two fused passes over
+                  B and W; compiled in the warmup)
 
 A variant's rate is its steps over its time summed over all rounds (so block writes and probes
 count in proportion); its overhead is 1 - rate / rate(off). Beside it, the overhead paired per round
 (1 - time(off) / time(variant) in the same round: robust to a machine whose load drifts), its median,
-lowest and highest. Last, what the metrics alone cost per step, against their floor: one pass that
-only reads every B and W.
+lowest and highest. Last, what the metrics alone cost per step, eager and compiled, against their
+floor: one pass that only reads every B and W.
 
     python benchmarks/recording.py --batch-size 256 --image-size 224          # GPU
     python benchmarks/recording.py --smoke                                    # CPU, seconds
@@ -39,7 +41,6 @@ from circuits.alignment import alignment
 from circuits.recorder import Recorder
 from throughput import Trainee, parse_with_smoke, synchronize, workload
 
-VARIANTS = ("off", "record", "record+probe")
 SMOKE = dict(batch_size=2, image_size=32, steps=4, warmup=1, rounds=2, probe_steps=2, device="cpu")
 """--smoke: tiny sizes on CPU; flags given explicitly still win."""
 
@@ -127,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                     "record": Recorded(trainee, Recorder(folder / "record.h5")),
                     "record+probe": Recorded(trainee, Recorder(folder / "record+probe.h5", probe=probe,
                                                                probe_steps=args.probe_steps),
-                                             first_step=args.probe_steps)}    # the first warmup step probes
+                                             first_step=args.probe_steps),    # the first warmup step probes
+                    "compiled": Recorded(trainee, Recorder(folder / "compiled.h5", compiled=True))}
         for variant in tqdm(variants.values(), desc="warmup", leave=False):
             for _ in range(args.warmup):
                 variant.step(x, target)
@@ -145,17 +147,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         paired = [1 - off / t for t, off in zip(elapsed[key], elapsed["off"], strict=True)]
         print(f"{key:<14}{rate:>12.3f}{1 - rate / rates['off']:>10.2%}{statistics.median(paired):>9.2%}"
               f"{min(paired):>9.2%}{max(paired):>9.2%}{sizes.get(key, 0):>14}")
-    metrics, floor = metric_seconds(net, x.device)
+    eager, compiled, floor = metric_seconds(net, x.device)
     step = sum(elapsed["off"]) / (args.rounds * args.steps)
     print(f"per step: unrecorded {step * 1e3:.1f} ms; the metrics of every projection (circuits.alignment.alignment) "
-          f"{metrics * 1e3:.1f} ms ({metrics / step:.1%}); reading B and W once (one torch._foreach_norm, the "
-          f"floor of any exact metric) {floor * 1e3:.1f} ms ({floor / step:.1%})")
+          f"{eager * 1e3:.1f} ms ({eager / step:.1%}), compiled {compiled * 1e3:.1f} ms ({compiled / step:.1%}); "
+          f"reading B and W once (one torch._foreach_norm, the floor of any exact metric) {floor * 1e3:.1f} ms "
+          f"({floor / step:.1%})")
     return rates
 
 
-def metric_seconds(net: torch.nn.Module, device: torch.device, repeats: int = 5) -> tuple[float, float]:
-    """Seconds per call of the recorder's alignment metrics, and of one pass that only reads every B and W
-    (the least any exact metric of them costs), each the median of `repeats` calls."""
+def metric_seconds(net: torch.nn.Module, device: torch.device, repeats: int = 5) -> tuple[float, float, float]:
+    """Seconds per call of the recorder's alignment metrics, eager and compiled, and of one pass that only reads
+    every B and W (the least any exact metric of them costs), each the median of `repeats` calls."""
     synapses = [s for _, s in net.projections() if s.rule is not None]
     with torch.no_grad():
         tensors = [t for s in synapses for t in (s.feedback, s.weight)]
@@ -170,7 +173,8 @@ def metric_seconds(net: torch.nn.Module, device: torch.device, repeats: int = 5)
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
-    return timed(lambda: alignment(synapses)), timed(lambda: torch._foreach_norm(tensors))
+    return (timed(lambda: alignment(synapses)), timed(lambda: alignment(synapses, compiled=True)),
+            timed(lambda: torch._foreach_norm(tensors)))
 
 
 if __name__ == "__main__":

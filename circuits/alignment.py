@@ -10,7 +10,8 @@ friends: one op for many pairs), not by ops per pair.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,19 +67,28 @@ that its temporaries stay small (cache-resident and reused on a CPU) while a wav
 
 
 @torch.no_grad()
-def alignment(synapses: Sequence[Synapse]) -> Tensor:
+def alignment(synapses: Sequence[Synapse], compiled: bool = False) -> Tensor:
     """Rows (angle(B, W) in degrees, |B| / |W|, fraction of synapses with sign(B) = sign(W)), one per synapse.
 
-    A fixed number of foreach ops per wave of projections (WAVE entries) and one batch of scalar arithmetic: no
-    host synchronisation. The sign mismatches are counted as sum min(|sign(B) - sign(W)|, 1) (in float32, or
-    float64 for float64 weights: exact up to 2^24 entries per projection in float32, within 1e-7 of the fraction
-    beyond).
+    The sign mismatches are counted as sum min(|sign(B) - sign(W)|, 1). No host synchronisation.
+    Eager (compiled False): a fixed number of foreach ops per wave of projections (WAVE entries), about a dozen
+    passes over B and W, summing in W's dtype (float32 norms of millions of entries drift on a CPU: by 2e-4 of
+    |B| / |W| for a million-entry sign-symmetry B; mismatch counts exact up to 2^24 entries).
+    compiled True: the same terms written pair by pair (_pair_terms) and compiled by torch.compile into two
+    passes over B and W, summing in float64 (compiled once per set of shapes, at the first call).
     """
     if not synapses:
         return torch.empty(0, 3)
     feedback, weights = [s.feedback for s in synapses], [s.weight for s in synapses]
+    terms = _compiled_pair_terms()(feedback, weights) if compiled else _foreach_terms(feedback, weights)
+    nb, nw, chord, mismatched = terms.float()
+    return torch.cat([_angles(torch.stack([nb, nw, chord], dim=1)), (1 - mismatched)[:, None]], dim=1)
+
+
+def _foreach_terms(feedback: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """Rows |B|, |W|, |B |W| - W |B||, sign mismatches / size, one column per pair: foreach ops, wave by wave."""
     count = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32   # never narrowing
-    terms: tuple[list[Tensor], ...] = ([], [], [], [])      # |B|, |W|, chord, mismatches
+    terms: tuple[list[Tensor], ...] = ([], [], [], [])
     for wave in _waves([w.numel() for w in weights]):
         b, w = feedback[wave], weights[wave]
         for kept, new in zip(terms[:3], _norm_terms(b, w), strict=True):
@@ -89,8 +99,25 @@ def alignment(synapses: Sequence[Synapse]) -> Tensor:
         torch._foreach_clamp_max_(differences, 1)
         terms[3].extend(torch._foreach_norm(differences, 1, dtype=count))
     terms[3][:] = torch._foreach_div(terms[3], [float(w.numel()) for w in weights])   # sizes as scalars: no copy
-    nb, nw, chord, mismatched = torch.stack(sum(terms, [])).float().view(4, -1)
-    return torch.cat([_angles(torch.stack([nb, nw, chord], dim=1)), (1 - mismatched)[:, None]], dim=1)
+    return torch.stack(sum(terms, [])).view(4, -1)
+
+
+def _pair_terms(feedback: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """The rows of _foreach_terms in float64, pair by pair: the form torch.compile fuses into two passes over B and
+    W (a first for |B| and |W|, a second for the chord and the sign mismatches)."""
+    columns = []
+    for b, w in zip(feedback, weights, strict=True):
+        b, w = b.double(), w.double()
+        nb, nw = torch.linalg.vector_norm(b), torch.linalg.vector_norm(w)
+        chord = torch.linalg.vector_norm(b * nw - w * nb)
+        mismatched = (torch.sign(b) - torch.sign(w)).abs().clamp(max=1).sum() / b.numel()
+        columns.append(torch.stack([nb, nw, chord, mismatched]))
+    return torch.stack(columns, dim=1)
+
+
+@functools.cache
+def _compiled_pair_terms() -> Callable[[list[Tensor], list[Tensor]], Tensor]:
+    return torch.compile(_pair_terms, fullgraph=True, dynamic=False)
 
 
 def _waves(sizes: Sequence[int]) -> list[slice]:

@@ -79,6 +79,8 @@ class Recorder:
         named in `activity` on the first `activity_samples` probe examples (int: every n-th step).
     metrics: the evaluation metrics evaluate() receives; seeds: extra seeds to store with the run.
     block: rows buffered per table before a write; flush_seconds: the longest a row waits for a flush.
+    compiled: compute the alignment metrics with torch.compile (circuits.alignment.alignment(compiled=True): two
+        fused passes over B and W instead of a dozen, compiled at the first recorded step, summed in float64).
     """
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1,
@@ -87,7 +89,7 @@ class Recorder:
                  snapshot: Sequence[str] = (), snapshot_steps: Steps = 1000,
                  activity: Sequence[str] = (), activity_steps: Steps = 1000, activity_samples: int = 8,
                  metrics: Sequence[str] = tuple(METRICS), seeds: Mapping[str, int] | None = None,
-                 block: int = 256, flush_seconds: float = 10.0) -> None:
+                 block: int = 256, flush_seconds: float = 10.0, compiled: bool = False) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(
@@ -99,6 +101,7 @@ class Recorder:
         if activity and probe is None:
             raise ValueError("activity samples are taken on the probe batch: pass probe=(inputs, target)")
         self.every, self.block, self.flush_seconds = every, block, float(flush_seconds)
+        self.compiled = compiled
         self.probe, self.loss = probe, loss
         self.probe_steps = _steps("probe_steps", probe_steps)
         self.snapshot, self.snapshot_steps = list(snapshot), _steps("snapshot_steps", snapshot_steps)
@@ -170,7 +173,7 @@ class Recorder:
         if tick % self.every == 0:
             loss_value = (loss.detach().reshape(1).float().to(self._device) if loss is not None
                           else torch.full((1,), float("nan"), device=self._device))
-            device = torch.cat([loss_value, alignment([s for _, s in self._synapses]).flatten()])
+            device = torch.cat([loss_value, alignment([s for _, s in self._synapses], self.compiled).flatten()])
             host = (tick, step, PHASES[phase], float(lr), int(examples), time.time())
             self._file.tables["steps"].append(host, device)
         if phase == "learn":

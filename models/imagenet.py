@@ -98,7 +98,7 @@ class Recipe:
                                  type=COUNT)
     amp: bool | None = option(None, "bf16 autocast (None: on CUDA)")
     channels_last: bool | None = option(None, "None: on CUDA")
-    compile: bool = option(False, "torch.compile the net")
+    compile: bool = option(False, "torch.compile the net (and the recorder's alignment metrics)")
     seed: int = 0
     deterministic: bool = option(False, "deterministic kernels (slower on GPU)")
     out: str | None = option(None, "run folder (checkpoint.pt); None: runs/imagenet-ARCH-RULE")
@@ -444,7 +444,7 @@ def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batc
     recorder = None
     if recipe.record and worker.main:
         recorder = Recorder(recording, every=recipe.record_every, probe=first_val if recipe.probe_every else None,
-                            probe_steps=recipe.probe_every or 1, seeds={"seed": recipe.seed})
+                            probe_steps=recipe.probe_every or 1, seeds={"seed": recipe.seed}, compiled=recipe.compile)
         if restart:
             tqdm.write(f"no checkpoint in {out}: that run stopped before its first one; running it again from "
                        f"step 0 into {recording}")

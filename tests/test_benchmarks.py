@@ -4,6 +4,7 @@ import json
 import pathlib
 import sys
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +107,17 @@ def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         throughput.parse(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_recording_benchmark_times_every_variant_and_the_metrics(tmp_path, capsys):
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "recording.py"
+    spec = importlib.util.spec_from_file_location("recording_benchmark", path)
+    recording = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recording)
+    rates = recording.main(["--smoke", "--rule", "wm", "--out", str(tmp_path)])
+    assert list(rates) == ["off", "record", "record+probe", "compiled"] and all(r > 0 for r in rates.values())
+    out = capsys.readouterr().out
+    assert "the metrics of every projection (circuits.alignment.alignment)" in out and "%), compiled " in out
+    with h5py.File(tmp_path / "record.h5") as eager, h5py.File(tmp_path / "compiled.h5") as compiled:
+        assert list(eager["alignment"]) == list(compiled["alignment"])     # every projection, both ways
+        assert len(compiled["steps/tick"]) == len(eager["steps/tick"]) > 0

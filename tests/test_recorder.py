@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import circuits
+from circuits.alignment import alignment
 from circuits import recording_file as recording
 from circuits.recorder import Recorder, RecordingError, open_recording
 from conftest import ResidualNet
@@ -52,12 +53,13 @@ def learn_tick(rec, net, tick, step, loss=0.5):
 
 
 # --- the numbers ---------------------------------------------------------------------------------
-def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path, compiled):
     net = tiny_net(("fa", "ss"))
     fc1, fc2 = net.projection("fc1"), net.projection("fc2")
     fc1.feedback = fc1.weight.detach() + 1e-3 * torch.randn_like(fc1.weight)      # nearly aligned: a small angle
     x, t = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
-    rec = Recorder(tmp_path / "run.h5", probe=(x, t), probe_steps=1)
+    rec = Recorder(tmp_path / "run.h5", probe=(x, t), probe_steps=1, compiled=compiled)
     rec.begin(net, {"lr": 0.1})
     rec.step(0, step=0, phase="mirror", loss=None, lr=0.1, examples=0, net=net)
     rec.step(1, step=1, phase="learn", loss=torch.tensor(0.75, dtype=torch.float64), lr=0.05, examples=6, net=net)
@@ -95,6 +97,25 @@ def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path):
         assert f["probe/updates/fc1/angle"][0] == pytest.approx(np_angle(d1_rule.T @ X, d1_bp.T @ X), rel=1e-5)
         assert f["probe/updates/fc2/angle"][0] == 0
         assert "retina" not in f["probe/errors"]               # an input receives no error
+
+
+def test_compiled_metrics_sum_in_float64():
+    """Compiled, the metrics of float32 weights are float64 sums: within float32 rounding (1e-6) of numpy's on a
+    million-entry sign-symmetry B (entries of one magnitude), where eager torch's float32 sums on a CPU drift by 2e-4."""
+    c = circuits.Circuit()
+    x = c.input("x", shape=(1000,))
+    c.connect(x, c.population("y", shape=(1000,)), circuits.Dense(), rule="ss")
+    c.connect(x, c.population("z", shape=(64,)), circuits.Dense(), rule="fa")
+    net = c.build()
+    synapses = [net.projection("x->y"), net.projection("x->z")]
+    reference = []
+    for s in synapses:
+        B, W = s.feedback.detach().double().numpy(), s.weight.detach().double().numpy()
+        reference.append([np_angle(B, W), np.linalg.norm(B) / np.linalg.norm(W), np.mean(np.sign(B) == np.sign(W))])
+    compiled, eager = alignment(synapses, compiled=True), alignment(synapses)
+    assert compiled.dtype == eager.dtype == torch.float32
+    np.testing.assert_allclose(compiled.numpy(), reference, rtol=1e-6)        # float32 rows of float64 sums
+    np.testing.assert_allclose(eager.numpy(), reference, rtol=1e-3)
 
 
 def test_the_probe_leaves_the_run_untouched(tmp_path):
