@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one command, in priority order, each step under `timeout`, about 6 minutes on one
-# H100/H200 (9 at most). Writes each step's output as text (and JSON where the benchmark has it)
+# The GPU check: one command, in priority order, each step under `timeout`, about 9 minutes on one
+# H100/H200 (12 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
+# variant, 42 s for recording, 26 s for vit). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
 #
@@ -12,9 +13,10 @@
 #   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
 #   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
 #              step with the noise that settles B within 5 deg, against plain torch (benchmarks/throughput.py)
-#   compiled   torch.compile: plain torch, bp, fa, each profiled after timing (the busiest
-#              kernels, kernel time and kernels per step against wall time per step, under $OUT/profiles)
-#   recording  recording every step (and probes) against none, under wm (benchmarks/recording.py)
+#   compiled   torch.compile: plain torch, fa, ss, kp, wm, wm + mirror (5 deg), each profiled after timing (the
+#              busiest kernels, kernel time and kernels per step against wall time per step, under $OUT/profiles)
+#   recording  recording every step (and probes; and with compiled metrics) against none, under wm
+#              (benchmarks/recording.py)
 #   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
 #   mirror     the same as eager, wm + a mirror batch of as many noise samples as the training batch
 #   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
@@ -28,6 +30,7 @@ if [[ -n "${SMOKE:-}" ]]; then
     NET=(--arch resnet18 --batch-size 2 --image-size 32 --device cpu)
     TIMED=(--steps 1 --warmup 1 --rounds 2)
     TIMED_COMPILED=("${TIMED[@]}")
+    TIMED_VIT=("${TIMED[@]}")
     LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
     VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
@@ -36,6 +39,7 @@ else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
     TIMED_COMPILED=(--steps 10 --warmup 3 --rounds 3)
+    TIMED_VIT=(--steps 20 --warmup 3 --rounds 10)     # 33 ms steps: 5 rounds of 10 spread by 0.2 on an H200
     LOADER=(--images 3072 --batch-size 256 --classes 16)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
@@ -79,10 +83,10 @@ EOF
 
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
-step compiled 180 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" --modes compiled \
-    --rules bp fa --json "$OUT/compiled.json" --profile "$OUT/profiles"
-step recording 60 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
-step vit 60 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED[@]}" --modes eager --rules bp fa kp wm \
+step compiled 300 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
+    --modes compiled --mirror-angle 5 --rules fa ss kp wm wm+mirror --json "$OUT/compiled.json" --profile "$OUT/profiles"
+step recording 90 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
+step vit 90 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED_VIT[@]}" --modes eager --rules bp fa kp wm \
     --json "$OUT/vit.json"
 step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
     --json "$OUT/mirror.json"
