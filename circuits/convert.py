@@ -28,7 +28,7 @@ from .errors import CircuitError
 from .layers import attention, call_activation, call_projection, module_activation
 from .layers import projection as layer_projection
 from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
-from .tracing import slow_attention, trace
+from .tracing import evaluating, slow_attention, trace
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
 """What a traced node is: a population's activity, a tuple holding activities (split, attention), a plain value
@@ -79,19 +79,19 @@ def _holds_tensor(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
 
 
-def _default_input_shape(root: nn.Module, graph: fx.Graph) -> tuple[int, ...]:
-    """(in_features,) for a first Linear layer: the only input shape such a module takes."""
-    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+def _default_input_shape(traced: fx.GraphModule, name: str) -> tuple[int, ...]:
+    """(in_features,) for a first Linear layer: the only input shape such a module (named `name`) takes."""
+    placeholder = next(n for n in traced.graph.nodes if n.op == "placeholder")
     for user in placeholder.users:
         if user.op == "call_module":
-            first = root.get_submodule(user.target)
+            first = traced.get_submodule(user.target)
             if isinstance(first, nn.Linear):
                 return (first.in_features,)
             if isinstance(first, nn.Conv2d):
-                raise CircuitError(f"{type(root).__name__} starts with a convolution, which takes any image size: pass "
+                raise CircuitError(f"{name} starts with a convolution, which takes any image size: pass "
                                    f"input_shape=({first.in_channels}, height, width) to from_torch, the size of the "
                                    f"images it will learn from (mirror noise and padding statistics follow it)")
-    raise CircuitError(f"cannot infer {type(root).__name__}'s input shape (its first layer does not fix it): pass "
+    raise CircuitError(f"cannot infer {name}'s input shape (its first layer does not fix it): pass "
                        f"input_shape=(...) to from_torch, the shape of one example")
 
 
@@ -99,10 +99,8 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
     """Every node's kind and values on batches of 2 and 3 examples, in eval mode (batch statistics stay)."""
     found: dict[fx.Node, _Traced] = {}
     inputs = [n for n in traced.graph.nodes if n.op == "placeholder" and not n.args]   # not specialized to a default
-    modes = {m: m.training for m in traced.modules()}     # the module's own layers: each keeps its mode
-    traced.eval()
     try:
-        with torch.no_grad(), slow_attention():
+        with evaluating(traced), slow_attention():
             for batch in (2, 3):
                 _Run(traced, found).run(*[torch.zeros(batch, *input_shape, **_example_of(traced, n, example))
                                           for n in inputs])
@@ -111,9 +109,6 @@ def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, na
     except Exception as e:  # noqa: BLE001 - torch raises many kinds
         raise CircuitError(f"{name} does not run on examples of shape {input_shape}: {e}; pass the "
                            f"input_shape of one example to from_torch") from e
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return found
 
 
@@ -149,7 +144,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     first Linear layer. The circuit keeps the module's dtype and train/eval mode.
     """
     traced = trace(module)
-    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, traced.graph)
+    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, type(module).__name__)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
     walk = _Walk(traced, _run(traced, input_shape, example, type(module).__name__), rules_by_layer)
@@ -281,8 +276,7 @@ class _Walk:
                                f"value, converts")
         settings = {k: self.constant(node, v) for k, v in given.items() if k not in ("query", "key", "value")}
         self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
-        dtype = layer.in_proj_weight.dtype
-        in_proj, heads, out_proj = attention(layer, node.target, settings, dtype)
+        in_proj, heads, out_proj = attention(layer, node.target, settings)
         pre = self.source(node, query)
         shape = self.pops[pre]["shape"]
         qkv, attended = f"{node.name}_qkv", f"{node.name}_heads"

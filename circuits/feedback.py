@@ -6,7 +6,7 @@ one joins two error populations that no single forward projection joins, with it
     delta_target = phi'(a_target) * (B^T delta_source)
 
 B is stored in the layout of a forward weight from target to source: (source units x target units)
-for a 1-D target or an N-D one without channels (tokens x features); for a feature map with channels
+for a 1-D or 2-D target (tokens x features); for a feature map with channels
 (C x H x W) it is (source units x C), shared over positions. delta_source is dL/da_source, the error of the
 source's summed input. A population that receives direct feedback receives its error from its direct feedback
 projections alone (they sum):

@@ -45,9 +45,11 @@ from torch import Tensor, nn
 
 from . import rules
 from .errors import CircuitError
+from .layers import unconvertible
 from .network import CircuitNet
 from .operations import multi_head_attention
 from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
+from .tracing import evaluating
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
 _ATTENTION_CALL = inspect.signature(nn.MultiheadAttention.forward)
@@ -162,19 +164,16 @@ def _unconvertible(layer: nn.Module, call: tuple[tuple, dict] | None) -> str | N
         return f"{type(layer).__name__} overrides {kind.__name__}.forward"
     if call is None:
         return "not called as a layer: its parent uses its weight directly, which keeps backprop"
+    why = unconvertible(layer)
+    if why is not None:
+        return why
     if isinstance(layer, nn.MultiheadAttention):
-        if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn:
-            return "separate key and value sizes, bias_k/bias_v or add_zero_attn do not convert"
         bound = _ATTENTION_CALL.bind(layer, *call[0], **call[1])
         bound.apply_defaults()
         a = bound.arguments
         why = _not_self_attention(a["key"] is a["query"] and a["value"] is a["query"], a["key_padding_mask"],
                                   a["need_weights"], a["attn_mask"], a["is_causal"])
         return None if why is None else f"called with {why}: only self-attention without masks or weights converts"
-    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-        return "only numeric zero padding converts"
-    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
-        return "max_norm, scale_grad_by_freq and sparse embeddings do not convert"
     return None
 
 
@@ -220,16 +219,12 @@ def _called_layers(module: nn.Module, example: tuple[Any, ...]) -> dict[nn.Modul
         seen.setdefault(layer, (args, kwargs))
 
     hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in module.modules() if isinstance(m, _LAYERS)]
-    modes = {m: m.training for m in module.modules()}
     try:
-        module.eval()
-        with torch.no_grad():
+        with evaluating(module):
             module(*example)
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.train(training)
     return seen
 
 

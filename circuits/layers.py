@@ -29,15 +29,19 @@ _ACTIVATION_MODULES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
     nn.Hardshrink: ("hardshrink", ("lambd",)), nn.Softshrink: ("softshrink", ("lambd",)),
     nn.LogSigmoid: ("logsigmoid", ()), nn.Softsign: ("softsign", ()), nn.Tanhshrink: ("tanhshrink", ()),
     nn.Softmax: ("softmax", ("dim",)), nn.LogSoftmax: ("log_softmax", ("dim",)), nn.Softmin: ("softmin", ("dim",)),
-    nn.GLU: ("glu", ("dim",)),
 }
 """Activation modules (exact type: ReLU6 is a Hardtanh) -> (activation, the module attributes that are its settings)."""
 
 _ACTIVATION_FUNCTIONS = {getattr(module, name): name for name in ACTIVATIONS for module in (F, torch)
                          if name != "identity" and hasattr(module, name)}
 _ACTIVATION_METHODS = {name for name in ACTIVATIONS if hasattr(torch.Tensor, name)}
-_IGNORED = {"inplace": None, "_stacklevel": None, "dtype": None}
+_IGNORED = {"inplace", "_stacklevel", "dtype"}
 """Call arguments that do not change the function (in place or not) or that must keep their default (dtype)."""
+
+
+def is_activation(layer: nn.Module) -> bool:
+    """Whether the module is one of the activation modules that convert to a population's activation."""
+    return type(layer) in _ACTIVATION_MODULES
 
 
 def module_activation(layer: nn.Module, name: str) -> str | None:
@@ -82,21 +86,31 @@ def call_projection(node: fx.Node) -> P.Projection | None:
     return None
 
 
+def unconvertible(layer: nn.Module) -> str | None:
+    """Why a synaptic layer's settings cannot be converted (None: they can): the checks both conversions share."""
+    if isinstance(layer, nn.MultiheadAttention) and (
+            not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn):
+        return "separate key and value sizes, bias_k/bias_v or add_zero_attn do not convert"
+    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        return "only numeric zero padding converts"
+    if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
+        return "max_norm, scale_grad_by_freq and sparse embeddings do not convert (W's update would differ)"
+    return None
+
+
 def projection(module: nn.Module, name: str) -> P.Projection:
     """The circuit projection equivalent to one torch layer, carrying its parameters (a CircuitError naming the
     layer if there is none)."""
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if isinstance(module, nn.Linear):
         return P.Dense(bias=module.bias is not None, state=state)
+    why = unconvertible(module)
+    if why is not None:
+        raise CircuitError(f"layer {name!r} ({module}): {why}")
     if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise CircuitError(f"layer {name!r} ({module}): only numeric zero padding can be converted")
         return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
                         module.bias is not None, state=state)
     if isinstance(module, nn.Embedding):
-        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-            raise CircuitError(f"layer {name!r} ({module}): max_norm, scale_grad_by_freq and sparse cannot be "
-                               f"converted (W's update would differ)")
         return P.Embedding(module.num_embeddings, module.padding_idx, state=state)
     if isinstance(module, nn.LayerNorm):
         return P.LayerNorm(tuple(module.normalized_shape), module.eps, module.elementwise_affine,
@@ -124,15 +138,15 @@ def projection(module: nn.Module, name: str) -> P.Projection:
     raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
 
 
-def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any], dtype: torch.dtype
-              ) -> tuple[P.Dense, Operation, P.Dense]:
+def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any]) -> tuple[P.Dense, Operation, P.Dense]:
     """nn.MultiheadAttention's self-attention y -> out(attend(W_in y)) as circuit parts: the in-projection
     [q k v] = W_in y + b_in (synaptic), the attention of each head softmax(q k^T / sqrt(d) + mask) v (an
     operation: no synapses, its error crosses by its exact derivative) and the out-projection (synaptic).
     `kwargs`: the call's keyword arguments, already values (masks constant tensors)."""
     where = f"layer {name!r} ({type(layer).__name__})"
-    if not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn:
-        raise CircuitError(f"{where}: only packed q/k/v projections without bias_k or add_zero_attn convert")
+    why = unconvertible(layer)
+    if why is not None:
+        raise CircuitError(f"{where}: {why}")
     if kwargs.get("key_padding_mask") is not None:
         raise CircuitError(f"{where}: a key_padding_mask depends on each example; it cannot be converted")
     need_weights, is_causal = kwargs.get("need_weights", True), kwargs.get("is_causal", False)
@@ -144,7 +158,7 @@ def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any], d
     else:
         is_causal = False
         mask = F._canonical_mask(mask=mask, mask_name="attn_mask", other_type=None, other_name="",
-                                 target_type=dtype, check_other=False)
+                                 target_type=layer.in_proj_weight.dtype, check_other=False)
     in_proj = {"weight": layer.in_proj_weight.detach().clone()}
     if layer.in_proj_bias is not None:
         in_proj["bias"] = layer.in_proj_bias.detach().clone()

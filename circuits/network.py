@@ -10,8 +10,6 @@ direct feedback projections (circuits.feedback) straight from a downstream error
 from __future__ import annotations
 
 import contextlib
-import functools
-import operator
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -120,8 +118,13 @@ class CircuitNet(nn.Module):
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
         for pop, phi, incoming, junction, direct, release in self._plan:
-            drives = [self.proj[key](activity[pre]) for key, pre in incoming]
-            a = self.junctions[junction](*drives) if junction is not None else functools.reduce(operator.add, drives)
+            if junction is not None:
+                a = self.junctions[junction](*(self.proj[key](activity[pre]) for key, pre in incoming))
+            else:       # summed as they come: each drive freed once added
+                a = None
+                for key, pre in incoming:
+                    drive = self.proj[key](activity[pre])
+                    a = drive if a is None else a + drive
             if not self._reference:
                 for key, target in direct:
                     a = self.feedback_proj[key](a, sensed[target])

@@ -107,6 +107,7 @@ class Recorder:
         self.snapshot, self.snapshot_steps = list(snapshot), _steps("snapshot_steps", snapshot_steps)
         self.activity, self.activity_steps = list(activity), _steps("activity_steps", activity_steps)
         self.activity_samples = activity_samples
+        self._samples = 0           # activity samples per probe: set by _bind from the probe batch
         self.metrics = list(metrics)
         self.seeds = dict(seeds or {})
         self._file: RecordingFile | None = None
@@ -309,7 +310,7 @@ class Recorder:
         return Contents(aligned=[n for n, _ in self._synapses], errors=self._errors,
                         learning=[n for n, _ in self._learning], metrics=self.metrics,
                         snapshots={n: tuple(self._net.projection(n).weight.shape) for n in self.snapshot},
-                        activity=self._activity_shapes, samples=getattr(self, "_samples", 0))
+                        activity=self._activity_shapes, samples=self._samples)
 
     def _describe(self, f: h5py.File, config: Mapping[str, Any]) -> None:
         """Root attributes and /circuit: with what, and the circuit itself."""
@@ -330,7 +331,7 @@ class Recorder:
         def shape(values: Sequence[int]) -> str:
             return json.dumps(list(values))
 
-        populations = [(p.name, shape(p.shape), p.activation, p.is_input, repr(p.junction) if p.junction else "")
+        populations = [(p.name, shape(p.shape), p.activation, p.is_input, repr(p.junction) if p.junction is not None else "")
                        for p in circuit.populations()]
         projections = [(name, pre, post, type(projection).__name__, repr(projection), projection.synaptic,
                         *rule_texts(rule), shape(module.weight.shape) if isinstance(module, Synapse) else "")

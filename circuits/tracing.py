@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .errors import CircuitError
-from .layers import LAYERS, module_activation
+from .layers import LAYERS, is_activation
 
 
 class _Tracer(fx.Tracer):
@@ -71,6 +71,20 @@ class _Layer(nn.Module):
 
 
 @contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """The module in eval mode without gradients (batch-norm statistics stay), then each of its modules back in its
+    own mode."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
 def slow_attention() -> Iterator[None]:
     """Without torch's fused attention fast path, whose checks branch on tensors fx cannot trace."""
     enabled = torch.backends.mha.get_fastpath_enabled()
@@ -84,7 +98,7 @@ def slow_attention() -> Iterator[None]:
 def trace(module: nn.Module) -> fx.GraphModule:
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
     arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal)."""
-    root = _Layer(module) if isinstance(module, LAYERS) or module_activation(module, "") is not None else \
+    root = _Layer(module) if isinstance(module, LAYERS) or is_activation(module) else \
         _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}

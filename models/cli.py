@@ -46,10 +46,11 @@ NON_NEGATIVE = checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-nega
 def option(default: Any = dataclasses.MISSING, help: str = "", *,
            choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
            type: Callable[[str], Any] | None = None, group: str | None = None, positional: bool = False,
-           cli: bool = True) -> Any:
+           cli: bool = True, empty: bool = False) -> Any:
     """A dataclass field with what its command-line flag needs beyond the annotation. `choices` may be a function,
-    asked when the parser is made (e.g. the rules registered by then); `cli=False`: no flag."""
-    metadata = dict(help=help, choices=choices, type=type, group=group, positional=positional, cli=cli)
+    asked when the parser is made (e.g. the rules registered by then); `cli=False`: no flag; `empty`: a tuple flag
+    may be given no values (a tuple with a default of values otherwise needs at least one)."""
+    metadata = dict(help=help, choices=choices, type=type, group=group, positional=positional, cli=cli, empty=empty)
     if isinstance(default, (list, dict, set)):
         raise TypeError("a mutable default: use a tuple")
     return dataclasses.field(default=default, metadata=metadata)
@@ -71,7 +72,7 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
     hints = typing.get_type_hints(config)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(config):
-        meta = {"help": "", "choices": None, "type": None, "group": None, "positional": False, "cli": True,
+        meta = {"help": "", "choices": None, "type": None, "group": None, "positional": False, "cli": True, "empty": False,
                 **f.metadata}
         if not meta["cli"]:
             continue
@@ -88,7 +89,7 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
             kwargs["type"] = meta["type"] or kind
             kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
             if several:
-                kwargs["nargs"] = "*" if not required and not f.default else "+"
+                kwargs["nargs"] = "*" if meta["empty"] or (not required and not f.default) else "+"
         if meta["positional"]:
             target.add_argument(f.name, **kwargs)
         else:

@@ -89,7 +89,8 @@ class Recipe:
     momentum: float = option(0.9, type=NON_NEGATIVE)
     weight_decay: float = option(1e-4, type=NON_NEGATIVE)
     lr_schedule: str = option("step", choices=("step", "cosine"))
-    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1", type=COUNT)
+    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1 (none: no drops)", type=COUNT,
+                                           empty=True)
     warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
                                                "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
     image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)

@@ -199,6 +199,13 @@ def test_checkpoints_of_other_runs_are_refused(folder, tmp_path):
         imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Worker(world_size=2))
 
 
+def test_milestones_may_be_given_none():
+    assert imagenet.parse_args(["--data", "x", "--milestones"]).milestones == ()     # a step schedule without drops
+    assert imagenet.parse_args(["--data", "x", "--milestones", "5", "9"]).milestones == (5, 9)
+    with pytest.raises(SystemExit):
+        imagenet.parse_args(["--data", "x", "--milestones", "-1"])
+
+
 # --- issue 13: what happens when things go wrong ------------------------------------------------
 def test_an_evaluation_survives_a_kill_during_it_a_restart_and_a_resume(folder, tmp_path, monkeypatch):
     """Items 5 and 8: killed during its evaluation before any checkpoint, the run is run again from step 0
