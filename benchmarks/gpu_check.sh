@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command, in priority order, each step under `timeout`, about 9 minutes on one
-# H100/H200 (12 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
+# H100/H200 (13 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
 # variant, 42 s for recording, 26 s for vit). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
@@ -83,7 +83,7 @@ EOF
 
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
-step compiled 300 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
+step compiled 360 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
     --modes compiled --mirror-angle 5 --rules fa ss kp wm wm+mirror --json "$OUT/compiled.json" --profile "$OUT/profiles"
 step recording 90 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
 step vit 90 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED_VIT[@]}" --modes eager --rules bp fa kp wm \

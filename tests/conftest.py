@@ -41,3 +41,23 @@ def convnet() -> nn.Module:
 
 
 MODELS = {"mlp": (mlp, (64,)), "convnet": (convnet, (1, 8, 8)), "residual": (ResidualNet, (1, 8, 8))}
+
+
+def converted(named: dict, torch_name: str) -> list:
+    """The entries of `named` (a converted net's parameters or their gradients, by name) that hold the torch
+    module's parameter `torch_name`: fc.weight is proj.fc.weight, blocks.0.fc.weight proj.blocks_0_fc.weight,
+    a parameter an operation holds proj.<operation>.held_<name>."""
+    flat = torch_name.replace(".", "_")
+    return [v for key, v in named.items()
+            if key.replace(".", "_").replace("held_", "") == f"proj_{flat}" or key.replace(".", "_").endswith(f"_held_{flat}")]
+
+
+def mirror_moves_every_B(net, batch_size: int) -> None:
+    """One mirror batch changes the B of every projection whose rule learns in mirror phases, to finite values."""
+    import circuits
+
+    before = {n: s.feedback.detach().clone() for n, s in net.projections() if s.rule is not None and s.rule.mirrors}
+    assert before, "no projection learns in mirror phases"
+    circuits.mirror_step(net, batch_size=batch_size)
+    after = {n: s.feedback.detach() for n, s in net.projections() if n in before}
+    assert [n for n in before if torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n])] == list(before)

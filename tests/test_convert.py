@@ -7,6 +7,7 @@ from torch import nn
 
 import circuits
 from circuits import graph
+from conftest import converted, mirror_moves_every_B
 
 F = nn.functional
 
@@ -59,12 +60,10 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     (out_ref * weights).sum().backward()
     (out * weights).sum().backward()
     assert _close(x_net.grad, x.grad, grad_tol)
-    grads = {name.replace(".", "_"): p.grad for name, p in net.named_parameters() if p.grad is not None}
-    bare = f"{type(module).__name__.lower()}_" if not list(module.children()) else ""   # a bare layer's name
-    for name, p in module.named_parameters():     # fc.weight: proj.fc.weight, or held: proj.<op>.held_fc_weight
-        flat = bare + name.replace(".", "_")
-        mine = [g for key, g in grads.items()
-                if key.replace("held_", "") == f"proj_{flat}" or key.endswith(f"_held_{flat}")]
+    grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    bare = f"{type(module).__name__.lower()}." if not list(module.children()) else ""   # a bare layer's name
+    for name, p in module.named_parameters():
+        mine = converted(grads, bare + name)
         assert len(mine) == 1 and _close(mine[0], p.grad, grad_tol), name
     return net
 
@@ -383,7 +382,7 @@ def test_every_rule_trains_a_converted_transformer_block(rule):
         ("linear1", "linear2", "self_attn_out_proj", "self_attn_in_proj")
     assert {f"proj.{key}.weight" for key in learning} <= changed
     if circuits.rules.get(rule).mirrors:
-        circuits.mirror_step(net, batch_size=16)
+        mirror_moves_every_B(net, 16)
 
 
 # --- the torchvision zoo -------------------------------------------------------------------------------------------

@@ -91,15 +91,3 @@ def test_a_huge_mirror_batch_is_drawn_in_chunks(monkeypatch):
     chunked = mirror.correlation(synapse, 1000, torch.Generator().manual_seed(0))
     assert max(drawn) == 64 and sum(drawn) == 1000
     assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-15)      # the same noise, summed in pieces
-
-
-@pytest.mark.parametrize("act", [nn.ReLU6(), nn.SiLU(), nn.Hardswish(), nn.ELU(), nn.LeakyReLU(), nn.GELU(),
-                                 nn.Softplus()])
-def test_activations_at_their_default_settings_convert_exactly(act):
-    module = nn.Sequential(nn.Linear(5, 4), act, nn.Linear(4, 3)).double()
-    net = circuits.from_torch(module).build()
-    x = torch.randn(6, 5, dtype=torch.float64) * 3
-    assert torch.equal(net(x), module(x))
-    module(x).sum().backward()
-    net(x).sum().backward()
-    assert torch.equal(net.projection("0").weight.grad, module[0].weight.grad)

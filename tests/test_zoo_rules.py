@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import circuits
+from conftest import mirror_moves_every_B
 
 torchvision = pytest.importorskip("torchvision")
 ZOO = {"alexnet": (64, {}), "vgg11": (32, {}), "squeezenet1_0": (48, {}), "mobilenet_v2": (32, {}),
@@ -42,7 +43,7 @@ def test_every_rule_trains_a_step_on_each_converted_model(arch):
         else:                                   # the error reaches every synapse
             assert learned == list(before), (arch, rule, sorted(set(before) - set(learned)))
         if circuits.rules.get(rule).mirrors:
-            circuits.mirror_step(net, batch_size=2)
+            mirror_moves_every_B(net, 2)
 
 
 def _transformers():
@@ -72,4 +73,4 @@ def test_every_rule_trains_a_step_on_each_transformer(name):
         assert list(before)[-1] in learned and (circuits.rules.get(rule).direct or learned == list(before)), \
             (name, rule, sorted(set(before) - set(learned)))
         if circuits.rules.get(rule).mirrors:
-            circuits.mirror_step(net, batch_size=4)
+            mirror_moves_every_B(net, 4)
