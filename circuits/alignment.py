@@ -5,8 +5,8 @@ For flattened tensors u and v:
     angle(u, v) = arccos(<u, v> / (|u| |v|)),  computed as 2 arcsin(|u/|u| - v/|v|| / 2)
                   (exact 0 for u = v, accurate near 0 where arccos of a rounded cosine is not)
 
-Every metric of a list of pairs is computed by a fixed handful of foreach ops (torch._foreach_norm and
-friends: one op for many pairs), not by ops per pair; alignment(..., compiled=True) instead writes the
+Every metric of a list of pairs is computed by a fixed handful of foreach ops per wave of pairs
+(torch._foreach_norm and friends: one op for many pairs), not by ops per pair; alignment(..., compiled=True) instead writes the
 synapses' metrics pair by pair for torch.compile to fuse (two passes over B and W, float64 sums: the device
 must have float64, as CUDA devices and CPUs do).
 """
