@@ -18,11 +18,32 @@ one, give compare.fit a recording path, as models.compare does).
 """
 import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from circuits import rules
 from models import compare
+from models.cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from models.compare import CompareConfig
+
+
+@dataclass
+class ViTConfig(CompareConfig):
+    """models.compare's settings with the ViT's defaults; its runs are not recorded (no --out)."""
+
+    model: str = option("vit", cli=False)
+    rules: tuple[str, ...] = option(("bp", "fa", "kp", "wm"), choices=lambda: list(rules.RULES))
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = option(10, type=POSITIVE_INT)
+    lr: float | None = option(None, "SGD learning rate (default 0.05; momentum 0.9, cosine schedule)", type=POSITIVE)
+    kp_decay: float = option(0.02, "Kolen-Pollack lambda: with momentum 0.9, W - B shrinks by about 10 lr lambda "
+                                   "per step", type=NON_NEGATIVE)
+    wm_decay: float = option(0.05, "weight mirror lambda_B = eta_B (B -> W)", type=NON_NEGATIVE)
+    out: str = option("runs/compare", cli=False)
+    overwrite: bool = option(False, cli=False)
+    report: bool = option(False, cli=False)
+    progress: bool = False
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -38,21 +59,10 @@ def table(summary: dict[str, dict]) -> str:
 
 def main(argv=None) -> dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rules", nargs="+", default=["bp", "fa", "kp", "wm"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, cosine schedule)")
-    p.add_argument("--kp-decay", type=float, default=0.02,
-                   help="Kolen-Pollack lambda: with momentum 0.9, W - B shrinks by about 10 lr lambda per step")
-    p.add_argument("--wm-decay", type=float, default=0.05, help="weight mirror lambda_B = eta_B (B -> W)")
-    p.add_argument("--mirror-batch", type=int, default=128, help="noise samples per mirror batch")
     p.add_argument("--smoke", action="store_true", help="1 epoch on 256 training images, seed 0")
-    args = p.parse_args(argv)
-    config = CompareConfig(model="vit", rules=tuple(args.rules), seeds=tuple(args.seeds), epochs=args.epochs,
-                           lr=args.lr, kp_decay=args.kp_decay, wm_decay=args.wm_decay, mirror_batch=args.mirror_batch,
-                           progress=False)
+    config, args = parse(ViTConfig, argv, p)
     if args.smoke:
-        config.seeds, config.epochs, config.train_examples = config.seeds[:1], 1, 256
+        config.reduce_to_smoke()
     split = compare.load_data(config)
 
     def train_one(rule: str, seed: int, recording: None) -> compare.RunResult:
@@ -66,7 +76,7 @@ def main(argv=None) -> dict[str, dict]:
     summary = compare.summarize(compare.train_all(runs, train_one, progress=False))
     command = "python examples/vit_rules.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command.strip()}: ViT on the MNIST subset ({len(split.train):,} training, {len(split.test):,} test "
-          f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.lr:g} momentum 0.9, cosine; "
+          f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.learning_rate:g} momentum 0.9, cosine; "
           f"KP lambda {config.kp_decay:g}, WM eta_B = lambda_B = {config.wm_decay:g}, {config.mirror_batch} noise "
           f"samples per mirror batch; seeds {', '.join(map(str, config.seeds))}\n")
     print(table(summary))

@@ -82,6 +82,10 @@ class CompareConfig:
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else {"mlp": 1.0, "convnet": 0.02, "vit": 0.05}[self.model]
 
+    def reduce_to_smoke(self) -> None:
+        """The reduced run CI makes (--smoke): seed 0, 1 epoch on 256 training images."""
+        self.seeds, self.epochs, self.train_examples = self.seeds[:1], 1, 256
+
 
 @dataclass
 class RunResult:
@@ -320,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="a reduced run for CI: seed 0, 1 epoch on 256 training images")
     config, args = parse(CompareConfig, argv, p)
     if args.smoke:
-        config.seeds, config.epochs, config.train_examples = config.seeds[:1], 1, 256
+        config.reduce_to_smoke()
     command = "python -m models.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run(config, command.strip())
