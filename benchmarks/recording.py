@@ -11,7 +11,7 @@ hits all of them alike:
                   device, copied to the host once per block of rows, written to HDF5 in blocks
     record+probe  the same, plus the probe every --probe-steps steps: errors and weight updates
                   on a fixed probe batch under the circuit's rules and under backprop
-    compiled      record, with the metrics compiled (Recorder(compiled=True): two fused passes over
+    compiled      record, with the metrics compiled (Recorder(compiled=True): one fused pass over
                   B and W; compiled in the warmup)
 
 A variant's rate is its steps over its time summed over all rounds (so block writes and probes

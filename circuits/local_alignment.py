@@ -104,6 +104,8 @@ class LocalAlignment(FeedbackRule):
     def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
                           operator: DenseOperator | ConvOperator) -> Tensor:
         grad = hebbian if self.tie else torch.zeros_like(feedback)
+        if weight is not None:      # W as stored (None if no term reads it): cast here, in backward, to B's dtype
+            weight = weight.to(feedback.dtype)
         if self.normalize and any(name in INPUT_PRIMITIVES for name, _ in self.terms):
             y = y - y.mean(0, keepdim=True)
             y = y / y.float().square().mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny).to(y.dtype)

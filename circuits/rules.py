@@ -122,16 +122,18 @@ class FeedbackRule:
 
     @property
     def saves_weight(self) -> bool:
-        """The backward pass needs W beside B (for feedback_gradient or weight_gradient)."""
+        """The backward pass reads W beside B (in feedback_gradient or weight_gradient). It gets W as stored,
+        the parameter itself: under autocast, in its own dtype, not the forward's cast (no copy is kept)."""
         return False
 
     def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
                           operator: DenseOperator | ConvOperator) -> Tensor:
-        """dL/dB on one batch; `hebbian` is delta y^T, W's own gradient. Only when learns_by_gradient."""
+        """dL/dB on one batch; `hebbian` is delta y^T, W's own gradient. Only when learns_by_gradient.
+        `weight` is W as stored (saves_weight); under autocast the other tensors are in the autocast dtype."""
         raise NotImplementedError
 
     def weight_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
-        """W's gradient as this rule has it (delta y^T, unless the rule decays W too)."""
+        """W's gradient as this rule has it (delta y^T, unless the rule decays W too); `weight` as stored."""
         return grad
 
     # --- learning in mirror phases ---------------------------------------------------------

@@ -120,29 +120,37 @@ class FeedbackPathway(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
-                operator, rule: FeedbackRule) -> Tensor:
+                stored_weight: Tensor | None, operator, rule: FeedbackRule) -> Tensor:
         """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
-        so torch.compile sees no duplicated input."""
-        keep_weight = feedback is None or rule.saves_weight
-        ctx.save_for_backward(y, weight if keep_weight else None, feedback)
+        so torch.compile sees no duplicated input. Otherwise B as stored, not read before backward (cast there
+        to y's dtype under autocast): a mirror batch may still change it while the forward runs, as long as it
+        is done before the backward (circuits.trainer's mirror stream). `stored_weight`: W as stored (the
+        parameter), where `weight` is a cast of it (autocast) and the rule's backward reads W
+        (rule.saves_weight): saved in place of the cast, whose copy then need not live from forward to backward."""
+        keep_weight = feedback is None or (rule.saves_weight and stored_weight is None)
+        ctx.save_for_backward(y, weight if keep_weight else None, feedback, stored_weight)
         ctx.operator, ctx.rule = operator, rule
         ctx.has_bias = bias is not None
         return operator.forward(y, weight, bias)
 
     @staticmethod
     def backward(ctx, delta: Tensor):
-        y, weight, feedback = ctx.saved_tensors
+        y, weight, feedback, stored_weight = ctx.saved_tensors
         rule = ctx.rule
         learns = rule.learns_by_gradient and ctx.needs_input_grad[3]
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or learns, ctx.has_bias and ctx.needs_input_grad[2])
         delta = delta.contiguous(memory_format=_memory_format(y))   # y's layout: none copied inside cuDNN
-        grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, weight if feedback is None else feedback, mask)
+        b = weight if feedback is None else feedback.to(y.dtype)     # B is first read here, in y's dtype
+        grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, b, mask)
         if grad_y is not None:
             grad_y = rule.signal(grad_y)
-        grad_feedback = rule.feedback_gradient(grad_w, y, weight, feedback, ctx.operator) if learns else None
+        weight = weight if stored_weight is None else stored_weight     # what the rule reads as W
+        grad_feedback = None
+        if learns:      # in B's stored dtype
+            grad_feedback = rule.feedback_gradient(grad_w, y, weight, b, ctx.operator).to(feedback.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = rule.weight_gradient(grad_w, weight)
-        return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None
+        return grad_y, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_feedback, None, None, None
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -218,8 +226,8 @@ class Synapse(nn.Module):
             dtype = torch.get_autocast_dtype(device)
             y, weight = y.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-            feedback = feedback.to(dtype) if feedback is not None else None
-        return FeedbackPathway.apply(y, weight, bias, feedback, self.operator, self.rule)
+        stored_weight = self.weight if self.rule.saves_weight and weight is not self.weight else None
+        return FeedbackPathway.apply(y, weight, bias, feedback, stored_weight, self.operator, self.rule)
 
     def extra_repr(self) -> str:
         return f"weight={tuple(self.weight.shape)}, {self.operator}, rule={self.rule}"

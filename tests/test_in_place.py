@@ -163,7 +163,7 @@ def test_embedding_gradient_is_the_scatter_add_of_the_error():
     delta = torch.randn(2, 3, 3)
     table(idx).backward(delta)
     weight = table.weight.detach().clone().requires_grad_()
-    out = FeedbackPathway.apply(idx, weight, None, None, EmbeddingOperator(2), rules.Backprop())
+    out = FeedbackPathway.apply(idx, weight, None, None, None, EmbeddingOperator(2), rules.Backprop())
     assert torch.equal(out, table(idx))
     out.backward(delta)
     torch.testing.assert_close(weight.grad, table.weight.grad)

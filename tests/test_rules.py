@@ -213,6 +213,42 @@ def test_kolen_pollack_is_decay_with_tie():
         assert relative(local, kp) < 1e-14
 
 
+
+def saved_during(net: torch.nn.Module, x: Tensor, target: Tensor) -> list[Tensor]:
+    """The tensors autograd saves from forward to backward for one bf16-autocast step of `net` (which then runs)."""
+    saved: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        loss = F.cross_entropy(net(x), target)
+    loss.backward()
+    return saved
+
+
+@pytest.mark.parametrize("rule", [rules.FeedbackAlignment(), rules.KolenPollack(decay=1.0), rules.SymmetricAlignment()])
+def test_under_autocast_backward_reads_W_and_B_as_stored(rule):
+    """Under autocast B is cast in backward, where it is first read, and so is W where the rule reads it (KP's decay,
+    SA's self term): of W's shape only W and B themselves are saved for backward, no cast of either. KP's W gradient is
+    that of KP without decay plus lambda W (to bf16 rounding)."""
+    x, target = torch.randn(8, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    torch.manual_seed(3)
+    net = mlp((6, 5, 3), rule=rule).build()
+    saved = saved_during(net, x, target)
+    for _, s in net.projections():
+        of_w_shape = [t.data_ptr() for t in saved if t.shape == s.weight.shape]
+        assert s.B.data_ptr() in of_w_shape and set(of_w_shape) <= {s.weight.data_ptr(), s.B.data_ptr()}
+        assert s.B.grad is None or s.B.grad.dtype == torch.float32
+    if isinstance(rule, rules.KolenPollack):
+        torch.manual_seed(3)
+        undecayed = mlp((6, 5, 3), rule=rules.KolenPollack(decay=0.0)).build()
+        saved_during(undecayed, x, target)
+        for (_, s), (_, u) in zip(net.projections(), undecayed.projections(), strict=True):
+            assert relative(s.weight.grad - u.weight.grad, s.weight.detach()) < 1e-2
+
+
 @pytest.mark.parametrize(
     "shape,projection", [((6,), circuits.Dense(bias=False)), ((2, 6, 6), circuits.Conv2d(3, padding=1))]
 )
