@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: one command, in priority order, each step under `timeout`, about 9 minutes on one
-# H100/H200 (13 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
+# H100/H200 (13 at most, compiled2 last; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
 # variant, 42 s for recording, 26 s for vit). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
@@ -12,14 +12,17 @@
 # only those named):
 #   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
 #   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
-#              step with the noise that settles B within 5 deg, against plain torch (benchmarks/throughput.py)
-#   compiled   torch.compile: plain torch, fa, ss, kp, wm, wm + mirror (5 deg), each profiled after timing (the
-#              busiest kernels, kernel time and kernels per step against wall time per step, under $OUT/profiles)
+#              step with the noise that settles B within 5 deg, serially and beside the next forward pass
+#              (a side stream), against plain torch (benchmarks/throughput.py)
+#   compiled   torch.compile: plain torch, ss, dfa, sa, wm + mirror (5 deg) serially and beside, each profiled
+#              after timing (the busiest kernels, kernel time and kernels per step against wall time per step,
+#              under $OUT/profiles); bp fa kp wm were measured compiled on 2026-11-27 (docs/performance.md)
 #   recording  recording every step (and probes; and with compiled metrics) against none, under wm
 #              (benchmarks/recording.py)
 #   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
 #   mirror     the same as eager, wm + a mirror batch of as many noise samples as the training batch
 #   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
+#   compiled2  torch.compile: the rest of the rules (usf, brsf, frsf, ia)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -43,7 +46,7 @@ else
     LOADER=(--images 3072 --batch-size 256 --classes 16)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
-    DEFAULT_STEPS="env eager compiled recording vit mirror loader"
+    DEFAULT_STEPS="env eager compiled recording vit mirror loader compiled2"
 fi
 
 STEPS="${STEPS:-$DEFAULT_STEPS}"
@@ -84,11 +87,14 @@ EOF
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
 step compiled 360 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
-    --modes compiled --mirror-angle 5 --rules fa ss kp wm wm+mirror --json "$OUT/compiled.json" --profile "$OUT/profiles"
+    --modes compiled --mirror-angle 5 --rules ss dfa sa wm+mirror wm+mirror-beside --json "$OUT/compiled.json" \
+    --profile "$OUT/profiles"
 step recording 90 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
 step vit 90 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED_VIT[@]}" --modes eager --rules bp fa kp wm \
     --json "$OUT/vit.json"
-step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror \
+step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror wm+mirror-beside \
     --json "$OUT/mirror.json"
 step loader 60 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
+step compiled2 300 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" --modes compiled \
+    --rules usf brsf frsf ia --json "$OUT/compiled2.json"
 echo "=== all steps done; outputs in $OUT"

@@ -8,7 +8,9 @@ sends the error through B instead of W^T (circuits.synapse.FeedbackPathway). One
 
 over net.parameters() for every variant (under KP that includes B), on one fixed synthetic batch in
 channels_last. "wm+mirror" adds one weight-mirror batch (circuits.mirror_step, paper eq. 7: noise
-drives every WM projection and B learns) after every learning step, under the same autocast.
+drives every WM projection and B learns) after every learning step, under the same autocast;
+"wm+mirror-beside" runs that batch beside the next step's forward pass (circuits.mirror_stream: a side
+stream on CUDA; on a CPU the same work in the same order).
 
 Steps per second are timed with time.perf_counter around a block of steps (torch.cuda.synchronize
 on GPU), in rounds that interleave the variants so that drift of the machine hits all of them
@@ -47,9 +49,12 @@ from tqdm import tqdm
 import circuits
 import models
 from circuits import rules
+from circuits.mirror_stream import MirrorStream
 
 BASELINE = "torch"
 MIRROR_VARIANT = "wm+mirror"
+BESIDE_VARIANT = "wm+mirror-beside"
+MIRROR_VARIANTS = (MIRROR_VARIANT, BESIDE_VARIANT)
 ARCHS = ("resnet18", "resnet50", "vit_b_16", "vit_small")
 CLASSES = 1000
 LEARNING_RATE = 0.01
@@ -66,14 +71,15 @@ class Variant:
     name: str
     rule: str | None = None
     mirror: bool = False
+    beside: bool = False     # the mirror batch runs beside the next forward (circuits.mirror_stream)
 
 
 def variants(names: Sequence[str]) -> list[Variant]:
-    """The plain torch baseline, then one variant per requested rule name (or "wm+mirror")."""
+    """The plain torch baseline, then one variant per requested rule name (or a MIRROR_VARIANTS name)."""
     rows = [Variant(BASELINE)]
     for name in names:
-        mirror = name == MIRROR_VARIANT
-        rows.append(Variant(name, "wm" if mirror else rules.get(name).short_name, mirror))
+        mirror = name in MIRROR_VARIANTS
+        rows.append(Variant(name, "wm" if mirror else rules.get(name).short_name, mirror, name == BESIDE_VARIANT))
     return rows
 
 
@@ -111,16 +117,18 @@ def build(variant: Variant, model: nn.Module, input_shape: tuple[int, ...]) -> n
 class Trainee:
     """A net, its optimizer and its training step; `model` is the net or its torch.compile wrapper.
 
-    mirror: the mirror phase whose one batch follows every learning step (None: no mirror).
+    mirror: the mirror phase whose one batch follows every learning step (None: no mirror); with `beside`,
+    that batch runs beside the next step's forward pass (as circuits.Trainer does with mirror_beside_learning).
     """
 
     def __init__(self, net: nn.Module, compile: bool, dtype: torch.dtype | None,
-                 mirror: circuits.Mirror | None = None) -> None:
+                 mirror: circuits.Mirror | None = None, beside: bool = False) -> None:
         self.net = net
         self.model = torch.compile(net) if compile else net
         self.optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         self.dtype = dtype
         self.mirror = mirror
+        self.mirrors = MirrorStream(next(net.parameters()).device) if beside else None
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
@@ -129,11 +137,16 @@ class Trainee:
         with self.autocast(x.device):
             loss = F.cross_entropy(self.model(x), target)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.mirrors is not None:
+            self.mirrors.join()
         loss.backward()
         self.optimizer.step()
         if self.mirror is not None:
-            with self.autocast(x.device):
-                self.mirror.step(self.net)
+            def batch() -> None:
+                with self.autocast(x.device):
+                    self.mirror.step(self.net)
+
+            batch() if self.mirrors is None else self.mirrors.launch(batch)
         return loss.detach()
 
 
@@ -259,10 +272,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round"
     )
-    p.add_argument("--rules", nargs="+", choices=[*rules.RULES, MIRROR_VARIANT], default=[*rules.RULES, MIRROR_VARIANT],
+    p.add_argument("--rules", nargs="+", choices=[*rules.RULES, *MIRROR_VARIANTS], default=[*rules.RULES, *MIRROR_VARIANTS],
                    help="circuit variants, each timed against plain torch")
     p.add_argument("--mirror-batch-size", type=int, default=None,
-                   help=f"noise samples per projection in the mirror batch of {MIRROR_VARIANT} "
+                   help=f"noise samples per projection in the mirror batch of {' and '.join(MIRROR_VARIANTS)} "
                         "(default: the training batch size, as models.imagenet runs it)")
     p.add_argument("--mirror-angle", type=float, default=None,
                    help="instead, each projection draws the noise samples that settle B within this angle of W "
@@ -383,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Row]]:
         compiled = mode == "compiled"
         timed = [v for v in rows if not compiled or v.rule is None or v.name in args.compile_rules]
         mirror = circuits.Mirror(1, args.mirror_batch_size, args.mirror_angle)
-        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, mirror if v.mirror else None) for v in timed}
+        trainees = {v.name: Trainee(nets[v.name], compiled, dtype, mirror if v.mirror else None, v.beside)
+                    for v in timed}
         breaks = warm_up(trainees, x, target, args.warmup, mode)
         save(mode, measure(trainees, x, target, args.steps, args.rounds, mode, lambda r, m=mode: save(m, r)))
         print(table(mode, results[mode]), flush=True)

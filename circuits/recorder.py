@@ -171,7 +171,7 @@ class Recorder:
         if phase not in PHASES:
             raise RecordingError(f"phase {phase!r} is not one of {list(PHASES)}")
         self._tick = tick
-        if tick % self.every == 0:
+        if self.records(tick):
             loss_value = (loss.detach().reshape(1).float().to(self._device) if loss is not None
                           else torch.full((1,), float("nan"), device=self._device))
             device = torch.cat([loss_value, alignment([s for _, s in self._synapses], self.compiled).flatten()])
@@ -181,6 +181,10 @@ class Recorder:
             self._after_learning_step(tick, step)
         if self._file.full or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def records(self, tick: int) -> bool:
+        """Whether step(tick) records a row of /steps and /alignment (reading every B and W)."""
+        return tick % self.every == 0
 
     def evaluate(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record one evaluation (written at once): the metrics named at construction, NaN for any missing."""

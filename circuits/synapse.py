@@ -123,12 +123,15 @@ class FeedbackPathway(torch.autograd.Function):
                 stored_weight: Tensor | None, operator, rule: FeedbackRule) -> Tensor:
         """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
         so torch.compile sees no duplicated input. Otherwise B as stored, not read before backward (cast there
-        to y's dtype under autocast): a mirror batch may still change it while the forward runs, as long as it
-        is done before the backward (circuits.trainer's mirror stream). `stored_weight`: W as stored (the
+        to y's dtype under autocast): a mirror batch may change it between forward and backward (circuits.
+        mirror_stream), so a B without a gradient is kept as it is, not saved with its version; a B the optimizer
+        steps (after backward) is saved. `stored_weight`: W as stored (the
         parameter), where `weight` is a cast of it (autocast) and the rule's backward reads W
         (rule.saves_weight): saved in place of the cast, whose copy then need not live from forward to backward."""
         keep_weight = feedback is None or (rule.saves_weight and stored_weight is None)
-        ctx.save_for_backward(y, weight if keep_weight else None, feedback, stored_weight)
+        versioned = feedback is not None and feedback.requires_grad     # a B the optimizer steps after backward
+        ctx.save_for_backward(y, weight if keep_weight else None, feedback if versioned else None, stored_weight)
+        ctx.feedback = None if versioned else feedback      # read as it is at backward time (mirror batches)
         ctx.operator, ctx.rule = operator, rule
         ctx.has_bias = bias is not None
         return operator.forward(y, weight, bias)
@@ -136,6 +139,7 @@ class FeedbackPathway(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: Tensor):
         y, weight, feedback, stored_weight = ctx.saved_tensors
+        feedback = ctx.feedback if feedback is None else feedback
         rule = ctx.rule
         learns = rule.learns_by_gradient and ctx.needs_input_grad[3]
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or learns, ctx.has_bias and ctx.needs_input_grad[2])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .divergence import NONE, DivergenceError, all_finite, diagnose, message
 from .errors import CircuitError
+from .mirror_stream import MirrorStream
 from .network import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
@@ -58,6 +59,7 @@ class TrainerConfig:
     progress: bool = True
     check_every: int = 50              # learning steps between reads of the finite-loss flag (one host sync)
     nonfinite: str = "raise"           # a non-finite loss or gradient: "raise" DivergenceError, or "skip" the step
+    mirror_beside_learning: bool = False   # a mirror batch may run beside the next forward (circuits.mirror_stream)
     extra: dict[str, Any] = field(default_factory=dict)   # recorded with the run
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class Trainer:
         )
         self.amp_dtype = getattr(torch, self.config.amp_dtype) if self.config.amp_dtype else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._mirrors = MirrorStream(self.device) if self.config.mirror_beside_learning else None
         self.recorder = recorder if _rank() == 0 else None
         self.hooks = list(hooks)   # called after each learning step, once every counter has moved on
         self._recording = False     # the recorder records inside fit() only
@@ -121,6 +124,7 @@ class Trainer:
         with self.autocast():
             loss = self.loss_fn(self.net(inputs), target)
         self.optimizer.zero_grad(set_to_none=True)
+        self.join_mirror()          # the backward reads B
         self.scaler.scale(loss).backward()
         self.step += 1
         if self.config.nonfinite == "skip" and not self._finite_step(loss):
@@ -142,10 +146,26 @@ class Trainer:
         return loss.detach()
 
     def mirror(self, phase: Mirror) -> None:
-        """One mirror batch of `phase`: noise in, B learns; W, batch norm and the optimizer untouched."""
-        with self.autocast():
-            phase.step(self.net)
+        """One mirror batch of `phase`: noise in, B learns; W, batch norm and the optimizer untouched.
+
+        With config.mirror_beside_learning it may still be running when this returns: join_mirror() before
+        reading B (the trainer does, before a backward, a recorded row, a check or a state_dict)."""
+        def batch() -> None:
+            with self.autocast():
+                phase.step(self.net)
+
+        if self._mirrors is None:
+            batch()
+        else:
+            self._mirrors.launch(batch)
+            if self._recording and self.recorder.records(self.tick):
+                self._mirrors.join()
         self._record("mirror", None, self.optimizer.param_groups[0]["lr"])
+
+    def join_mirror(self) -> None:
+        """Let every mirror batch started so far finish before what comes next reads B (no host sync)."""
+        if self._mirrors is not None:
+            self._mirrors.join()
 
     def _record(self, phase: str, loss: Tensor | None, lr: float) -> None:
         if self._recording:
@@ -171,6 +191,7 @@ class Trainer:
         fit() calls this every `check_every` learning steps and at the end of each epoch; call it before
         saving a checkpoint, so that no checkpoint is written from a diverged state.
         """
+        self.join_mirror()
         parameters = list(self.circuit_net.named_parameters())
         state = torch.stack([self._first_nonfinite,
                              (~all_finite((p.detach() for _, p in parameters), self.device)).to(torch.int64).neg()])
@@ -208,6 +229,7 @@ class Trainer:
         try:
             return self._fit(train_loader, epochs, val_loader)
         finally:
+            self.join_mirror()
             if self._recording:
                 self._recording = False
                 self.recorder.close()
@@ -325,6 +347,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue this run: net, optimizer, schedules, counters, RNG, recorder."""
+        self.join_mirror()
         state = {
             "net": self.circuit_net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -342,6 +365,7 @@ class Trainer:
         """Continue the run `state` came from. Everything is checked before anything is loaded: a state
         of another net or optimizer raises a CircuitError and leaves this trainer as it was."""
         self._check_state(state)
+        self.join_mirror()          # no mirror batch launched before may write B after the load
         if self.recorder is not None and "recorder" in state:
             self.recorder.load_state_dict(state["recorder"])
         self.circuit_net.load_state_dict(state["net"])

@@ -121,6 +121,8 @@ class Recipe:
     mirror_every: int = option(1, "learning steps between mirror batches", type=POSITIVE_INT, group=WM)
     mirror_warmup: int | None = option(None, "mirror batches before learning (None: one epoch's worth of steps)",
                                        type=COUNT, group=WM)
+    mirror_beside: bool = option(False, "run each mirror batch on a CUDA side stream beside the next forward pass "
+                                        "(circuits.mirror_stream; the same numbers as the serial order)", group=WM)
     kp_decay: float = option(0.0, "decay of W and B beyond --weight-decay, which already applies to both",
                              type=NON_NEGATIVE, group=KP)
 
@@ -391,7 +393,8 @@ def training_parts(net: circuits.CircuitNet, recipe: Recipe, worker: Worker, ste
                                 momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     config = circuits.TrainerConfig(device=str(worker.device), amp_dtype="bfloat16" if recipe.amp else None,
                                     channels_last=recipe.channels_last, lr_per_step=True,
-                                    progress=recipe.progress, extra=asdict(recipe))
+                                    progress=recipe.progress, mirror_beside_learning=recipe.mirror_beside,
+                                    extra=asdict(recipe))
     schedule = circuits.paper_schedule(net, steps_per_epoch, recipe.mirror_batch_size, warmup=recipe.mirror_warmup,
                                        every=recipe.mirror_every)
     return optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), schedule, config

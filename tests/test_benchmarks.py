@@ -38,7 +38,7 @@ def test_smoke_prints_a_ratio_row_per_rule(capsys):
     assert "bf16 autocast" in lines[0] or "float32" in lines[0]
     assert lines[1].split() == ["variant", "eager", "steps/s", "ratio", "lowest", "highest"]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(rows) == ["torch", *rules.RULES, "wm+mirror"]
+    assert list(rows) == ["torch", *rules.RULES, *throughput.MIRROR_VARIANTS]
     assert list(results) == ["eager"]
     for name, (steps_per_s, ratio, lowest, highest) in rows.items():
         row = results["eager"][name]
@@ -98,6 +98,27 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
         # B learns by the optimizer under KP and IA, by the mirror batch under wm+mirror, never otherwise
         assert feedback & changed == (feedback if name in ("kp", "ia", "wm+mirror") else set()), name
 
+
+
+def test_the_mirror_beside_learning_trains_as_the_serial_mirror():
+    """wm+mirror-beside holds each mirror batch until the next backward (on a CPU): after 3 steps B still waits for the
+    last one, and once it ran every parameter is wm+mirror's, bit for bit."""
+    model = ResidualNet()
+    x, target = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    trainees = {}
+    for variant in throughput.variants(throughput.MIRROR_VARIANTS):
+        if variant.mirror:
+            torch.manual_seed(0)        # the same noise
+            net = throughput.build(variant, model, (1, 8, 8))
+            trainees[variant.name] = throughput.Trainee(net, False, None, circuits.Mirror(1, batch_size=3), variant.beside)
+            for _ in range(3):
+                trainees[variant.name].step(x, target)
+    serial, beside = (trainees[name] for name in throughput.MIRROR_VARIANTS)
+    waiting = [k for k, p in serial.net.named_parameters() if not torch.equal(p, dict(beside.net.named_parameters())[k])]
+    assert waiting and all(k.endswith(".B") for k in waiting)
+    beside.mirrors.join()
+    for k, p in serial.net.named_parameters():
+        assert torch.equal(p, dict(beside.net.named_parameters())[k]), k
 
 @pytest.mark.parametrize("argv", [["--rules", "xx"], ["--smoke", "--steps", "0"], ["--warmup", "-1"],
                                   ["--smoke", "--modes", "compiled", "--warmup", "0"],

@@ -1,4 +1,6 @@
 """The phase scheduler and trainer: phases in the stated order and counts, clear errors, resume."""
+import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +158,36 @@ def test_resume_continues_the_same_run(first, stop):
     resumed = _run(first, 3, mid_epoch_stop=stop)
     for k, v in straight.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def _beside_run(path, beside, compiled):
+    """2 epochs of wm learning and mirror batches under bf16 autocast, recorded every 2nd tick; returns the net and
+    B of h->y as each training forward found it."""
+    torch.manual_seed(0)
+    net = wm_mlp()
+    schedule = Schedule(Mirror(2, 8), Repeat(Learn(1), Mirror(1, 8)), sleep=Mirror(2, 8))
+    config = circuits.TrainerConfig(progress=False, amp_dtype="bfloat16", mirror_beside_learning=beside)
+    trainer = circuits.Trainer(torch.compile(net) if compiled else net, torch.optim.SGD(net.parameters(), lr=0.1),
+                               schedule, recorder=circuits.Recorder(path, every=2), config=config)
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(net.projection("h->y").B.detach().clone())
+                                  if module.training else None)
+    trainer.fit(batches(5), epochs=2, val_loader=batches(2))
+    return net, seen
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mirror_batches_beside_learning_give_the_serial_run(tmp_path, compiled):
+    """With mirror_beside_learning a mirror batch runs when B is next read (on a CPU: held until then; on CUDA: a side
+    stream); the forward passes saw B before the mirror batches had run, yet W, B and every recorded row are the
+    serial run's, bit for bit: the forward never reads B (compiled neither: B is cast in the backward graph), and
+    whatever reads it waits."""
+    serial, serial_seen = _beside_run(tmp_path / "serial.h5", beside=False, compiled=compiled)
+    beside, beside_seen = _beside_run(tmp_path / "beside.h5", beside=True, compiled=compiled)
+    assert any(not torch.equal(a, b) for a, b in zip(serial_seen, beside_seen, strict=True))
+    for k, v in serial.state_dict().items():
+        assert torch.equal(v, beside.state_dict()[k]), k
+    with h5py.File(tmp_path / "serial.h5") as f, h5py.File(tmp_path / "beside.h5") as g:
+        assert len(f["steps/loss"]) == 13            # ticks 0, 2, ..., 24: mirror batches among them
+        for name in ("steps/phase", "steps/loss", "alignment/h->y/angle", "alignment/x->h/angle", "evaluations/loss"):
+            assert np.array_equal(f[name][:], g[name][:], equal_nan=True), name
