@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one command, in priority order, each step under `timeout`, about 9 minutes on one
-# H100/H200 (13 at most, compiled2 last; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled
-# variant, 42 s for recording, 26 s for vit). Writes each step's output as text (and JSON where the benchmark has it)
+# The GPU check: one command, in priority order, each step under `timeout`, about 10 minutes on one
+# H100/H200 (15 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled variant, 42 s
+# for recording, 26 s for vit; STEPS=compiled2 asks for 5 more). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
 #
@@ -11,6 +11,8 @@
 # Steps, in priority order (each cut short on its own, the others still run; STEPS="env eager ..." runs
 # only those named):
 #   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
+#   beside     mirror batches on a CUDA side stream give the serial run's numbers (tests/test_schedule.py, eager
+#              and compiled; needs pytest)
 #   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
 #              step with the noise that settles B within 5 deg, serially and beside the next forward pass
 #              (a side stream), against plain torch (benchmarks/throughput.py)
@@ -22,7 +24,7 @@
 #   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
 #   mirror     the same as eager, wm + a mirror batch of as many noise samples as the training batch
 #   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
-#   compiled2  torch.compile: the rest of the rules (usf, brsf, frsf, ia)
+#   compiled2  torch.compile: the rest of the rules (usf, brsf, frsf, ia); not run unless named in STEPS
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"
@@ -37,7 +39,7 @@ if [[ -n "${SMOKE:-}" ]]; then
     LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
     VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
-    DEFAULT_STEPS="env eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
+    DEFAULT_STEPS="env beside eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
 else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
@@ -46,7 +48,7 @@ else
     LOADER=(--images 3072 --batch-size 256 --classes 16)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
-    DEFAULT_STEPS="env eager compiled recording vit mirror loader compiled2"
+    DEFAULT_STEPS="env beside eager compiled recording vit mirror loader"
 fi
 
 STEPS="${STEPS:-$DEFAULT_STEPS}"
@@ -84,6 +86,7 @@ if torch.cuda.is_available():
     print(f"bf16 8192^3 matmul: {2 * 8192**3 / timed(lambda: m @ m) / 1e12:.0f} TFLOP/s")
 EOF
 
+step beside 60 python3 -m pytest -p no:cacheprovider -q tests/test_schedule.py -k beside_learning_give
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
 step compiled 360 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \

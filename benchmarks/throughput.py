@@ -128,7 +128,7 @@ class Trainee:
         self.optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
         self.dtype = dtype
         self.mirror = mirror
-        self.mirrors = MirrorStream(next(net.parameters()).device) if beside else None
+        self.mirrors = MirrorStream(next(net.parameters()).device, beside)
 
     def autocast(self, device: torch.device) -> torch.autocast:
         return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
@@ -137,8 +137,7 @@ class Trainee:
         with self.autocast(x.device):
             loss = F.cross_entropy(self.model(x), target)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.mirrors is not None:
-            self.mirrors.join()
+        self.mirrors.join()
         loss.backward()
         self.optimizer.step()
         if self.mirror is not None:
@@ -146,7 +145,7 @@ class Trainee:
                 with self.autocast(x.device):
                     self.mirror.step(self.net)
 
-            batch() if self.mirrors is None else self.mirrors.launch(batch)
+            self.mirrors.launch(batch)
         return loss.detach()
 
 
@@ -255,9 +254,10 @@ def measure(trainees: dict[str, Trainee], x: Tensor, target: Tensor, steps: int,
 
 def table(mode: str, rows: dict[str, Row]) -> str:
     """One line per variant: median steps/s, median ratio to plain torch, lowest and highest round ratio."""
-    lines = [f"{'variant':<11}{mode + ' steps/s':>18}{'ratio':>8}{'lowest':>8}{'highest':>8}"]
+    width = max(11, *(len(name) + 1 for name in rows))
+    lines = [f"{'variant':<{width}}{mode + ' steps/s':>18}{'ratio':>8}{'lowest':>8}{'highest':>8}"]
     for name, row in rows.items():
-        lines.append(f"{name:<11}{row.steps_per_s:>18.3f}{row.ratio:>8.3f}{row.lowest:>8.3f}{row.highest:>8.3f}")
+        lines.append(f"{name:<{width}}{row.steps_per_s:>18.3f}{row.ratio:>8.3f}{row.lowest:>8.3f}{row.highest:>8.3f}")
     return "\n".join(lines)
 
 

@@ -111,16 +111,17 @@ def _pair_terms(feedback: list[Tensor], weights: list[Tensor]) -> Tensor:
 
         |B |W| - W |B||^2 = |B| |W| (|B - W|^2 - (|B| - |W|)^2)
 
-    (|B - W|^2 = |B|^2 + |W|^2 - 2 <B, W>), exactly 0 for B = W and as accurate as the chord's own form at small
-    angles (within 1e-7 degrees of a float64 reference on a million float32 entries)."""
+    (|B - W|^2 = |B|^2 + |W|^2 - 2 <B, W>), exactly 0 for B = W. On a million float32 entries it is within 1e-7
+    degrees of a float64 reference while |B| / |W| is within 0.5 to 2 (where KP's and WM's B settle), within about
+    1e-5 degrees at |B| / |W| = 10 (small angles there cancel against (|B| - |W|)^2)."""
     columns = []
     for b, w in zip(feedback, weights, strict=True):
-        mismatched = (((b > 0) != (w > 0)) | ((b < 0) != (w < 0))).sum() / b.numel()
+        mismatched = (((b > 0) != (w > 0)) | ((b < 0) != (w < 0))).sum(dtype=torch.float64) / b.numel()
         b, w = b.double(), w.double()
         nb, nw = torch.linalg.vector_norm(b), torch.linalg.vector_norm(w)
         distance2 = (b - w).square().sum()
         chord = ((distance2 - (nb - nw).square()).clamp(min=0) * nb * nw).sqrt()
-        columns.append(torch.stack([nb, nw, chord, mismatched.double()]))
+        columns.append(torch.stack([nb, nw, chord, mismatched]))
     return torch.stack(columns, dim=1)
 
 

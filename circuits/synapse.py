@@ -122,17 +122,18 @@ class FeedbackPathway(torch.autograd.Function):
     def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
                 stored_weight: Tensor | None, operator, rule: FeedbackRule) -> Tensor:
         """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
-        so torch.compile sees no duplicated input. Otherwise B as stored, not read before backward (cast there
-        to y's dtype under autocast): a mirror batch may change it between forward and backward (circuits.
-        mirror_stream), so a B without a gradient is kept as it is, not saved with its version; a B the optimizer
-        steps (after backward) is saved. `stored_weight`: W as stored (the
-        parameter), where `weight` is a cast of it (autocast) and the rule's backward reads W
-        (rule.saves_weight): saved in place of the cast, whose copy then need not live from forward to backward."""
+        so torch.compile sees no duplicated input. A stored B comes as stored and is first read, and cast to
+        the forward's dtype, in backward: a mirror batch may change it between forward and backward (circuits.
+        mirror_stream), so a B without a gradient is kept as it is (a ctx attribute: no version check; torch.compile
+        reads it at backward time too), while a B the optimizer steps (after backward) is saved with its version.
+        A B computed in forward (from W, or B times a mask) is cast there. `stored_weight`: W as stored (the
+        parameter), where `weight` is a cast of it (autocast) and the rule's backward reads W (rule.saves_weight):
+        saved in place of the cast, whose copy then need not live from forward to backward."""
         keep_weight = feedback is None or (rule.saves_weight and stored_weight is None)
         versioned = feedback is not None and feedback.requires_grad     # a B the optimizer steps after backward
         ctx.save_for_backward(y, weight if keep_weight else None, feedback if versioned else None, stored_weight)
         ctx.feedback = None if versioned else feedback      # read as it is at backward time (mirror batches)
-        ctx.operator, ctx.rule = operator, rule
+        ctx.operator, ctx.rule, ctx.dtype = operator, rule, weight.dtype
         ctx.has_bias = bias is not None
         return operator.forward(y, weight, bias)
 
@@ -144,7 +145,7 @@ class FeedbackPathway(torch.autograd.Function):
         learns = rule.learns_by_gradient and ctx.needs_input_grad[3]
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] or learns, ctx.has_bias and ctx.needs_input_grad[2])
         delta = delta.contiguous(memory_format=_memory_format(y))   # y's layout: none copied inside cuDNN
-        b = weight if feedback is None else feedback.to(y.dtype)     # B is first read here, in y's dtype
+        b = weight if feedback is None else feedback.to(ctx.dtype)     # a stored B is first read here
         grad_y, grad_w, grad_b = ctx.operator.backward(delta, y, b, mask)
         if grad_y is not None:
             grad_y = rule.signal(grad_y)
@@ -230,6 +231,8 @@ class Synapse(nn.Module):
             dtype = torch.get_autocast_dtype(device)
             y, weight = y.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+            if feedback is not None and feedback is not getattr(self, "B", None):    # a B computed now (from W)
+                feedback = feedback.to(dtype)
         stored_weight = self.weight if self.rule.saves_weight and weight is not self.weight else None
         return FeedbackPathway.apply(y, weight, bias, feedback, stored_weight, self.operator, self.rule)
 

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from .divergence import NONE, DivergenceError, all_finite, diagnose, message
 from .errors import CircuitError
-from .mirror_stream import MirrorStream
+from .mirror import mirrored
+from .mirror_stream import MirrorStream, check_beside
 from .network import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
@@ -89,7 +90,9 @@ class Trainer:
         )
         self.amp_dtype = getattr(torch, self.config.amp_dtype) if self.config.amp_dtype else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self._mirrors = MirrorStream(self.device) if self.config.mirror_beside_learning else None
+        self._mirrors = MirrorStream(self.device, beside=self.config.mirror_beside_learning)
+        if self.config.mirror_beside_learning:
+            check_beside(mirrored(self.circuit_net))
         self.recorder = recorder if _rank() == 0 else None
         self.hooks = list(hooks)   # called after each learning step, once every counter has moved on
         self._recording = False     # the recorder records inside fit() only
@@ -154,18 +157,16 @@ class Trainer:
             with self.autocast():
                 phase.step(self.net)
 
-        if self._mirrors is None:
-            batch()
-        else:
-            self._mirrors.launch(batch)
-            if self._recording and self.recorder.records(self.tick):
-                self._mirrors.join()
+        self._mirrors.launch(batch)
+        if self._recording:         # a recorder reads B at the ticks it records (any tick, if it does not say)
+            records = getattr(self.recorder, "records", None)
+            if records is None or records(self.tick):
+                self.join_mirror()
         self._record("mirror", None, self.optimizer.param_groups[0]["lr"])
 
     def join_mirror(self) -> None:
         """Let every mirror batch started so far finish before what comes next reads B (no host sync)."""
-        if self._mirrors is not None:
-            self._mirrors.join()
+        self._mirrors.join()
 
     def _record(self, phase: str, loss: Tensor | None, lr: float) -> None:
         if self._recording:

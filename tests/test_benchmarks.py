@@ -99,7 +99,6 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
         assert feedback & changed == (feedback if name in ("kp", "ia", "wm+mirror") else set()), name
 
 
-
 def test_the_mirror_beside_learning_trains_as_the_serial_mirror():
     """wm+mirror-beside holds each mirror batch until the next backward (on a CPU): after 3 steps B still waits for the
     last one, and once it ran every parameter is wm+mirror's, bit for bit."""
@@ -119,6 +118,7 @@ def test_the_mirror_beside_learning_trains_as_the_serial_mirror():
     beside.mirrors.join()
     for k, p in serial.net.named_parameters():
         assert torch.equal(p, dict(beside.net.named_parameters())[k]), k
+
 
 @pytest.mark.parametrize("argv", [["--rules", "xx"], ["--smoke", "--steps", "0"], ["--warmup", "-1"],
                                   ["--smoke", "--modes", "compiled", "--warmup", "0"],

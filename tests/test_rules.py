@@ -213,7 +213,6 @@ def test_kolen_pollack_is_decay_with_tie():
         assert relative(local, kp) < 1e-14
 
 
-
 def saved_during(net: torch.nn.Module, x: Tensor, target: Tensor) -> list[Tensor]:
     """The tensors autograd saves from forward to backward for one bf16-autocast step of `net` (which then runs)."""
     saved: list[Tensor] = []
