@@ -170,6 +170,11 @@ def test_embedding_gradient_is_the_scatter_add_of_the_error():
     assert weight.grad[2].abs().sum() == 0 and weight.grad[1].abs().sum() > 0
     with pytest.raises(circuits.CircuitError, match="noise cannot drive"):      # no mirror phase for indices
         circuits.Synapse(EmbeddingOperator(), (7, 3), False, rules.WeightMirror(), (3,))
+    user_built = circuits.Synapse(EmbeddingOperator(2), (7, 3), False, rules.FeedbackAlignment(), (3,))
+    user_built.load_state_dict({"weight": table.weight.detach(), "B": user_built.B.detach()})
+    with torch.autocast("cpu", torch.bfloat16):         # the indices stay indices; W's gradient comes back float32
+        user_built(idx).backward(delta.bfloat16())
+    torch.testing.assert_close(user_built.weight.grad, table.weight.grad, rtol=1e-2, atol=1e-2)
 
 
 def test_mirror_phases_align_B_with_W_on_token_inputs():
