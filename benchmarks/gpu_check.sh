@@ -86,10 +86,10 @@ if torch.cuda.is_available():
     print(f"bf16 8192^3 matmul: {2 * 8192**3 / timed(lambda: m @ m) / 1e12:.0f} TFLOP/s")
 EOF
 
-step beside 60 python3 -m pytest -p no:cacheprovider -q tests/test_schedule.py -k beside_learning_give
+step beside 90 python3 -m pytest -p no:cacheprovider -q tests/test_schedule.py -k beside_learning_give
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"
-step compiled 360 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
+step compiled 330 env TORCH_LOGS=recompiles,graph_breaks python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" \
     --modes compiled --mirror-angle 5 --rules ss dfa sa wm+mirror wm+mirror-beside --json "$OUT/compiled.json" \
     --profile "$OUT/profiles"
 step recording 90 python3 benchmarks/recording.py "${NET[@]}" --rule wm --steps 20 --warmup 3 --rounds 3
