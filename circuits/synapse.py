@@ -230,7 +230,8 @@ class Synapse(nn.Module):
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             y = y.to(dtype) if y.is_floating_point() else y        # indices stay indices
-            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+            weight = weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
             if feedback is not None and feedback is not getattr(self, "B", None):    # a B computed now (from W)
                 feedback = feedback.to(dtype)
         stored_weight = self.weight if self.rule.saves_weight and weight is not self.weight else None
