@@ -19,8 +19,8 @@ import numpy as np
 from matplotlib import cm, colormaps, colors, lines, ticker
 from matplotlib.figure import Figure
 
-from circuits import graph as schema
-from circuits.graph import error_name
+from circuits.graph import schema
+from circuits.graph.schema import error_name
 
 from .run import Run, Series
 from .stats import hidden_populations

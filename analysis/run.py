@@ -21,7 +21,7 @@ import h5py
 import networkx as nx
 import numpy as np
 
-from circuits import graph as schema
+from circuits.graph import schema
 from circuits.recording import PHASES, RecordingError, cut_short, open_recording, rows_within, strings
 
 
@@ -236,6 +236,6 @@ def _column(table: h5py.Dataset, field_name: str) -> list:
 
 
 def open_run(path: str | os.PathLike) -> Run:
-    """A read-only view of the recording at `path`; circuits.recorder.RecordingError if it is not one
+    """A read-only view of the recording at `path`; circuits.recording.recorder.RecordingError if it is not one
     (not HDF5, another layout, a newer layout version, truncated)."""
     return Run(path)

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from loader import images_per_second  # benchmarks/loader.py: run as a script, its folder is on sys.path
 
 import circuits
 from models import imagenet
 from models.imagenet_data import image_batches, synthetic_image_folder
-
-from loader import images_per_second     # benchmarks/loader.py: run as a script, its folder is on sys.path
 
 SMOKE = dict(arch="resnet8", rules=["bp", "wm"], batch_size=4, steps=2, warmup=1, images=24, image_size=32,
              workers=1, device="cpu")

@@ -1,7 +1,7 @@
 """How many mirror noise samples keep angle(B, W) under a target, and what they cost.
 
 For each weight-mirror projection of a torchvision ResNet converted to a circuit, prints the noise
-samples per mirror batch that let B settle within --angle degrees of W (circuits.mirror.samples_for_angle,
+samples per mirror batch that let B settle within --angle degrees of W (circuits.phases.mirror.samples_for_angle,
 from tan^2 theta = n lambda / (m P (2 - lambda))) and the mirror batch's multiply-adds as a fraction of
 one training step's (forward + backward, about 3 forwards, at --batch-size). With --measure it also runs
 mirror batches on the CPU and prints the angle each projection settles at, beside the prediction
@@ -20,7 +20,7 @@ import torchvision
 
 import circuits
 from circuits import rules
-from circuits.mirror import mirror_step, samples_for_angle, settled_angle
+from circuits.phases.mirror import mirror_step, samples_for_angle, settled_angle
 
 
 def angle(b: torch.Tensor, w: torch.Tensor) -> float:

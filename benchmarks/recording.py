@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from throughput import Trainee, parse_with_smoke, synchronize, workload
 from tqdm import tqdm
 
 import circuits
 from circuits import rules
-from circuits.alignment import alignment
-from circuits.recorder import Recorder
-from throughput import Trainee, parse_with_smoke, synchronize, workload
+from circuits.recording.alignment import alignment
+from circuits.recording.recorder import Recorder
 
 SMOKE = dict(batch_size=2, image_size=32, steps=4, warmup=1, rounds=2, probe_steps=2, device="cpu")
 """--smoke: tiny sizes on CPU; flags given explicitly still win."""
@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
               f"{min(paired):>9.2%}{max(paired):>9.2%}{sizes.get(key, 0):>14}")
     eager, compiled, floor = metric_seconds(net, x.device)
     step = sum(elapsed["off"]) / (args.rounds * args.steps)
-    print(f"per step: unrecorded {step * 1e3:.1f} ms; the metrics of every projection (circuits.alignment.alignment) "
+    print(f"per step: unrecorded {step * 1e3:.1f} ms; the metrics of every projection "
+          f"(circuits.recording.alignment.alignment) "
           f"{eager * 1e3:.1f} ms ({eager / step:.1%}), compiled {compiled * 1e3:.1f} ms ({compiled / step:.1%}); "
           f"reading B and W once (one torch._foreach_norm, the floor of any exact metric) {floor * 1e3:.1f} ms "
           f"({floor / step:.1%})")

@@ -2,14 +2,14 @@
 
 Variants: "torch" is the torchvision net trained by plain autograd; every other row is the same net
 (same initial weights) converted by circuits.from_torch under one feedback rule, whose backward pass
-sends the error through B instead of W^T (circuits.synapse.FeedbackPathway). One training step is
+sends the error through B instead of W^T (circuits.rules.synapse.FeedbackPathway). One training step is
 
     forward under autocast -> cross-entropy on synthetic labels -> backward -> SGD(momentum 0.9) step
 
 over net.parameters() for every variant (under KP that includes B), on one fixed synthetic batch in
 channels_last. "wm+mirror" adds one weight-mirror batch (circuits.mirror_step, paper eq. 7: noise
 drives every WM projection and B learns) after every learning step, under the same autocast;
-"wm+mirror-beside" runs that batch beside the next step's forward pass (circuits.mirror_stream: a side
+"wm+mirror-beside" runs that batch beside the next step's forward pass (circuits.phases.mirror_stream: a side
 stream on CUDA; on a CPU the same work in the same order).
 
 Steps per second are timed with time.perf_counter around a block of steps (torch.cuda.synchronize
@@ -49,7 +49,7 @@ from tqdm import tqdm
 import circuits
 import models
 from circuits import rules
-from circuits.mirror_stream import MirrorStream
+from circuits.phases.mirror_stream import MirrorStream
 
 BASELINE = "torch"
 MIRROR_VARIANT = "wm+mirror"
@@ -71,7 +71,7 @@ class Variant:
     name: str
     rule: str | None = None
     mirror: bool = False
-    beside: bool = False     # the mirror batch runs beside the next forward (circuits.mirror_stream)
+    beside: bool = False     # the mirror batch runs beside the next forward (circuits.phases.mirror_stream)
 
 
 def variants(names: Sequence[str]) -> list[Variant]:
@@ -272,14 +272,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round"
     )
-    p.add_argument("--rules", nargs="+", choices=[*rules.RULES, *MIRROR_VARIANTS], default=[*rules.RULES, *MIRROR_VARIANTS],
+    variants = [*rules.RULES, *MIRROR_VARIANTS]
+    p.add_argument("--rules", nargs="+", choices=variants, default=variants,
                    help="circuit variants, each timed against plain torch")
     p.add_argument("--mirror-batch-size", type=int, default=None,
                    help=f"noise samples per projection in the mirror batch of {' and '.join(MIRROR_VARIANTS)} "
                         "(default: the training batch size, as models.imagenet runs it)")
     p.add_argument("--mirror-angle", type=float, default=None,
                    help="instead, each projection draws the noise samples that settle B within this angle of W "
-                        "(circuits.mirror.samples_for_angle)")
+                        "(circuits.phases.mirror.samples_for_angle)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast (falls back to float32 where it does not run) or float32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="memory format")
@@ -405,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Row]]:
             args.profile.mkdir(parents=True, exist_ok=True)
             for variant, trainee in trainees.items():
                 path = args.profile / f"{mode}_{variant}.txt"
-                print(f"profile, {mode} {variant}: {profile(trainee, x, target, args.steps, path)} ({path})", flush=True)
+                summary = profile(trainee, x, target, args.steps, path)
+                print(f"profile, {mode} {variant}: {summary} ({path})", flush=True)
         for variant, reasons in breaks.items():
             if reasons:
                 listed = "; ".join(f"{n}x {reason.splitlines()[0]}" for reason, n in reasons.most_common())

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import circuits
-from circuits.alignment import angle
+from circuits.recording.alignment import angle
 from models.resnet import resnet18
 
 

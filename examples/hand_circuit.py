@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import circuits
 from circuits import rules
-from circuits.alignment import angle
+from circuits.recording.alignment import angle
 from models import data
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 import circuits
 from circuits import rules
-from circuits.alignment import angle
+from circuits.recording.alignment import angle
 from models import data
 from models.convnet import convnet
 

@@ -6,7 +6,7 @@
 Every weight-mirror projection's input population fires its own zero-mean noise y_l; the projection
 responds linearly, y_{l+1} = W y_l; B learns by dB = eta_B y_{l+1} y_l^T - lambda_B B (the paper's
 eq. 7), so E[B] -> (eta_B sigma^2 / lambda_B) W. From a random B (about 90 degrees from W) the angle
-falls and settles where the noise of the estimate balances the decay; circuits.mirror.settled_angle
+falls and settles where the noise of the estimate balances the decay; circuits.phases.mirror.settled_angle
 predicts that floor from the fan-in, the kernel positions, the batch size and lambda_B.
 """
 import argparse
@@ -14,8 +14,8 @@ import argparse
 import torch
 
 import circuits
-from circuits.mirror import settled_angle
-from circuits.alignment import angle
+from circuits.phases.mirror import settled_angle
+from circuits.recording.alignment import angle
 from models.resnet import resnet20
 
 

@@ -76,7 +76,8 @@ def main(argv=None) -> dict[str, dict]:
     summary = compare.summarize(compare.train_all(runs, train_one, progress=False))
     command = "python examples/vit_rules.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command.strip()}: ViT on the MNIST subset ({len(split.train):,} training, {len(split.test):,} test "
-          f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.learning_rate:g} momentum 0.9, cosine; "
+          f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.learning_rate:g} momentum 0.9, "
+          f"cosine; "
           f"KP lambda {config.kp_decay:g}, WM eta_B = lambda_B = {config.wm_decay:g}, {config.mirror_batch} noise "
           f"samples per mirror batch; seeds {', '.join(map(str, config.seeds))}\n")
     print(table(summary))

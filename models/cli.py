@@ -72,8 +72,8 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
     hints = typing.get_type_hints(config)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(config):
-        meta = {"help": "", "choices": None, "type": None, "group": None, "positional": False, "cli": True, "empty": False,
-                **f.metadata}
+        meta = {"help": "", "choices": None, "type": None, "group": None, "positional": False, "cli": True,
+                "empty": False, **f.metadata}
         if not meta["cli"]:
             continue
         target = parser if meta["group"] is None else groups.setdefault(

@@ -12,7 +12,7 @@ The rules' own settings: Kolen-Pollack decay lambda (W and B both decay, so W - 
 (1 - eta lambda) per step); weight mirror eta_B = lambda_B (so B -> W) with the authors' cadence,
 one epoch's worth of mirror batches before any data, then one mirror batch after every learning step.
 
-Written to --out: runs/<rule>-seed<seed>.h5 (circuits.recorder.Recorder: every step's angle(B, W), loss,
+Written to --out: runs/<rule>-seed<seed>.h5 (circuits.recording.recorder.Recorder: every step's angle(B, W), loss,
 probes of the errors against backprop), results.json (every run's test accuracy and
 angle(B, W) per projection after every epoch), results.md (mean and spread over seeds, beside the authors' numbers,
 and whether the paper's claims hold here) and report/ (`python -m analysis report` of the first
@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
-from circuits.alignment import angle
-from circuits.recorder import Recorder
+from circuits.recording.alignment import angle
+from circuits.recording.recorder import Recorder
 
 from . import data
 from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse

@@ -14,7 +14,6 @@ import circuits
 from circuits import rules
 
 
-
 def convnet(input_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = (16, 32), kernel_size: int = 5,
             classes: int = 10, activation: str = "relu", rule: rules.RuleLike = "bp",
             rules_by_layer: Mapping[str, rules.RuleLike] | None = None, name: str = "convnet") -> circuits.Circuit:

@@ -14,10 +14,10 @@ large batches) is the default; every value is a flag. See docs/imagenet.md for t
 
 Distributed: one process per GPU under torchrun, DistributedDataParallel (NCCL on GPU, gloo on CPU).
 DDP all-reduces the autograd gradients, which include B's under Kolen-Pollack; weight-mirror updates of
-B happen outside autograd and are all-reduced by circuits.mirror.mirror_step. Only rank 0 prints and
+B happen outside autograd and are all-reduced by circuits.phases.mirror.mirror_step. Only rank 0 prints and
 writes checkpoints.
 
-Rank 0 records the run to OUT/run.h5 (circuits.recorder.Recorder: loss, lr, alignment of B and W per
+Rank 0 records the run to OUT/run.h5 (circuits.recording.recorder.Recorder: loss, lr, alignment of B and W per
 projection every --record-every ticks, error and update angles to backprop on a fixed validation batch
 every --probe-every steps, top-1/top-5 after each epoch). Checkpoints (OUT/checkpoint.pt, replaced
 atomically) are taken between learning steps every --checkpoint-every steps and after each epoch:
@@ -29,7 +29,7 @@ run keeps every evaluation row. Rank 0 holds OUT/checkpoint.pt.lock while it run
 the same folder is refused.
 
 Divergence: a non-finite loss or parameter stops the run with a DivergenceError naming the step (see
-circuits.trainer); every checkpoint is checked first, so none is ever written from a non-finite state
+circuits.phases.trainer); every checkpoint is checked first, so none is ever written from a non-finite state
 and the last good one survives.
 """
 from __future__ import annotations
@@ -54,11 +54,11 @@ from tqdm.auto import tqdm
 
 import circuits
 from circuits import rules
-from circuits.divergence import DivergenceError
-from circuits.recorder import Recorder
+from circuits.phases.divergence import DivergenceError
+from circuits.phases.schedule import Schedule
+from circuits.phases.trainer import rng_state, set_rng_state
 from circuits.recording import RecordingError, WriterLock
-from circuits.schedule import Schedule
-from circuits.trainer import rng_state, set_rng_state
+from circuits.recording.recorder import Recorder
 
 from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .imagenet_data import Batches, DatasetError, image_batches
@@ -89,8 +89,8 @@ class Recipe:
     momentum: float = option(0.9, type=NON_NEGATIVE)
     weight_decay: float = option(1e-4, type=NON_NEGATIVE)
     lr_schedule: str = option("step", choices=("step", "cosine"))
-    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1 (none: no drops)", type=COUNT,
-                                           empty=True)
+    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1 (none: no drops)",
+                                           type=COUNT, empty=True)
     warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
                                                "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
     image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)
@@ -106,7 +106,7 @@ class Recipe:
     checkpoint_every: int = option(1000, "learning steps between checkpoints", type=POSITIVE_INT)
     resume: bool = option(False, "continue the run saved in OUT/checkpoint.pt")
     progress: bool = True
-    record: bool = option(True, "record to OUT/run.h5 (circuits.recorder.Recorder), rank 0")
+    record: bool = option(True, "record to OUT/run.h5 (circuits.recording.recorder.Recorder), rank 0")
     record_every: int = option(10, "ticks (learning steps and mirror batches) between recorded rows",
                                type=POSITIVE_INT)
     probe_every: int = option(1000, "learning steps between recorded error/update angles to backprop on a fixed "
@@ -122,7 +122,8 @@ class Recipe:
     mirror_warmup: int | None = option(None, "mirror batches before learning (None: one epoch's worth of steps)",
                                        type=COUNT, group=WM)
     mirror_beside: bool = option(False, "run each mirror batch on a CUDA side stream beside the next forward pass "
-                                        "(circuits.mirror_stream; the same numbers as the serial order)", group=WM)
+                                        "(circuits.phases.mirror_stream; the same numbers as the serial order)",
+                                 group=WM)
     kp_decay: float = option(0.0, "decay of W and B beyond --weight-decay, which already applies to both",
                              type=NON_NEGATIVE, group=KP)
 

@@ -31,11 +31,11 @@ def mlp(sizes: Sequence[int] = (784, 500, 10), activation: str = "sigmoid", rule
     layer_rules = circuits.LayerRules(rules_by_layer)
     c = circuits.Circuit(name, rule=rule)
     pre = c.input("retina", shape=(sizes[0],))
-    for l, n in enumerate(sizes[1:], start=1):
-        last = l == len(sizes) - 1
+    for layer, n in enumerate(sizes[1:], start=1):
+        last = layer == len(sizes) - 1
         post = c.population(
-            "output" if last else f"hidden{l}", shape=(n,), activation=output_activation if last else activation
+            "output" if last else f"hidden{layer}", shape=(n,), activation=output_activation if last else activation
         )
-        c.connect(pre, post, circuits.Dense(), rule=layer_rules(f"fc{l}"), name=f"fc{l}")
+        c.connect(pre, post, circuits.Dense(), rule=layer_rules(f"fc{layer}"), name=f"fc{layer}")
         pre = post
     return layer_rules.finish(c)

@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 import circuits
 from circuits import rules
-from circuits.projections import window_output_size
-
+from circuits.graph.projections import window_output_size
 
 RESNETS: dict[int, tuple[str, tuple[int, ...]]] = {
     18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),

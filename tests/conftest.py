@@ -49,7 +49,8 @@ def converted(named: dict, torch_name: str) -> list:
     a parameter an operation holds proj.<operation>.held_<name>."""
     flat = torch_name.replace(".", "_")
     return [v for key, v in named.items()
-            if key.replace(".", "_").replace("held_", "") == f"proj_{flat}" or key.replace(".", "_").endswith(f"_held_{flat}")]
+            if key.replace(".", "_").replace("held_", "") == f"proj_{flat}"
+            or key.replace(".", "_").endswith(f"_held_{flat}")]
 
 
 def mirror_moves_every_B(net, batch_size: int) -> None:
@@ -60,4 +61,5 @@ def mirror_moves_every_B(net, batch_size: int) -> None:
     assert before, "no projection learns in mirror phases"
     circuits.mirror_step(net, batch_size=batch_size)
     after = {n: s.feedback.detach() for n, s in net.projections() if n in before}
-    assert [n for n in before if torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n])] == list(before)
+    moved = [n for n in before if torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n])]
+    assert moved == list(before)

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 import circuits
 from analysis import figures, open_run, stats
 from analysis.__main__ import main
-from circuits.recorder import Recorder
 from circuits.recording import RecordingError
+from circuits.recording.recorder import Recorder
 from models.data import digits
 from models.mlp import mlp
 

@@ -8,11 +8,10 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ResidualNet
 
 import circuits
 from circuits import rules
-
-from conftest import ResidualNet
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 _spec = importlib.util.spec_from_file_location("throughput", _PATH)
@@ -109,11 +108,13 @@ def test_the_mirror_beside_learning_trains_as_the_serial_mirror():
         if variant.mirror:
             torch.manual_seed(0)        # the same noise
             net = throughput.build(variant, model, (1, 8, 8))
-            trainees[variant.name] = throughput.Trainee(net, False, None, circuits.Mirror(1, batch_size=3), variant.beside)
+            mirror = circuits.Mirror(1, batch_size=3)
+            trainees[variant.name] = throughput.Trainee(net, False, None, mirror, variant.beside)
             for _ in range(3):
                 trainees[variant.name].step(x, target)
     serial, beside = (trainees[name] for name in throughput.MIRROR_VARIANTS)
-    waiting = [k for k, p in serial.net.named_parameters() if not torch.equal(p, dict(beside.net.named_parameters())[k])]
+    beside_parameters = dict(beside.net.named_parameters())
+    waiting = [k for k, p in serial.net.named_parameters() if not torch.equal(p, beside_parameters[k])]
     assert waiting and all(k.endswith(".B") for k in waiting)
     beside.mirrors.join()
     for k, p in serial.net.named_parameters():
@@ -138,7 +139,7 @@ def test_recording_benchmark_times_every_variant_and_the_metrics(tmp_path, capsy
     rates = recording.main(["--smoke", "--rule", "wm", "--out", str(tmp_path)])
     assert list(rates) == ["off", "record", "record+probe", "compiled"] and all(r > 0 for r in rates.values())
     out = capsys.readouterr().out
-    assert "the metrics of every projection (circuits.alignment.alignment)" in out and "%), compiled " in out
+    assert "the metrics of every projection (circuits.recording.alignment.alignment)" in out and "%), compiled " in out
     with h5py.File(tmp_path / "record.h5") as eager, h5py.File(tmp_path / "compiled.h5") as compiled:
         assert list(eager["alignment"]) == list(compiled["alignment"])     # every projection, both ways
         assert len(compiled["steps/tick"]) == len(eager["steps/tick"]) > 0

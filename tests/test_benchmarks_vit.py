@@ -1,8 +1,7 @@
 """benchmarks/throughput.py on transformers: vit_small (models.ViT) timed under each rule against plain torch."""
 import torch
-from torch import nn
-
 from test_benchmarks import throughput
+from torch import nn
 
 
 def test_vit_small_prints_a_ratio_row_per_rule(capsys):

@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
+from conftest import converted, mirror_moves_every_B
 from torch import nn
 
 import circuits
-from circuits import graph
-from conftest import converted, mirror_moves_every_B
+from circuits.graph import schema as graph
 
 F = nn.functional
 
@@ -151,7 +151,7 @@ def test_tokens_by_channels_convert_exactly_with_shape_ops_and_norms():
 def test_weight_mirror_noise_on_tokens_learns_the_mean_over_positions():
     """On an N-D population the same W acts at every position: the mirror's correlation averages over positions,
     so B -> (eta sigma^2 / lambda) W as for a 1-D population (not T times that)."""
-    from circuits import mirror
+    from circuits.phases import mirror
     net = circuits.from_torch(nn.Linear(6, 4), rule="wm", input_shape=(10, 6)).build()
     synapse = net.projection("linear")
     assert synapse.in_shape == (10, 6) and float(synapse.positions) == 10
@@ -206,7 +206,7 @@ def test_junctions_compute_torchs_op_and_pass_its_exact_derivative():
 
 
 def test_a_junction_in_a_hand_built_circuit():
-    from circuits.operations import Operand, Operation
+    from circuits.graph.operations import Operand, Operation
     c = circuits.Circuit("gate")
     x = c.input("x", shape=(4,))
     a, b = c.population("a", shape=(3,)), c.population("b", shape=(3,), activation="sigmoid")

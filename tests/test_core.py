@@ -4,12 +4,12 @@ import copy
 import networkx as nx
 import pytest
 import torch
+from conftest import MODELS
 from torch import nn
 
 import circuits
 from circuits import rules
-from circuits.network import module_key
-from conftest import MODELS
+from circuits.graph.network import module_key
 
 
 def converted(name: str, rule="bp", dtype=torch.float64):

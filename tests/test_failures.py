@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ResidualNet
 
 import circuits
 from analysis import open_run, report, stats
-from circuits.recorder import Recorder
 from circuits.recording import RecordingError, WriterLock, cut_short, open_recording, rows_within
-from conftest import ResidualNet
+from circuits.recording.recorder import Recorder
 from models.mlp import mlp
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import circuits
-from circuits import mirror, rules
+from circuits import rules
+from circuits.phases import mirror
 from models.mlp import mlp
 
 

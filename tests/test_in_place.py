@@ -4,14 +4,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ResidualNet
 from torch import nn
 
 import circuits
 from circuits import rules
-from circuits.alignment import angle
-from circuits.recorder import Recorder
-from circuits.synapse import EmbeddingOperator, FeedbackPathway
-from conftest import ResidualNet
+from circuits.recording.alignment import angle
+from circuits.recording.recorder import Recorder
+from circuits.rules.synapse import EmbeddingOperator, FeedbackPathway
 
 LAYER_LOCAL = [name for name, rule in rules.RULES.items() if not rule.direct]
 

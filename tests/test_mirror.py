@@ -6,11 +6,11 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ResidualNet
 from torch import nn
 
 import circuits
 from circuits import rules
-from conftest import ResidualNet
 
 
 def angle(b: torch.Tensor, w: torch.Tensor) -> float:
@@ -127,7 +127,7 @@ def test_distributed_ranks_end_mirror_phases_with_identical_B():
 
 def test_settled_angle_formula_matches_measurement():
     """tan^2 theta = n lambda / (m P (2 - lambda)) against the angle B actually settles at, per layer."""
-    from circuits.mirror import mirror_step, settled_angle
+    from circuits.phases.mirror import mirror_step, settled_angle
     net = circuits.from_torch(
         ResidualNet(8), rule=rules.WeightMirror(eta=0.05, decay=0.05), input_shape=(1, 8, 8)
     ).build()
@@ -147,7 +147,7 @@ def test_settled_angle_formula_matches_measurement():
 
 
 def test_mirror_with_target_angle_gives_each_projection_its_own_noise_samples():
-    from circuits.mirror import samples_for_angle
+    from circuits.phases.mirror import samples_for_angle
     net = residual_wm()
     sizes = {name: samples_for_angle(s, 4.0) for name, s in net.projections()}
     assert sizes["conv1"] < sizes["conv3"] < sizes["fc"]            # resolution helps, width costs
@@ -167,7 +167,7 @@ def one_layer(rule):
 
 def test_released_variants_sigmoid_response_summed_and_no_decay():
     """decay 0, response sigmoid(W y + b), correlation summed over the batch: B += eta sum_n s_n y_n^T."""
-    from circuits.mirror import correlation, mirror_step, samples_for_angle, settled_angle
+    from circuits.phases.mirror import correlation, mirror_step, samples_for_angle, settled_angle
     rule = rules.WeightMirror(sigma=0.1, eta=0.01, decay=0.0, noise="uniform", response="sigmoid", reduction="sum")
     net = one_layer(rule)
     s = net.projection("fc1")

@@ -14,10 +14,10 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import circuits
-from circuits.alignment import alignment
-from circuits.mirror import mirror_step, mirrored
-from circuits.recorder import Recorder
+from circuits.phases.mirror import mirror_step, mirrored
 from circuits.recording import key, open_recording
+from circuits.recording.alignment import alignment
+from circuits.recording.recorder import Recorder
 
 MIRROR_OPS = 300
 RECORDING_OPS = 200

@@ -31,8 +31,10 @@ def test_readme_python_blocks_run_in_order(tmp_path):
 
 def test_the_readme_layout_names_every_module():
     layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
-    modules = [p for package in ("circuits", "models", "analysis") for p in sorted((ROOT / package).glob("*.py"))
+    modules = [p for package in ("circuits", "models", "analysis") for p in sorted((ROOT / package).rglob("*.py"))
                if p.name not in ("__init__.py", "__main__.py")]
+    packages = sorted(p.parent.name for p in (ROOT / "circuits").glob("*/__init__.py"))
+    assert [name for name in packages if f"`{name}/`" not in layout] == [], "README's layout names every subpackage"
     missing = [f"{p.parent.name}/{p.name}" for p in modules if f"`{p.name}`" not in layout]
     assert not missing, f"README's layout section does not name {missing}"
     named = set(re.findall(r"`(\w+\.py)`", layout))

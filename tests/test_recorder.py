@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ResidualNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import circuits
-from circuits.alignment import alignment
-from circuits import recording_file as recording
-from circuits.recorder import Recorder, RecordingError, open_recording
-from conftest import ResidualNet
+from circuits.recording import file as recording
+from circuits.recording.alignment import alignment
+from circuits.recording.recorder import Recorder, RecordingError, open_recording
 from models.mlp import mlp
 
 
@@ -101,7 +101,8 @@ def test_rows_hold_the_angles_a_numpy_reference_computes(tmp_path, compiled):
 
 def test_compiled_metrics_sum_in_float64():
     """Compiled, the metrics of float32 weights are float64 sums: within float32 rounding (1e-6) of numpy's on a
-    million-entry sign-symmetry B (entries of one magnitude), where eager torch's float32 sums on a CPU drift by 2e-4."""
+    million-entry sign-symmetry B (entries of one magnitude), where eager torch's float32 sums on a CPU drift by
+    2e-4."""
     c = circuits.Circuit()
     x = c.input("x", shape=(1000,))
     c.connect(x, c.population("y", shape=(1000,)), circuits.Dense(), rule="ss")

@@ -38,7 +38,7 @@ def authors_backpropagate(rule, weights, biases, backward_weights, x, y):
     delta = activations[-1] - y                                          # FCNN_BP.py lines 182-184
     del_b[-1] = np.expand_dims(np.mean(delta, axis=1), axis=1)           # FCNN_BP.py line 185
     del_w[-1] = np.matmul(delta, activations[-2].T)                      # FCNN_BP.py line 186
-    for l in range(2, num_layers):                                       # FCNN_BP.py line 191, FCNN_FA.py line 126
+    for l in range(2, num_layers):  # noqa: E741 (the authors' name) FCNN_BP.py line 191, FCNN_FA.py line 126
         out = outs[-l]
         delta_activation = sigmoid(out) * (1 - sigmoid(out))             # FCNN_BP.py line 63 (delta_sigmoid)
         if rule == "bp":
@@ -110,7 +110,7 @@ def test_released_settings_reproduce_the_authors_update_equations_on_one_batch(r
         torch.manual_seed(7)
         noise = [torch.rand(reproduce.BATCH, w.shape[1], dtype=torch.float64).numpy().T for w in expected[0]]
         torch.manual_seed(7)
-        circuits.mirror.mirror_step(net, reproduce.BATCH)
+        circuits.phases.mirror.mirror_step(net, reproduce.BATCH)
         expected = (expected[0], expected[1],
                     authors_mirror(expected[0], expected[1], [b.copy() for b in expected[2]], noise, reproduce.BATCH))
     compared = 2 if rule == "bp" else 3               # BP has no B of its own: its B is W

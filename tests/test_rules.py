@@ -8,17 +8,17 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ResidualNet
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 import circuits
 from analysis import figures, open_run, report
 from circuits import rules
-from circuits.mirror import correlation
-from circuits.alignment import angle
-from circuits.recorder import Recorder
-from circuits.synapse import ConvOperator, DenseOperator
-from conftest import ResidualNet
+from circuits.phases.mirror import correlation
+from circuits.recording.alignment import angle
+from circuits.recording.recorder import Recorder
+from circuits.rules.synapse import ConvOperator, DenseOperator
 from models.data import digits
 from models.mlp import mlp
 

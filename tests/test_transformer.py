@@ -3,14 +3,14 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from conftest import converted
 
 import circuits
 import models
 from circuits import rules
-from circuits.alignment import angle
+from circuits.recording.alignment import angle
 from models import data
 from models.transformer import CharTransformer, ViT, lm_loss
-from conftest import converted
 
 TINY = dict(dim=16, depth=1, heads=2, mlp_dim=32)
 RULES = ("bp", "fa", "kp", "wm")
@@ -143,7 +143,7 @@ def test_python_source_is_deterministic_text_in_shifted_windows(text):
 def test_a_vit_run_is_recorded_and_reported_with_its_junctions(tmp_path, mnist):
     from analysis import open_run
     from analysis.__main__ import main as analysis_main
-    from circuits.recorder import Recorder
+    from circuits.recording.recorder import Recorder
 
     torch.manual_seed(0)
     net = models.vit("wm", **TINY)

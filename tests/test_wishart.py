@@ -4,8 +4,8 @@ import torch
 
 import circuits
 from circuits import rules
-from circuits.alignment import angle
-from circuits.mirror import correlation, mirror_step, settled_angle
+from circuits.phases.mirror import correlation, mirror_step, settled_angle
+from circuits.recording.alignment import angle
 
 DRAWS = 4000
 

@@ -1,12 +1,13 @@
 """Every feedback rule trains a step on every converted torchvision model (small inputs; exactness is
-tests/test_convert.py's and tests/test_core.py's; AlexNet's and VGG's classifiers narrowed here): the loss and every parameter stay finite, every synaptic W learns (under direct
+tests/test_convert.py's and tests/test_core.py's; AlexNet's and VGG's classifiers narrowed here): the loss and every
+parameter stay finite, every synaptic W learns (under direct
 feedback at least the readout), and a weight-mirror net takes a mirror batch."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import mirror_moves_every_B
 
 import circuits
-from conftest import mirror_moves_every_B
 
 torchvision = pytest.importorskip("torchvision")
 ZOO = {"alexnet": (64, {}), "vgg11": (32, {}), "squeezenet1_0": (48, {}), "mobilenet_v2": (32, {}),
@@ -47,8 +48,9 @@ def test_every_rule_trains_a_step_on_each_converted_model(arch):
 
 
 def _transformers():
-    from models.transformer import CharTransformer, ViT, lm_loss
     from test_convert import CausalSelfAttention
+
+    from models.transformer import CharTransformer, ViT, lm_loss
 
     tiny = dict(dim=16, depth=1, heads=2, mlp_dim=32)
     yield "vit", ViT(**tiny), (1, 28, 28), torch.randn(2, 1, 28, 28), torch.tensor([1, 3]), F.cross_entropy

@@ -2,7 +2,7 @@
 
 One learning step: a data batch forward, the loss's error back through every B (the circuit's
 backward pass), then the optimizer step on W (and on B under Kolen-Pollack). One mirror batch:
-circuits.mirror.mirror_step, no data. Between epochs: the schedule's sleep phase, the
+circuits.phases.mirror.mirror_step, no data. Between epochs: the schedule's sleep phase, the
 learning-rate schedule, evaluation. The trainer calls its recorder (rank 0 only) through
 begin / step / evaluate / close, and saves everything needed to resume in state_dict().
 
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import CircuitError
+from ..graph.network import unwrap
 from .divergence import NONE, DivergenceError, all_finite, diagnose, message
-from .errors import CircuitError
 from .mirror import mirrored
 from .mirror_stream import MirrorStream, check_beside
-from .network import unwrap
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
@@ -60,7 +60,7 @@ class TrainerConfig:
     progress: bool = True
     check_every: int = 50              # learning steps between reads of the finite-loss flag (one host sync)
     nonfinite: str = "raise"           # a non-finite loss or gradient: "raise" DivergenceError, or "skip" the step
-    mirror_beside_learning: bool = False   # a mirror batch may run beside the next forward (circuits.mirror_stream)
+    mirror_beside_learning: bool = False   # a mirror batch may run beside the next forward (phases.mirror_stream)
     extra: dict[str, Any] = field(default_factory=dict)   # recorded with the run
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Recording a run to one self-describing HDF5 file: what the circuit learns, step by step.
 
 The trainer calls begin / step / evaluate / close (docs/recording.md has the file's layout, circuits.recording
-its constants and reader, circuits.alignment the metrics). A row holds:
+its constants and reader, circuits.recording.alignment the metrics). A row holds:
 
 - every `every` ticks (learning steps and mirror batches): loss, learning rate, phase, examples
   seen, wall time; and per synaptic projection with a B in W's layout angle(B, W), |B| / |W| and
@@ -18,7 +18,7 @@ its constants and reader, circuits.alignment the metrics). A row holds:
   error delta of chosen populations on the first examples of the probe batch.
 
 Metrics are computed on the circuit's device, buffered there, and copied to the host once per block
-of rows (one torch.stack and one .cpu(), no .item() per metric); circuits.recording_file appends the
+of rows (one torch.stack and one .cpu(), no .item() per metric); circuits.recording.file appends the
 blocks (SWMR: readers follow the growing file; a killed run keeps every flushed row). A run resumed
 from a checkpoint (load_state_dict before begin) continues the same file with no missing or repeated
 rows; an existing file is never overwritten; one writer at a time (begin() locks `<path>.lock`).
@@ -40,12 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..graph.network import CircuitNet, Trace, unwrap
+from ..rules.synapse import Synapse
 from .alignment import _angles, _pair_norms, alignment
-from .network import CircuitNet, Trace, unwrap
-from .recording import (LAYOUT_VERSION, METRICS, PHASES, TABLES, RecordingError, WriterLock, key,
-                        open_recording)
-from .recording_file import Contents, RecordingFile, as_json, creation_error, versions, write_circuit
-from .synapse import Synapse
+from .file import Contents, RecordingFile, as_json, creation_error, versions, write_circuit
+from .layout import LAYOUT_VERSION, METRICS, PHASES, TABLES, RecordingError, WriterLock, key, open_recording
 
 Steps = Union[int, Iterable[int]]
 """When something happens: an int n is every n-th learning step (step % n == 0), else those steps."""
@@ -79,8 +78,9 @@ class Recorder:
         named in `activity` on the first `activity_samples` probe examples (int: every n-th step).
     metrics: the evaluation metrics evaluate() receives; seeds: extra seeds to store with the run.
     block: rows buffered per table before a write; flush_seconds: the longest a row waits for a flush.
-    compiled: compute the alignment metrics with torch.compile (circuits.alignment.alignment(compiled=True): two
-        fused passes over B and W instead of a dozen, compiled at the first recorded step, summed in float64).
+    compiled: compute the alignment metrics with torch.compile (circuits.recording.alignment.alignment(
+        compiled=True): two fused passes over B and W instead of a dozen, compiled at the first
+        recorded step, summed in float64).
     """
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1,
@@ -335,8 +335,8 @@ class Recorder:
         def shape(values: Sequence[int]) -> str:
             return json.dumps(list(values))
 
-        populations = [(p.name, shape(p.shape), p.activation, p.is_input, repr(p.junction) if p.junction is not None else "")
-                       for p in circuit.populations()]
+        populations = [(p.name, shape(p.shape), p.activation, p.is_input,
+                        repr(p.junction) if p.junction is not None else "") for p in circuit.populations()]
         projections = [(name, pre, post, type(projection).__name__, repr(projection), projection.synaptic,
                         *rule_texts(rule), shape(module.weight.shape) if isinstance(module, Synapse) else "")
                        for name, pre, post, projection, rule in circuit.projections()

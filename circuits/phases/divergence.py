@@ -12,7 +12,7 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import Tensor
 
-from .network import CircuitNet, Trace
+from ..graph.network import CircuitNet, Trace
 
 NONE = torch.iinfo(torch.int64).max
 """'No non-finite step yet' in the device flag that keeps the first non-finite step."""

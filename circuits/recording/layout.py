@@ -1,6 +1,6 @@
 """The recording file: its layout, and reading it. Needs numpy and h5py, not torch.
 
-One HDF5 file per run (circuits.recorder.Recorder writes it; docs/recording.md has the full layout).
+One HDF5 file per run (circuits.recording.recorder.Recorder writes it; docs/recording.md has the full layout).
 Every row dataset is chunked and resizable along its first axis, indexed by the tick (one learning step
 or one mirror batch), and carries `units`, `description` and `index` attributes. The root holds
 `layout` = LAYOUT and `layout_version` = LAYOUT_VERSION; readers refuse other layouts and newer versions.

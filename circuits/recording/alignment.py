@@ -6,9 +6,9 @@ For flattened tensors u and v:
                   (exact 0 for u = v, accurate near 0 where arccos of a rounded cosine is not)
 
 Every metric of a list of pairs is computed by a fixed handful of foreach ops per wave of pairs
-(torch._foreach_norm and friends: one op for many pairs), not by ops per pair; alignment(..., compiled=True) instead writes the
-synapses' metrics pair by pair for torch.compile to fuse (one pass over B and W, float64 sums: the device
-must have float64, as CUDA devices and CPUs do).
+(torch._foreach_norm and friends: one op for many pairs), not by ops per pair; alignment(..., compiled=True)
+instead writes the synapses' metrics pair by pair for torch.compile to fuse (one pass over B and W, float64
+sums: the device must have float64, as CUDA devices and CPUs do).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .synapse import Synapse
+from ..rules.synapse import Synapse
 
 
 @torch.no_grad()

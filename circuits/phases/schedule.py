@@ -2,7 +2,7 @@
 
 A Schedule is a sequence of phases. Learn(steps) takes data batches: activity forward, errors back
 through B, plasticity. Mirror(batches) takes no data: noise drives each weight-mirror projection
-and B learns (circuits.mirror). Repeat(...) cycles its phases, forever or a number of times.
+and B learns (circuits.phases.mirror). Repeat(...) cycles its phases, forever or a number of times.
 `sleep` is a mirror-only phase run between epochs.
 
     Schedule(Mirror(batches=200), Repeat(Learn(steps=1), Mirror(batches=1)))
@@ -18,7 +18,7 @@ from typing import Iterator, Union
 
 from torch import nn
 
-from .errors import CircuitError
+from ..errors import CircuitError
 from .mirror import mirror_step, mirrored, require_mirrored
 
 
@@ -45,7 +45,7 @@ class Mirror:
     """`batches` mirror batches of `batch_size` noise samples per weight-mirror projection.
 
     With `angle` (degrees) each projection draws instead the samples that let its B settle within
-    that angle of W (circuits.mirror.samples_for_angle): few for high-resolution conv layers,
+    that angle of W (circuits.phases.mirror.samples_for_angle): few for high-resolution conv layers,
     many for wide dense ones.
     """
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CircuitError
+from ..errors import CircuitError
 
 if TYPE_CHECKING:
-    from .rules import FeedbackRule
+    from .base import FeedbackRule
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class EmbeddingOperator:
     the dense product W^T e_y with the one-hot population e_y, computed without making it.
 
     An index input carries no error: no error crosses B (grad_y is None), so an embedding needs no
-    feedback of its own and its rule is irrelevant (circuits.projections.Embedding and circuits.in_place
+    feedback of its own and its rule is irrelevant (circuits.graph.projections.Embedding and circuits.in_place
     give it none). W's gradient is the usual delta e_y^T: delta scattered, summed, onto the rows of the
     indices seen (none onto the padding_idx row, as nn.Embedding). Noise cannot drive an index input: there
     is no mirror phase.
@@ -176,7 +176,7 @@ class Synapse(nn.Module):
     Rules that keep a B of their own store it as the parameter `B`. With rule None the projection
     has no feedback of its own (its input population's error comes by direct feedback): no error
     crosses it, and only W's gradient is computed (a weight-mirror rule adds what its mirror phases
-    need: circuits.mirror.attach_statistics). `transport` (set by
+    need: circuits.rules.weight_mirror.attach_statistics). `transport` (set by
     CircuitNet.backprop_reference) sends the error back through W itself, whatever the rule.
     """
 

@@ -1,10 +1,10 @@
 """Conversion of ordinary torch modules into circuits, by torch.fx tracing.
 
 Every traced tensor that depends on the input becomes a population. Torch layers become projections
-carrying the layer's current parameters (circuits.layers); additions of two populations become a
+carrying the layer's current parameters (circuits.convert.layers); additions of two populations become a
 population with two incoming Identity projections (residual connections); activations are folded into
 the population they act on when nothing else reads its summed input. Any other call becomes an
-Operation (circuits.operations) with torch's own function: a local projection when it reads one
+Operation (circuits.graph.operations) with torch's own function: a local projection when it reads one
 population (reshape, x / 4, x + a parameter), a junction when it reads several (a * b, q @ k, cat).
 
 The module is run twice, on batches of 2 and 3 examples: shapes, sizes and constants come from those
@@ -21,13 +21,13 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import projections as P
-from . import rules
-from .circuit import Circuit, LayerRules
-from .errors import CircuitError
+from .. import rules
+from ..errors import CircuitError
+from ..graph import projections as P
+from ..graph.circuit import Circuit, LayerRules
+from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 from .layers import attention, call_activation, call_projection, module_activation
 from .layers import projection as layer_projection
-from .operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 from .tracing import evaluating, slow_attention, trace
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
@@ -266,7 +266,7 @@ class _Walk:
         return Call(op, inner(arg.args), inner(dict(arg.kwargs)))
 
     def attention(self, node: fx.Node) -> None:
-        """nn.MultiheadAttention: in-projection, attention, out-projection (circuits.layers.attention)."""
+        """nn.MultiheadAttention: in-projection, attention, out-projection (circuits.convert.layers.attention)."""
         layer = self.traced.get_submodule(node.target)
         query = node.args[0]
         names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")

@@ -10,10 +10,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import projections as P
-from .activations import ACTIVATIONS, settings
-from .errors import CircuitError
-from .operations import Held, Operand, Operation, WhileLearning
+from ..errors import CircuitError
+from ..graph import projections as P
+from ..graph.activations import ACTIVATIONS, settings
+from ..graph.operations import Held, Operand, Operation, WhileLearning
 
 LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
           nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention, nn.PReLU, nn.RReLU)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CircuitError
+from ..errors import CircuitError
 from .population import Population
 from .projections import Projection
 

@@ -1,26 +1,28 @@
 """A built circuit: one torch.nn.Module that runs the forward populations in topological order.
 
 A population sums its incoming projections; a junction combines them by its operation instead
-(circuits.operations), in the argument order of its JunctionInput projections.
+(circuits.graph.operations), in the argument order of its JunctionInput projections.
 
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
-back through its B (circuits.synapse), local projections through their own derivative, and
-direct feedback projections (circuits.feedback) straight from a downstream error population.
+back through its B (circuits.rules.synapse), local projections through their own derivative, and
+direct feedback projections (circuits.graph.feedback) straight from a downstream error population.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import networkx as nx
 from torch import Tensor, nn
 
+from ..errors import CircuitError
+from ..rules.synapse import Synapse
 from .activations import activation
-from .circuit import Circuit
-from .errors import CircuitError
 from .feedback import DirectFeedback
-from .synapse import Synapse
+
+if TYPE_CHECKING:
+    from .circuit import Circuit
 
 
 @dataclass

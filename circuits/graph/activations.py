@@ -4,7 +4,7 @@ A population sums its incoming projections into a, its summed synaptic input, an
 y = phi(a). The derivative phi'(a) is local to the population, so every rule shares it. phi is
 pointwise, or acts along one axis (softmax, log_softmax, softmin over `dim`); it keeps the shape.
 
-An activation is named by a spec string (circuits.graph.activation_spec): a name, with any
+An activation is named by a spec string (circuits.graph.schema.activation_spec): a name, with any
 settings that differ from torch's defaults, e.g. "leaky_relu(negative_slope=0.2)". The network
 applies torch's function with those settings, so a converted module computes the same bits.
 """
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import CircuitError
-from .graph import activation_spec, parse_activation
+from ..errors import CircuitError
+from .schema import activation_spec, parse_activation
 
 
 def identity(a: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable, ClassVar
 import torch
 from torch import Tensor
 
-from .errors import CircuitError
-from .rules import FeedbackRule, _finite, register
+from ..errors import CircuitError
+from .base import FeedbackRule, _finite, register
 
 if TYPE_CHECKING:
     from .synapse import ConvOperator, DenseOperator

@@ -1,6 +1,6 @@
 """A recording's HDF5 file as it is written: tables of columns, appended a block of rows at a time.
 
-The recorder (circuits.recorder) decides what to measure; this module decides where the rows go
+The recorder (circuits.recording.recorder) decides what to measure; this module decides where the rows go
 (docs/recording.md has the layout; its constants and the reader are circuits.recording). Every table
 is a group of resizable chunked datasets sharing one row index, /<table>/tick, all created before the
 file enters SWMR mode, so readers follow the file while it grows and a run killed at any moment
@@ -24,8 +24,18 @@ from typing import Any, Callable, Mapping, Sequence
 import h5py
 import numpy as np
 
-from .recording import (LAYOUT, LAYOUT_VERSION, LIBVER, METRICS, PHASES, TABLES, RecordingError, key,
-                        open_recording, strings)
+from .layout import (
+    LAYOUT,
+    LAYOUT_VERSION,
+    LIBVER,
+    METRICS,
+    PHASES,
+    TABLES,
+    RecordingError,
+    key,
+    open_recording,
+    strings,
+)
 
 SCALAR_CHUNK = 1024       # rows per chunk of a scalar column
 HEADROOM = 1 << 20        # bytes a flush keeps free beyond its rows, for HDF5's metadata

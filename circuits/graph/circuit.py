@@ -4,7 +4,7 @@ Forward pathway: population nodes and projection edges pre -> post (W, or a loca
 Feedback pathway: a partner node δp for every population p. By default every forward edge
 pre -> post has a layer-local feedback edge δpost -> δpre that carries the error back (through B
 for synaptic projections, through the local derivative otherwise). `feedback(source, target)` adds
-a direct feedback edge δsource -> δtarget with its own B and rule (circuits.feedback), and removes
+a direct feedback edge δsource -> δtarget with its own B and rule (circuits.graph.feedback), and removes
 the layer-local feedback edges into δtarget: a population's error comes either layer by layer or
 directly. Several projections into one population sum, forward and feedback alike, except into a
 junction (`junction`), whose inputs combine by an operation such as a * b or attention; its node in the
@@ -12,18 +12,18 @@ graph carries `junction`, the operation as text.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Union
+from typing import Mapping, Union
 
 import networkx as nx
 import torch
 
-from . import graph, rules
-from .errors import CircuitError
+from .. import rules
+from ..errors import CircuitError
+from . import schema
+from .network import CircuitNet
+from .operations import JunctionInput, Operation
 from .population import Population
 from .projections import Projection
-
-if TYPE_CHECKING:
-    from .network import CircuitNet
 
 PopulationLike = Union[str, Population]
 
@@ -56,12 +56,10 @@ class Circuit:
 
     def junction(self, name: str, operands: list[PopulationLike], operation: Projection,
                  activation: str = "identity") -> Population:
-        """A population whose inputs combine by `operation` (circuits.operations.Operation) instead of summing:
+        """A population whose inputs combine by `operation` (circuits.graph.operations.Operation) instead of summing:
         a = op(y_0, y_1, ...) of the `operands` in argument order (Operand(i) in its template), y = phi(a). Its
         shape is what the operation makes of theirs. No synapses: the error crosses through the operation's
         own derivative, under every rule."""
-        from .operations import JunctionInput, Operation
-
         if not isinstance(operation, Operation):
             raise CircuitError(f"junction {name!r}: {operation!r} is not an Operation")
         pops = [self[p] for p in operands]
@@ -77,14 +75,14 @@ class Circuit:
     def _add(self, pop: Population) -> Population:
         if pop.name in self.graph:
             raise CircuitError(f"circuit {self.name!r} already has a population named {pop.name!r}")
-        graph.add_population(self.graph, pop.name, population=pop,
+        schema.add_population(self.graph, pop.name, population=pop,
                              **({"junction": repr(pop.junction)} if pop.junction is not None else {}))
         return pop
 
     def __getitem__(self, pop: PopulationLike) -> Population:
         name = _name(pop)
         node = self.graph.nodes.get(name)
-        if node is None or node["pathway"] != graph.FORWARD:
+        if node is None or node["pathway"] != schema.FORWARD:
             raise CircuitError(f"circuit {self.name!r} has no population named {name!r}")
         if isinstance(pop, Population) and pop is not node["population"]:
             raise CircuitError(f"population {name!r} was made by another circuit; circuit {self.name!r} has its own "
@@ -124,10 +122,10 @@ class Circuit:
             rule = rules.get(rule) if rule is not None else self.default_rule
         name = name or f"{pre.name}->{post.name}"
         self._check_new_name(name)
-        graph.add_projection(self.graph, pre.name, post.name, name=name, projection=projection, rule=rule)
+        schema.add_projection(self.graph, pre.name, post.name, name=name, projection=projection, rule=rule)
         if not direct and projection.sends_error:
-            graph.add_feedback(self.graph, post.error_name, pre.error_name, name=name, direct=False, rule=rule,
-                               carries=graph.CARRIES_B if projection.synaptic else graph.CARRIES_LOCAL)
+            schema.add_feedback(self.graph, post.error_name, pre.error_name, name=name, direct=False, rule=rule,
+                               carries=schema.CARRIES_B if projection.synaptic else schema.CARRIES_LOCAL)
         return name
 
     def feedback(self, source: PopulationLike, target: PopulationLike, rule: rules.RuleLike = "dfa",
@@ -157,8 +155,8 @@ class Circuit:
             edge["rule"] = None
             if self.graph.has_edge(self[post].error_name, target.error_name):
                 self.graph.remove_edge(self[post].error_name, target.error_name)
-        graph.add_feedback(self.graph, source.error_name, target.error_name, name=name, direct=True,
-                           carries=graph.CARRIES_B, rule=rule)
+        schema.add_feedback(self.graph, source.error_name, target.error_name, name=name, direct=True,
+                           carries=schema.CARRIES_B, rule=rule)
         return name
 
     def direct_feedback(self, rule: rules.RuleLike = "dfa", source: PopulationLike | None = None) -> list[str]:
@@ -204,11 +202,11 @@ class Circuit:
 
     def forward_graph(self) -> nx.DiGraph:
         """The forward pathway alone (populations and projections)."""
-        return graph.pathway(self.graph, graph.FORWARD)
+        return schema.pathway(self.graph, schema.FORWARD)
 
     def feedback_graph(self) -> nx.DiGraph:
         """The feedback pathway alone (error populations and feedback projections)."""
-        return graph.pathway(self.graph, graph.FEEDBACK)
+        return schema.pathway(self.graph, schema.FEEDBACK)
 
     # --- compilation -------------------------------------------------------------------------
     def order(self) -> list[str]:
@@ -223,8 +221,6 @@ class Circuit:
 
     def build(self) -> CircuitNet:
         """Compile into a torch.nn.Module whose backward pass is the feedback pathway."""
-        from .network import CircuitNet
-
         net = CircuitNet(self)
         if self.dtype is not None:
             net = net.to(self.dtype)

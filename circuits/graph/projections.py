@@ -2,7 +2,7 @@
 
 Synaptic projections (Dense, Conv2d) carry a forward weight W and a feedback weight B, set by a
 feedback rule. Local projections (BatchNorm, LayerNorm, GroupNorm, pooling, Dropout, Flatten, Identity, and
-circuits.operations.Operation) have no synapses: the
+circuits.graph.operations.Operation) have no synapses: the
 error crosses them through their own local derivative, the same under every rule.
 
 A projection is a specification; `build` makes the torch module once the populations are known.
@@ -15,10 +15,10 @@ from typing import ClassVar, Mapping
 
 from torch import Tensor, nn
 
-from .errors import CircuitError
+from ..errors import CircuitError
+from ..rules import FeedbackRule
+from ..rules.synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 from .population import Population
-from .rules import FeedbackRule
-from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .errors import CircuitError
-from .rules import FeedbackAlignment, FeedbackHost, FeedbackRule, _finite, get
+from ..errors import CircuitError
+from .base import FeedbackHost, FeedbackRule, _finite, get
+from .fixed import FeedbackAlignment
 
 if TYPE_CHECKING:
     from .synapse import ConvOperator, DenseOperator

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .rules import FeedbackHost, FromWeight, _xavier, register
+from .base import FeedbackHost, FromWeight, _xavier, register
 
 
 def sign_symmetry_scale(weight: Tensor) -> float:

@@ -1,6 +1,6 @@
 """Direct feedback projections: an error population projecting straight to an upstream one.
 
-A layer-local feedback projection lives beside its forward weight W (circuits.synapse). A direct
+A layer-local feedback projection lives beside its forward weight W (circuits.rules.synapse). A direct
 one joins two error populations that no single forward projection joins, with its own B and rule:
 
     delta_target = phi'(a_target) * (B^T delta_source)
@@ -23,8 +23,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..rules import FeedbackRule
 from .population import Population
-from .rules import FeedbackRule
 
 
 class DirectFeedbackPathway(torch.autograd.Function):

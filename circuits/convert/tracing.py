@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .errors import CircuitError
+from ..errors import CircuitError
 from .layers import LAYERS, is_activation
 
 

@@ -5,7 +5,7 @@
     print(net.report)      # 50 synaptic layers converted (wm, bp), 27 modules left as they are: ...
 
 Each nn.Linear, nn.Conv2d and nn.Embedding that the module calls as a layer on `example` is swapped, where
-it sits, for a circuits.synapse.Synapse with the same parameters (W and bias, their values, dtype and
+it sits, for a circuits.rules.synapse.Synapse with the same parameters (W and bias, their values, dtype and
 device), the same forward result bit for bit, and a feedback projection B under the layer's rule (an
 nn.MultiheadAttention called as self-attention becomes a SelfAttention, whose W_qkv and W_o are Synapses,
 named <attention>.in_proj and <attention>.out_proj):
@@ -20,7 +20,7 @@ derivative, under every rule, as local projections do in a circuit.
 
 An embedding's input is indices: no error crosses it, so it needs no feedback and its B would never be
 used. It becomes a Synapse with rule None ("synaptic, no feedback needed"); W learns by delta scattered
-onto the rows of the indices seen (circuits.synapse.EmbeddingOperator), under every rule.
+onto the rows of the indices seen (circuits.rules.synapse.EmbeddingOperator), under every rule.
 
 Left as they are, and listed in the report: layers never called as a layer on `example` (their parent
 reads their weight directly: those synapses keep backprop), an nn.MultiheadAttention called otherwise than
@@ -29,7 +29,7 @@ convolution with non-zero padding modes or string padding, an embedding with max
 sparse gradients, and every other module with parameters of its own (layer norm, positional embeddings).
 
 What is lost against circuits.from_torch: there is no population graph. The returned InPlaceNet is a
-CircuitNet for the trainer, circuits.mirror (mirror_step, mirror phases) and angle(B, W) (`projections()`:
+CircuitNet for the trainer, circuits.phases.mirror (mirror_step, mirror phases) and angle(B, W) (`projections()`:
 every Synapse by qualified name), but it has no circuit: no recorder (circuits.Recorder needs the graph
 to record activity and errors and draw the circuit), no monitor of population activity, and no direct
 feedback (dfa needs the populations its output error reaches: a clear CircuitError here).
@@ -43,12 +43,12 @@ from typing import Any, Iterator, Mapping, NoReturn
 import torch
 from torch import Tensor, nn
 
-from . import rules
-from .errors import CircuitError
+from .. import rules
+from ..errors import CircuitError
+from ..graph.network import CircuitNet
+from ..graph.operations import multi_head_attention
+from ..rules.synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 from .layers import unconvertible
-from .network import CircuitNet
-from .operations import multi_head_attention
-from .synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
 from .tracing import evaluating
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)

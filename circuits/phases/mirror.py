@@ -10,7 +10,8 @@ the paper's eq. 7 with decay:
 
 For a convolution <y_{l+1} y_l^T> is the weight-gradient correlation of noise and response, one
 term per output position and kernel tap; zero padding gives border taps fewer real inputs, so each
-tap is divided by its own count of (input, output) pairs (attach_statistics) to stay unbiased.
+tap is divided by its own count of (input, output) pairs (circuits.rules.weight_mirror.attach_statistics) to
+stay unbiased.
 A tap that never meets a real input (a 3x3 kernel on a 1x1 map) carries no signal either way; its
 correlation is 0, and its B only decays.
 
@@ -37,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import CircuitError
-from .network import unwrap
-from .synapse import ConvOperator, DenseOperator, Synapse
+from ..errors import CircuitError
+from ..graph.network import unwrap
+from ..rules.synapse import ConvOperator, DenseOperator, Synapse
 
 
 def mirrored(net: nn.Module) -> list[tuple[str, Synapse]]:
@@ -53,18 +54,6 @@ def require_mirrored(net: nn.Module, what: str = "a mirror phase") -> list[tuple
     if not found:
         raise CircuitError(f"this circuit has no weight-mirror (wm) projection: {what} would do nothing")
     return found
-
-
-def attach_statistics(synapse: Synapse) -> None:
-    """What a weight-mirror projection's mirror phases need, kept on it (weight-mirror rules call this
-    when they attach): `positions`, per kernel tap the (input, output) position pairs a weight entry
-    connects (1 for dense), and as host numbers `live_fan_in`, the inputs of a row at taps that meet real
-    inputs, and `live_positions`, the harmonic mean of those taps' positions."""
-    positions = synapse.operator.positions(synapse.in_shape, tuple(synapse.weight.shape))
-    synapse.register_buffer("positions", positions.to(synapse.weight.device), persistent=False)
-    live = positions[positions > 0].double()    # taps that meet real inputs (all, unless a map is tiny)
-    synapse.live_fan_in = math.prod(synapse.weight.shape[1:]) * live.numel() / positions.numel()
-    synapse.live_positions = float(live.numel() / live.reciprocal().sum())
 
 
 def _samples_times_tan2(synapse: Synapse) -> float:

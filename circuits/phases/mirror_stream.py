@@ -30,8 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import CircuitError
-from .synapse import Synapse
+from ..errors import CircuitError
+from ..rules.synapse import Synapse
 
 
 class MirrorStream:

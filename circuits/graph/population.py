@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CircuitError
 from .activations import activation as _activation
-from .errors import CircuitError
-from .graph import ERROR_PREFIX, error_name
+from .schema import ERROR_PREFIX, error_name
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,9 @@ class Population:
 
     shape: the activity of one example, without the batch dimension, e.g. (500,) or (64, 56, 56).
     activation: the nonlinearity phi applied to the summed synaptic input, as a spec: a name and any settings
-        that differ from torch's defaults, e.g. "relu" or "leaky_relu(negative_slope=0.2)" (circuits.activations).
+        that differ from torch's defaults, e.g. "relu" or "leaky_relu(negative_slope=0.2)" (circuits.graph.activations).
     is_input: an input (sensory) population, driven by data rather than by projections.
-    junction: for a junction, the Operation (circuits.operations) that combines its inputs instead of their sum
+    junction: for a junction, the Operation (circuits.graph.operations) that combines its inputs instead of their sum
         (a * b, a @ b, attention); its incoming projections are JunctionInput(position) edges in argument order.
     """
 

@@ -1,0 +1,10 @@
+"""Converting torch modules into circuits.
+
+`fx` (from_torch: the fx walk that turns a module's graph into populations and projections), `tracing` (what
+fx cannot trace alone), `layers` (torch layers and activations as projections) and `in_place` (the fallback
+that swaps every synaptic layer for a Synapse inside the module, as BioTorch's converter does).
+"""
+from .fx import from_torch
+from .in_place import InPlaceNet, in_place
+
+__all__ = ["from_torch", "in_place", "InPlaceNet"]
