@@ -69,14 +69,14 @@ def train_rate(recipe: imagenet.Recipe, device: torch.device, loader: Iterable, 
     marks: list[tuple[float, int]] = []
 
     def clock(trainer: circuits.Trainer) -> None:
-        if trainer.step == warmup or trainer.step == epochs * len(loader):
+        if trainer.progress.step == warmup or trainer.progress.step == epochs * len(loader):
             synchronize(device)
-            marks.append((time.perf_counter(), trainer.examples))
+            marks.append((time.perf_counter(), trainer.progress.examples))
 
     trainer = circuits.Trainer(model, optimizer, schedule, lr_scheduler=lr_scheduler, config=config, hooks=[clock])
     trainer.fit(loader, epochs)
     (t0, n0), (t1, n1) = marks
-    row = {"images_per_s": (n1 - n0) / (t1 - t0), "timed_steps": trainer.step - warmup}
+    row = {"images_per_s": (n1 - n0) / (t1 - t0), "timed_steps": trainer.progress.step - warmup}
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return row

@@ -35,7 +35,7 @@ def smoke() -> None:
             trainer = imagenet.main(["--data", str(folder), "--arch", "resnet8", "--rule", rule, "--epochs", "1",
                                      "--image-size", "16", "--batch-size", "4", "--workers", "0",
                                      "--out", f"{tmp}/{rule}", "--no-progress"])
-            print(f"{rule}: {trainer.step} learning steps done")
+            print(f"{rule}: {trainer.progress.step} learning steps done")
 
 
 def main(argv=None) -> None:

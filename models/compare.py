@@ -174,7 +174,7 @@ def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.op
     epoch_angles: list[dict[str, float | None]] = []
 
     def epoch_end(trainer: circuits.Trainer) -> None:
-        if trainer.batch_in_epoch == len(loader):
+        if trainer.progress.batch_in_epoch == len(loader):
             epoch_angles.append(angles(net))
 
     trainer = circuits.Trainer(

@@ -288,7 +288,7 @@ class ImageNetTrainer(circuits.Trainer):
     def checkpoint_due(self, _: circuits.Trainer) -> None:
         """A hook, after each learning step: save every checkpoint_every steps, except at an epoch's last
         (epoch_done saves there, after the evaluation)."""
-        if self.step % self.recipe.checkpoint_every == 0 and self.batch_in_epoch < len(self.train):
+        if self.progress.step % self.recipe.checkpoint_every == 0 and self.progress.batch_in_epoch < len(self.train):
             self.save()
 
     def end_epoch(self) -> None:
@@ -298,22 +298,21 @@ class ImageNetTrainer(circuits.Trainer):
         if self.worker.distributed:
             dist.all_reduce(skipped)
         if self.worker.main:
-            images = (self.examples - self.clock_examples) * self.worker.world_size
-            tqdm.write(f"epoch {self.epoch - 1}: step {self.step}, {images / seconds:,.0f} images/s, "
+            images = (self.progress.examples - self.clock_examples) * self.worker.world_size
+            tqdm.write(f"epoch {self.progress.epoch - 1}: step {self.progress.step}, {images / seconds:,.0f} images/s, "
                        f"{int(skipped)} unreadable images skipped so far")
         self.skipped_before_epoch = self.train.skipped
 
     def epoch_done(self, metrics: dict[str, float]) -> None:
         """The end-of-epoch checkpoint, after the evaluation: a resumed run keeps its row."""
         self.save()
-        self.clock, self.clock_examples = time.perf_counter(), self.examples
+        self.clock, self.clock_examples = time.perf_counter(), self.progress.examples
 
     def evaluate(self, loader) -> dict[str, float]:
         metrics = super().evaluate(loader)
         if self.worker.main:
-            tqdm.write(
-                f"validation after epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            )
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            tqdm.write(f"validation after epoch {self.progress.epoch - 1}: {scores}")
         return metrics
 
     def save(self) -> None:
@@ -327,7 +326,7 @@ class ImageNetTrainer(circuits.Trainer):
             dist.all_gather_object(ranks, mine)
         else:
             ranks = [mine]
-        self.saved_at = self.step
+        self.saved_at = self.progress.step
         if not self.worker.main:
             return
         state = {"checkpoint_key": self.checkpoint_key, "recipe": asdict(self.recipe), "trainer": self.state_dict(),
@@ -343,7 +342,7 @@ class ImageNetTrainer(circuits.Trainer):
         The trainer replays the data of the current epoch up to the saved batch, so the count of
         unreadable images restarts from the epoch's start."""
         self.load_state_dict(state["trainer"])
-        self.saved_at = self.step
+        self.saved_at = self.progress.step
         ranks = state["ranks"]
         if len(ranks) == self.worker.world_size:
             set_rng_state(ranks[self.worker.rank]["rng"])
@@ -480,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
                        f"{len(train)} steps per epoch of {recipe.batch_size} images, lr {recipe.lr:g}, "
                        f"decode on {recipe.decode}, out {recipe.out}")
         trainer.fit(train, recipe.epochs, val)
-        if trainer.step != trainer.saved_at:
+        if trainer.progress.step != trainer.saved_at:
             trainer.save()
         return trainer
     finally:

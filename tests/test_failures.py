@@ -57,7 +57,7 @@ def test_a_nonfinite_loss_stops_training_naming_the_step_parameters_and_populati
     with pytest.raises(circuits.DivergenceError) as error:
         t.fit(batches(12, bad=3), epochs=1)
     e = error.value
-    assert e.step == 3 and t.step == 4                      # the NaN of step 3, found at the check after step 4
+    assert e.step == 3 and t.progress.step == 4             # the NaN of step 3, found at the check after step 4
     assert sorted(e.parameters) == sorted(n for n, _ in t.circuit_net.named_parameters())   # all 6 (KP: B too)
     message = str(e)
     assert "the loss was non-finite at learning step 3" in message
@@ -77,7 +77,7 @@ def test_parameters_gone_nonfinite_are_found_even_with_a_finite_loss():
     with pytest.raises(circuits.DivergenceError, match=r"parameters became non-finite by learning step 1; "
                        r"\d of 6 parameters are non-finite now \(proj.fc1.weight") as error:
         t.fit(batches(4), epochs=1)
-    assert error.value.step is None and t.step == 1
+    assert error.value.step is None and t.progress.step == 1
     assert {"proj.fc1.weight", "proj.fc2.B"} <= set(error.value.parameters)
 
 
@@ -106,8 +106,8 @@ def test_skip_mode_skips_a_nonfinite_step_as_gradscaler_does():
         skipping.fit(data, epochs=1)
     reference = trainer()
     reference.fit(data[:2] + data[3:], epochs=1)
-    assert (skipping.step, skipping.skipped_steps, reference.step) == (8, 1, 7)
-    assert skipping.state_dict()["counters"]["skipped_steps"] == 1
+    assert (skipping.progress.step, skipping.progress.skipped_steps, reference.progress.step) == (8, 1, 7)
+    assert skipping.state_dict()["progress"]["skipped_steps"] == 1
     for (name, a), b in zip(skipping.circuit_net.named_parameters(), reference.circuit_net.parameters()):
         assert torch.equal(a, b), name
 
@@ -182,7 +182,7 @@ def _fill(path: str, report_path: str) -> None:
     torch.set_num_threads(1)
 
     def limit(t: circuits.Trainer) -> None:
-        if t.step == 1:
+        if t.progress.step == 1:
             resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 110_000, resource.RLIM_INFINITY))
     t = trainer(rule="fa", recorder=Recorder(path, block=64))
     t.hooks.append(limit)
@@ -190,7 +190,7 @@ def _fill(path: str, report_path: str) -> None:
         t.fit(batches(16), epochs=100_000)
         outcome = {"error": None}
     except OSError as e:
-        outcome = {"error": type(e).__name__, "errno": e.errno, "step": t.step}
+        outcome = {"error": type(e).__name__, "errno": e.errno, "step": t.progress.step}
     Path(report_path).write_text(json.dumps(outcome))
 
 
@@ -332,7 +332,7 @@ def test_evaluation_metrics_the_recorder_does_not_know_are_refused_before_the_fi
     t = trainer(recorder=Recorder(tmp_path / "run.h5", metrics=["accuracy"]))
     with pytest.raises(RecordingError, match=r"evaluation metrics \['loss', 'top1', 'top5'\] were not declared"):
         t.fit(batches(4), epochs=1, val_loader=batches(2))
-    assert t.step == 0 and not (tmp_path / "run.h5").exists()
+    assert t.progress.step == 0 and not (tmp_path / "run.h5").exists()
 
 
 # --- 11. smaller checks ----------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def test_loaders_and_epochs_fit_cannot_use_are_refused_before_any_step():
         t.fit(batches(2), epochs=1, val_loader=[])
     with pytest.raises(circuits.CircuitError, match=r"fit\(epochs=1.5\): epochs must be a positive integer"):
         t.fit(batches(2), epochs=1.5)
-    assert t.step == 0
+    assert t.progress.step == 0
 
 
 def test_a_state_of_another_net_is_refused_before_anything_is_loaded():
@@ -382,7 +382,7 @@ def test_a_state_of_another_net_is_refused_before_anything_is_loaded():
     ):
         target.load_state_dict(source.state_dict())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())   # fc2.bias (4,) fits, untouched
-    assert target.step == 0
+    assert target.progress.step == 0
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -72,7 +72,7 @@ def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
     }
     trainer = run(folder, tmp_path / rule, "--rule", rule, "--epochs", "1", *extra.get(rule, []))
     net, start = trainer.circuit_net, initial_net(rule)
-    assert trainer.step == 4 and trainer.epoch == 1
+    assert trainer.progress.step == 4 and trainer.progress.epoch == 1
     assert trainer.train.skipped == 1                      # the truncated JPEG, replaced, counted
     assert (tmp_path / rule / "checkpoint.pt").is_file()
     shrink = kp_contraction(4, lr=0.05, momentum=0.9, decay=0.05 + 0.05)
@@ -88,9 +88,9 @@ def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
         if rule == "wm":    # B learned from noise alone, toward W
             assert angle(synapse.B, synapse.weight) < angle(before.B, before.weight) - 5, name
     assert rule != "kp" or shrink < 0.96        # a visible contraction, far beyond atol
-    assert rule != "wm" or trainer.tick == 20 + 2 * 4                       # warm-up + one mirror batch per step
+    assert rule != "wm" or trainer.progress.tick == 20 + 2 * 4              # warm-up + one mirror batch per step
     with open_recording(tmp_path / rule / "run.h5") as f:                  # recorded on the way
-        assert len(f["steps/tick"]) == math.ceil(trainer.tick / 10) and list(f["evaluations/step"]) == [4]
+        assert len(f["steps/tick"]) == math.ceil(trainer.progress.tick / 10) and list(f["evaluations/step"]) == [4]
         assert list(f["probe/step"]) == ([2, 4] if rule == "wm" else [])
         if rule == "wm":
             assert list(f["probe/errors/output/angle"]) == [0, 0]           # the loss's own error: same as BP
@@ -104,7 +104,7 @@ def test_stop_and_resume_continues_the_same_run(folder, tmp_path, monkeypatch):
     learn = circuits.Trainer.learn
 
     def crash_at_step_8(self, *batch):
-        if self.step == 7:
+        if self.progress.step == 7:
             raise KeyboardInterrupt          # killed mid-epoch 1; the last checkpoint is from before step 7
         return learn(self, *batch)
 
@@ -112,10 +112,10 @@ def test_stop_and_resume_continues_the_same_run(folder, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(folder, tmp_path / "split", *args, "--workers", "2")
     monkeypatch.setattr(circuits.Trainer, "learn", learn)
-    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["trainer"]["counters"]
+    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["trainer"]["progress"]
     assert saved["step"] == 6 and saved["batch_in_epoch"] == 2 and saved["epoch"] == 1   # taken before step 7
     resumed = run(folder, tmp_path / "split", *args, "--workers", "2", "--resume")
-    assert resumed.step == whole.step == 8 and resumed.tick == whole.tick
+    assert resumed.progress.step == whole.progress.step == 8 and resumed.progress.tick == whole.progress.tick
     assert resumed.train.skipped == whole.train.skipped == 2          # one per epoch, none counted twice
     a, b = whole.circuit_net.state_dict(), resumed.circuit_net.state_dict()
     assert a.keys() == b.keys()
@@ -123,7 +123,7 @@ def test_stop_and_resume_continues_the_same_run(folder, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     assert resumed.optimizer.param_groups[0]["lr"] == whole.optimizer.param_groups[0]["lr"]
     with open_recording(tmp_path / "whole" / "run.h5") as a, open_recording(tmp_path / "split" / "run.h5") as b:
-        assert list(b["steps/tick"][:]) == list(a["steps/tick"][:]) == list(range(0, whole.tick, 10))
+        assert list(b["steps/tick"][:]) == list(a["steps/tick"][:]) == list(range(0, whole.progress.tick, 10))
         assert list(b["evaluations/step"][:]) == list(a["evaluations/step"][:]) == [4, 8]
         assert b["evaluations/top1"][:].tolist() == a["evaluations/top1"][:].tolist()
 
@@ -229,11 +229,11 @@ def test_an_evaluation_survives_a_kill_during_it_a_restart_and_a_resume(folder, 
         run(folder, out, *args)
     again = run(folder, out, *args, "--resume")
     finished = run(folder, out, *args, "--resume")
-    assert again.step == finished.step == 4
+    assert again.progress.step == finished.progress.step == 4
     with open_recording(out / "run.h5") as f:
         assert list(f["evaluations/step"]) == [4] and f["evaluations/top1"].shape == (1,)
         assert np.array_equal(f["steps/loss"][:], losses)                 # the same run, recorded again
-        assert [r["tick"] for r in json.loads(f.attrs["resumed"])] == [-1, again.tick - 1]
+        assert [r["tick"] for r in json.loads(f.attrs["resumed"])] == [-1, again.progress.tick - 1]
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(folder, tmp_path, monkeypatch):
@@ -241,13 +241,13 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(folder, tmp_pa
     learn = circuits.Trainer.learn
 
     def poisoned(self, inputs, target):
-        return learn(self, torch.full_like(inputs, float("nan")) if self.step == 2 else inputs, target)
+        return learn(self, torch.full_like(inputs, float("nan")) if self.progress.step == 2 else inputs, target)
 
     monkeypatch.setattr(circuits.Trainer, "learn", poisoned)
     with pytest.raises(circuits.DivergenceError, match="the loss was non-finite at learning step 3"):
         run(folder, tmp_path / "kp", "--rule", "kp", "--epochs", "2", "--checkpoint-every", "2")
     state = torch.load(tmp_path / "kp" / "checkpoint.pt", weights_only=True)["trainer"]
-    assert state["counters"]["step"] == 2
+    assert state["progress"]["step"] == 2
     assert all(bool(torch.isfinite(v).all()) for v in state["net"].values() if v.is_floating_point())
 
 

@@ -62,7 +62,7 @@ def test_schedule_runs_phases_in_stated_order_and_counts():
     assert phases == "mmm" + "LLm" + "LLm" + "L" + "mm" + "Lm" + "LLm" + "LLm" + "mm"
     assert [t for t, *_ in log.events] == list(range(len(log.events)))
     assert [s for _, s, p, _ in log.events if p == "learn"] == list(range(1, 11))
-    assert log.events[-1][3] == 40 and trainer.examples == 40
+    assert log.events[-1][3] == 40 and trainer.progress.examples == 40
     assert [s for s, _ in log.evaluations] == [5, 10]
     assert set(log.evaluations[0][1]) == {"loss", "top1", "top5"}
     assert log.began == 1 and log.closed == 1
@@ -73,7 +73,7 @@ def test_schedule_ends_training_when_it_runs_out():
     trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), Schedule(Learn(3)),
                                config=circuits.TrainerConfig(progress=False))
     trainer.fit(batches(5), epochs=4)
-    assert trainer.step == 3 and trainer.finished
+    assert trainer.progress.step == 3 and trainer.progress.finished
 
 
 @pytest.mark.parametrize("make,message", [
@@ -137,12 +137,12 @@ def _run(epochs_first, epochs_total, mid_epoch_stop=None):
     data = batches(6)
     trainer = make(net)
     if mid_epoch_stop:
-        trainer.hooks.append(lambda t: t.step == mid_epoch_stop and t.stop())
+        trainer.hooks.append(lambda t: t.progress.step == mid_epoch_stop and t.stop())
     trainer.fit(data, epochs=epochs_first)
     if epochs_first == epochs_total and not mid_epoch_stop:
         return net
     if mid_epoch_stop:
-        assert (trainer.step, trainer.batch_in_epoch) == (mid_epoch_stop, mid_epoch_stop % len(data))
+        assert (trainer.progress.step, trainer.progress.batch_in_epoch) == (mid_epoch_stop, mid_epoch_stop % len(data))
     state = trainer.state_dict()
     torch.manual_seed(123)                     # resume must not depend on the RNG outside the checkpoint
     resumed_net = wm_mlp()

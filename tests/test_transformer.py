@@ -158,7 +158,7 @@ def test_a_vit_run_is_recorded_and_reported_with_its_junctions(tmp_path, mnist):
         graph = run.circuit
         junctions = {n: d["junction"] for n, d in graph.nodes(data=True) if "junction" in d}
         assert any("scaled_dot_product_attention" in j for j in junctions.values()), junctions
-        assert len(run.file["steps/tick"]) == trainer.tick and set(run.file["alignment"]) == {
+        assert len(run.file["steps/tick"]) == trainer.progress.tick and set(run.file["alignment"]) == {
             circuits.recording.key(n) for n, _ in net.projections()}
     assert analysis_main(["report", str(tmp_path / "vit.h5"), "-o", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "summary.md").exists()

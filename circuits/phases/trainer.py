@@ -33,12 +33,11 @@ from ..graph.network import unwrap
 from .divergence import NONE, DivergenceError, all_finite, diagnose, message
 from .mirror import mirrored
 from .mirror_stream import MirrorStream, check_beside
+from .progress import Progress, rng_state, set_rng_state
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
 """What Trainer.evaluate returns (top1 and top5 only for class targets)."""
-COUNTERS = ("step", "tick", "examples", "epoch", "position", "batch_in_epoch", "finished", "skipped_steps")
-"""Where a run stands, as a checkpoint keeps it (Trainer.__init__ says what each counts)."""
 
 
 def _rank() -> int:
@@ -97,14 +96,7 @@ class Trainer:
         self.hooks = list(hooks)   # called after each learning step, once every counter has moved on
         self._recording = False     # the recorder records inside fit() only
         self._stop = False
-        self.step = 0        # learning steps taken
-        self.tick = 0        # learning steps and mirror batches taken (the recorder's row index)
-        self.examples = 0    # data examples seen (this rank)
-        self.epoch = 0       # epochs completed
-        self.position = 0    # events of the schedule consumed: where its stream resumes (sleep batches are none)
-        self.batch_in_epoch = 0   # batches of this epoch consumed: where a resumed epoch's data goes on
-        self.finished = False     # the schedule has run out of events
-        self.skipped_steps = 0   # learning steps skipped for a non-finite loss or gradient (nonfinite="skip")
+        self.progress = Progress()   # where the run stands: what a checkpoint keeps to resume it
         self._first_nonfinite = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._last_batch: tuple[Tensor, Tensor] | None = None   # for the diagnosis of a divergence
 
@@ -129,22 +121,22 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.join_mirror()          # the backward reads B
         self.scaler.scale(loss).backward()
-        self.step += 1
+        self.progress.step += 1
         if self.config.nonfinite == "skip" and not self._finite_step(loss):
-            self.skipped_steps += 1
-            warnings.warn(f"learning step {self.step}: non-finite loss or gradient, step skipped "
-                          f"({self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
+            self.progress.skipped_steps += 1
+            warnings.warn(f"learning step {self.progress.step}: non-finite loss or gradient, step skipped "
+                          f"({self.progress.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self.config.nonfinite == "raise":     # the first non-finite step, kept on the device
-                torch.minimum(self._first_nonfinite, torch.where(torch.isfinite(loss.detach()), NONE, self.step),
-                              out=self._first_nonfinite)
+                step = torch.where(torch.isfinite(loss.detach()), NONE, self.progress.step)
+                torch.minimum(self._first_nonfinite, step, out=self._first_nonfinite)
         if self.lr_scheduler is not None and self.config.lr_per_step:
             self.lr_scheduler.step()
-        self.examples += len(target)
+        self.progress.examples += len(target)
         self._record("learn", loss.detach(), lr)
-        if self.step % self.config.check_every == 0:
+        if self.progress.step % self.config.check_every == 0:
             self.check_finite()
         return loss.detach()
 
@@ -160,7 +152,7 @@ class Trainer:
         self._mirrors.launch(batch)
         if self._recording:         # a recorder reads B at the ticks it records (any tick, if it does not say)
             records = getattr(self.recorder, "records", None)
-            if records is None or records(self.tick):
+            if records is None or records(self.progress.tick):
                 self.join_mirror()
         self._record("mirror", None, self.optimizer.param_groups[0]["lr"])
 
@@ -170,9 +162,10 @@ class Trainer:
 
     def _record(self, phase: str, loss: Tensor | None, lr: float) -> None:
         if self._recording:
-            self.recorder.step(self.tick, step=self.step, phase=phase, loss=loss, lr=lr, examples=self.examples,
-                               net=self.circuit_net)
-        self.tick += 1
+            progress = self.progress
+            self.recorder.step(progress.tick, step=progress.step, phase=phase, loss=loss, lr=lr,
+                               examples=progress.examples, net=self.circuit_net)
+        self.progress.tick += 1
 
     # --- non-finite numbers -------------------------------------------------------------------
     def _finite_step(self, loss: Tensor) -> bool:
@@ -204,8 +197,9 @@ class Trainer:
         names = [n for n, p in parameters if not bool(torch.isfinite(p.detach()).all())]
         step = None if first == NONE else first
         diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast)
-        raise DivergenceError(message(step, self.step, names, len(parameters), diagnosis, self.config.check_every),
-                              step, names)
+        raise DivergenceError(
+            message(step, self.progress.step, names, len(parameters), diagnosis, self.config.check_every), step, names
+        )
 
     # --- epochs ----------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -238,7 +232,7 @@ class Trainer:
     def _fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None) -> list[dict[str, float]]:
         history, self._stop = [], False
         self.net.train()
-        while self.epoch < epochs and not self.finished and not self._stop:
+        while self.progress.epoch < epochs and not self.progress.finished and not self._stop:
             self._epoch(train_loader)
             if self._stop:
                 break
@@ -253,32 +247,33 @@ class Trainer:
     def _epoch(self, train_loader: Iterable) -> None:
         """The schedule's events, from where it stands, until the epoch's data is spent (the learning step
         that found no batch waits for the next epoch), the schedule ends (`finished`) or a hook calls stop()."""
+        progress = self.progress
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        batches = itertools.islice(iter(train_loader), self.batch_in_epoch, None)     # a resumed epoch goes on
-        bar = tqdm(total=_length(train_loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
+            sampler.set_epoch(progress.epoch)
+        batches = itertools.islice(iter(train_loader), progress.batch_in_epoch, None)     # a resumed epoch goes on
+        bar = tqdm(total=_length(train_loader), initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
                    disable=not self.config.progress or _rank() != 0, leave=False)
-        for event in self.schedule.events(self.position):
+        for event in self.schedule.events(progress.position):
             if isinstance(event, Mirror):
                 self.mirror(event)
-                self.position += 1
+                progress.position += 1
                 continue
             batch = next(batches, None)
             if batch is None:
                 break
             loss = self.learn(*batch)
-            self.position += 1
-            self.batch_in_epoch += 1
+            progress.position += 1
+            progress.batch_in_epoch += 1
             bar.update()
-            if self.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
+            if progress.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
                 bar.set_postfix(loss=f"{float(loss):.4f}")
             for hook in self.hooks:
                 hook(self)
             if self._stop:
                 break
         else:
-            self.finished = True
+            progress.finished = True
         bar.close()
 
     def epoch_done(self, metrics: dict[str, float]) -> None:
@@ -296,8 +291,8 @@ class Trainer:
                 self.mirror(self.schedule.sleep)
         if self.lr_scheduler is not None and not self.config.lr_per_step:
             self.lr_scheduler.step()
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
@@ -328,7 +323,7 @@ class Trainer:
                                "iterator already exhausted)")
         metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n} if classified else {"loss": loss / n}
         if self._recording:
-            self.recorder.evaluate(self.step, metrics)
+            self.recorder.evaluate(self.progress.step, metrics)
         self.net.train()
         return metrics
 
@@ -347,13 +342,13 @@ class Trainer:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run: net, optimizer, schedules, counters, RNG, recorder."""
+        """Everything needed to continue this run: net, optimizer, schedules, progress, RNG, recorder."""
         self.join_mirror()
         state = {
             "net": self.circuit_net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "counters": {k: getattr(self, k) for k in COUNTERS},
+            "progress": self.progress.state_dict(),
             "rng": rng_state(),
         }
         if self.lr_scheduler is not None:
@@ -372,15 +367,14 @@ class Trainer:
         self.circuit_net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        for k, v in state["counters"].items():
-            setattr(self, k, v)
+        self.progress.load_state_dict(state["progress"])
         set_rng_state(state["rng"])
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
     def _check_state(self, state: Any) -> None:
         """A CircuitError naming every way `state` does not fit this trainer's net and optimizer."""
-        keys = ("net", "optimizer", "scaler", "counters", "rng")
+        keys = ("net", "optimizer", "scaler", "progress", "rng")
         if not isinstance(state, dict) or any(k not in state for k in keys):
             found = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise CircuitError(f"not a Trainer state: it needs the entries {list(keys)}, found {found}")
@@ -426,15 +420,3 @@ def _length(loader: Iterable) -> int | None:
         return len(loader)
     except TypeError:
         return None
-
-
-def rng_state() -> dict[str, Any]:
-    """torch's random number generators (CPU and every CUDA device), for a checkpoint."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() saved."""
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
