@@ -51,11 +51,21 @@ def learn_tick(rec: Recorder, net, tick: int, step: int, loss: float = 0.5) -> N
 
 
 # --- 1. divergence ------------------------------------------------------------------------------
+def poison_after_step(step: int, projection: str = "fc1"):
+    """A hook that sets one weight of `projection` to NaN after learning step `step`: the next loss is NaN."""
+    def hook(t: circuits.Trainer) -> None:
+        if t.progress.step == step:
+            with torch.no_grad():
+                t.circuit_net.projection(projection).weight[0, 0] = float("nan")
+    return hook
+
+
 def test_a_nonfinite_loss_stops_training_naming_the_step_parameters_and_populations(tmp_path):
     """Item 1: training stops with an error naming the step and what is non-finite; the recording is closed."""
     t = trainer(recorder=Recorder(tmp_path / "run.h5"), check_every=4)
+    t.hooks.append(poison_after_step(2))
     with pytest.raises(circuits.DivergenceError) as error:
-        t.fit(batches(12, bad=3), epochs=1)
+        t.fit(batches(12), epochs=1)
     e = error.value
     assert e.step == 3 and t.progress.step == 4             # the NaN of step 3, found at the check after step 4
     assert sorted(e.parameters) == sorted(n for n, _ in t.circuit_net.named_parameters())   # all 6 (KP: B too)
@@ -102,7 +112,9 @@ def test_skip_mode_skips_a_nonfinite_step_as_gradscaler_does():
     """Item 1: TrainerConfig(nonfinite="skip") leaves out the step; the rest trains as without that batch."""
     data = batches(8, bad=3)
     skipping = trainer(nonfinite="skip")
-    with pytest.warns(RuntimeWarning, match=r"learning step 3: non-finite loss or gradient, step skipped \(1 skipped"):
+    with pytest.warns(RuntimeWarning, match=r"learning step 3: the input data is non-finite: the batch of learning "
+                      r"step 3 holds NaN or inf \(example 0 of the batch is the first non-finite one\), step skipped "
+                      r"\(1 skipped"):
         skipping.fit(data, epochs=1)
     reference = trainer()
     reference.fit(data[:2] + data[3:], epochs=1)
@@ -112,11 +124,96 @@ def test_skip_mode_skips_a_nonfinite_step_as_gradscaler_does():
         assert torch.equal(a, b), name
 
 
+def test_nonfinite_input_data_is_named_not_blamed_on_a_population():
+    """Issue 23: a NaN in the data was blamed on population 'hidden1' at the check 47 steps later, with "lower the
+    learning rate"; the error now names the batch (its learning step) and its first non-finite example."""
+    data = batches(60)
+    data[2][0][3, 1] = float("nan")          # learning step 3, its example 3
+    with pytest.raises(circuits.DivergenceError) as error:
+        trainer().fit(data, epochs=1)
+    e = error.value
+    assert (e.step, e.data_step) == (3, 3)
+    assert str(e).startswith("training diverged: the input data is non-finite: the batch of learning step 3 holds "
+                             "NaN or inf (example 3 of the batch is the first non-finite one); the loss was "
+                             "non-finite at learning step 3; 6 of 6 parameters are non-finite now")
+    assert "found at the check after step 50" in str(e) and "clean the data" in str(e)
+    assert "population" not in str(e) and "lower the learning rate" not in str(e)
+
+
+def batch_norm_trainer(**config) -> circuits.Trainer:
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    net = circuits.from_torch(module, rule="fa").build()
+    return circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1),
+                            config=circuits.TrainerConfig(progress=False, **config))
+
+
+def test_batch_norm_statistics_count_as_state():
+    """Issue 23, item 2: one batch scaled by 1e30 leaves running_var = inf with a finite loss: an error, not
+    meaningless evaluations (and no checkpoint: a save checks first)."""
+    data = batches(6)
+    data[2] = (data[2][0] * 1e30, data[2][1])
+    t = batch_norm_trainer()
+    with pytest.raises(circuits.DivergenceError) as error:
+        t.fit(data, epochs=1)
+    e = error.value
+    assert (e.step, e.parameters, e.buffers, e.data_step) == (None, [], ["proj.1.running_var"], None)
+    assert str(e).startswith("training diverged: buffers became non-finite by learning step 6; buffers non-finite "
+                             "now: proj.1.running_var")
+    assert t.circuit_net.state_dict()["proj.1.running_var"].isinf().any()
+
+
+def test_a_skipped_step_leaves_no_trace_in_the_running_statistics():
+    """Issue 23, item 2: nonfinite="skip" restores the buffers the skipped step's forward changed (a NaN batch, a
+    batch scaled by 1e30): the run equals one without those batches, and its evaluations are finite."""
+    data = batches(8)
+    data[2][0][1, 0] = float("nan")
+    data[5] = (data[5][0] * 1e30, data[5][1])
+    skipping = batch_norm_trainer(nonfinite="skip")
+    with pytest.warns(RuntimeWarning) as warned:
+        history = skipping.fit(data, epochs=2, val_loader=batches(2))
+    assert [str(w.message).split(",")[0] for w in warned] == [
+        "learning step 3: the input data is non-finite: the batch of learning step 3 holds NaN or inf (example 1 of "
+        "the batch is the first non-finite one)", "learning step 6: non-finite loss", "learning step 11: the input "
+        "data is non-finite: the batch of learning step 11 holds NaN or inf (example 1 of the batch is the first "
+        "non-finite one)", "learning step 14: non-finite loss"]
+    reference = batch_norm_trainer()
+    kept = data[:2] + data[3:5] + data[6:]
+    assert reference.fit(kept, epochs=2, val_loader=batches(2)) == history
+    assert all(np.isfinite(m["loss"]) for m in history) and skipping.progress.skipped_steps == 4
+    ours, theirs = skipping.circuit_net.state_dict(), reference.circuit_net.state_dict()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name      # running_mean, running_var, num_batches_tracked
+
+
+def test_an_optimizer_of_another_net_is_refused():
+    """Issue 23, item 6: Trainer(net, SGD(other.parameters())) trained nothing, silently."""
+    net, other = mlp((6, 5, 4)).build(), mlp((6, 5, 4)).build()
+    with pytest.raises(circuits.CircuitError, match=r"4 of the 4 parameters the optimizer steps are not parameters "
+                                                    r"of this net \(circuit 'mlp'\) or of the loss"):
+        circuits.Trainer(net, torch.optim.SGD(other.parameters(), lr=0.1))
+    mixed = torch.optim.SGD([*net.parameters(), *other.parameters()][:5], lr=0.1)
+    with pytest.raises(circuits.CircuitError, match="1 of the 5 parameters"):
+        circuits.Trainer(net, mixed)
+    scale = torch.nn.Linear(4, 4)                            # a loss with parameters of its own may train them
+
+    class Loss(torch.nn.Module):
+        def forward(self, out, target):
+            return F.cross_entropy(scale(out), target)
+    loss = Loss()
+    loss.scale = scale
+    circuits.Trainer(net, torch.optim.SGD([*net.parameters(), *scale.parameters()], lr=0.1), loss_fn=loss)
+
+
 def test_trainer_settings_for_nonfinite_numbers_are_checked():
     with pytest.raises(circuits.CircuitError, match=r"nonfinite='ignore'\) must be 'raise' or 'skip'"):
         circuits.TrainerConfig(nonfinite="ignore")
     with pytest.raises(circuits.CircuitError, match=r"check_every=0\) must be a positive number"):
         circuits.TrainerConfig(check_every=0)
+    for dtype in ("float8", "int8"):     # an AttributeError, and autocast silently off
+        with pytest.raises(circuits.CircuitError, match=rf"amp_dtype='{dtype}'\) must be one of \['bfloat16', "
+                                                        r"'float16'\] \(torch.autocast runs in those\) or None"):
+            circuits.TrainerConfig(amp_dtype=dtype)
 
 
 # --- 2. the report of a diverged run -------------------------------------------------------------

@@ -6,6 +6,7 @@ from torch import nn
 
 import circuits
 from circuits import rules
+from circuits.graph.projections import Embedding
 from circuits.phases import mirror
 from models.mlp import mlp
 
@@ -92,3 +93,40 @@ def test_a_huge_mirror_batch_is_drawn_in_chunks(monkeypatch):
     chunked = mirror.correlation(synapse, 1000, torch.Generator().manual_seed(0))
     assert max(drawn) == 64 and sum(drawn) == 1000
     assert torch.allclose(chunked, whole, rtol=1e-12, atol=1e-15)      # the same noise, summed in pieces
+
+
+def test_a_batch_of_another_dtype_names_both_dtypes():
+    """Issue 23: torch's "mat1 and mat2 must have the same dtype" from deep inside a projection, before."""
+    net = mlp((6, 5, 4)).build()
+    with pytest.raises(circuits.CircuitError, match=r"input population 'retina' got a batch of dtype torch.float64, "
+                                                    r"but circuit 'mlp' runs in torch.float32: convert the data "
+                                                    r"\(x.to\(torch.float32\)\) or the net "
+                                                    r"\(net.to\(torch.float64\)\)"):
+        net(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(circuits.CircuitError, match=r"got a batch of dtype torch.int64, but circuit 'mlp' runs in "
+                                                    r"torch.float32: convert the data \(x.to\(torch.float32\)\)$"):
+        net(torch.ones(2, 6, dtype=torch.int64))
+    assert net.double()(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_an_index_input_takes_integers():
+    circuit = circuits.Circuit("tokens")
+    circuit.input("ids", shape=(3,))
+    circuit.population("h", shape=(3, 4))
+    circuit.connect("ids", "h", Embedding(vocabulary=5))
+    net = circuit.build()
+    assert net(torch.tensor([[0, 1, 4]])).shape == (1, 3, 4)
+    with pytest.raises(circuits.CircuitError, match=r"'ids' holds indices \(read by an embedding\), but got a batch "
+                                                    r"of dtype torch.float32; pass integer indices"):
+        net(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("settings, shown", [
+    ({"decay": 1.5}, "decay=1.5"),
+    ({"sigma": -1.0, "eta": 0.0}, "sigma=-1.0, eta=0.0"),
+    ({"wishart": True, "noise": "uniform"}, "noise='uniform', response='linear'"),
+])
+def test_weight_mirror_range_errors_show_the_bad_values(settings, shown):
+    """Issue 23: they ended with "got wm" (the rule's name), not the value."""
+    with pytest.raises(circuits.CircuitError, match=rf"got {shown}$"):
+        rules.WeightMirror(**settings)

@@ -58,6 +58,10 @@ class CircuitNet(nn.Module):
         if not self.inputs:
             raise CircuitError(f"circuit {circuit.name!r} has no input population")
         self.input_shapes = {name: circuit[name].shape for name in self.inputs}
+        # inputs read only by projections that send no error back (Embedding): indices, not activity
+        self._index_inputs = {name for name in self.inputs
+                              if all(not graph.edges[name, post]["projection"].sends_error
+                                     for post in graph.successors(name))}
         if not self.outputs:
             raise CircuitError(f"circuit {circuit.name!r} has no output population")
         self.proj = nn.ModuleDict()
@@ -117,6 +121,7 @@ class CircuitNet(nn.Module):
                     f"the shape the data has (from_torch(..., input_shape=...)): mirror noise, padding "
                     f"statistics and recordings follow the declared shape"
                 )
+            self._check_dtype(name, x)
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
         for pop, phi, incoming, junction, direct, release in self._plan:
@@ -189,6 +194,21 @@ class CircuitNet(nn.Module):
             if key in modules:
                 return modules[key]
         raise CircuitError(f"circuit {self.circuit.name!r} has no projection named {name!r}")
+
+    def _check_dtype(self, name: str, x: Tensor) -> None:
+        """A CircuitError naming both dtypes if input `x` is not of the net's floating dtype (indices: an integer
+        dtype), instead of torch's "mat1 and mat2 must have the same dtype" deep inside a projection."""
+        if name in self._index_inputs:
+            if x.is_floating_point() or x.is_complex():
+                raise CircuitError(f"input population {name!r} holds indices (read by an embedding), but got a "
+                                   f"batch of dtype {x.dtype}; pass integer indices (torch.long)")
+            return
+        dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        if dtype is not None and x.dtype != dtype:
+            fix = f"convert the data (x.to({dtype}))" + (f" or the net (net.to({x.dtype}))" if x.is_floating_point()
+                                                        else "")
+            raise CircuitError(f"input population {name!r} got a batch of dtype {x.dtype}, but circuit "
+                               f"{self.circuit.name!r} runs in {dtype}: {fix}")
 
     def forward_parameters(self) -> Iterator[nn.Parameter]:
         """The forward pathway's parameters (W, biases, batch-norm affine), without any B."""

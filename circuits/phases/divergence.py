@@ -1,9 +1,10 @@
-"""Divergence: a learning step whose loss, or a parameter, is no longer a finite number.
+"""Divergence: a learning step whose loss, or a parameter or buffer, is no longer a finite number.
 
-The trainer folds "is the loss finite?" into one flag on the device every learning step (no host
-sync) and reads it with "is every parameter finite?" once every `check_every` steps; this module
-holds what that needs, and the diagnosis added to the error: which populations' activity or error
-is non-finite on the last batch.
+The trainer folds "is the loss finite?" and "is the input batch finite?" into flags on the device every
+learning step (no host sync) and reads them with "is every parameter and buffer finite?" once every
+`check_every` steps; this module holds what that needs, and the diagnosis added to the error: the
+non-finite input batch if there was one, else which populations' activity or error is non-finite on the
+last batch.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ NONE = torch.iinfo(torch.int64).max
 
 
 class DivergenceError(FloatingPointError):
-    """Training produced a non-finite loss or parameter. `step`: the first learning step whose loss was
-    non-finite (None if only parameters are), `parameters`: the names of the non-finite parameters."""
+    """Training produced a non-finite loss, parameter or buffer. `step`: the first learning step whose loss was
+    non-finite (None if only parameters or buffers are), `parameters` and `buffers`: the names of the non-finite
+    ones, `data_step`: the first learning step whose input batch was non-finite (None if none was)."""
 
-    def __init__(self, message: str, step: int | None, parameters: list[str]) -> None:
+    def __init__(self, message: str, step: int | None, parameters: list[str], buffers: list[str] | None = None,
+                 data_step: int | None = None) -> None:
         super().__init__(message)
-        self.step, self.parameters = step, parameters
+        self.step, self.parameters, self.buffers, self.data_step = step, parameters, buffers or [], data_step
 
 
 def all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
@@ -33,18 +36,45 @@ def all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
-def message(first: int | None, last_step: int, names: list[str], total: int, diagnosis: list[str],
-            check_every: int) -> str:
-    """The DivergenceError's text: the first non-finite step (or None), the non-finite parameters, the diagnosis."""
-    parts = [f"training diverged: the loss was non-finite at learning step {first}" if first is not None
-             else f"training diverged: parameters became non-finite by learning step {last_step}"]
+def first_nonfinite_example(inputs: Tensor, target: Tensor) -> Tensor:
+    """On the device (no host sync): the index of the first example whose input (or floating target) holds a NaN
+    or an infinity, -1 if every value of the batch is finite."""
+    finite = torch.isfinite(inputs.reshape(len(inputs), -1)).all(1)
+    if target.is_floating_point():
+        finite &= torch.isfinite(target.reshape(len(target), -1)).all(1)
+    return torch.where(finite.all(), -1, (~finite).to(torch.int64).argmax())
+
+
+def data_message(step: int, example: int | None) -> str:
+    """What a non-finite input batch is called: the learning step it fed and, where known, its first bad example."""
+    which = f" (example {example} of the batch is the first non-finite one)" if example is not None else ""
+    return f"the input data is non-finite: the batch of learning step {step} holds NaN or inf{which}"
+
+
+def message(first: int | None, last_step: int, names: list[str], total: int, buffers: list[str],
+            data: str | None, diagnosis: list[str], check_every: int) -> str:
+    """The DivergenceError's text: the non-finite input batch (`data`, data_message) if there was one, the first
+    non-finite step (or None), the non-finite parameters and buffers, and without `data` the diagnosis."""
+    gone = "parameters" if names or not buffers else "buffers"
+    parts = [f"the loss was non-finite at learning step {first}" if first is not None
+             else f"{gone} became non-finite by learning step {last_step}"]
+    parts = ["training diverged: " + (data if data is not None else parts[0])] + (parts if data is not None else [])
     if names:
-        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-        parts.append(f"{len(names)} of {total} parameters are non-finite now ({shown})")
-    parts += diagnosis
-    parts.append(f"found at the check after step {last_step} (TrainerConfig.check_every={check_every}); lower the "
-                 f"learning rate, or pass TrainerConfig(nonfinite='skip') to skip such steps")
+        parts.append(f"{len(names)} of {total} parameters are non-finite now ({_shown(names)})")
+    if buffers:
+        parts.append(f"buffers non-finite now: {_shown(buffers)} (running statistics, which evaluations use)")
+    found = f"found at the check after step {last_step} (TrainerConfig.check_every={check_every})"
+    if data is not None:
+        parts.append(f"{found}; clean the data or leave such batches out, or pass TrainerConfig(nonfinite='skip') "
+                     f"to skip such steps")
+    else:
+        parts += diagnosis
+        parts.append(f"{found}; lower the learning rate, or pass TrainerConfig(nonfinite='skip') to skip such steps")
     return "; ".join(parts)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
 
 
 def diagnose(net: CircuitNet, loss_fn: Callable[[Tensor, Tensor], Tensor], batch: tuple[Tensor, Tensor] | None,

@@ -6,12 +6,14 @@ circuits.phases.mirror.mirror_step, no data. Between epochs: the schedule's slee
 learning-rate schedule, evaluation. The trainer calls its recorder (rank 0 only) through
 begin / step / evaluate / close, and saves everything needed to resume in state_dict().
 
-Divergence: every learning step folds "is the loss finite?" into one flag on the device (no host
-sync); every `check_every` learning steps, at the end of each epoch and of fit(), check_finite()
-reads that flag together with "is every parameter finite?" (one host sync) and raises a
-DivergenceError naming the first non-finite step, the non-finite parameters and the populations
-whose activity or error is non-finite on the last batch. With nonfinite="skip" a step whose loss or
-gradient is not finite is skipped instead (no optimizer step), as torch's GradScaler does.
+Divergence: every learning step folds "is the loss finite?" and "is the input batch finite?" into flags on
+the device (no host sync); every `check_every` learning steps, at the end of each epoch and of fit(),
+check_finite() reads them together with "is every parameter and buffer finite?" (one host sync) and raises a
+DivergenceError naming the first non-finite step, the non-finite parameters and buffers (batch-norm running
+statistics count as state), and then the non-finite input batch if there was one, else the populations whose
+activity or error is non-finite on the last batch. With nonfinite="skip" a step whose input, loss, gradient
+or buffers are not finite is skipped instead: no optimizer step, as torch's GradScaler does, and the buffers
+its forward pass changed are restored.
 """
 from __future__ import annotations
 
@@ -30,13 +32,15 @@ from tqdm.auto import tqdm
 
 from ..errors import CircuitError
 from ..graph.network import unwrap
-from .divergence import NONE, DivergenceError, all_finite, diagnose, message
+from .divergence import NONE, DivergenceError, all_finite, data_message, diagnose, first_nonfinite_example, message
 from .mirror import mirrored
 from .mirror_stream import MirrorStream, check_beside
 from .progress import Progress, rng_state, set_rng_state
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
+AMP_DTYPES = ("bfloat16", "float16")
+"""The dtypes torch.autocast runs in (TrainerConfig.amp_dtype)."""
 """What Trainer.evaluate returns (top1 and top5 only for class targets)."""
 
 
@@ -69,6 +73,9 @@ class TrainerConfig:
             )
         if self.nonfinite not in ("raise", "skip"):
             raise CircuitError(f"TrainerConfig(nonfinite={self.nonfinite!r}) must be 'raise' or 'skip'")
+        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
+            raise CircuitError(f"TrainerConfig(amp_dtype={self.amp_dtype!r}) must be one of {list(AMP_DTYPES)} "
+                               f"(torch.autocast runs in those) or None for full precision")
 
 
 class Trainer:
@@ -80,6 +87,7 @@ class Trainer:
                  recorder: Any = None, config: TrainerConfig | None = None,
                  hooks: Iterable[Callable[[Trainer], None]] = ()) -> None:
         self.net, self.circuit_net = net, unwrap(net)
+        _check_optimizer(optimizer, self.circuit_net, loss_fn)
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
         self.schedule = schedule if schedule is not None else Schedule(Repeat(Learn(1)))
         self.schedule.check(self.circuit_net)
@@ -98,6 +106,8 @@ class Trainer:
         self._stop = False
         self.progress = Progress()   # where the run stands: what a checkpoint keeps to resume it
         self._first_nonfinite = torch.full((), NONE, dtype=torch.int64, device=self.device)
+        # the first learning step whose input batch was non-finite, and that batch's first non-finite example
+        self._first_bad_data = torch.tensor([NONE, -1], dtype=torch.int64, device=self.device)
         self._last_batch: tuple[Tensor, Tensor] | None = None   # for the diagnosis of a divergence
 
     # --- single events -----------------------------------------------------------------------
@@ -116,22 +126,31 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]          # the rate this step uses, recorded as such
         inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
         self._last_batch = (inputs, target)
+        skip = self.config.nonfinite == "skip"
+        buffers = [(b, b.clone()) for b in self.circuit_net.buffers()] if skip else []   # restored if skipped
+        bad_example = first_nonfinite_example(inputs, target)
         with self.autocast():
             loss = self.loss_fn(self.net(inputs), target)
         self.optimizer.zero_grad(set_to_none=True)
         self.join_mirror()          # the backward reads B
         self.scaler.scale(loss).backward()
         self.progress.step += 1
-        if self.config.nonfinite == "skip" and not self._finite_step(loss):
+        reason = self._skip_reason(loss, bad_example) if skip else None
+        if reason is not None:
+            with torch.no_grad():   # the forward's running statistics: a skipped step leaves no trace
+                for b, saved in buffers:
+                    b.copy_(saved)
             self.progress.skipped_steps += 1
-            warnings.warn(f"learning step {self.progress.step}: non-finite loss or gradient, step skipped "
+            warnings.warn(f"learning step {self.progress.step}: {reason}, step skipped "
                           f"({self.progress.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2)
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.config.nonfinite == "raise":     # the first non-finite step, kept on the device
+            if not skip:     # the first non-finite step and the first non-finite batch, kept on the device
                 step = torch.where(torch.isfinite(loss.detach()), NONE, self.progress.step)
                 torch.minimum(self._first_nonfinite, step, out=self._first_nonfinite)
+                data = torch.stack([torch.where(bad_example < 0, NONE, self.progress.step), bad_example])
+                self._first_bad_data = torch.where(data[0] < self._first_bad_data[0], data, self._first_bad_data)
         if self.lr_scheduler is not None and self.config.lr_per_step:
             self.lr_scheduler.step()
         self.progress.examples += len(target)
@@ -168,37 +187,51 @@ class Trainer:
         self.progress.tick += 1
 
     # --- non-finite numbers -------------------------------------------------------------------
-    def _finite_step(self, loss: Tensor) -> bool:
-        """Whether this step's loss and gradients are finite (one host sync; under fp16 the GradScaler
-        judges the gradients itself). Every process agrees under torch.distributed."""
-        tensors = [loss.detach()]
+    def _skip_reason(self, loss: Tensor, bad_example: Tensor) -> str | None:
+        """Why this step is to be skipped, None if its input, loss, gradients and buffers are finite (one host
+        sync; under fp16 the GradScaler judges the gradients itself). Every process agrees under
+        torch.distributed."""
+        tensors = [loss.detach(), *(b for b in self.circuit_net.buffers() if b.is_floating_point())]
         if not self.scaler.is_enabled():
             tensors += [p.grad for p in self.circuit_net.parameters() if p.grad is not None]
-        finite = all_finite(tensors, self.device).to(torch.int32)
+        data_finite = bad_example < 0
+        state = torch.stack([all_finite(tensors, self.device) & data_finite, data_finite, bad_example]).to(torch.int64)
         if _distributed():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite)
+            dist.all_reduce(state, op=dist.ReduceOp.MIN)
+        finite, data_finite, example = state.tolist()
+        if finite:
+            return None
+        if not data_finite:
+            return data_message(self.progress.step, None if _distributed() else example)
+        return "non-finite loss, gradient or buffer"
 
     def check_finite(self) -> None:
-        """Raise DivergenceError if a learning step's loss was non-finite or a parameter is (one host sync).
+        """Raise DivergenceError if a learning step's loss was non-finite or a parameter or buffer is (one host
+        sync); the error names the first non-finite input batch, if there was one, as the cause.
 
         fit() calls this every `check_every` learning steps and at the end of each epoch; call it before
-        saving a checkpoint, so that no checkpoint is written from a diverged state.
+        saving a checkpoint, so that no checkpoint is written from a diverged state (buffers included).
         """
         self.join_mirror()
         parameters = list(self.circuit_net.named_parameters())
-        state = torch.stack([self._first_nonfinite,
-                             (~all_finite((p.detach() for _, p in parameters), self.device)).to(torch.int64).neg()])
+        buffers = [(n, b) for n, b in self.circuit_net.named_buffers() if b.is_floating_point()]
+        bad_state = ~all_finite((t.detach() for _, t in parameters + buffers), self.device)
+        state = torch.cat([torch.stack([self._first_nonfinite, bad_state.to(torch.int64).neg()]), self._first_bad_data])
         if _distributed():
             dist.all_reduce(state, op=dist.ReduceOp.MIN)
-        first, bad_parameters = state.tolist()
-        if first == NONE and not bad_parameters:
+        first, bad, data_step, example = state.tolist()
+        if first == NONE and not bad:
             return
         names = [n for n, p in parameters if not bool(torch.isfinite(p.detach()).all())]
+        buffer_names = [n for n, b in buffers if not bool(torch.isfinite(b).all())]
         step = None if first == NONE else first
-        diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast)
+        data_step = None if data_step == NONE else data_step
+        data = None if data_step is None else data_message(data_step, None if _distributed() else example)
+        diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast) if data is None else []
         raise DivergenceError(
-            message(step, self.progress.step, names, len(parameters), diagnosis, self.config.check_every), step, names
+            message(step, self.progress.step, names, len(parameters), buffer_names, data, diagnosis,
+                    self.config.check_every),
+            step, names, buffer_names, data_step,
         )
 
     # --- epochs ----------------------------------------------------------------------------
@@ -391,6 +424,22 @@ class Trainer:
         if problems:
             raise CircuitError("this state was saved from another net or optimizer; nothing was loaded: "
                                + "; ".join(problems))
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, net: nn.Module, loss_fn: Callable) -> None:
+    """A CircuitError if the optimizer steps parameters that are neither the net's nor the loss's own: those of
+    another net (or of a copy of this one) would train nothing here, silently."""
+    ours = {id(p) for p in net.parameters()}
+    if isinstance(loss_fn, nn.Module):
+        ours |= {id(p) for p in loss_fn.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in held if id(p) not in ours]
+    if foreign:
+        raise CircuitError(
+            f"{len(foreign)} of the {len(held)} parameters the optimizer steps are not parameters of this net "
+            f"(circuit {net.circuit.name!r}) or of the loss: it was built for another net, or for a copy of this one, "
+            f"and would train nothing here; build it from this net's parameters(), after any copy"
+        )
 
 
 def _check_loader(name: str, loader: Any) -> None:

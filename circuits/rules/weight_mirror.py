@@ -65,9 +65,13 @@ class WeightMirror(FeedbackRule):
         _finite(self, sigma=self.sigma, eta=self.eta, decay=self.decay)
         if self.wishart and (self.noise, self.response) != ("gaussian", "linear"):
             raise CircuitError(f"WeightMirror wishart=True draws the second moment of Gaussian noise for the linear "
-                               f"response; it needs noise 'gaussian' and response 'linear', got {self}")
-        if not (self.sigma > 0 and self.eta > 0 and 0 <= self.decay < 1):
-            raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 <= decay < 1, got {self}")
+                               f"response; it needs noise 'gaussian' and response 'linear', got "
+                               f"noise={self.noise!r}, response={self.response!r}")
+        bad = [f"{name}={value!r}" for name, value, ok in (("sigma", self.sigma, self.sigma > 0),
+                                                            ("eta", self.eta, self.eta > 0),
+                                                            ("decay", self.decay, 0 <= self.decay < 1)) if not ok]
+        if bad:
+            raise CircuitError(f"WeightMirror needs sigma > 0, eta > 0 and 0 <= decay < 1, got {', '.join(bad)}")
         for name, allowed in (("noise", ("gaussian", "uniform")), ("response", ("linear", "sigmoid")),
                               ("reduction", ("mean", "sum"))):
             if getattr(self, name) not in allowed:
