@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +64,7 @@ from circuits.recording.recorder import Recorder
 
 from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from .imagenet_data import Batches, DatasetError, image_batches
+from .imagenet_resume import apply_changes, changed_settings, check_changes, saved_steps_per_epoch, warmup_batches
 from .resnet import cifar_resnet, resnet
 
 ARCHS: dict[str, Callable[..., circuits.Circuit]] = {
@@ -271,6 +274,27 @@ def load_checkpoint(path: Path, key: dict[str, Any], device: torch.device) -> di
     return state
 
 
+def write_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """torch.save into PATH.partial, then an atomic rename. A write the disk has no room for (torch: "[enforce fail
+    at inline_container.cc] unexpected pos", or ENOSPC / EFBIG / EDQUOT) removes the .partial and raises an OSError
+    saying so; the previous checkpoint is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    try:
+        torch.save(state, partial)
+    except (OSError, RuntimeError) as e:
+        partial.unlink(missing_ok=True)
+        code = getattr(e, "errno", None)
+        if "unexpected pos" not in str(e) and code not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        kept = f"the previous checkpoint {path} is kept" if path.is_file() else "no checkpoint was written before"
+        raise OSError(code or errno.ENOSPC, (
+            f"writing checkpoint {path} failed: the disk is full (or a file size limit was reached; "
+            f"{shutil.disk_usage(path.parent).free} bytes free there); {kept} and the partial file was removed; "
+            f"free some space and run again with --resume. torch said: {str(e).splitlines()[0][:200]}")) from e
+    os.replace(partial, path)
+
+
 class ImageNetTrainer(circuits.Trainer):
     """circuits.Trainer that checkpoints between learning steps and after each epoch, and reports
     images/s and unreadable images each epoch on rank 0."""
@@ -331,10 +355,7 @@ class ImageNetTrainer(circuits.Trainer):
             return
         state = {"checkpoint_key": self.checkpoint_key, "recipe": asdict(self.recipe), "trainer": self.state_dict(),
                  "ranks": ranks}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.path)
+        write_checkpoint(state, self.path)
 
     def resume(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: trainer state, then this rank's own RNG streams and counts.
@@ -443,6 +464,10 @@ def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batc
     batches.close()
     key = {**recipe.checkpoint_key, "classes": len(classes)}
     state = load_checkpoint(checkpoint, key, worker.device) if recipe.resume and not restart else None
+    if state is not None:      # changed settings: applied after the load, or refused now (models.imagenet_resume)
+        changed = changed_settings(state["recipe"], recipe)
+        saved_batch = state["recipe"]["batch_size"] // len(state["ranks"])
+        check_changes(changed, state["trainer"]["progress"], saved_batch, recipe.batch_size // worker.world_size)
     net, model = build_model(recipe, worker, len(classes))
     optimizer, lr_scheduler, schedule, config = training_parts(net, recipe, worker, len(train))
     recorder = None
@@ -456,13 +481,18 @@ def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batc
     trainer = ImageNetTrainer(model, optimizer, schedule, lr_scheduler=lr_scheduler, recorder=recorder,
                               config=config, recipe=recipe, worker=worker, train=train, checkpoint_key=key)
     if state is not None:
-        changed = {k: (v, getattr(recipe, k)) for k, v in state["recipe"].items()
-                   if k not in ("resume", "progress") and v != getattr(recipe, k, v)}
         if changed and worker.main:
             tqdm.write(
                 "resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             )
         trainer.resume(state)
+        mirrors = trainer.schedule.mirrors
+        warmups = (warmup_batches(mirrors, state["recipe"]["mirror_warmup"], saved_steps_per_epoch(train, saved_batch)),
+                   warmup_batches(mirrors, recipe.mirror_warmup, len(train)))
+        done = apply_changes(trainer, changed, recipe, saved_batch, warmups,
+                             lambda: lr_schedule(optimizer, recipe, len(train)))
+        if done and worker.main:
+            tqdm.write("applied: " + "; ".join(done))
     return trainer, train, val
 
 
@@ -492,5 +522,5 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
 if __name__ == "__main__":
     try:
         main()
-    except (circuits.CircuitError, DatasetError, DivergenceError, RecordingError) as e:
+    except (circuits.CircuitError, DatasetError, DivergenceError, RecordingError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -275,6 +275,95 @@ def test_a_second_process_on_a_run_folder_is_refused(folder, tmp_path):
     assert not (out / "run.h5").exists()
 
 
+# --- issue 23: trust what a run reports -----------------------------------------------------------
+def crash_at(monkeypatch, step: int) -> None:
+    """Learning step `step` raises KeyboardInterrupt (a kill); monkeypatch.undo() restores learn."""
+    learn = circuits.Trainer.learn
+
+    def crashing(self, *batch):
+        if self.progress.step == step - 1:
+            raise KeyboardInterrupt
+        return learn(self, *batch)
+    monkeypatch.setattr(circuits.Trainer, "learn", crashing)
+
+
+def test_a_resume_with_another_lr_trains_at_it(folder, tmp_path, capsys):
+    """Item 1: "resuming with changed settings: lr 0.05 -> 0.01" was printed, and the run went on at 0.05 (the
+    checkpoint's optimizer and scheduler won). The recording's lr column shows the rate used."""
+    out = tmp_path / "run"
+    run(folder, out, "--epochs", "1", "--record-every", "1")
+    resumed = run(folder, out, "--epochs", "2", "--record-every", "1", "--lr", "0.01", "--momentum", "0.5",
+                  "--resume")
+    printed = capsys.readouterr().out
+    assert "resuming with changed settings: epochs 1 -> 2, lr 0.05 -> 0.01, momentum 0.9 -> 0.5" in printed
+    assert resumed.progress.step == 8
+    assert [(g["lr"], g["momentum"]) for g in resumed.optimizer.param_groups] == [(0.01, 0.5)]
+    with open_recording(out / "run.h5") as f:
+        assert f["steps/lr"][:].tolist() == [0.05] * 4 + [0.01] * 4
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["optimizer"]["param_groups"]
+    assert [(g["lr"], g["momentum"]) for g in saved] == [(0.01, 0.5)]        # a later resume keeps them
+
+
+def _derived(folder: Path, out: Path, *args: str) -> imagenet.ImageNetTrainer:
+    """A run without --lr: 0.1 x batch / 256."""
+    return imagenet.main(["--data", str(folder), "--out", str(out), "--workers", "0", "--arch", "resnet8",
+                          "--image-size", "16", "--no-progress", "--epochs", "1", "--checkpoint-every", "2",
+                          "--record-every", "1", *args])
+
+
+def test_a_resume_mid_epoch_with_another_batch_size_goes_on_by_examples(folder, tmp_path, monkeypatch):
+    """Item 1: killed 8 examples into the epoch (2 batches of 4), resumed at batch 2: the epoch's other 8 examples
+    in 4 steps, at the lr batch 2 derives (not 4 steps over 8 of the 12 remaining, some twice, at the old lr)."""
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _derived(folder, out, "--batch-size", "4")
+    monkeypatch.undo()
+    resumed = _derived(folder, out, "--batch-size", "2", "--resume")
+    assert (resumed.progress.step, resumed.progress.examples, resumed.progress.epoch) == (6, 16, 1)
+    with open_recording(out / "run.h5") as f:
+        assert f["steps/examples"][:].tolist() == [4, 8, 10, 12, 14, 16]
+        assert f["steps/lr"][:].tolist() == [0.1 * 4 / 256] * 2 + [0.1 * 2 / 256] * 4
+
+
+def test_resume_changes_that_cannot_be_applied_are_refused(folder, tmp_path, monkeypatch):
+    """Item 1: refused with the reason, before anything is loaded."""
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, out, "--epochs", "1", "--checkpoint-every", "2")
+    monkeypatch.undo()
+    with pytest.raises(circuits.CircuitError, match=r"nothing was loaded: --seed 0 -> 1: .*; --batch-size: the run is "
+                                                    r"8 examples \(per process\) into epoch 0, not a whole number of "
+                                                    r"batches of 3; resume with a batch size \(per process\) that "
+                                                    r"divides 8, or with the saved one \(4 per process\)"):
+        run(folder, out, "--epochs", "1", "--batch-size", "3", "--seed", "1", "--resume")
+    with pytest.raises(circuits.CircuitError, match=r"--seed 0 -> 1: the seed fixes the data order"):
+        run(folder, out, "--epochs", "1", "--seed", "1", "--resume")
+    assert run(folder, out, "--epochs", "1", "--resume").progress.step == 4
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_keeps_the_last_one(folder, tmp_path, monkeypatch):
+    """Issue 23: torch's "[enforce fail at inline_container.cc:672] unexpected pos" became "the disk is full"; the
+    last checkpoint survives and no .partial is left."""
+    out = tmp_path / "full"
+    save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):       # the first checkpoint (step 2) is written, then the disk fills
+        if not (out / "checkpoint.pt").exists():
+            return save(obj, path, *args, **kwargs)
+        Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4240")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=rf"writing checkpoint {out / 'checkpoint.pt'} failed: the disk is full .*; "
+                                      rf"the previous checkpoint {out / 'checkpoint.pt'} is kept and the partial "
+                                      rf"file was removed; free some space and run again with --resume"):
+        run(folder, out, "--epochs", "1", "--checkpoint-every", "2")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "run.h5"]      # no checkpoint.partial
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["progress"]["step"] == 2
+
+
 if __name__ == "__main__":
     trainer = imagenet.main(sys.argv[1:])
     params = {
