@@ -326,6 +326,21 @@ def test_a_resume_mid_epoch_with_another_batch_size_goes_on_by_examples(folder, 
         assert f["steps/lr"][:].tolist() == [0.1 * 4 / 256] * 2 + [0.1 * 2 / 256] * 4
 
 
+def test_a_weight_mirror_run_resumed_at_another_batch_size_keeps_its_place_in_the_phase_schedule(
+        folder, tmp_path, monkeypatch):
+    """Item 1: the warm-up is one epoch's worth of steps (4 at batch 4, 8 at batch 2); the saved position, 4 warm-up
+    batches then L M L, moves past the new warm-up: no second warm-up, one mirror batch after each step."""
+    out = tmp_path / "run"
+    crash_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _derived(folder, out, "--rule", "wm", "--batch-size", "4")
+    monkeypatch.undo()
+    resumed = _derived(folder, out, "--rule", "wm", "--batch-size", "2", "--resume")
+    assert (resumed.progress.step, resumed.progress.tick, resumed.progress.position) == (6, 4 + 2 * 6, 8 + 2 * 6)
+    with open_recording(out / "run.h5") as f:
+        assert f["steps/phase"][:].tolist() == [1] * 4 + [0, 1] * 6           # 0: learn, 1: mirror
+
+
 def test_resume_changes_that_cannot_be_applied_are_refused(folder, tmp_path, monkeypatch):
     """Item 1: refused with the reason, before anything is loaded."""
     out = tmp_path / "run"
