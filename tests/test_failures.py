@@ -138,6 +138,12 @@ def test_nonfinite_input_data_is_named_not_blamed_on_a_population():
                              "non-finite at learning step 3; 6 of 6 parameters are non-finite now")
     assert "found at the check after step 50" in str(e) and "clean the data" in str(e)
     assert "population" not in str(e) and "lower the learning rate" not in str(e)
+    late = trainer(check_every=4)
+    late.hooks.append(poison_after_step(1))         # the loss is NaN from step 2 on: the data of step 3 is no cause
+    with pytest.raises(circuits.DivergenceError) as error:
+        late.fit(data, epochs=1)
+    assert (error.value.step, error.value.data_step) == (2, 3) and "input data" not in str(error.value)
+    assert "the activity is non-finite from population 'hidden1' on" in str(error.value)
 
 
 def batch_norm_trainer(**config) -> circuits.Trainer:

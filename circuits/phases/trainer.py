@@ -226,7 +226,8 @@ class Trainer:
         buffer_names = [n for n, b in buffers if not bool(torch.isfinite(b).all())]
         step = None if first == NONE else first
         data_step = None if data_step == NONE else data_step
-        data = None if data_step is None else data_message(data_step, None if _distributed() else example)
+        cause = data_step is not None and (step is None or data_step <= step)     # not a batch after the loss's NaN
+        data = data_message(data_step, None if _distributed() else example) if cause else None
         diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast) if data is None else []
         raise DivergenceError(
             message(step, self.progress.step, names, len(parameters), buffer_names, data, diagnosis,
