@@ -39,9 +39,9 @@ from .progress import Progress, rng_state, set_rng_state
 from .schedule import Learn, Mirror, Repeat, Schedule
 
 METRICS = ("loss", "top1", "top5")
+"""What Trainer.evaluate returns (top1 and top5 only for class targets)."""
 AMP_DTYPES = ("bfloat16", "float16")
 """The dtypes torch.autocast runs in (TrainerConfig.amp_dtype)."""
-"""What Trainer.evaluate returns (top1 and top5 only for class targets)."""
 
 
 def _rank() -> int:
