@@ -24,11 +24,14 @@ atomically) are taken between learning steps every --checkpoint-every steps and 
 W, B, batch-norm state, optimizer, lr schedule, the phase schedule's position, the data position,
 every rank's RNG states and the recorder's position. --resume continues the same run, appending to
 the same recording; a run that stopped before its first checkpoint is run again from step 0 into its
-recording by --resume. The end-of-epoch checkpoint is taken after the epoch's evaluation, so a resumed
+recording by --resume. A resume with changed settings applies them (the optimizer's settings, the lr schedule
+rebuilt for them where the run stands in epochs, the data position kept by examples seen) or refuses them with the
+reason: models.imagenet_resume. A checkpoint the disk has no room for is an error saying so; the last one stays.
+The end-of-epoch checkpoint is taken after the epoch's evaluation, so a resumed
 run keeps every evaluation row. Rank 0 holds OUT/checkpoint.pt.lock while it runs: a second process on
 the same folder is refused.
 
-Divergence: a non-finite loss or parameter stops the run with a DivergenceError naming the step (see
+Divergence: a non-finite loss, parameter or buffer stops the run with a DivergenceError naming the step (see
 circuits.phases.trainer); every checkpoint is checked first, so none is ever written from a non-finite state
 and the last good one survives.
 """
