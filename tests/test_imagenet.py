@@ -251,6 +251,23 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(folder, tmp_pa
     assert all(bool(torch.isfinite(v).all()) for v in state["net"].values() if v.is_floating_point())
 
 
+def test_no_checkpoint_holds_nonfinite_running_statistics(folder, tmp_path, monkeypatch):
+    """Issue 23, item 2: a batch scaled by 1e30 (step 3) leaves batch-norm running_var = inf with a finite loss; the
+    end-of-epoch checkpoint held it, the "last good" one. Buffers are checked with the parameters now."""
+    learn = circuits.Trainer.learn
+
+    def scaled(self, inputs, target):
+        return learn(self, inputs * 1e30 if self.progress.step == 2 else inputs, target)
+
+    monkeypatch.setattr(circuits.Trainer, "learn", scaled)
+    with pytest.raises(circuits.DivergenceError, match=r"buffers non-finite now: .*running_var") as error:
+        run(folder, tmp_path / "bn", "--rule", "fa", "--epochs", "1", "--checkpoint-every", "2")
+    assert error.value.step is None and error.value.buffers
+    state = torch.load(tmp_path / "bn" / "checkpoint.pt", weights_only=True)["trainer"]
+    assert state["progress"]["step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in state["net"].values() if v.is_floating_point())
+
+
 def test_unreadable_validation_images_stop_the_run_before_its_first_step(tmp_path):
     """Item 9: not after a whole epoch of training."""
     bad = synthetic_image_folder(tmp_path / "data", classes=2, train_per_class=4, val_per_class=1)
