@@ -196,7 +196,7 @@ def test_an_optimizer_of_another_net_is_refused():
     """Issue 23, item 6: Trainer(net, SGD(other.parameters())) trained nothing, silently."""
     net, other = mlp((6, 5, 4)).build(), mlp((6, 5, 4)).build()
     with pytest.raises(circuits.CircuitError, match=r"4 of the 4 parameters the optimizer steps are not parameters "
-                                                    r"of this net \(circuit 'mlp'\) or of the loss"):
+                                                    r"of this net \(CircuitNet\) or of the loss"):
         circuits.Trainer(net, torch.optim.SGD(other.parameters(), lr=0.1))
     mixed = torch.optim.SGD([*net.parameters(), *other.parameters()][:5], lr=0.1)
     with pytest.raises(circuits.CircuitError, match="1 of the 5 parameters"):

@@ -438,7 +438,7 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, net: nn.Module, loss_fn: 
     if foreign:
         raise CircuitError(
             f"{len(foreign)} of the {len(held)} parameters the optimizer steps are not parameters of this net "
-            f"(circuit {net.circuit.name!r}) or of the loss: it was built for another net, or for a copy of this one, "
+            f"({type(net).__name__}) or of the loss: it was built for another net, or for a copy of this one, "
             f"and would train nothing here; build it from this net's parameters(), after any copy"
         )
 
