@@ -107,8 +107,8 @@ class Source:
         if not readable:
             raise DatasetError(f"every image of a batch of {len(rows)} was unreadable (see the warnings above for "
                                f"the files): is the data folder damaged?")
-        replaced = np.ones((), np.int32)
-        rows = [row if row is not None else (*readable[i % len(readable)][:5], replaced) for i, row in enumerate(rows)]
+        copies = iter(readable * len(rows))      # the k-th unreadable image's slot: readable image k (cyclically)
+        rows = [row if row is not None else (*next(copies)[:5], np.ones((), np.int32)) for row in rows]
         return tuple(list(column) for column in zip(*rows, strict=True))
 
     def example(self, index: int, seed: int) -> tuple[np.ndarray, ...] | None:
@@ -176,16 +176,18 @@ class DaliBatches:
         self._next_epoch = epoch + 1 if self.sampler is not None else 0
 
     def _decoder_error(self, message: str, epoch: int, batch: int) -> str:
-        """What to say when DALI fails on batch `batch` of `epoch`: the file, if DALI names the sample."""
+        """What to say when the pipeline fails on batch `batch` of `epoch`: the file, where DALI's decoder
+        names the sample it failed on."""
         start = batch * self.batch_size
         examples = self.source.order(epoch)[start:start + self.batch_size]
         paths = [self.source.samples[index][0] for index, _ in examples]
+        said = " ".join(message.split())[:800]
         sample = re.search(r"Failed to decode sample #(\d+)", message)
-        where = f"the image {paths[int(sample[1])]}" if sample and int(sample[1]) < len(paths) else \
-            f"one of the images {paths}"
-        return (f"DALI could not decode {where} (batch {batch} of epoch {epoch}): it is corrupt or truncated; "
-                f"DALI cannot skip an image whose header reads, so remove or replace the file, or use --loader torch, "
-                f"which skips unreadable images. DALI said: {' '.join(message.split())[:500]}")
+        if sample is None or int(sample[1]) >= len(paths):
+            return f"the DALI pipeline failed on batch {batch} of epoch {epoch} (images {paths}): {said}"
+        return (f"DALI could not decode the image {paths[int(sample[1])]} (batch {batch} of epoch {epoch}): it is "
+                f"corrupt or truncated. DALI cannot skip an image whose header reads: remove or replace the file, "
+                f"or use --loader torch, which skips unreadable images. DALI said: {said}")
 
     def _start(self, epoch: int) -> None:
         """A new pipeline whose first epoch is `epoch` (the previous one, if any, shut down)."""
