@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command, in priority order, each step under `timeout`, about 10 minutes on one
 # H100/H200 (15 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled variant, 42 s
-# for recording, 26 s for vit; STEPS=compiled2 asks for 5 more). Writes each step's output as text (and JSON where the benchmark has it)
+# for recording, 26 s for vit; STEPS=compiled2 asks for 5 more; where DALI is installed the dali steps come first and
+# may take up to 7 minutes more, unmeasured yet: STEPS="dali dali-train" runs them alone). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
 #
@@ -11,6 +12,12 @@
 # Steps, in priority order (each cut short on its own, the others still run; STEPS="env eager ..." runs
 # only those named):
 #   env        GPU, driver, torch, CUDA, the machine's copy bandwidth and bf16 matrix rate
+#   dali       the DALI loader alone (models.imagenet_dali, nvJPEG on the GPU) against the torch loader, on
+#              generated ImageNet-sized JPEGs (benchmarks/loader.py; issue 27's target: >= 6,500 images/s
+#              with 16 CPU cores); skipped with a message where NVIDIA DALI is not installed ('.[dali]')
+#   dali-train resnet50 training fed by the DALI loader and by the torch loader against a repeated batch,
+#              bp and wm with a mirror batch after every step (benchmarks/imagenet_gpu.py; target: DALI-fed
+#              >= 0.95 x the repeated batch); skipped like dali
 #   beside     mirror batches on a CUDA side stream give the serial run's numbers (tests/test_schedule.py, eager
 #              and compiled; needs pytest)
 #   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
@@ -37,18 +44,22 @@ if [[ -n "${SMOKE:-}" ]]; then
     TIMED_COMPILED=("${TIMED[@]}")
     TIMED_VIT=("${TIMED[@]}")
     LOADER=(--images 16 --batch-size 4 --workers 1 --classes 2 --device cpu)
+    DALI_LOADER=("${LOADER[@]}")
+    DALI_TRAIN=(--smoke)
     VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
-    DEFAULT_STEPS="env beside eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
+    DEFAULT_STEPS="env dali dali-train beside eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
 else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
     TIMED_COMPILED=(--steps 10 --warmup 3 --rounds 3)
     TIMED_VIT=(--steps 20 --warmup 3 --rounds 10)     # 33 ms steps: 5 rounds of 10 spread by 0.2 on an H200
     LOADER=(--images 3072 --batch-size 256 --classes 16)
+    DALI_LOADER=(--images 8192 --batch-size 256 --classes 16 --epochs 4)
+    DALI_TRAIN=(--rules bp wm --budget-s 270)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
-    DEFAULT_STEPS="env beside eager compiled recording vit mirror loader"
+    DEFAULT_STEPS="env dali dali-train beside eager compiled recording vit mirror loader"
 fi
 
 STEPS="${STEPS:-$DEFAULT_STEPS}"
@@ -86,6 +97,13 @@ if torch.cuda.is_available():
     print(f"bf16 8192^3 matmul: {2 * 8192**3 / timed(lambda: m @ m) / 1e12:.0f} TFLOP/s")
 EOF
 
+if python3 -c "import nvidia.dali" 2>/dev/null; then
+    step dali 120 python3 benchmarks/loader.py "${DALI_LOADER[@]}" --loader torch dali --paths device
+    step dali-train 300 python3 benchmarks/imagenet_gpu.py "${DALI_TRAIN[@]}" --loaders torch dali \
+        --json "$OUT/dali_train.json"
+elif [[ " $STEPS " == *" dali"* ]]; then
+    echo "=== dali, dali-train: skipped: NVIDIA DALI is not installed here (pip install '.[dali]': nvidia-dali-cuda120)"
+fi
 step beside 90 python3 -m pytest -p no:cacheprovider -q tests/test_schedule.py -k beside_learning_give
 step eager 130 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --mirror-angle 5 \
     --json "$OUT/eager.json"

@@ -7,7 +7,9 @@ one mirror batch per learning step, noise batch = training batch) and times the 
 
   synthetic: one random batch already on the GPU, repeated (the net's own ceiling);
   pipeline:  models.imagenet_data on a generated folder of ImageNet-sized JPEGs, decode="device"
-             (nvjpeg + crops on the GPU) - and decode="cpu" with --cpu-pipeline.
+             (nvjpeg + crops on the GPU) - and decode="cpu" with --cpu-pipeline;
+  dali:      with --loaders ... dali, the same folder through models.imagenet_dali (DALI's nvJPEG
+             decoder, resize and normalisation on the GPU; the dali extra).
 
 images/s = examples / wall seconds between the end of the warm-up steps and the end of the last step,
 with torch.cuda.synchronize at both ends. With --compile each row is also run under torch.compile
@@ -17,6 +19,7 @@ short by --budget-s (or a device time limit) keeps what it measured.
 
     python benchmarks/imagenet_gpu.py --json $OUT/imagenet_gpu.json   # resnet50, batch 256, eager rows
     python benchmarks/imagenet_gpu.py --compile --rules bp wm            # adds compiled rows (minutes each)
+    python benchmarks/imagenet_gpu.py --loaders dali --rules bp wm       # training fed by DALI against synthetic
     python benchmarks/imagenet_gpu.py --smoke                            # the script at toy size, on the CPU
 """
 from __future__ import annotations
@@ -35,7 +38,8 @@ from loader import images_per_second  # benchmarks/loader.py: run as a script, i
 
 import circuits
 from models import imagenet
-from models.imagenet_data import image_batches, synthetic_image_folder
+from models.imagenet_dali import LOADERS
+from models.imagenet_data import synthetic_image_folder
 
 SMOKE = dict(arch="resnet8", rules=["bp", "wm"], batch_size=4, steps=2, warmup=1, images=24, image_size=32,
              workers=1, device="cpu")
@@ -93,6 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--images", type=int, default=5120, help="generated JPEGs (pipeline rows: 3 passes, 1 untimed)")
     p.add_argument("--workers", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1))
     p.add_argument("--compile", action="store_true", help="also run every row under torch.compile")
+    p.add_argument("--loaders", nargs="+", default=["torch"], choices=sorted(LOADERS),
+                   help="the data pipelines of the pipeline rows (dali: models.imagenet_dali, the dali extra)")
     p.add_argument("--cpu-pipeline", action="store_true", help="also run the pipeline rows with decode=cpu")
     p.add_argument("--budget-s", type=float, default=480, help="start no new row after this many seconds")
     p.add_argument("--image-size", type=int, default=224)
@@ -125,9 +131,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         classes = min(100, args.images // 4)
         folder = synthetic_image_folder(Path(tmp), classes=classes, train_per_class=max(1, args.images // classes),
                                         val_per_class=1, size=(375, 500), processes=args.workers)
-        for decode in ["device"] + (["cpu"] if args.cpu_pipeline else []):
-            rate = images_per_second(folder, decode, device, args.batch_size, args.workers, args.image_size, 3, None)
-            record({"source": f"loader only/{decode}", "mode": "-", "rule": "-", "images_per_s": rate})
+        decodes = ["device"] + (["cpu"] if args.cpu_pipeline else [])
+        pipelines = [(loader, decode) for loader in args.loaders for decode in decodes]
+        names = {"torch": "pipeline", "dali": "dali"}          # row names: "pipeline/..." is the torch loader
+        for loader, decode in pipelines:
+            rate = images_per_second(folder, decode, device, args.batch_size, args.workers, args.image_size, 3, None,
+                                     loader)
+            record({"source": f"{names[loader]} only/{decode}", "mode": "-", "rule": "-", "images_per_s": rate})
         base = imagenet.Recipe(data=str(folder), arch=args.arch, batch_size=args.batch_size, mirror_warmup=0,
                                progress=False, amp=True, channels_last=True, workers=args.workers,
                                image_size=args.image_size)
@@ -136,24 +146,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         y = torch.randint(0, 1000, (args.batch_size,), device=device)
         for compiled in [False] + ([True] if args.compile else []):
             for rule in args.rules:
-                for source in ["synthetic", "pipeline/device"] + (["pipeline/cpu"] if args.cpu_pipeline else []):
+                for loader, decode in [(None, "device"), *pipelines]:
+                    source = "synthetic" if loader is None else f"{names[loader]}/{decode}"
                     if time.perf_counter() - began > args.budget_s:
                         print(f"  budget of {args.budget_s:.0f} s spent: skipping the remaining rows")
                         return results
-                    recipe = dataclasses.replace(base, rule=rule, compile=compiled,
-                                                 decode=source.split("/")[-1] if "/" in source else "device")
+                    recipe = dataclasses.replace(base, rule=rule, compile=compiled, decode=decode,
+                                                 loader=loader or "torch")
                     recipe = imagenet.resolve(recipe, imagenet.Worker(device=device))
                     imagenet.configure_torch(recipe)
                     torch._dynamo.reset()       # each row compiles afresh, clear of the recompile limit
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
-                    if source == "synthetic":
+                    if loader is None:
                         row = train_rate(recipe, device, Repeated(x, y, args.warmup + args.steps), 1, args.warmup, 1000)
                     else:
-                        train, _, names = image_batches(folder, batch_size=args.batch_size, device=device, size=size,
-                                                        decode=recipe.decode, workers=args.workers,
-                                                        channels_last=True)
-                        row = train_rate(recipe, device, train, 3, len(train), len(names))
+                        train, _, labels = LOADERS[loader](folder, batch_size=args.batch_size, device=device,
+                                                           size=size, decode=decode, workers=args.workers,
+                                                           channels_last=True)
+                        row = train_rate(recipe, device, train, 3, len(train), len(labels))
                     record({"source": source, "mode": "compiled" if compiled else "eager", "rule": rule, **row})
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

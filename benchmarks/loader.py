@@ -1,11 +1,17 @@
-"""Images per second of the ImageNet data pipeline (models.imagenet_data) on a folder of JPEGs.
+"""Images per second of the ImageNet data pipelines (models.imagenet_data, models.imagenet_dali) on a folder of JPEGs.
 
-Both paths produce what training consumes: normalised float batches on the device, train augmentation
+Every path produces what training consumes: normalised float batches on the device, train augmentation
 (random-resized crop + flip), an epoch's share of a shuffled folder.
 
-  cpu:     DataLoader workers decode with PIL and crop; uint8 crops are copied (pinned) to the device.
-  device:  workers read the bytes; torchvision.io.decode_jpeg decodes the batch on the device
-           (nvjpeg on CUDA; libjpeg in the main process when the device is the CPU) and crops there.
+  --loader torch (models.imagenet_data):
+    cpu:     DataLoader workers decode with PIL and crop; uint8 crops are copied (pinned) to the device.
+    device:  workers read the bytes; torchvision.io.decode_jpeg decodes the batch on the device
+             (nvjpeg on CUDA; libjpeg in the main process when the device is the CPU) and crops there.
+  --loader dali (models.imagenet_dali; pip install '.[dali]'): DALI's Python workers read the bytes
+    and draw the crops;
+    cpu:     DALI decodes the crop windows with libjpeg-turbo and resizes on the CPU, then normalises
+             on the device;
+    device:  DALI's nvJPEG ("mixed") decoder and the resize run on the GPU (on a CPU-only machine: as cpu).
 
 The folder is generated (smooth random JPEGs about the size of ImageNet's, ~500 x 375, quality 90)
 unless --folder names one (e.g. a real ImageNet, which has train/ and val/). Each path runs
@@ -13,6 +19,7 @@ unless --folder names one (e.g. a real ImageNet, which has train/ and val/). Eac
 Time is wall time over whole passes, with torch.cuda.synchronize on GPU.
 
     python benchmarks/loader.py                                   # both paths, CUDA if present
+    python benchmarks/loader.py --loader torch dali --paths device   # the DALI pipeline against torch's
     python benchmarks/loader.py --images 4096 --workers 15 --batch-size 256
     python benchmarks/loader.py --folder /datasets/imagenet --max-batches 200
 """
@@ -27,14 +34,15 @@ from pathlib import Path
 
 import torch
 
-from models.imagenet_data import image_batches, synthetic_image_folder
+from models.imagenet_dali import LOADERS
+from models.imagenet_data import synthetic_image_folder
 
 
 def images_per_second(folder: Path, decode: str, device: torch.device, batch_size: int, workers: int,
-                      image_size: int, epochs: int, max_batches: int | None) -> float:
-    """Train-pipeline throughput over epochs 1.. (epoch 0 warms up)."""
-    train, _, _ = image_batches(folder, batch_size=batch_size, device=device, size=image_size, decode=decode,
-                                workers=workers, channels_last=device.type == "cuda")
+                      image_size: int, epochs: int, max_batches: int | None, loader: str = "torch") -> float:
+    """Train-pipeline throughput over epochs 1.. (epoch 0 warms up: worker start, decoder initialisation)."""
+    train, _, _ = LOADERS[loader](folder, batch_size=batch_size, device=device, size=image_size, decode=decode,
+                                  workers=workers, channels_last=device.type == "cuda")
     counted, seconds = 0, 0.0
     for epoch in range(epochs):
         train.sampler.set_epoch(epoch)
@@ -56,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--source-size", type=int, nargs=2, default=(375, 500), metavar=("H", "W"),
                    help="typical size of a generated image")
+    p.add_argument("--loader", nargs="+", default=["torch"], choices=sorted(LOADERS),
+                   help="dali: models.imagenet_dali (needs the dali extra)")
     p.add_argument("--paths", nargs="+", default=["cpu", "device"], choices=["cpu", "device"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=128)
@@ -78,10 +88,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
         print(f"device {device} ({name}), batch {args.batch_size}, {args.workers} workers, crop {args.image_size}")
         rates = {}
-        for decode in args.paths:
-            rates[decode] = images_per_second(folder, decode, device, args.batch_size, args.workers,
-                                              args.image_size, args.epochs, args.max_batches)
-            print(f"  decode={decode:7s} {rates[decode]:10,.0f} images/s")
+        for loader in args.loader:
+            for decode in args.paths:
+                key = decode if loader == "torch" else f"{loader}/{decode}"
+                rates[key] = images_per_second(folder, decode, device, args.batch_size, args.workers,
+                                               args.image_size, args.epochs, args.max_batches, loader)
+                print(f"  loader={loader:5s} decode={decode:7s} {rates[key]:10,.0f} images/s")
     return rates
 
 

@@ -66,7 +66,8 @@ from circuits.recording import RecordingError, WriterLock
 from circuits.recording.recorder import Recorder
 
 from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
-from .imagenet_data import Batches, DatasetError, image_batches
+from .imagenet_dali import LOADERS, DaliBatches, require_dali
+from .imagenet_data import Batches, DatasetError
 from .imagenet_resume import apply_changes, changed_settings, check_changes, saved_steps_per_epoch, warmup_batches
 from .resnet import cifar_resnet, resnet
 
@@ -100,6 +101,8 @@ class Recipe:
     warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
                                                "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
     image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)
+    loader: str = option("torch", "torch: DataLoader workers (models.imagenet_data); dali: an NVIDIA DALI pipeline "
+                                  "(models.imagenet_dali, the dali extra), the same crops", choices=("torch", "dali"))
     decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
     workers: int | None = option(None, "DataLoader workers per process (None: this process's share of the CPUs)",
                                  type=COUNT)
@@ -193,6 +196,10 @@ def resolve(recipe: Recipe, worker: Worker) -> Recipe:
         raise circuits.CircuitError(
             f"batch size {recipe.batch_size} does not split evenly over {worker.world_size} processes"
         )
+    if recipe.loader not in LOADERS:
+        raise circuits.CircuitError(f"loader must be 'torch' or 'dali', got {recipe.loader!r}")
+    if recipe.loader == "dali":
+        require_dali()
     if recipe.lr_schedule not in ("step", "cosine"):
         raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
     for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every",
@@ -302,8 +309,8 @@ class ImageNetTrainer(circuits.Trainer):
     """circuits.Trainer that checkpoints between learning steps and after each epoch, and reports
     images/s and unreadable images each epoch on rank 0."""
 
-    def __init__(self, *args, recipe: Recipe, worker: Worker, train: Batches, checkpoint_key: dict[str, Any],
-                 **kwargs) -> None:
+    def __init__(self, *args, recipe: Recipe, worker: Worker, train: Batches | DaliBatches,
+                 checkpoint_key: dict[str, Any], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.recipe, self.worker, self.train, self.checkpoint_key = recipe, worker, train, checkpoint_key
         self.path = Path(recipe.out) / "checkpoint.pt"
@@ -440,7 +447,8 @@ def lock_run(recipe: Recipe, worker: Worker) -> WriterLock | None:
     return lock
 
 
-def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batches, Batches]:
+def build_trainer(recipe: Recipe, worker: Worker
+                  ) -> tuple[ImageNetTrainer, Batches | DaliBatches, Batches | DaliBatches]:
     """The data, net, optimizer, schedules and trainer of a resolved recipe (resumed if asked).
 
     --resume without a checkpoint but with a recording (a run that stopped before its first checkpoint)
@@ -458,7 +466,7 @@ def build_trainer(recipe: Recipe, worker: Worker) -> tuple[ImageNetTrainer, Batc
                                     f"checkpoint. Pass --resume to run it again from step 0 into the same recording "
                                     f"(its rows are recorded anew), or --out for a new run")
     configure_torch(recipe)
-    train, val, classes = image_batches(recipe.data, batch_size=recipe.batch_size // worker.world_size,
+    train, val, classes = LOADERS[recipe.loader](recipe.data, batch_size=recipe.batch_size // worker.world_size,
                                         device=worker.device, size=recipe.image_size, decode=recipe.decode,
                                         workers=recipe.workers, seed=recipe.seed, rank=worker.rank,
                                         world_size=worker.world_size, channels_last=recipe.channels_last)
@@ -510,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
         if worker.main:
             tqdm.write(f"{recipe.arch} under {recipe.rule} on {worker.world_size} x {worker.device.type}: "
                        f"{len(train)} steps per epoch of {recipe.batch_size} images, lr {recipe.lr:g}, "
-                       f"decode on {recipe.decode}, out {recipe.out}")
+                       f"{recipe.loader} loader decoding on {recipe.decode}, out {recipe.out}")
         trainer.fit(train, recipe.epochs, val)
         if trainer.progress.step != trainer.saved_at:
             trainer.save()

@@ -322,6 +322,26 @@ class Batches:
             return None
 
 
+def image_folders(root: str | Path, *, batch_size: int, size: int = 224, decode: Decode = "cpu",
+                  world_size: int = 1) -> tuple[Examples, Examples]:
+    """(train, val) Examples of an ImageNet-layout folder, or a DatasetError: a missing split, class
+    folders that differ between the splits, fewer train images than one batch per process, or an
+    unknown `decode`."""
+    if decode not in ("cpu", "device"):
+        raise DatasetError(f"decode must be 'cpu' or 'device', got {decode!r}")
+    train_dir, val_dir = check_folder(root)
+    encoded = decode == "device"
+    train = Examples(train_dir, Augmentation(size, train=True), encoded)
+    val = Examples(val_dir, Augmentation(size, train=False), encoded)
+    if train.classes != val.classes:
+        only = sorted(set(train.classes) ^ set(val.classes))
+        raise DatasetError(f"{root}: train/ and val/ have different class folders (in one only: {only[:10]})")
+    if len(train) < batch_size * world_size:
+        raise DatasetError(f"{train_dir} has {len(train)} images, fewer than one batch of {batch_size} on each of "
+                           f"{world_size} processes")
+    return train, val
+
+
 def image_batches(root: str | Path, *, batch_size: int, device: torch.device | str, size: int = 224,
                   decode: Decode = "cpu", workers: int = 4, seed: int = 0, rank: int = 0, world_size: int = 1,
                   channels_last: bool = False) -> tuple[Batches, Batches, list[str]]:
@@ -331,19 +351,9 @@ def image_batches(root: str | Path, *, batch_size: int, device: torch.device | s
     incomplete last batch dropped (static shapes for torch.compile). val: examples rank, rank + world_size, ...
     each seen once (no padding, so top-1 over all ranks is exact).
     """
-    if decode not in ("cpu", "device"):
-        raise DatasetError(f"decode must be 'cpu' or 'device', got {decode!r}")
-    train_dir, val_dir = check_folder(root)
-    device = torch.device(device)
-    encoded = decode == "device"
-    train_aug, val_aug = Augmentation(size, train=True), Augmentation(size, train=False)
-    train, val = Examples(train_dir, train_aug, encoded), Examples(val_dir, val_aug, encoded)
-    if train.classes != val.classes:
-        only = sorted(set(train.classes) ^ set(val.classes))
-        raise DatasetError(f"{root}: train/ and val/ have different class folders (in one only: {only[:10]})")
-    if len(train) < batch_size * world_size:
-        raise DatasetError(f"{train_dir} has {len(train)} images, fewer than one batch of {batch_size} on each of "
-                           f"{world_size} processes")
+    device, encoded = torch.device(device), decode == "device"
+    train, val = image_folders(root, batch_size=batch_size, size=size, decode=decode, world_size=world_size)
+    train_aug, val_aug = train.augmentation, val.augmentation
 
     def loader(dataset, sampler, shuffle_drop: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
