@@ -42,16 +42,18 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
         names = _unique_names(runs)
         jobs = [("alignment.png", lambda: figures.alignment(runs)), ("errors.png", lambda: figures.error_angles(runs)),
                 ("curves.png", lambda: figures.curves(runs))]
-        summaries = stats.across_seeds([r for run in runs if (r := stats.seed_run(run)) is not None], baseline)
+        seeds: list[str] = []
+        try:
+            summaries = stats.across_seeds([r for run in runs if (r := stats.seed_run(run)) is not None], baseline)
+        except ValueError as e:          # two runs of one rule and seed, or none matched to the baseline's
+            summaries, seeds = [], ["## Across seeds", "", f"No statistics across seeds: {e}.", ""]
         if any(len(s.seeds) > 1 for s in summaries):
+            seeds = _seed_section(summaries, baseline, points, threshold)
             jobs.append(("seeds.png", lambda: figures.seeds(summaries, baseline, points, threshold)))
-        else:
-            summaries = []
         jobs += [
             (f"{name}-circuit.png", lambda run=run: figures.circuit(run)) for name, run in zip(names, runs, strict=True)
         ]
         written = [figures.save(draw(), out / file) for file, draw in tqdm(jobs, desc="figures", disable=not progress)]
-        seeds = _seed_section(summaries, baseline, points, threshold) if summaries else []
         written.append(_summary(runs, names, written, out / "summary.md", threshold, seeds))
     return written
 

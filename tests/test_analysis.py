@@ -347,6 +347,11 @@ def test_the_report_gives_intervals_paired_differences_and_verdicts_across_seeds
           "--threshold", "5", "--no-progress"])
     summary = (tmp_path / "wide" / "summary.md").read_text()
     assert "- holds: WM: test accuracy" in summary and "- fails: WM: angle(B, W) below 5°" in summary
+    twin = tmp_path / "fa-again.h5"
+    twin.write_bytes(seeded[0].read_bytes())
+    assert main(["report", str(seeded[0]), str(twin), "-o", str(tmp_path / "twins"), "--no-progress"]) == 0
+    assert "No statistics across seeds: rule 'fa' has two runs of one seed ([1, 1])" in (
+        tmp_path / "twins" / "summary.md").read_text()
     runs = [open_run(p) for p in seeded]
     try:
         found = stats.across_seeds([stats.seed_run(r) for r in runs], baseline="fa")
