@@ -6,6 +6,10 @@ run.updates) and a column ("angle" by default), and skip NaN rows (undefined ang
 A run diverged when its numbers became non-finite (divergence()): a learning step's training loss,
 an evaluation's or the probe's loss, or a projection's |B| / |W| (NaN once W or B is). Its summary
 then says so and at which step, and its statistics are of the rows before that step.
+
+Across seeds (scipy.stats): interval() gives mean, SD and a 95% t-interval, paired_difference() the interval of
+a rule's difference to a baseline over matched seeds, verdict() judges a claim on an interval (holds, fails,
+undecided), across_seeds() gathers them per rule from SeedRun rows (seed_run() reads one from a recording).
 """
 from __future__ import annotations
 
