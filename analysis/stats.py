@@ -363,9 +363,10 @@ def accuracy_claim(summary: SeedSummary, points: float, baseline: str = "bp") ->
     d = summary.difference
     if d is None:
         raise ValueError(f"{summary.rule} has no paired difference to {baseline}")
-    return (f"{summary.rule.upper()}: test accuracy (mean of the last {LAST_EVALUATIONS} evaluations) within "
-            f"{points:g} points of {baseline.upper()}'s: difference {d.mean:+.2f} points, {d.confidence:.0%} "
-            f"interval [{d.low:+.2f}, {d.high:+.2f}] over {d.n} matched seed(s)", verdict(d, -points, points))
+    return (f"{summary.rule.upper()}: test accuracy (mean of the last {LAST_EVALUATIONS} evaluations, all if "
+            f"fewer) within {points:g} points of {baseline.upper()}'s: difference {d.mean:+.2f} points, "
+            f"{d.confidence:.0%} interval [{d.low:+.2f}, {d.high:+.2f}] over {d.n} matched seed(s)",
+            verdict(d, -points, points))
 
 
 def angle_claim(summary: SeedSummary, degrees: float) -> tuple[str, str]:

@@ -339,7 +339,8 @@ def test_the_report_gives_intervals_paired_differences_and_verdicts_across_seeds
     assert rows["wm"][3].strip() == "+0.20 ± 0.30 [-0.55, +0.95]"
     assert rows["wm"][4].strip() == "9.00 ± 1.00 [6.52, 11.48]"
     assert rows["fa"][3].strip() == "–" and rows["fa"][4].strip().startswith("81.00 ± 1.00")
-    assert "- undecided: WM: test accuracy (mean of the last 3 evaluations) within 0.5 points of FA's" in summary
+    assert ("- undecided: WM: test accuracy (mean of the last 3 evaluations, all if fewer) within 0.5 points of "
+            "FA's") in summary
     assert "- undecided: WM: angle(B, W) below 10° in every projection (95% intervals: fc1 [6.52, 11.48]" in summary
     assert "![seeds](seeds.png)" in summary
     non_trivial_png(tmp_path / "out" / "seeds.png")
