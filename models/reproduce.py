@@ -329,9 +329,10 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
              f"to BP is paired over the matched seeds (same data order and forward weights).", "",
              f"| rule | test accuracy (%), epoch {epochs} | test accuracy (%), mean of {tail} | difference to BP "
              f"(points), mean of {tail} | " + " | ".join(f"angle(B, W) {p} (°): epoch 1 -> end" for p in projections)
-             + (f" | authors' released code (a{' different' * (config.settings == 'paper')} setting), their run "
-                f"after epoch {epochs}: accuracy (%); angle {', '.join(projections)} (°) | authors, 400 epochs: "
-                f"accuracy (%) | authors: angle {'; '.join(projections)} (°), epoch 1 -> 400 |" if mnist else " |"),
+             + (f" | authors' released code ({'a different' if config.settings == 'paper' else 'this'} setting), "
+                f"their run after epoch {epochs}: accuracy (%); angle {', '.join(projections)} (°) | authors, 400 "
+                f"epochs: accuracy (%) | authors: angle {'; '.join(projections)} (°), epoch 1 -> 400 |"
+                if mnist else " |"),
              "|---|---:|---:|---:|" + "---:|" * len(projections) + ("---:|---:|---:|" if mnist else "")]
     for s in summaries:
         cells = [f"{first[s.rule][p][0]:.1f} -> {s.angle(p).cell()}" if p in s.angles else "– (direct feedback)"

@@ -262,6 +262,8 @@ def test_one_epoch_on_a_2000_image_slice_runs_end_to_end(settings, mnist_slice, 
                                                                           ("commit", "torch", "command")}
     assert "| BP | " in table and "(1 seed) |" in table and "- undecided: KP: test accuracy" in table
     assert ("biases learn at lr / 128" in table) == (settings == "released")
+    setting = {"paper": "a different setting", "released": "this setting"}[settings]
+    assert f"| authors' released code ({setting}), their run after epoch 1: accuracy (%); angle fc1, fc2 (°) |" in table
     assert all((out / "runs" / f"{rule}-seed1111.h5").is_file() for rule in reproduce.RULES)
     assert (out / "report" / "summary.md").is_file() == (settings == "released")
     assert "test accuracy" in capsys.readouterr().out
