@@ -18,6 +18,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="recordings (.h5) written by circuits.Recorder")
     r.add_argument("-o", "--out", required=True, help="folder for the PNGs and summary.md (created if missing)")
     r.add_argument("--threshold", type=float, default=45.0, help="angle(B, W) in degrees counted as aligned")
+    r.add_argument("--baseline", default="bp", help="the rule that others are compared with, over matched seeds")
+    r.add_argument("--points", type=float, default=0.5,
+                   help="the claim judged across seeds: accuracy within this many points of the baseline")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -25,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        written = report(args.runs, args.out, args.threshold, progress=not args.no_progress)
+        written = report(args.runs, args.out, args.threshold, progress=not args.no_progress,
+                         baseline=args.baseline, points=args.points)
     except (RecordingError, FileNotFoundError) as e:
         print(f"python -m analysis report: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@
   depth as colour: the paper's alignment-per-layer figure, under each rule.
 - error_angles(runs): the angle between each hidden population's error and backprop's on the probe batch.
 - curves(runs): training loss and held-out top-1 error of several runs, each on one axis.
+- seeds(summaries): each rule's final accuracy, paired difference to the baseline and final angles across
+  seeds: per-seed values as dots, the mean with its 95% t-interval as an error bar, the claims' bars as lines.
 - circuit(run): the forward pathway above, the feedback pathway below, feedback projections coloured
   by their rule.
 """
@@ -23,7 +25,7 @@ from circuits.graph import schema
 from circuits.graph.schema import error_name
 
 from .run import Run, Series
-from .stats import hidden_populations
+from .stats import LAST_EVALUATIONS, Interval, SeedSummary, hidden_populations
 
 RULE_COLOURS = {"bp": "tab:blue", "fa": "tab:red", "dfa": "tab:brown", "ss": "tab:orange", "usf": "tab:orange",
                 "brsf": "tab:olive", "frsf": "tab:pink", "kp": "tab:green", "wm": "tab:purple", "ia": "tab:cyan",
@@ -117,6 +119,42 @@ def curves(runs: Sequence[Run], smoothing: int | None = None) -> Figure:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
+    return fig
+
+
+def _intervals(ax, rows: Sequence[tuple[str, Sequence[float], Interval]]) -> None:
+    """One column a rule: its per-seed values as dots, the mean with its t-interval (clipped to the data's
+    range where one seed gives an infinite interval) as an error bar."""
+    for x, (rule, values, found) in enumerate(rows):
+        colour = RULE_COLOURS.get(rule, "tab:gray")
+        ax.plot([x] * len(values), values, "o", ms=3, color=colour, alpha=0.6)
+        if found.n > 1:
+            ax.errorbar([x], [found.mean], yerr=[[found.mean - found.low], [found.high - found.mean]], fmt="s",
+                        ms=5, color=colour, capsize=4)
+    ax.set_xticks(range(len(rows)), [rule for rule, _, _ in rows])
+
+
+def seeds(summaries: Sequence[SeedSummary], baseline: str = "bp", points: float = 0.5,
+          threshold: float = 45.0) -> Figure:
+    """Across seeds, per rule: accuracy (mean of the last evaluations), its paired difference to `baseline`
+    with the ±`points` bar, and each projection's final angle(B, W) with the `threshold` line."""
+    projections = list(dict.fromkeys(p for s in summaries for p in s.angles))
+    fig, axes = _panels(2 + len(projections))
+    _intervals(axes[0], [(s.rule, list(s.top1_tail.values()), s.accuracy()) for s in summaries])
+    axes[0].set(title=f"test accuracy, mean of the last {LAST_EVALUATIONS} evaluations", ylabel="top-1 (%)")
+    paired = [s for s in summaries if s.difference is not None]
+    base = {s.rule: s for s in summaries}.get(baseline)
+    _intervals(axes[1], [(s.rule, [s.top1_tail[k] - base.top1_tail[k] for k in s.seeds if k in base.top1_tail],
+                          s.difference) for s in paired])
+    for bar in (-points, points):
+        axes[1].axhline(bar, color="grey", lw=0.8, ls="--")
+    axes[1].axhline(0, color="grey", lw=0.6, ls=":")
+    axes[1].set(title=f"paired difference to {baseline} (bar ±{points:g})", ylabel="top-1 difference (points)")
+    for ax, p in zip(axes[2:], projections):
+        _intervals(ax, [(s.rule, list(s.angles[p].values()), s.angle(p)) for s in summaries if p in s.angles])
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"final angle(B, W), {p}", ylabel="angle (°)")
+        ax.set_ylim(bottom=0)
     return fig
 
 

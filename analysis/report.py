@@ -5,7 +5,10 @@
 writes alignment.png (angle(B, W) per layer, one panel a run), errors.png (error angle against
 backprop), curves.png (training loss and held-out top-1 error of every run), <run>-circuit.png
 (the circuit's pathways) and summary.md (final accuracy, final and mean angles per rule, and a
-table per run of its projections).
+table per run of its projections). Where a rule was run with two seeds or more, summary.md also holds
+each rule's statistics across seeds (mean, SD and 95% t-interval of the final accuracy and of each
+projection's final angle, the paired difference to a baseline rule) with the claims judged on those
+intervals, and seeds.png draws them.
 """
 from __future__ import annotations
 
@@ -27,8 +30,9 @@ def _unique_names(runs: Sequence[Run]) -> list[str]:
 
 
 def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold: float = 45.0,
-           progress: bool = True) -> list[Path]:
-    """Write the figures and summary.md of the recordings at `paths` into `out`; returns the files written."""
+           progress: bool = True, baseline: str = "bp", points: float = 0.5) -> list[Path]:
+    """Write the figures and summary.md of the recordings at `paths` into `out`; returns the files written.
+    Across seeds: differences to the `baseline` rule, judged against a bar of `points` accuracy points."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as opened:
@@ -38,15 +42,38 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
         names = _unique_names(runs)
         jobs = [("alignment.png", lambda: figures.alignment(runs)), ("errors.png", lambda: figures.error_angles(runs)),
                 ("curves.png", lambda: figures.curves(runs))]
+        seeds: list[str] = []
+        try:
+            summaries = stats.across_seeds([r for run in runs if (r := stats.seed_run(run)) is not None], baseline)
+        except ValueError as e:          # two runs of one rule and seed, or none matched to the baseline's
+            summaries, seeds = [], ["## Across seeds", "", f"No statistics across seeds: {e}.", ""]
+        if any(len(s.seeds) > 1 for s in summaries):
+            seeds = _seed_section(summaries, baseline, points, threshold)
+            jobs.append(("seeds.png", lambda: figures.seeds(summaries, baseline, points, threshold)))
         jobs += [
             (f"{name}-circuit.png", lambda run=run: figures.circuit(run)) for name, run in zip(names, runs, strict=True)
         ]
         written = [figures.save(draw(), out / file) for file, draw in tqdm(jobs, desc="figures", disable=not progress)]
-        written.append(_summary(runs, names, written, out / "summary.md", threshold))
+        written.append(_summary(runs, names, written, out / "summary.md", threshold, seeds))
     return written
 
 
-def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], path: Path, threshold: float) -> Path:
+def _seed_section(summaries: Sequence[stats.SeedSummary], baseline: str, points: float, threshold: float) -> list[str]:
+    """Statistics across seeds and the claims judged on their intervals: holds, fails or undecided."""
+    claims = [stats.accuracy_claim(s, points, baseline) for s in summaries if s.difference is not None]
+    claims += [stats.angle_claim(s, threshold) for s in summaries if s.angles and s.rule != baseline]
+    return ["## Across seeds", "",
+            f"Per rule over its seeds: mean ± sample SD [{stats.CONFIDENCE:.0%} t-interval]; accuracy after the "
+            f"last evaluation and as the mean of the last {stats.LAST_EVALUATIONS} evaluations (less of one "
+            f"epoch's noise); the difference to {baseline.upper()} is paired over matched seeds (same data order "
+            "and forward weights) on that mean. A claim holds when its whole interval clears the bar, fails when "
+            "the whole interval misses it, and is undecided when the interval straddles it. Runs that ended "
+            "diverged are left out.", "",
+            stats.seed_markdown(summaries, baseline), ""] + [f"- {v}: {text}" for text, v in claims] + [""]
+
+
+def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], path: Path, threshold: float,
+             seeds: Sequence[str] = ()) -> Path:
     parts = ["# Recorded runs", "",
              "Accuracies on the held-out data after the last evaluation; angles in degrees, averaged over the "
              "rule's projections: final = each projection's last angle(B, W), mean = its mean over training; "
@@ -59,7 +86,7 @@ def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], 
     for name, found in nonfinite.items():
         parts += [f"**{name} {found.describe()}.**" + ("" if found.recovered else
                   f" Its accuracies and angles below are of the rows before step {found.step}."), ""]
-    parts += [stats.markdown(stats.compare(runs, threshold), threshold), ""]
+    parts += [stats.markdown(stats.compare(runs, threshold), threshold), "", *seeds]
     for name, run in zip(names, runs, strict=True):
         parts += [f"## {name}", "", f"`{run.path}`: circuit {run.circuit.graph['name']!r}, rule {run.rule}, "
                   f"{len(run.steps)} rows, {len(run.evaluations)} evaluations."]

