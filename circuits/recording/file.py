@@ -2,9 +2,10 @@
 
 The recorder (circuits.recording.recorder) decides what to measure; this module decides where the rows go
 (docs/recording.md has the layout; its constants and the reader are circuits.recording). Every table
-is a group of resizable chunked datasets sharing one row index, /<table>/tick, all created before the
-file enters SWMR mode, so readers follow the file while it grows and a run killed at any moment
-leaves every flushed row readable. A resumed run reopens the file cut back to its checkpoint's rows.
+is a group of resizable chunked datasets sharing one row index, /<table>/tick, all created (with a
+fletcher32 checksum, as every dataset) before the file enters SWMR mode and takes its name, so
+readers follow the file while it grows and a run killed at any moment leaves every flushed row
+readable, or no file at all. A resumed run reopens the file cut back to its checkpoint's rows.
 Needs numpy and h5py, not torch: device values reach a table through the writer's `to_host`.
 """
 from __future__ import annotations
