@@ -96,7 +96,8 @@ def _doubts(run: Run) -> dict[str, list[str]]:
                                 "was killed, or an error ended it)."]
     short = cut_short(run.path)
     if short is not None:
-        lost = "; ".join(f"/{t} keeps {read} of its {recorded} rows" for t, (read, recorded) in run.rows_cut().items())
+        lost = "; ".join(f"/{t} keeps {read} of its {recorded} rows" if recorded is not None else
+                         f"/{t} lies past the end" for t, (read, recorded) in run.rows_cut().items())
         doubts["cut short"] = [f"Cut short: the file has {short[0]} of its {short[1]} bytes; "
                                f"{lost or 'every recorded row lies in it'}."]
     nonfinite = stats.nonfinite(run)

@@ -81,23 +81,23 @@ class Run:
         value = self.file.attrs.get("finished")
         return None if value is None else bool(value)
 
-    def rows_cut(self) -> dict[str, tuple[int, int]]:
+    def rows_cut(self) -> dict[str, tuple[int, int | None]]:
         """Per table that lost rows because the file is cut short (see cut_short): (rows read, rows recorded),
-        over all its datasets (/alignment: its projections'); {} for a whole file."""
+        over all its datasets (/alignment: its projections'); (0, None) for a table whose own description
+        lies past the end; {} for a whole file."""
         short = cut_short(self.path)
         if short is None:
             return {}
-        out = {}
+        out: dict[str, tuple[int, int | None]] = {}
         for group in TABLES[:1] + ("alignment",) + TABLES[1:]:
             datasets: list[h5py.Dataset] = []
             try:
                 self.file[group].visititems(lambda _, o: datasets.append(o) if isinstance(o, h5py.Dataset) else None)
                 read = min((rows_within(ds, short[0]) for ds in datasets), default=0)
                 recorded = max((len(ds) for ds in datasets), default=0)
-            except (OSError, RuntimeError, KeyError) as e:
-                raise RecordingError(f"{self.path}: table /{group} cannot be read; the file is cut short ({short[0]} "
-                                     f"of {short[1]} bytes) (HDF5: {e})") from e
-            if read < recorded:
+            except (OSError, RuntimeError, KeyError):     # h5py raises these for metadata past the end
+                read, recorded = 0, None
+            if recorded is None or read < recorded:
                 out[group] = (read, recorded)
         return out
 
