@@ -9,6 +9,8 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -620,3 +622,27 @@ def test_step_settings_that_are_no_steps_are_named(setting, value, shown):
     """Clear errors: Recorder(probe_steps=2.5) names the setting, not "'float' object is not iterable"."""
     with pytest.raises(ValueError, match=rf"Recorder {setting}=.*: give a positive interval .* not {shown}$"):
         Recorder("run.h5", **{setting: value})
+
+
+def test_a_reader_that_saw_the_file_closed_just_before_a_writer_opened_it_reads_it_live(tmp_path):
+    """A reader (another process) that checks the superblock just before a resumed writer opens the file (the
+    kill tests' reader met this under load) reads it as SWMR instead of failing: "file is already open for write"."""
+    net = tiny_net()
+    rec = Recorder(tmp_path / "run.h5")
+    rec.begin(net, {})
+    learn_tick(rec, net, 0, 1)
+    rec.flush()
+    reader = ("import sys\n"
+              "from circuits.recording import layout\n"
+              "superblock, calls = layout._superblock, []\n"
+              "def stale_then_true(path):\n"
+              "    calls.append(path)\n"
+              "    return (False, None) if len(calls) == 1 else superblock(path)\n"
+              "layout._superblock = stale_then_true\n"
+              "with layout.open_recording(sys.argv[1]) as f:\n"
+              "    print(f['steps/tick'][:].tolist(), len(calls))\n")
+    done = subprocess.run([sys.executable, "-c", reader, str(tmp_path / "run.h5")], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    rec.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[0]", "3"]                 # the check, cut_short, the check again

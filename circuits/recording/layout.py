@@ -202,6 +202,9 @@ def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.
                 raise RecordingError(f"{path} stayed locked by its writer for {lock_timeout} s: {e}") from e
             time.sleep(0.05)
         except OSError as e:
+            if not left_open and _superblock(path)[0]:   # a writer opened it since the check (a resume): read as SWMR
+                left_open = True
+                continue
             raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
     try:
         layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
