@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = report(args.runs, args.out, args.threshold, progress=not args.no_progress,
                          baseline=args.baseline, points=args.points)
-    except (RecordingError, FileNotFoundError) as e:
+    except (RecordingError, OSError) as e:      # a file that is no recording, a folder that cannot be written
         print(f"python -m analysis report: {e}", file=sys.stderr)
         return 1
     for path in written:

@@ -8,16 +8,22 @@ backprop), curves.png (training loss and held-out top-1 error of every run), <ru
 table per run of its projections). Where a rule was run with two seeds or more, summary.md also holds
 each rule's statistics across seeds (mean, SD and 95% t-interval of the final accuracy and of each
 projection's final angle, the paired difference to a baseline rule) with the claims judged on those
-intervals, and seeds.png draws them.
+intervals, and seeds.png draws them. summary.md names, above its table and in each run's section, what
+it cannot vouch for: a run that is unfinished (not closed normally by its writer), cut short (and
+which tables lost rows to the cut), or holds non-finite numbers (which, from when, and whether the
+final value is one).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
+
+from circuits.recording import cut_short
 
 from . import figures, stats
 from .run import Run, open_run
@@ -34,7 +40,12 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
     """Write the figures and summary.md of the recordings at `paths` into `out`; returns the files written.
     Across seeds: differences to the `baseline` rule, judged against a bar of `points` accuracy points."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the report into {out}: {e.strerror or e}") from e
+    if not os.access(out, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise PermissionError(errno.EACCES, f"cannot write the report into {out}: the folder is not writable")
     with contextlib.ExitStack() as opened:
         runs = [opened.enter_context(open_run(p)) for p in paths]
         for run in runs:     # every table read first: a file that cannot be read fails before any figure is drawn
@@ -86,6 +97,10 @@ def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], 
     for name, found in nonfinite.items():
         parts += [f"**{name} {found.describe()}.**" + ("" if found.recovered else
                   f" Its accuracies and angles below are of the rows before step {found.step}."), ""]
+    doubts = {name: _doubts(run) for name, run in zip(names, runs, strict=True)}
+    for name, found in doubts.items():
+        if found:
+            parts += [f"**{name}: {', '.join(found)}; see its section below.**", ""]
     parts += [stats.markdown(stats.compare(runs, threshold), threshold), "", *seeds]
     for name, run in zip(names, runs, strict=True):
         parts += [f"## {name}", "", f"`{run.path}`: circuit {run.circuit.graph['name']!r}, rule {run.rule}, "
@@ -93,7 +108,26 @@ def _summary(runs: Sequence[Run], names: Sequence[str], images: Sequence[Path], 
         if name in nonfinite:
             described = nonfinite[name].describe()
             parts[-1] += f" {described[0].upper()}{described[1:]}."
-        parts += ["", stats.projection_markdown(run, threshold), ""]
+        details = [f"- {line}" for lines in doubts[name].values() for line in lines]
+        parts += [""] + (details + [""] if details else []) + [stats.projection_markdown(run, threshold), ""]
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     path.write_text("\n".join(parts))
     return path
+
+
+def _doubts(run: Run) -> dict[str, list[str]]:
+    """What summary.md cannot vouch for in `run`, by kind (unfinished, cut short, non-finite numbers): a line each."""
+    doubts: dict[str, list[str]] = {}
+    if run.finished is False:
+        doubts["unfinished"] = ["Unfinished: its writer has not closed it normally (the run is still being written, "
+                                "was killed, or an error ended it)."]
+    short = cut_short(run.path)
+    if short is not None:
+        lost = "; ".join(f"/{t} keeps {read} of its {recorded} rows" if recorded is not None else
+                         f"/{t} lies past the end" for t, (read, recorded) in run.rows_cut().items())
+        doubts["cut short"] = [f"Cut short: the file has {short[0]} of its {short[1]} bytes; "
+                               f"{lost or 'every recorded row lies in it'}."]
+    nonfinite = stats.nonfinite(run)
+    if nonfinite:
+        doubts["non-finite numbers"] = [f"Non-finite: {line}." for line in nonfinite]
+    return doubts

@@ -22,7 +22,7 @@ import networkx as nx
 import numpy as np
 
 from circuits.graph import schema
-from circuits.recording import PHASES, RecordingError, cut_short, open_recording, rows_within, strings
+from circuits.recording import PHASES, TABLES, RecordingError, cut_short, open_recording, rows_within, strings
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,36 @@ class Run:
         return self.path.stem
 
     def _json(self, attribute: str) -> Any:
+        if attribute not in self.file.attrs:
+            raise RecordingError(f"{self.path} has no root attribute {attribute!r}; the file is damaged")
         return json.loads(self.file.attrs[attribute])
+
+    @property
+    def finished(self) -> bool | None:
+        """Whether its writer closed it normally (the root attribute `finished`): False while it is written,
+        after a kill, or after an error ended the run; None for a file recorded before runs were marked."""
+        value = self.file.attrs.get("finished")
+        return None if value is None else bool(value)
+
+    def rows_cut(self) -> dict[str, tuple[int, int | None]]:
+        """Per table that lost rows because the file is cut short (see cut_short): (rows read, rows recorded),
+        over all its datasets (/alignment: its projections'); (0, None) for a table whose own description
+        lies past the end; {} for a whole file."""
+        short = cut_short(self.path)
+        if short is None:
+            return {}
+        out: dict[str, tuple[int, int | None]] = {}
+        for group in TABLES[:1] + ("alignment",) + TABLES[1:]:
+            datasets: list[h5py.Dataset] = []
+            try:
+                self.file[group].visititems(lambda _, o: datasets.append(o) if isinstance(o, h5py.Dataset) else None)
+                read = min((rows_within(ds, short[0]) for ds in datasets), default=0)
+                recorded = max((len(ds) for ds in datasets), default=0)
+            except (OSError, RuntimeError, KeyError):     # h5py raises these for metadata past the end
+                read, recorded = 0, None
+            if recorded is None or read < recorded:
+                out[group] = (read, recorded)
+        return out
 
     @property
     def config(self) -> dict[str, Any]:
@@ -170,7 +199,7 @@ class Run:
                     ds.refresh()
             rows = min(rows_within(ds, short[0] if short else None) for ds in datasets.values())
             values = {name: ds[:rows] for name, ds in datasets.items()}
-        except (OSError, RuntimeError) as e:    # h5py raises either for a failed HDF5 read
+        except (OSError, RuntimeError, KeyError) as e:    # h5py raises these for a failed HDF5 read
             why = (f"the file is cut short ({short[0]} of {short[1]} bytes: its writer was killed mid-write, or a "
                    f"write failed) and this table lies past its end" if short else "it is damaged")
             raise RecordingError(f"{self.path}: table /{group} cannot be read; {why} (HDF5: {e})") from e
@@ -179,6 +208,8 @@ class Run:
     def _by_name(self, group: str, index: str, attribute: str) -> dict[str, Series]:
         """One Series per subgroup of `group` (a projection or population, named by its attribute)."""
         out = {}
+        if group not in self.file:
+            raise RecordingError(f"{self.path}: group /{group} is missing; the file is damaged")
         for sub in self.file[group].values():
             if isinstance(sub, h5py.Group):
                 out[str(sub.attrs[attribute])] = self._series(index, {k: sub[k].name for k in sub})

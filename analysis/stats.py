@@ -33,12 +33,8 @@ def first_below(series: Mapping[str, Series], threshold: float, column: str = "a
 
 
 def final(series: Mapping[str, Series], column: str = "angle") -> dict[str, float]:
-    """Per name: the last defined value of `column` (NaN if none)."""
-    out = {}
-    for name, s in series.items():
-        values = s[column][np.isfinite(s[column])]
-        out[name] = float(values[-1]) if len(values) else math.nan
-    return out
+    """Per name: the value of `column` in the last row, NaN or infinite as it is (NaN if there is no row)."""
+    return {name: float(s[column][-1]) if len(s) else math.nan for name, s in series.items()}
 
 
 def mean(series: Mapping[str, Series], column: str = "angle") -> dict[str, float]:
@@ -91,6 +87,43 @@ def divergence(run: Run) -> Divergence | None:
     return Divergence(step, what, int(loss[2].sum()), recovered=not any(last_rows_bad))
 
 
+LABELS = {"angle": "angle", "norm_ratio": "norm ratio", "sign_match": "sign agreement"}
+"""Column names as the report writes them."""
+
+
+def nonfinite(run: Run) -> list[str]:
+    """What `run` recorded as NaN or infinite, a line per series: its columns with the same non-finite rows,
+    how many, from which learning step, and whether the last row (the value reported as final) is one.
+    The training loss counts learning steps only (a mirror batch's is NaN by design)."""
+    steps = run.steps
+    learn = steps["phase"] == "learn"
+    found = [("training {columns}", steps.step[learn], {"loss": steps["loss"][learn]})]
+    for what, series in (("{columns} of {name} (B against W)", run.alignment),
+                         ("error {columns} of {name} against backprop", run.errors),
+                         ("update {columns} of {name} against backprop", run.updates)):
+        found += [(what.replace("{name}", name), s.step, s.columns) for name, s in series.items()]
+    found += [("{columns} of the probe batch", run.probe.step, run.probe.columns),
+              ("evaluation {columns}", run.evaluations.step, run.evaluations.columns)]
+    lines = []
+    for what, step, columns in found:
+        by_rows: dict[bytes, list[str]] = {}
+        for column, values in columns.items():
+            bad = ~np.isfinite(values)
+            if bad.any():
+                by_rows.setdefault(np.packbits(bad).tobytes(), []).append(column)
+        for names in by_rows.values():
+            values = columns[names[0]]
+            bad = ~np.isfinite(values)
+            text = what.replace("{columns}", " and ".join(LABELS.get(n, n) for n in names))
+            if bad.all():
+                lines.append(f"{text}: non-finite in every row ({len(values)}), so it has no value (NaN in averages)")
+                continue
+            lines.append(f"{text}: non-finite in {int(bad.sum())} of {len(values)} rows, first at learning step "
+                         f"{int(step[bad][0])}" + (f"; the last row too, so its final value is {_cell(values[-1], '')}"
+                                                   if bad[-1] else ""))
+    return lines
+
+
 def rows_before(s: Series, step: int) -> Series:
     """The rows of `s` of learning steps before `step`."""
     keep = s.step < step
@@ -125,16 +158,16 @@ class RuleSummary:
     steps: int
     top1: float | None
     top5: float | None
-    final_angle: float
-    mean_angle: float
+    final_angle: float | None
+    mean_angle: float | None
     aligned_at: int | None
     error_angle: float | None
     diverged_at: int | None = None
 
 
-def _average(values: Sequence[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+def _average(values: Sequence[float]) -> float | None:
+    """The mean, NaN if any value is (a projection with no value is not left out); None for no values."""
+    return float(np.mean(values)) if len(values) else None
 
 
 def summarize(run: Run, threshold: float = 45.0) -> list[RuleSummary]:
@@ -163,7 +196,7 @@ def summarize(run: Run, threshold: float = 45.0) -> list[RuleSummary]:
             top1=last["top1"], top5=last["top5"],
             final_angle=_average([finals[n] for n in aligned]), mean_angle=_average([means[n] for n in aligned]),
             aligned_at=None if None in reached else max(reached, default=None),
-            error_angle=_average(list(error.values())) if error else None, diverged_at=diverged))
+            error_angle=_average(list(error.values())), diverged_at=diverged))
     return out
 
 
@@ -173,7 +206,7 @@ def _diverged_at(run: Run) -> int | None:
     return found.step if found is not None and not found.recovered else None
 
 
-def _final_cell(value: float, diverged_at: int | None) -> str:
+def _final_cell(value: float | None, diverged_at: int | None) -> str:
     return f"diverged at step {diverged_at}" if diverged_at is not None else _cell(value, ".2f")
 
 
@@ -183,7 +216,10 @@ def compare(runs: Sequence[Run], threshold: float = 45.0) -> list[RuleSummary]:
 
 
 def _cell(value: float | int | None, fmt: str) -> str:
-    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+    """'–' where there is no value, NaN and inf as such."""
+    if value is None:
+        return "–"
+    return format(value, fmt) if math.isfinite(value) else str(value).replace("nan", "NaN")
 
 
 def markdown(rows: Sequence[RuleSummary], threshold: float = 45.0) -> str:

@@ -1,6 +1,8 @@
 """Analysis of recordings: statistics against known answers, figures and the report from real short runs."""
+import contextlib
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import circuits
-from analysis import figures, open_run, stats
+from analysis import figures, open_run, report, stats
 from analysis.__main__ import main
 from circuits.recording import RecordingError
 from circuits.recording.recorder import Recorder
@@ -363,3 +365,83 @@ def test_the_report_gives_intervals_paired_differences_and_verdicts_across_seeds
     difference = [line.get_ydata()[0] for line in fig.axes[1].lines if line.get_marker() == "s"]
     assert difference == pytest.approx([0.2], abs=1e-9)
     assert sorted(line.get_ydata()[0] for line in fig.axes[1].lines if line.get_linestyle() == "--") == [-0.5, 0.5]
+# --- what the report cannot vouch for (issue 23) ---------------------------------------------------
+def test_a_nan_tail_is_the_final_value_and_an_all_nan_projection_stays_in_its_rules_mean(tmp_path):
+    """Item 5: B = 0 makes angle(B, W) NaN. fc2 (fa) is NaN in every row: fa's final and mean angle are NaN,
+    not fc1's alone; fc3 (wm) turns NaN from step 4: its final value is NaN, not the last finite one."""
+    path = tmp_path / "nan.h5"
+    net = mlp((6, 5, 5, 4), rule="fa", rules_by_layer={"fc3": "wm"}).build().double()
+    with Recorder(path) as rec:
+        rec.begin(net, {})
+        for tick in range(5):
+            set_angle(net.projection("fc1"), ANGLES["fc1"][tick])
+            set_angle(net.projection("fc3"), ANGLES["fc2"][tick])
+            for name in ("fc2",) + (("fc3",) if tick >= 3 else ()):
+                net.projection(name).feedback = torch.zeros_like(net.projection(name).weight)
+            rec.step(tick, step=tick + 1, phase="learn", loss=torch.tensor(1.0), lr=0.1, examples=8, net=net)
+    with open_run(path) as run:
+        finals = stats.final(run.alignment)
+        assert finals["fc1"] == pytest.approx(10, rel=1e-5) and math.isnan(finals["fc2"]) and math.isnan(finals["fc3"])
+        fa, wm = stats.summarize(run)
+        assert math.isnan(fa.final_angle) and math.isnan(fa.mean_angle)
+        assert math.isnan(wm.final_angle) and wm.mean_angle == pytest.approx((90 + 90 + 50) / 3, rel=1e-5)
+        assert stats.nonfinite(run) == [
+            "angle of fc2 (B against W): non-finite in every row (5), so it has no value (NaN in averages)",
+            "angle of fc3 (B against W): non-finite in 2 of 5 rows, first at learning step 4; the last row too, so "
+            "its final value is NaN"]
+    report([path], tmp_path / "out", progress=False)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "**nan: non-finite numbers; see its section below.**" in text
+    assert "| nan | fa | 2 | 5 | – | – | NaN | NaN | – | – |" in text
+    assert "| nan | wm | 1 | 5 | – | – | NaN | 76.67 | – | – |" in text
+    assert "| fc2 | 2 | fa | NaN | NaN | – |" in text
+    assert "- Non-finite: angle of fc3 (B against W): non-finite in 2 of 5 rows, first at learning step 4; the " \
+           "last row too, so its final value is NaN." in text
+
+
+@pytest.mark.parametrize("size", [100, 300, 512])
+def test_a_tiny_piece_of_a_recording_is_a_recording_error(runs, tmp_path, size, capsys):
+    """Item 5: the first 100-512 bytes of a recording gave a KeyError traceback."""
+    piece = tmp_path / "piece.h5"
+    piece.write_bytes(runs[0].read_bytes()[:size])
+    with pytest.raises(RecordingError, match=f"{piece} cannot be opened; it is truncated or damaged"):
+        open_run(piece)
+    assert main(["report", str(piece), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert f"{piece} cannot be opened; it is truncated or damaged" in capsys.readouterr().err
+
+
+def test_a_file_with_a_recordings_attributes_but_no_tables_is_a_recording_error(tmp_path, capsys):
+    """Item 5: the layout attributes alone gave a KeyError traceback at the first table read."""
+    import h5py
+
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(layout="mirrorcircuits recording", layout_version=1)
+        f.create_group("steps")
+    with pytest.raises(RecordingError, match=r"has the attributes of a recording but not its /circuit/populations, "
+                                             r"/circuit/projections, /circuit/feedback, /probe, /evaluations, "
+                                             r"/snapshots, /activity: it is damaged"):
+        open_run(path)
+    assert main(["report", str(path), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "has the attributes of a recording but not its" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(runs, tmp_path, capsys):
+    """Clear errors: a read-only folder, or a file where the folder should be: one line and status 1."""
+    from test_recorder import _NoOverride
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with _NoOverride() if os.geteuid() == 0 else contextlib.nullcontext():
+            assert main(["report", str(runs[0]), "-o", str(folder), "--no-progress"]) == 1
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err == f"python -m analysis report: [Errno 13] cannot write the report into {folder}: the folder is not " \
+                  f"writable\n"
+    (tmp_path / "file").write_text("")
+    assert main(["report", str(runs[0]), "-o", str(tmp_path / "file"), "--no-progress"]) == 1
+    assert capsys.readouterr().err == f"python -m analysis report: [Errno 17] cannot write the report into " \
+                                      f"{tmp_path / 'file'}: File exists\n"

@@ -532,3 +532,114 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
                                                     "a checkpoint of models.imagenet") as error:
         imagenet.load_checkpoint(path, {}, torch.device("cpu"))
     assert "weights_only" not in str(error.value)
+
+
+# --- issue 23: trusting what a run reports -------------------------------------------------------
+def _killed_in_begin(path: str) -> None:
+    """Begins a recording and is killed (SIGKILL) once its circuit is written, before SWMR mode."""
+    import circuits.recording.recorder as recorder_module
+
+    write_circuit = recorder_module.write_circuit
+
+    def write_and_die(*args, **kwargs) -> None:
+        write_circuit(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    recorder_module.write_circuit = write_and_die
+    Recorder(path).begin(mlp((6, 5, 4), rule="fa").build(), {})
+
+
+def test_a_kill_inside_begin_leaves_no_dead_end(tmp_path):
+    """Item 9: no half-made run.h5 that the CLI sends to --resume and --resume cannot open: the file appears
+    only whole and live; the next begin() starts the recording afresh and removes the partial file."""
+    path = tmp_path / "run.h5"
+    child = multiprocessing.get_context("spawn").Process(target=_killed_in_begin, args=(str(path),))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    assert not path.exists() and (tmp_path / "run.h5.creating").exists()
+    net = mlp((6, 5, 4), rule="fa").build()
+    with Recorder(path) as rec:
+        rec.begin(net, {})
+        learn_tick(rec, net, 0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.h5"]
+    with open_recording(path) as f:
+        assert list(f["steps/tick"][:]) == [0] and bool(f.attrs["finished"])
+
+
+@pytest.mark.parametrize("lock", ["run.h5.lock", "checkpoint.pt.lock"])
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tmp_path, lock):
+    """Item 9: a symbolic link at the lock's path (O_NOFOLLOW) would have made the lock truncate and overwrite
+    its target with the holder's description."""
+    target = tmp_path / "precious.txt"
+    target.write_text("another run's file")
+    (tmp_path / lock).symlink_to(target)
+    with pytest.raises(RecordingError, match=f"lock file {tmp_path / lock} is a symbolic link; a lock never follows"):
+        if lock == "run.h5.lock":
+            Recorder(tmp_path / "run.h5").begin(mlp((6, 5, 4)).build(), {})
+        else:
+            WriterLock(tmp_path / lock).acquire()
+    assert target.read_text() == "another run's file" and not (tmp_path / "run.h5").exists()
+
+
+def _evaluated(path: Path, top1: float = 0.425) -> None:
+    """A finished FA recording of 8 learning steps and one evaluation (top-1 `top1`)."""
+    torch.manual_seed(0)
+    net = mlp((6, 5, 4), rule="fa").build()
+    with Recorder(path, block=4) as rec:
+        rec.begin(net, {})
+        for tick in range(8):
+            learn_tick(rec, net, tick, tick + 1)
+        rec.evaluate(8, {"loss": 1.0, "top1": top1, "top5": 1.0})
+
+
+def test_a_file_cut_before_its_evaluations_says_so_in_the_report(tmp_path):
+    """Item 5: not a silent '–' for top-1: the report names the cut and the rows each table lost to it."""
+    _evaluated(tmp_path / "run.h5")
+    with h5py.File(tmp_path / "run.h5", "r") as f:
+        end = max(f[f"evaluations/{k}"].id.get_chunk_info(0).byte_offset for k in ("tick", "loss", "top1", "top5"))
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes((tmp_path / "run.h5").read_bytes()[:end])       # the last evaluation chunk lies past the end
+    with open_run(cut) as run:
+        assert len(run.evaluations) == 0 and len(run.steps) == 8
+        assert run.rows_cut() == {"evaluations": (0, 1)}
+    report([cut], tmp_path / "out", progress=False)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    size = (tmp_path / "run.h5").stat().st_size
+    assert "**cut: cut short; see its section below.**" in text
+    assert f"- Cut short: the file has {end} of its {size} bytes; /evaluations keeps 0 of its 1 rows." in text
+
+
+def test_a_flipped_bit_in_a_table_fails_its_checksum_instead_of_changing_a_number(tmp_path):
+    """Item 5: fletcher32 on every dataset: a top-1 of 42.5 % with one bit flipped is an error, not 30.0 %."""
+    path = tmp_path / "run.h5"
+    _evaluated(path)
+    with h5py.File(path, "r") as f:
+        offset = f["evaluations/top1"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 6] ^= 0x08                       # one bit of the float64 0.425: it would read 0.3
+    path.write_bytes(bytes(data))
+    with open_run(path) as run, pytest.raises(RecordingError, match=r"run.h5: table /evaluations cannot be read; it is "
+                                                                     r"damaged \(HDF5: .*filter"):
+        run.evaluations
+    done = subprocess.run([sys.executable, "-m", "analysis", "report", str(path), "-o", str(tmp_path / "out"),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "table /evaluations cannot be read; it is damaged" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_report_names_an_unfinished_run(tmp_path):
+    """Item 5: a run its writer has not closed (live, killed, or ended by an error) is reported as unfinished."""
+    torch.manual_seed(0)
+    net = mlp((6, 5, 4), rule="fa").build()
+    rec = Recorder(tmp_path / "live.h5")
+    rec.begin(net, {})
+    learn_tick(rec, net, 0, 1)
+    rec.flush()
+    _evaluated(tmp_path / "done.h5")
+    report([tmp_path / "live.h5", tmp_path / "done.h5"], tmp_path / "out", progress=False)
+    rec.close()
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "**live: unfinished; see its section below.**" in text and "**done:" not in text
+    assert "- Unfinished: its writer has not closed it normally (the run is still being written, was killed, " \
+           "or an error ended it)." in text

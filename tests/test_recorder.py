@@ -9,6 +9,8 @@ import os
 import resource
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -526,3 +528,121 @@ def test_foreign_files_are_refused(tmp_path):
         f.attrs["layout_version"] = recording.LAYOUT_VERSION + 1
     with pytest.raises(RecordingError, match="newer than the version 1 this mirrorcircuits reads"):
         open_recording(tmp_path / "run.h5")
+
+
+# --- trusting what a recording says (issue 23) -----------------------------------------------------
+def test_every_dataset_carries_a_fletcher32_checksum_and_reads_live(tmp_path):
+    """Item 5: row tables (resized in SWMR mode, a block at a time) and /circuit's tables are checksummed."""
+    net = tiny_net()
+    x, t = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2])
+    rec = Recorder(tmp_path / "run.h5", probe=(x, t), probe_steps=1, snapshot=["fc1"], snapshot_steps=1,
+                   activity=["hidden"], activity_steps=1, block=2)
+    rec.begin(net, {})
+    for tick in range(5):
+        learn_tick(rec, net, tick, tick + 1)
+    rec.evaluate(5, {"loss": 1.0, "top1": 0.5, "top5": 1.0})
+    with open_recording(tmp_path / "run.h5") as live:            # a SWMR reader while the writer holds the file
+        assert list(live["steps/tick"][:]) == [0, 1, 2, 3, 4] and list(live["evaluations/top1"][:]) == [0.5]
+    rec.close()
+    with open_recording(tmp_path / "run.h5") as f:
+        datasets = []
+        f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        assert len(datasets) > 30 and [d.name for d in datasets if not d.fletcher32] == []
+        assert list(f["steps/tick"][:]) == [0, 1, 2, 3, 4] and f["snapshots/fc1/W"].shape == (5, 4, 5)
+
+
+def test_a_run_closed_normally_is_marked_finished_and_no_other(tmp_path):
+    """Item 5: the root attribute `finished`: False while written, True after close(), False again on resume,
+    and False when close() runs on the way out of an error (the trainer's `finally`) or a `with` block's."""
+    net, path = tiny_net(), tmp_path / "run.h5"
+
+    def finished() -> bool:
+        with open_recording(path) as f:
+            return bool(f.attrs["finished"])
+
+    rec = Recorder(path)
+    rec.begin(net, {})
+    learn_tick(rec, net, 0, 1)
+    assert finished() is False
+    rec.close()
+    assert finished() is True
+    rec.begin(net, {})                                              # a second fit continues the file
+    assert finished() is False
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            learn_tick(rec, net, 1, 2)
+            raise KeyboardInterrupt
+        finally:
+            rec.close()
+    assert finished() is False
+    with pytest.raises(ZeroDivisionError):
+        with Recorder(path) as again:
+            again.load_state_dict(rec.state_dict())
+            again.begin(net, {})
+            learn_tick(again, net, 2, 3)
+            1 / 0
+    assert finished() is False
+    with open_recording(path) as f:
+        assert list(f["steps/tick"][:]) == [0, 1, 2]
+
+
+def test_names_that_land_on_the_recordings_own_are_refused_when_recorded(tmp_path):
+    """Clear errors: a population or projection named '.', or 'tick' / 'step' beside a table's index, would
+    overwrite the recording's own datasets (or HDF5's name of the group itself): named before any file exists."""
+    c = circuits.Circuit("clash")
+    x, h, y = c.input("retina", (5,)), c.population("tick", (4,), "sigmoid"), c.population("output", (3,))
+    c.connect(x, h, circuits.Dense(), rule="fa", name="step")
+    c.connect(h, y, circuits.Dense(), rule="fa", name="fc2")
+    net = c.build().double()
+    probe = (torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]))
+    path = tmp_path / "run.h5"
+    with Recorder(path, probe=probe) as rec:                       # /alignment/step, /probe/errors/tick: no clash
+        rec.begin(net, {})
+        learn_tick(rec, net, 0, 1)
+    path.unlink()
+    for settings, message in (
+        (dict(snapshot=["step"]), "the projection named 'step' collides with the recording's own names: it would "
+                                  "be stored as the table's index column /snapshots/step; rename it"),
+        (dict(activity=["tick"], probe=probe), "the population named 'tick' collides .* index column /activity/tick"),
+        (dict(metrics=["loss", "step"]), "the evaluation metric named 'step' collides .* column /evaluations/step"),
+    ):
+        with pytest.raises(RecordingError, match=message):
+            Recorder(path, **settings).begin(net, {})
+    dot = circuits.Circuit("dot")
+    x, y = dot.input("retina", (5,)), dot.population(".", (3,))
+    dot.connect(x, y, circuits.Dense(), rule="fa", name="fc1")
+    with pytest.raises(RecordingError, match=r"the population named '\.' collides .* as /probe/errors itself \(HDF5"):
+        Recorder(path, probe=probe).begin(dot.build().double(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setting, value, shown", [("probe_steps", 2.5, "2.5"), ("snapshot_steps", [1, 2.5], "2.5"),
+                                                   ("activity_steps", "10", "'10'"), ("probe_steps", [-1], "-1")])
+def test_step_settings_that_are_no_steps_are_named(setting, value, shown):
+    """Clear errors: Recorder(probe_steps=2.5) names the setting, not "'float' object is not iterable"."""
+    with pytest.raises(ValueError, match=rf"Recorder {setting}=.*: give a positive interval .* not {shown}$"):
+        Recorder("run.h5", **{setting: value})
+
+
+def test_a_reader_that_saw_the_file_closed_just_before_a_writer_opened_it_reads_it_live(tmp_path):
+    """A reader (another process) that checks the superblock just before a resumed writer opens the file (the
+    kill tests' reader met this under load) reads it as SWMR instead of failing: "file is already open for write"."""
+    net = tiny_net()
+    rec = Recorder(tmp_path / "run.h5")
+    rec.begin(net, {})
+    learn_tick(rec, net, 0, 1)
+    rec.flush()
+    reader = ("import sys\n"
+              "from circuits.recording import layout\n"
+              "superblock, calls = layout._superblock, []\n"
+              "def stale_then_true(path):\n"
+              "    calls.append(path)\n"
+              "    return (False, None) if len(calls) == 1 else superblock(path)\n"
+              "layout._superblock = stale_then_true\n"
+              "with layout.open_recording(sys.argv[1]) as f:\n"
+              "    print(f['steps/tick'][:].tolist(), len(calls))\n")
+    done = subprocess.run([sys.executable, "-c", reader, str(tmp_path / "run.h5")], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    rec.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[0]", "3"]                 # the check, cut_short, the check again

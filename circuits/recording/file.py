@@ -2,9 +2,10 @@
 
 The recorder (circuits.recording.recorder) decides what to measure; this module decides where the rows go
 (docs/recording.md has the layout; its constants and the reader are circuits.recording). Every table
-is a group of resizable chunked datasets sharing one row index, /<table>/tick, all created before the
-file enters SWMR mode, so readers follow the file while it grows and a run killed at any moment
-leaves every flushed row readable. A resumed run reopens the file cut back to its checkpoint's rows.
+is a group of resizable chunked datasets sharing one row index, /<table>/tick, all created (with a
+fletcher32 checksum, as every dataset) before the file enters SWMR mode and takes its name, so
+readers follow the file while it grows and a run killed at any moment leaves every flushed row
+readable, or no file at all. A resumed run reopens the file cut back to its checkpoint's rows.
 Needs numpy and h5py, not torch: device values reach a table through the writer's `to_host`.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Column:
     def create(self, file: h5py.File, index: str) -> h5py.Dataset:
         chunk = (SCALAR_CHUNK,) if not self.shape else (1,)
         ds = file.create_dataset(self.path, (0, *self.shape), dtype=self.dtype, maxshape=(None, *self.shape),
-                                 chunks=chunk + self.shape)
+                                 chunks=chunk + self.shape, fletcher32=True)
         ds.attrs.update(units=self.units, description=self.description, index=index)
         return ds
 
@@ -100,6 +101,24 @@ class Contents:
     snapshots: Mapping[str, tuple[int, ...]]     # projection -> W's shape, for W and B snapshots
     activity: Mapping[str, tuple[int, ...]]      # population -> shape, for activity and error samples
     samples: int                                 # examples per activity sample
+
+    def __post_init__(self) -> None:
+        """A RecordingError for a name that lands on the recording's own names: '.' or '' (HDF5's names of a
+        group itself) in any group, 'tick' or 'step' in a table whose index columns they are."""
+        places = (("projection", self.aligned, "alignment"), ("population", self.errors, "probe/errors"),
+                  ("projection", self.learning, "probe/updates"), ("evaluation metric", self.metrics, "evaluations"),
+                  ("projection", self.snapshots, "snapshots"), ("population", self.activity, "activity"))
+        for what, names, group in places:
+            index = ("tick", "step") if group in TABLES else ()
+            for name in names:
+                if key(name) in ("", "."):
+                    clash = f"/{group} itself (HDF5 reads '{key(name)}' as the group)"
+                elif key(name) in index:
+                    clash = f"the table's index column /{group}/{key(name)}"
+                else:
+                    continue
+                raise RecordingError(f"the {what} named {name!r} collides with the recording's own names: it would "
+                                     f"be stored as {clash}; rename it to record this circuit")
 
     def tables(self) -> dict[str, tuple[list[Column], int, int]]:
         """Every table: its columns, how many come from the device vector, how many are arrays."""
@@ -222,27 +241,37 @@ class RecordingFile:
 
     @classmethod
     def create(cls, path: Path, contents: Contents, block: int, describe: Callable[[h5py.File], None]) -> RecordingFile:
-        """A new file, never over an existing one, with a new run id; `describe(file)` adds the run's description."""
+        """A new file, never over an existing one, with a new run id; `describe(file)` adds the run's description.
+
+        It is written as `<name>.creating` and renamed to `path` once it holds its description and every
+        table and is in SWMR mode: a process killed meanwhile leaves no file at `path`, and no dead end
+        (the caller holds the recording's lock, so a partial file left by a killed writer is removed here).
+        """
         if path.exists():
             raise FileExistsError(errno.EEXIST, (
                 f"{path} already exists and a recording is never overwritten: choose a new path, delete it, "
                 f"or resume the run that wrote it from a checkpoint (the trainer restores the recorder's state); "
                 f"a run that stopped before its first checkpoint restarts into it from step 0 with Recorder.restart()"),
                 str(path))
+        partial = path.with_name(path.name + ".creating")
         try:
-            file = h5py.File(path, "x", libver=LIBVER)
+            partial.unlink(missing_ok=True)
+            file = h5py.File(partial, "x", libver=LIBVER)
         except OSError as e:
             raise creation_error(path, e) from e
         try:
             file.attrs.update(layout=LAYOUT, layout_version=LAYOUT_VERSION, run_id=uuid.uuid4().hex, created=now(),
                               description="a mirrorcircuits training run: groups steps, alignment, probe, "
                                           "evaluations, snapshots, activity hold rows indexed by their tick; "
-                                          "see docs/recording.md", resumed=as_json([]))
+                                          "see docs/recording.md", resumed=as_json([]), finished=False)
             describe(file)
-            return cls(path, file, contents, block, create=True)
+            recording = cls(path, file, contents, block, create=True)
+            recording.go_live()
+            os.rename(partial, path)
+            return recording
         except BaseException:
             file.close()
-            path.unlink()
+            partial.unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -282,11 +311,32 @@ class RecordingFile:
                             ds.resize(rows, axis=0)
                     new.attrs["resumed"] = as_json(json.loads(new.attrs["resumed"]) + [{"time": now(),
                                                                                          "tick": state["tick"]}])
+                    new.attrs["finished"] = False
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
         os.replace(partial, path)
-        return cls(path, h5py.File(path, "r+", libver=LIBVER), contents, block, create=False)
+        file = h5py.File(path, "r+", libver=LIBVER)
+        try:
+            recording = cls(path, file, contents, block, create=False)
+            recording.go_live()
+            return recording
+        except BaseException:
+            file.close()
+            raise
+
+    def go_live(self) -> None:
+        """SWMR mode: from now on readers follow the file as it grows, and a kill leaves every flushed row."""
+        self.file.swmr_mode = True
+        self.file.flush()
+
+    def close(self, finished: bool) -> None:
+        """Close the file; `finished` marks the run finished (the root attribute, written in place as SWMR allows)."""
+        try:
+            if finished:
+                self.file.attrs.modify("finished", True)
+        finally:
+            self.file.close()
 
     @property
     def run_id(self) -> str:
@@ -355,6 +405,7 @@ def write_circuit(file: h5py.File, name: str, populations: Sequence[tuple], proj
          "rule, and B's shape (W's layout for layer-local ones, source x target units or channels for direct)"),
     )
     for table, rows, dtype, description in tables:
-        circuit.create_dataset(table, data=np.array(list(rows), dtype=dtype)).attrs["description"] = description
+        circuit.create_dataset(table, data=np.array(list(rows), dtype=dtype),
+                               fletcher32=True).attrs["description"] = description
     for group, description in GROUPS.items():
         file.require_group(group).attrs["description"] = description

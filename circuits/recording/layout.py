@@ -36,6 +36,8 @@ PHASES = {"learn": 0, "mirror": 1}
 """The enum stored in /steps/phase."""
 TABLES = ("steps", "probe", "evaluations", "snapshots", "activity")
 """The tables (groups with their own /<group>/tick index)."""
+REQUIRED = ("circuit/populations", "circuit/projections", "circuit/feedback", *TABLES)
+"""What open_recording checks that a recording holds: the circuit's tables and a group per table."""
 READ_ATTEMPTS = 30
 """Metadata read attempts of a SWMR reader: HDF5 retries a read whose checksum fails (a writer may be
 mid-write) with doubling waits, by default 100 times, which is hours on a file cut short; 30 is about 1 s."""
@@ -63,6 +65,8 @@ class WriterLock:
 
     acquire() returns None once held, or says who holds it; release() removes the file and gives the
     lock back. The system drops the lock of a killed process, so a stale file never blocks anyone.
+    The lock file is opened without following a symbolic link (O_NOFOLLOW): a link planted in a shared
+    folder is a RecordingError, so the holder's description never overwrites the file it points to.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -74,7 +78,13 @@ class WriterLock:
         if self._fd is not None:
             return None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise RecordingError(f"lock file {self.path} is a symbolic link; a lock never follows one, so "
+                                         f"that it cannot overwrite another file: remove the link") from e
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -82,7 +92,7 @@ class WriterLock:
                 os.close(fd)
                 return holder or f"a process holding {self.path}"
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -192,10 +202,13 @@ def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.
                 raise RecordingError(f"{path} stayed locked by its writer for {lock_timeout} s: {e}") from e
             time.sleep(0.05)
         except OSError as e:
+            if not left_open and _superblock(path)[0]:   # a writer opened it since the check (a resume): read as SWMR
+                left_open = True
+                continue
             raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
     try:
         layout, version = f.attrs.get("layout"), f.attrs.get("layout_version")
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, KeyError) as e:     # h5py raises KeyError for a root it cannot read
         f.close()
         raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
     if layout != LAYOUT and short:
@@ -210,4 +223,13 @@ def open_recording(path: str | os.PathLike, lock_timeout: float = 10.0) -> h5py.
         f.close()
         raise RecordingError(f"{path} has recording layout version {version}, newer than the version "
                              f"{LAYOUT_VERSION} this mirrorcircuits reads: upgrade mirrorcircuits")
+    try:
+        missing = [f"/{name}" for name in REQUIRED if name not in f]
+    except (OSError, RuntimeError, KeyError) as e:
+        f.close()
+        raise RecordingError(f"{path} cannot be opened; it is truncated or damaged: {e}") from e
+    if missing:
+        f.close()
+        raise RecordingError(f"{path} has the attributes of a recording but not its {', '.join(missing)}: it is "
+                             f"damaged, or was not written by circuits.Recorder")
     return f

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
@@ -58,7 +59,12 @@ def _steps(name: str, when: Steps) -> int | frozenset[int]:
         if when < 1:
             raise ValueError(f"{name}={when}: an interval must be a positive number of learning steps")
         return when
-    return frozenset(int(s) for s in when)
+    steps = list(when) if isinstance(when, Iterable) and not isinstance(when, (str, bytes)) else [when]
+    bad = [s for s in steps if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise ValueError(f"Recorder {name}={when!r}: give a positive interval (an int: every n-th learning step) "
+                         f"or the learning steps themselves (ints from 0), not {bad[0]!r}")
+    return frozenset(int(s) for s in steps)
 
 
 def _to_host(rows) -> np.ndarray:
@@ -122,7 +128,7 @@ class Recorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
+        self.close(finished=exc[0] is None)
 
     def begin(self, net: torch.nn.Module, config: Mapping[str, Any]) -> None:
         """Create the file (or reopen it on resume), with the circuit, `config`, seeds and versions.
@@ -154,8 +160,6 @@ class Recorder:
                 self._file = RecordingFile.reopen(self.path, self._contents(), self.block, self._resume,
                                                   [name for name, *_ in self._net.circuit.projections()])
                 self._tick = self._resume["tick"]
-            self._file.file.swmr_mode = True
-            self._file.file.flush()
         except BaseException:
             self._lock.release()
             raise
@@ -194,19 +198,26 @@ class Recorder:
         self._file.tables["evaluations"].append((self._tick, step) + values)
         self.flush()
 
-    def close(self) -> None:
-        """Write what waits, close the file, give back the lock. A later begin() continues it, like a resume."""
+    def close(self, finished: bool | None = None) -> None:
+        """Write what waits, close the file, give back the lock. A later begin() continues it, like a resume.
+
+        finished: mark the run finished in the file (its root attribute `finished`, which a later begin()
+        clears); by default unless an exception is being raised or handled, as when the trainer closes the
+        recorder on its way out of an error. A run whose write failed is never marked finished.
+        """
         if self._file is None:
             return
+        if finished is None:
+            finished = sys.exc_info()[0] is None
         try:
             if self._failure is None:
                 self.flush()
                 self._resume = self._state()
         finally:
-            file, self._file = self._file.file, None
+            recording, self._file = self._file, None
             try:
                 with contextlib.suppress(Exception) if self._failure is not None else contextlib.nullcontext():
-                    file.close()
+                    recording.close(finished and self._failure is None)
             finally:
                 self._lock.release()
 
