@@ -75,6 +75,7 @@ class DirectFeedback(nn.Module):
         """a_source unchanged; in the backward pass y_target receives B^T delta_source."""
         if not torch.is_grad_enabled():
             return a_source
+        self.rule.draw(self)
         feedback = self.rule.feedback(self)
         device = a_source.device.type
         if torch.is_autocast_enabled(device):

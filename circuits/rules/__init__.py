@@ -8,7 +8,8 @@ Every rule shares the forward pass a = W y and the weight update dW = -eta delta
 
 A rule answers, for the projection ("host") it is attached to:
   attach(host)             the state it keeps there: a stored B, a mask, fixed magnitudes
-  feedback(host)           B as the error crosses it now
+  draw(host)               what it redraws once per training forward (brSF's M), before B is read for it
+  feedback(host)           B as the error crosses it now (reading B draws nothing)
   signal(error)            what arrives on the far side of B (imperfections add noise here)
   learns_by_gradient       B is a parameter the optimizer steps, with feedback_gradient(...) as its gradient
   mirrors                  B learns in mirror phases, by mirror_update([B], [correlation]) (circuits.phases.mirror)

@@ -30,6 +30,13 @@ def _finite(rule: object, **values: float) -> None:
             raise CircuitError(f"{type(rule).__name__}: {name} must be a finite number, got {value!r}")
 
 
+def _rms(t: Tensor) -> Tensor:
+    """sqrt(mean(t^2)), without gradient, in t's dtype (computed in float32 at least: a float64 t carries no
+    float32 rounding, and a half-precision one does not overflow)."""
+    computed = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+    return computed.square().mean().sqrt().to(t.dtype)
+
+
 def _xavier(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
     """Xavier-uniform values U(-a, a), a = sqrt(6 / (fan_in + fan_out)), torch's fans of a weight of `shape`."""
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
@@ -68,8 +75,12 @@ class FeedbackRule:
         b = _independent_like(w) if w is not None else _xavier(host.feedback_shape)
         host.B = nn.Parameter(b, requires_grad=self.learns_by_gradient)
 
+    def draw(self, host: FeedbackHost) -> None:
+        """Draw what the rule redraws once per training forward (brSF's M), before feedback() is read for it;
+        nothing by default. Called only by a forward that will send an error back."""
+
     def feedback(self, host: FeedbackHost) -> Tensor:
-        """B as the backward pass uses it now."""
+        """B as the backward pass uses it now; reading it draws nothing."""
         return host.B
 
     def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CircuitError
-from .base import FeedbackHost, FeedbackRule, _finite, get
+from .base import FeedbackHost, FeedbackRule, _finite, _rms, get
 from .fixed import FeedbackAlignment
 
 if TYPE_CHECKING:
@@ -24,7 +24,12 @@ class Imperfect(FeedbackRule):
         dale:     each feedback neuron (a row of B, one source unit) has outgoing synapses of one fixed
                   random sign; entries of the other sign are held at zero (Dale's principle)
 
-    B as used is mask * B, then the sign constraint; a learned B keeps learning underneath.
+    B as used is mask * B, then the sign constraint. Under a rule whose B learns by gradient (kp, ia, sa,
+    LocalAlignment) the gradient, which the rule computes with the B that is used, reaches every stored entry of
+    a present synapse unchanged (the constraint passes it straight through): an entry held at zero because it
+    has the row's other sign keeps learning (by the terms that do not scale with B itself: KP's delta y^T,
+    SA's -self W, IA's amp and null; a decay acts on the used zero), and is used once it has the row's sign.
+    Absent synapses (sparsity) get no gradient. Rules whose B is fixed or computed from W have nothing to learn.
     """
 
     rule: FeedbackRule = FeedbackAlignment()
@@ -55,13 +60,17 @@ class Imperfect(FeedbackRule):
             signs = torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
             host.register_buffer("feedback_sign", signs)
 
+    def draw(self, host: FeedbackHost) -> None:
+        self.rule.draw(host)
+
     def feedback(self, host: FeedbackHost) -> Tensor:
         b = self.rule.feedback(host)
         if self.sparsity:
             b = b * host.feedback_mask.to(b.dtype)
         if self.dale:
             sign = host.feedback_sign.to(b.dtype)
-            b = (b * sign).clamp_min(0) * sign
+            constrained = (b * sign).clamp_min(0) * sign
+            b = b + (constrained - b).detach() if b.requires_grad else constrained    # learns underneath
         return b
 
     def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:
@@ -71,8 +80,7 @@ class Imperfect(FeedbackRule):
         error = self.rule.signal(error)
         if not self.noise:
             return error
-        rms = error.detach().float().square().mean().sqrt().to(error.dtype)
-        return error + torch.randn_like(error) * (self.noise * rms)
+        return error + torch.randn_like(error) * (self.noise * _rms(error))
 
     @property
     def learns_by_gradient(self) -> bool:

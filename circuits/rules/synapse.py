@@ -223,6 +223,7 @@ class Synapse(nn.Module):
             return self.operator.forward(y.detach(), self.weight, self.bias)
         if not torch.is_grad_enabled():  # no error will travel back: B is not needed
             return self.operator.forward(y, self.weight, self.bias)
+        self.rule.draw(self)
         weight, bias, feedback = self.weight, self.bias, self.rule.feedback(self)
         if feedback is weight:  # backprop: B is W, passed once
             feedback = None
