@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import FeedbackRule
+from ..rules.fixed import spread_output_error
 from .population import Population
 
 
@@ -46,6 +47,35 @@ class DirectFeedbackPathway(torch.autograd.Function):
             spread = (shape[0], shape[1], 1, 1) if len(shape) == 4 else shape     # a map's B: shared over positions
             grad_target = signal.to(ctx.target_dtype).view(spread).expand(shape)
         return delta, grad_target, None, None
+
+
+class OutputFeedbackPathway(torch.autograd.Function):
+    """BioTorch's DFA (rule ldfa, circuits.rules.fixed): forward, the output activity y_out unchanged; backward,
+    e = dL/dy_out unchanged, and to the input y_k of each projection k whose rule reads the output error the
+    error B_k^T e crossing its B (the transposed product of e, spread over k's output map, with B_k). Those
+    projections send nothing back themselves; what reaches y_k by other paths adds."""
+
+    @staticmethod
+    def forward(ctx, y_out: Tensor, ports: tuple, *tensors: Tensor) -> Tensor:
+        """`ports`: per projection (operator, rule, output shape); `tensors`: the inputs y_k, then the B_k."""
+        ctx.ports = ports
+        ctx.save_for_backward(*tensors)
+        return y_out.view_as(y_out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved, count = ctx.saved_tensors, len(ctx.ports)
+        error = grad.reshape(grad.shape[0], -1)
+        sent = []
+        for k, (operator, rule, out_shape) in enumerate(ctx.ports):
+            y, feedback = saved[k], saved[count + k]
+            if not ctx.needs_input_grad[2 + k]:
+                sent.append(None)
+                continue
+            spread = spread_output_error(error.to(feedback.dtype), out_shape, feedback)
+            signal = operator.backward(spread, y.to(feedback.dtype), feedback, (True, False, False))[0]
+            sent.append(rule.signal(signal).to(y.dtype))
+        return (grad, None, *sent, *[None] * count)
 
 
 class DirectFeedback(nn.Module):

@@ -23,13 +23,13 @@ A rule answers, for the projection ("host") it is attached to:
         ...
 
 The package holds one module per family, beside its equations: `base` (FeedbackRule, the registry, FromWeight),
-`fixed` (bp, fa, dfa), `sign_symmetry` (ss, usf, brsf, frsf), `kolen_pollack` (kp), `weight_mirror` (wm),
+`fixed` (bp, fa, dfa, ldfa), `sign_symmetry` (ss, usf, brsf, frsf), `kolen_pollack` (kp), `weight_mirror` (wm),
 `local_alignment` (Kunin et al.'s primitives, ia, sa), `imperfect` (noisy, sparse, Dale feedback), and `synapse`,
 the one autograd function through B that every rule uses. Importing the package registers every family, in the
 order rules are listed.
 """
 from .base import RULES, FeedbackHost, FeedbackRule, FromWeight, RuleLike, get, register
-from .fixed import Backprop, DirectFeedbackAlignment, FeedbackAlignment
+from .fixed import Backprop, DirectFeedbackAlignment, FeedbackAlignment, LayerwiseDirectFeedbackAlignment
 from .sign_symmetry import (BatchRandomSignSymmetry, FixedRandomSignSymmetry, SignSymmetry, UniformSignSymmetry,
                             sign_symmetry_scale)
 from .kolen_pollack import KolenPollack
@@ -38,6 +38,7 @@ from .local_alignment import INPUT_PRIMITIVES, PRIMITIVES, InformationAlignment,
 from .imperfect import Imperfect
 
 __all__ = ["FeedbackRule", "FromWeight", "FeedbackHost", "RULES", "RuleLike", "register", "get", "sign_symmetry_scale",
-           "Backprop", "FeedbackAlignment", "DirectFeedbackAlignment", "SignSymmetry", "UniformSignSymmetry",
+           "Backprop", "FeedbackAlignment", "DirectFeedbackAlignment",
+           "LayerwiseDirectFeedbackAlignment", "SignSymmetry", "UniformSignSymmetry",
            "BatchRandomSignSymmetry", "FixedRandomSignSymmetry", "KolenPollack", "WeightMirror", "LocalAlignment",
            "InformationAlignment", "SymmetricAlignment", "PRIMITIVES", "INPUT_PRIMITIVES", "Imperfect"]

@@ -67,6 +67,9 @@ class FeedbackRule:
     """B is made from, or learns against, a forward weight W of its own shape (layer-local only)."""
     direct: ClassVar[bool] = False
     """Used circuit-wide, the rule sends the output error straight to every hidden population."""
+    reads_output_error: ClassVar[bool] = False
+    """The error crossing B is the circuit's output error, not the projection's own (BioTorch's DFA, ldfa): the
+    built net binds the rule to its output (for_output) and sends that error to the projection's input."""
 
     # --- B and the error that crosses it --------------------------------------------------
     def attach(self, host: FeedbackHost) -> None:
@@ -74,6 +77,10 @@ class FeedbackRule:
         w = host.weight
         b = _independent_like(w) if w is not None else _xavier(host.feedback_shape)
         host.B = nn.Parameter(b, requires_grad=self.learns_by_gradient)
+
+    def for_output(self, units: int) -> FeedbackRule:
+        """The rule bound to a circuit whose one output population has `units` units (reads_output_error)."""
+        return self
 
     def draw(self, host: FeedbackHost) -> None:
         """Draw what the rule redraws once per training forward (brSF's M), before feedback() is read for it;

@@ -1,6 +1,7 @@
 """Imperfect feedback: any rule with noisy, sparse or sign-constrained feedback synapses."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,9 +52,17 @@ class Imperfect(FeedbackRule):
     def direct(self) -> bool:   # type: ignore[override]
         return self.rule.direct
 
+    @property
+    def reads_output_error(self) -> bool:   # type: ignore[override]
+        return self.rule.reads_output_error
+
+    def for_output(self, units: int) -> Imperfect:
+        return dataclasses.replace(self, rule=self.rule.for_output(units))
+
     def attach(self, host: FeedbackHost) -> None:
         self.rule.attach(host)
-        shape = host.feedback_shape
+        stored = getattr(host, "B", None)
+        shape = tuple(stored.shape) if isinstance(stored, Tensor) else host.feedback_shape
         if self.sparsity:
             host.register_buffer("feedback_mask", (torch.rand(shape) >= self.sparsity).float())
         if self.dale:
