@@ -141,7 +141,7 @@ def test_sign_symmetry_B_is_sign_of_W_times_scale_after_steps():
     assert kinds == {2, 4}
 
 
-@pytest.mark.parametrize("rule", list(rules.RULES))
+@pytest.mark.parametrize("rule", [n for n, r in rules.RULES.items() if not r.reads_output_error])   # ldfa: test_peers
 @pytest.mark.parametrize(
     "projection,shape", [(circuits.Dense(), (6,)), (circuits.Conv2d(3, stride=2, padding=1), (2, 5, 5))]
 )

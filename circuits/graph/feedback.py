@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import FeedbackRule
-from ..rules.fixed import spread_output_error
+from ..rules.fixed import output_error_to_input
 from .population import Population
 
 
@@ -72,9 +72,9 @@ class OutputFeedbackPathway(torch.autograd.Function):
             if not ctx.needs_input_grad[2 + k]:
                 sent.append(None)
                 continue
-            spread = spread_output_error(error.to(feedback.dtype), out_shape, feedback)
-            signal = operator.backward(spread, y.to(feedback.dtype), feedback, (True, False, False))[0]
-            sent.append(rule.signal(signal).to(y.dtype))
+            y = y.to(feedback.dtype)
+            signal = output_error_to_input(error.to(feedback.dtype), out_shape, y, feedback, operator)
+            sent.append(rule.signal(signal).to(saved[k].dtype))
         return (grad, None, *sent, *[None] * count)
 
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
 from ..errors import CircuitError
 from .base import FeedbackHost, FeedbackRule, FromWeight, _xavier, register
+
+if TYPE_CHECKING:
+    from .synapse import ConvOperator, DenseOperator
 
 
 @register
@@ -68,8 +71,9 @@ class LayerwiseDirectFeedbackAlignment(FeedbackRule):
     and W's gradient is the usual delta_{l+1} y_l^T from the error at its own output. Only the synapse's
     contribution is replaced: errors crossing local operations (a residual skip, pooling, batch norm) still
     add at the input population. e differs from Nokland's dL/da_out (dfa) where the output population has a
-    non-linear activation. Groups 1 only. Bound to a built net's output (for_output); unbound (a circuit
-    without one output) it is refused.
+    non-linear activation. A grouped convolution's B reaches every input channel (output units x C x k_h x k_w;
+    BioTorch's code passes the layer's groups, which fails there). Bound to a built net's output (for_output);
+    unbound (a circuit without one output) it is refused.
     """
 
     short_name: ClassVar[str] = "ldfa"
@@ -85,16 +89,21 @@ class LayerwiseDirectFeedbackAlignment(FeedbackRule):
         if not self.output_units:
             raise CircuitError("rule ldfa sends the circuit's output error to each projection: it needs a circuit "
                                "with one output population, whose built net binds it (CircuitNet)")
-        if getattr(getattr(host, "operator", None), "groups", 1) != 1:
-            raise CircuitError(f"rule ldfa serves convolutions with groups 1, got {host.operator}")
-        b = _xavier((self.output_units, *host.weight.shape[1:]))
+        w = host.weight
+        inputs = host.in_shape[0] if w.dim() == 4 else w.shape[1]      # a grouped conv's: all input channels
+        b = _xavier((self.output_units, inputs, *w.shape[2:]))
         host.B = nn.Parameter(b, requires_grad=False)
 
 
-def spread_output_error(error: Tensor, out_shape: tuple[int, ...], feedback: Tensor) -> Tensor:
-    """e (batch x output units) at every position of a projection's output map (out_shape, with the batch):
-    (batch x units x H x W) for a conv B (4-D), (batch x ... x units) for a dense one."""
+def output_error_to_input(error: Tensor, out_shape: tuple[int, ...], y: Tensor, feedback: Tensor,
+                          operator: DenseOperator | ConvOperator) -> Tensor:
+    """B^T e at a projection's input y: e (batch x output units) at every position of its output map
+    (out_shape, with the batch), then the operator's transposed product with B (a convolution's at its
+    stride, padding and dilation, groups 1: each output unit's kernel reaches every input channel)."""
     n, units = error.shape
     if feedback.dim() == 4:
-        return error.view(n, units, 1, 1).expand(n, units, *out_shape[-2:])
-    return error.view(n, *[1] * (len(out_shape) - 2), units).expand(*out_shape[:-1], units)
+        spread = error.view(n, units, 1, 1).expand(n, units, *out_shape[-2:])
+        operator = dataclasses.replace(operator, groups=1)
+    else:
+        spread = error.view(n, *[1] * (len(out_shape) - 2), units).expand(*out_shape[:-1], units)
+    return operator.backward(spread, y, feedback, (True, False, False))[0]
