@@ -403,3 +403,30 @@ def test_the_default_ia_normalisation_is_ours_not_kunins():
     for options in OPTIONS:
         theirs = rules.LocalAlignment(tuple(terms.items()), normalize=False, **options)
         assert relative(ours, theirs.feedback_gradient(torch.zeros_like(w), x, w, b, operator)) > 0.05, options
+
+
+def test_normalisations_compute_in_the_inputs_dtype():
+    """ia's rms normalisation and Imperfect's noise scale carry no float32 rounding in a float64 run."""
+    y = torch.randn(16, 7, dtype=torch.float64) * 3.3 + 0.7
+    prepared, _ = rules.get("ia").prepare_input(y)
+    assert abs(float(prepared.square().mean()) - 1) < 1e-14
+    rule = rules.Imperfect("fa", noise=1.0)
+    torch.manual_seed(4)
+    noisy = rule.signal(y)
+    torch.manual_seed(4)
+    rms = y.square().mean().sqrt()
+    assert relative(noisy, y + torch.randn_like(y) * rms) < 1e-15
+
+
+def test_ldfa_on_a_grouped_convolution_reaches_every_input_channel():
+    """B (output units x all input channels x k_h x k_w); the input error is its groups-1 transposed convolution
+    (BioTorch passes the layer's groups there, which fails for a grouped layer)."""
+    module = nn.Sequential(nn.Conv2d(4, 2, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(18, 3)).double()
+    net = circuits.from_torch(module, rule="ldfa", input_shape=(4, 5, 5)).build()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(2, 3, dtype=torch.float64)
+    net(x).backward(e)
+    b = synapses(net)["0"].feedback.detach()
+    assert tuple(b.shape) == (3, 4, 3, 3)
+    expected = torch.nn.grad.conv2d_input(x.shape, b, e[:, :, None, None].repeat(1, 1, 3, 3), 1, 0)
+    assert relative(x.grad, expected) < 1e-12

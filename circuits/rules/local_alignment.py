@@ -86,7 +86,8 @@ class LocalAlignment(FeedbackRule):
           is centred over the batch; W's side (amp's W y, null) keeps the uncentred input.
     With normalize=False and their options, the gradient is theirs (tests/test_peers.py). Special cases
     (tests/test_rules.py, normalize=False): Kolen-Pollack's B gradient is {"decay": lambda / 2} with tie; one
-    mirror batch of the weight mirror is one step of {"decay": lambda_B / 2, "amp": eta_B} on white noise y.
+    mirror batch of the weight mirror is one step of {"decay": lambda_B / 2, "amp": eta_B} on white noise y
+    for a dense projection (for a convolution, with amp's coefficient divided per tap by its positions).
     """
 
     source: ClassVar[str] = "Kunin et al. 2020 (neuroailab/Neural-Alignment)"
