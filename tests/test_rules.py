@@ -409,6 +409,19 @@ def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
     assert "dfa" in summary[-1].read_text()
 
 
+def test_an_ldfa_run_records_error_angles_and_no_alignment(tmp_path):
+    """ldfa's B (output units x in) is not in W's layout: no angle(B, W) is recorded, the error angles are."""
+    net = mlp((64, 16, 12, 10), activation="tanh", rule="ldfa").build()
+    x, t = DIGITS.train.tensors
+    recorder = Recorder(tmp_path / "ldfa.h5", probe=(x[:32], t[:32]), probe_steps=5)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(DataLoader(DIGITS.train, batch_size=64), 1, DataLoader(DIGITS.test, batch_size=256))
+    with open_run(tmp_path / "ldfa.h5") as run:
+        assert run.rule == "ldfa" and run.alignment == {}
+        assert 0 < run.errors["hidden1"]["angle"][-1] < 120
+
+
 def test_kolen_pollack_per_step_form_shrinks_W_minus_B_by_one_minus_lambda_each_step():
     net = mlp((6, 5, 3), rule=rules.KolenPollack.per_step(0.2, lr=0.5)).build().double()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
