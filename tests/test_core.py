@@ -257,7 +257,7 @@ def test_cycle_is_reported_at_build_time():
 
 
 def test_unknown_rule_and_activation_are_clear_errors():
-    with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, dfa, ss, .*kp, wm"):
+    with pytest.raises(circuits.CircuitError, match="unknown feedback rule 'hebb'.*bp, fa, dfa, ldfa, ss, .*kp, wm"):
         circuits.Circuit(rule="hebb")
     c = circuits.Circuit()
     with pytest.raises(circuits.CircuitError, match="unknown activation 'swishy'"):

@@ -15,6 +15,10 @@ the layer-local feedback of every projection leaving it is removed (circuits.Cir
 In the built net the projection is an identity on a_source in the forward pass, holding y_target;
 in the backward pass it hands delta_source on unchanged and sends B^T delta_source to y_target,
 whose activation's derivative then gives delta_target. Autograd orders it: no hooks, no buffers.
+
+BioTorch's DFA (rule ldfa) is per synaptic projection instead: OutputFeedbackPathway, on the output activity,
+sends each such projection's input B^T e from the output's error e = dL/dy_out, beside whatever reaches that
+input by other paths (a residual skip); the projection itself sends nothing back.
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ A population sums its incoming projections; a junction combines them by its oper
 
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
 back through its B (circuits.rules.synapse), local projections through their own derivative, and
-direct feedback projections (circuits.graph.feedback) straight from a downstream error population.
+direct feedback projections (circuits.graph.feedback) straight from a downstream error population. A projection
+whose rule reads the output error (ldfa, BioTorch's DFA) sends none itself: its input receives B^T e from the
+output's error e, through OutputFeedbackPathway on the output activity, and what other paths send adds.
 """
 from __future__ import annotations
 
