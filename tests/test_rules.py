@@ -186,6 +186,23 @@ def test_brsf_records_the_feedback_its_backward_used():
     assert relative(x.grad, delta @ synapse.feedback) < 1e-12
 
 
+def test_reading_brsf_feedback_leaves_the_run_unchanged():
+    """Reading B (as a recorder does) draws nothing: a brsf run that reads it every step equals one that does not."""
+    runs = []
+    for read in (False, True):
+        torch.manual_seed(5)
+        net = mlp((6, 5, 3), rule="brsf").build().double()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.mse_loss(net(torch.randn(4, 6, dtype=torch.float64)), torch.zeros(4, 3, dtype=torch.float64)).backward()
+            optimizer.step()
+            if read:
+                [s.feedback for _, s in net.projections()]
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_sign_symmetry_scale_follows_the_layer_kind():
     assert rules.sign_symmetry_scale(torch.empty(10, 500)) == pytest.approx(1 / 500 ** 0.5)   # dense: 1/sqrt(fan_in)
     assert rules.sign_symmetry_scale(torch.empty(64, 32, 3, 3)) == pytest.approx((2 / (9 * 64)) ** 0.5)
