@@ -13,7 +13,7 @@ from circuits.recording.alignment import angle
 from circuits.recording.recorder import Recorder
 from circuits.rules.synapse import EmbeddingOperator, FeedbackPathway
 
-LAYER_LOCAL = [name for name, rule in rules.RULES.items() if not rule.direct]
+LAYER_LOCAL = [name for name, rule in rules.RULES.items() if not (rule.direct or rule.reads_output_error)]
 
 
 class Tokens(nn.Module):
@@ -123,6 +123,8 @@ def test_shared_layers_stay_shared_and_unknown_overrides_fail():
 
 
 def test_direct_feedback_and_population_records_are_refused_clearly(tmp_path):
+    with pytest.raises(circuits.CircuitError, match="direct feedback .ldfa. .* use circuits.from_torch"):
+        circuits.in_place(nn.Sequential(nn.Linear(3, 2)), torch.randn(1, 3), rule="ldfa")
     with pytest.raises(circuits.CircuitError, match="direct feedback .dfa. .* use circuits.from_torch"):
         circuits.in_place(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), "dfa")
     net = circuits.in_place(nn.Sequential(nn.Linear(4, 2)), torch.randn(2, 4), "fa")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ResidualNet
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import circuits
@@ -156,21 +156,68 @@ def test_direct_feedback_errors_are_clear():
 
 
 # --- the sign-symmetry family -----------------------------------------------------------------
-def test_brsf_redraws_its_magnitudes_and_frsf_keeps_them():
+def test_brsf_redraws_its_magnitudes_once_per_training_forward_and_frsf_keeps_them():
     for name, redraws in (("brsf", True), ("frsf", False)):
+        torch.manual_seed(0)
         net = mlp((6, 5, 3), rule=name).build()
-        for _, s in net.projections():
-            first, second = s.feedback, s.feedback
-            assert torch.equal(torch.sign(first), torch.sign(s.weight.detach()))      # sign-concordant
-            assert torch.equal(first, second) != redraws, name
+        x = torch.randn(4, 6)
+        before = [s.feedback for _, s in net.projections()]
+        assert all(torch.equal(b, s.feedback) for b, (_, s) in zip(before, net.projections()))   # reading draws none
+        with torch.no_grad():
+            net(x)                                                   # no error will cross B: nothing drawn
+        assert all(torch.equal(b, s.feedback) for b, (_, s) in zip(before, net.projections()))
+        net(x).sum().backward()
+        for b, (_, s) in zip(before, net.projections()):
+            after = s.feedback
+            assert torch.equal(torch.sign(after), torch.sign(s.weight.detach()))      # sign-concordant
+            assert torch.equal(b, after) != redraws, name
             bound = (6 / (s.weight.shape[0] + s.weight.shape[1])) ** 0.5            # |M| Xavier-uniform
-            assert float(first.abs().max()) <= bound
+            assert 0.5 * bound < float(after.abs().max()) <= bound
+
+
+def test_brsf_records_the_feedback_its_backward_used():
+    """The B read after a backward is the one that backward's error crossed: the input error equals delta B."""
+    torch.manual_seed(3)
+    net = mlp((6, 5), rule="brsf").build().double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(4, 5, dtype=torch.float64)
+    net(x).backward(delta)
+    (_, synapse), = net.projections()
+    assert relative(x.grad, delta @ synapse.feedback) < 1e-12
+
+
+def test_reading_brsf_feedback_leaves_the_run_unchanged():
+    """Reading B (as a recorder does) draws nothing: a brsf run that reads it every step equals one that does not."""
+    runs = []
+    for read in (False, True):
+        torch.manual_seed(5)
+        net = mlp((6, 5, 3), rule="brsf").build().double()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.mse_loss(net(torch.randn(4, 6, dtype=torch.float64)), torch.zeros(4, 3, dtype=torch.float64)).backward()
+            optimizer.step()
+            if read:
+                [s.feedback for _, s in net.projections()]
+        runs.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def test_sign_symmetry_scale_follows_the_layer_kind():
     assert rules.sign_symmetry_scale(torch.empty(10, 500)) == pytest.approx(1 / 500 ** 0.5)   # dense: 1/sqrt(fan_in)
     assert rules.sign_symmetry_scale(torch.empty(64, 32, 3, 3)) == pytest.approx((2 / (9 * 64)) ** 0.5)
-    assert rules.get("usf") == rules.UniformSignSymmetry() and isinstance(rules.get("usf"), rules.SignSymmetry)
+
+
+def test_usf_scale_is_biotorchs_xavier_std():
+    """usf: sqrt(2 / (fan_in + fan_out)), torch's fans (BioTorch's uSF); not ss's scale."""
+    dense, conv = torch.randn(10, 500), torch.randn(64, 32, 3, 3)
+    usf, ss = rules.get("usf"), rules.get("ss")
+    host = nn.Module()
+    for w, expected, xiao in ((dense, (2 / 510) ** 0.5, 1 / 500 ** 0.5),
+                              (conv, (2 / (32 * 9 + 64 * 9)) ** 0.5, (2 / (9 * 64)) ** 0.5)):
+        host.weight = nn.Parameter(w)
+        assert torch.equal(usf.feedback(host), torch.sign(w) * expected)
+        assert torch.equal(ss.feedback(host), torch.sign(w) * xiao)
 
 
 # --- Kunin et al.'s local rules ------------------------------------------------------------------
@@ -299,6 +346,32 @@ def test_sparse_and_dale_feedback_constrain_B():
         assert s.rule.learns_by_gradient and s.B.requires_grad   # KP underneath still learns
 
 
+@pytest.mark.parametrize("rule", [rules.KolenPollack(decay=0.0), rules.SymmetricAlignment()])
+def test_dale_feedback_keeps_learning_underneath(rule):
+    """Entries held at zero by the sign constraint still learn, by the gradient the rule computes with the B that
+    is used (before, KP left 67 of 182 such entries of the first layer, where W has the row's sign, unlearned).
+    Under SA (-self W for a held entry) those where W has the row's sign reach it and are used."""
+    torch.manual_seed(1)
+    net = mlp((40, 30, 20), rule=rules.Imperfect(rule, dale=True)).build().double()
+    stored = {name: s.B.detach().clone() for name, s in net.projections()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, target = torch.randn(64, 40, dtype=torch.float64), torch.randn(64, 20, dtype=torch.float64)
+    for _ in range(200):
+        optimizer.zero_grad()
+        F.mse_loss(net(x), target).backward()
+        optimizer.step()
+    for name, s in net.projections():
+        sign = s.feedback_sign
+        held = stored[name] * sign < 0                      # drawn with the row's other sign: used as zero
+        can_match = held & (s.weight.detach() * sign > 0)   # where W has the row's sign
+        assert int(can_match.sum()) > 20
+        assert torch.all(s.B.detach()[held] != stored[name][held]), name      # every held entry learned
+        if isinstance(rule, rules.SymmetricAlignment):
+            used = s.feedback.detach()[can_match]
+            assert float((used != 0).double().mean()) > 0.9, name      # and most now carry W's sign
+            assert torch.all(used * s.weight.detach()[can_match] >= 0)
+
+
 def test_feedback_noise_scales_with_the_signal():
     torch.manual_seed(2)
     c = circuits.Circuit(rule=rules.Imperfect("fa", noise=0.5))
@@ -351,6 +424,19 @@ def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
         figures.circuit(run)
     summary = report([tmp_path / "dfa.h5"], tmp_path / "report", progress=False)
     assert "dfa" in summary[-1].read_text()
+
+
+def test_an_ldfa_run_records_error_angles_and_no_alignment(tmp_path):
+    """ldfa's B (output units x in) is not in W's layout: no angle(B, W) is recorded, the error angles are."""
+    net = mlp((64, 16, 12, 10), activation="tanh", rule="ldfa").build()
+    x, t = DIGITS.train.tensors
+    recorder = Recorder(tmp_path / "ldfa.h5", probe=(x[:32], t[:32]), probe_steps=5)
+    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
+                               config=circuits.TrainerConfig(progress=False))
+    trainer.fit(DataLoader(DIGITS.train, batch_size=64), 1, DataLoader(DIGITS.test, batch_size=256))
+    with open_run(tmp_path / "ldfa.h5") as run:
+        assert run.rule == "ldfa" and run.alignment == {}
+        assert 0 < run.errors["hidden1"]["angle"][-1] < 120
 
 
 def test_kolen_pollack_per_step_form_shrinks_W_minus_B_by_one_minus_lambda_each_step():

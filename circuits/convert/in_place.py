@@ -236,16 +236,17 @@ def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.R
     find which layers it calls and the input shape of each (mirror noise and padding statistics follow it).
     rule: a FeedbackRule or a registered short name; rules_by_layer overrides it per qualified layer name
     (an attention's by its name, or its projections' names <attention>.in_proj and <attention>.out_proj).
-    Direct rules (dfa) need a population graph: a CircuitError (use circuits.from_torch).
+    Direct rules (dfa, ldfa) need a population graph: a CircuitError (use circuits.from_torch).
     Returns an InPlaceNet around `module`; `net.report` says what was converted and what was left.
     """
     default = rules.get(rule)
     overrides = {name: rules.get(r) for name, r in (rules_by_layer or {}).items()}
-    direct = [str(r) for r in (default, *overrides.values()) if r.direct]
+    direct = [str(r) for r in (default, *overrides.values()) if r.direct or r.reads_output_error]
     if direct:
+        local = [n for n, r in rules.RULES.items() if not (r.direct or r.reads_output_error)]
         raise CircuitError(f"direct feedback ({direct[0]}) sends the output error to hidden populations, which a "
                            f"module converted in place does not have: use circuits.from_torch, or a layer-local "
-                           f"rule ({', '.join(n for n, r in rules.RULES.items() if not r.direct)})")
+                           f"rule ({', '.join(local)})")
     example = example if isinstance(example, tuple) else (example,)
     called = _called_layers(module, example)
     report, swapped, attentions = Report(), {}, []

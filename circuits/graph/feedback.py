@@ -15,6 +15,10 @@ the layer-local feedback of every projection leaving it is removed (circuits.Cir
 In the built net the projection is an identity on a_source in the forward pass, holding y_target;
 in the backward pass it hands delta_source on unchanged and sends B^T delta_source to y_target,
 whose activation's derivative then gives delta_target. Autograd orders it: no hooks, no buffers.
+
+BioTorch's DFA (rule ldfa) is per synaptic projection instead: OutputFeedbackPathway, on the output activity,
+sends each such projection's input B^T e from the output's error e = dL/dy_out, beside whatever reaches that
+input by other paths (a residual skip); the projection itself sends nothing back.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rules import FeedbackRule
+from ..rules.fixed import output_error_to_input
 from .population import Population
 
 
@@ -46,6 +51,35 @@ class DirectFeedbackPathway(torch.autograd.Function):
             spread = (shape[0], shape[1], 1, 1) if len(shape) == 4 else shape     # a map's B: shared over positions
             grad_target = signal.to(ctx.target_dtype).view(spread).expand(shape)
         return delta, grad_target, None, None
+
+
+class OutputFeedbackPathway(torch.autograd.Function):
+    """BioTorch's DFA (rule ldfa, circuits.rules.fixed): forward, the output activity y_out unchanged; backward,
+    e = dL/dy_out unchanged, and to the input y_k of each projection k whose rule reads the output error the
+    error B_k^T e crossing its B (the transposed product of e, spread over k's output map, with B_k). Those
+    projections send nothing back themselves; what reaches y_k by other paths adds."""
+
+    @staticmethod
+    def forward(ctx, y_out: Tensor, ports: tuple, *tensors: Tensor) -> Tensor:
+        """`ports`: per projection (operator, rule, output shape); `tensors`: the inputs y_k, then the B_k."""
+        ctx.ports = ports
+        ctx.save_for_backward(*tensors)
+        return y_out.view_as(y_out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        saved, count = ctx.saved_tensors, len(ctx.ports)
+        error = grad.reshape(grad.shape[0], -1)
+        sent = []
+        for k, (operator, rule, out_shape) in enumerate(ctx.ports):
+            y, feedback = saved[k], saved[count + k]
+            if not ctx.needs_input_grad[2 + k]:
+                sent.append(None)
+                continue
+            y = y.to(feedback.dtype)
+            signal = output_error_to_input(error.to(feedback.dtype), out_shape, y, feedback, operator)
+            sent.append(rule.signal(signal).to(saved[k].dtype))
+        return (grad, None, *sent, *[None] * count)
 
 
 class DirectFeedback(nn.Module):
@@ -75,6 +109,7 @@ class DirectFeedback(nn.Module):
         """a_source unchanged; in the backward pass y_target receives B^T delta_source."""
         if not torch.is_grad_enabled():
             return a_source
+        self.rule.draw(self)
         feedback = self.rule.feedback(self)
         device = a_source.device.type
         if torch.is_autocast_enabled(device):

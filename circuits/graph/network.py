@@ -5,21 +5,25 @@ A population sums its incoming projections; a junction combines them by its oper
 
 Its backward pass is the circuit's feedback pathway: each synaptic projection sends the error
 back through its B (circuits.rules.synapse), local projections through their own derivative, and
-direct feedback projections (circuits.graph.feedback) straight from a downstream error population.
+direct feedback projections (circuits.graph.feedback) straight from a downstream error population. A projection
+whose rule reads the output error (ldfa, BioTorch's DFA) sends none itself: its input receives B^T e from the
+output's error e, through OutputFeedbackPathway on the output activity, and what other paths send adds.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import networkx as nx
+import torch
 from torch import Tensor, nn
 
 from ..errors import CircuitError
 from ..rules.synapse import Synapse
 from .activations import activation
-from .feedback import DirectFeedback
+from .feedback import DirectFeedback, OutputFeedbackPathway
 
 if TYPE_CHECKING:
     from .circuit import Circuit
@@ -66,10 +70,17 @@ class CircuitNet(nn.Module):
             raise CircuitError(f"circuit {circuit.name!r} has no output population")
         self.proj = nn.ModuleDict()
         self._names: dict[str, str] = {}
+        self._reads_output: set[str] = set()     # projections whose input's error comes from the output (ldfa)
         for name, pre, post, projection, rule in circuit.projections():
             key = module_key(name)
             if key in self.proj:
                 raise CircuitError(f"projection names {name!r} and {self._names[key]!r} collide")
+            if rule is not None and rule.reads_output_error:
+                if len(self.outputs) != 1:
+                    raise CircuitError(f"rule {rule} of {name!r} sends the output error, but circuit "
+                                       f"{circuit.name!r} has output populations {self.outputs}")
+                rule = rule.for_output(math.prod(circuit[self.outputs[0]].shape))
+                self._reads_output.add(key)
             self.proj[key] = projection.build(circuit[pre], circuit[post], rule)
             self._names[key] = name
         self.feedback_proj = nn.ModuleDict()
@@ -124,6 +135,7 @@ class CircuitNet(nn.Module):
             self._check_dtype(name, x)
         activity = dict(inputs)     # what projections read: a direct target's activity, detached
         sensed: dict[str, Tensor] = {}   # a direct target's activity itself, where its error arrives
+        ports: list[tuple[str, Tensor, tuple[int, ...]]] = []   # (key, input, output shape) of ldfa projections
         for pop, phi, incoming, junction, direct, release in self._plan:
             if junction is not None:
                 a = self.junctions[junction](*(self.proj[key](activity[pre]) for key, pre in incoming))
@@ -131,6 +143,8 @@ class CircuitNet(nn.Module):
                 a = None
                 for key, pre in incoming:
                     drive = self.proj[key](activity[pre])
+                    if key in self._reads_output and not self._reference:
+                        ports.append((key, activity[pre], tuple(drive.shape)))
                     a = drive if a is None else a + drive
             if not self._reference:
                 for key, target in direct:
@@ -146,9 +160,20 @@ class CircuitNet(nn.Module):
             for p in release:
                 del activity[p]
                 sensed.pop(p, None)
+        if ports and torch.is_grad_enabled():
+            out = self.outputs[0]
+            activity[out] = OutputFeedbackPathway.apply(
+                activity[out], tuple((self.proj[k].operator, self.proj[k].rule, shape) for k, _, shape in ports),
+                *(y for _, y, _ in ports), *(self._cast(self.proj[k].feedback, y) for k, y, _ in ports))
         if len(self.outputs) == 1:
             return activity[self.outputs[0]]
         return {name: activity[name] for name in self.outputs}
+
+    @staticmethod
+    def _cast(feedback: Tensor, y: Tensor) -> Tensor:
+        """B in the autocast dtype where autocast is on (as the forward computed), else as stored."""
+        device = y.device.type
+        return feedback.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else feedback
 
     @contextlib.contextmanager
     def backprop_reference(self) -> Iterator[None]:

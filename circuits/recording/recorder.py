@@ -280,9 +280,10 @@ class Recorder:
         """The net's projections and populations; checks the names the settings choose."""
         self._net = net
         self._device = next(net.parameters()).device
-        self._synapses = [(n, s) for n, s in net.projections() if s.rule is not None]   # a B in W's layout
+        in_layout = {n for n, s in net.projections() if s.rule is not None and not s.rule.reads_output_error}
+        self._synapses = [(n, s) for n, s in net.projections() if n in in_layout]   # a B in W's layout
         self._learning = [(n, s) for n, s in net.projections() if s.weight.requires_grad]
-        self._unaligned = [n for n, s in net.projections() if s.rule is None] + [
+        self._unaligned = [n for n, s in net.projections() if n not in in_layout] + [
             n for n, _ in net.feedback_projections()
         ]
         self._errors = net.error_populations()

@@ -30,6 +30,13 @@ def _finite(rule: object, **values: float) -> None:
             raise CircuitError(f"{type(rule).__name__}: {name} must be a finite number, got {value!r}")
 
 
+def _rms(t: Tensor) -> Tensor:
+    """sqrt(mean(t^2)), without gradient, in t's dtype (computed in float32 at least: a float64 t carries no
+    float32 rounding, and a half-precision one does not overflow)."""
+    computed = t.detach().to(torch.promote_types(t.dtype, torch.float32))
+    return computed.square().mean().sqrt().to(t.dtype)
+
+
 def _xavier(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
     """Xavier-uniform values U(-a, a), a = sqrt(6 / (fan_in + fan_out)), torch's fans of a weight of `shape`."""
     fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
@@ -60,6 +67,9 @@ class FeedbackRule:
     """B is made from, or learns against, a forward weight W of its own shape (layer-local only)."""
     direct: ClassVar[bool] = False
     """Used circuit-wide, the rule sends the output error straight to every hidden population."""
+    reads_output_error: ClassVar[bool] = False
+    """The error crossing B is the circuit's output error, not the projection's own (BioTorch's DFA, ldfa): the
+    built net binds the rule to its output (for_output) and sends that error to the projection's input."""
 
     # --- B and the error that crosses it --------------------------------------------------
     def attach(self, host: FeedbackHost) -> None:
@@ -68,8 +78,16 @@ class FeedbackRule:
         b = _independent_like(w) if w is not None else _xavier(host.feedback_shape)
         host.B = nn.Parameter(b, requires_grad=self.learns_by_gradient)
 
+    def for_output(self, units: int) -> FeedbackRule:
+        """The rule bound to a circuit whose one output population has `units` units (reads_output_error)."""
+        return self
+
+    def draw(self, host: FeedbackHost) -> None:
+        """Draw what the rule redraws once per training forward (brSF's M), before feedback() is read for it;
+        nothing by default. Called only by a forward that will send an error back."""
+
     def feedback(self, host: FeedbackHost) -> Tensor:
-        """B as the backward pass uses it now."""
+        """B as the backward pass uses it now; reading it draws nothing."""
         return host.B
 
     def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:

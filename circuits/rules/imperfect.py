@@ -1,6 +1,7 @@
 """Imperfect feedback: any rule with noisy, sparse or sign-constrained feedback synapses."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CircuitError
-from .base import FeedbackHost, FeedbackRule, _finite, get
+from .base import FeedbackHost, FeedbackRule, _finite, _rms, get
 from .fixed import FeedbackAlignment
 
 if TYPE_CHECKING:
@@ -24,7 +25,12 @@ class Imperfect(FeedbackRule):
         dale:     each feedback neuron (a row of B, one source unit) has outgoing synapses of one fixed
                   random sign; entries of the other sign are held at zero (Dale's principle)
 
-    B as used is mask * B, then the sign constraint; a learned B keeps learning underneath.
+    B as used is mask * B, then the sign constraint. Under a rule whose B learns by gradient (kp, ia, sa,
+    LocalAlignment) the gradient, which the rule computes with the B that is used, reaches every stored entry of
+    a present synapse unchanged (the constraint passes it straight through): an entry held at zero because it
+    has the row's other sign keeps learning (by the terms that do not scale with B itself: KP's delta y^T,
+    SA's -self W, IA's amp and null; a decay acts on the used zero), and is used once it has the row's sign.
+    Absent synapses (sparsity) get no gradient. Rules whose B is fixed or computed from W have nothing to learn.
     """
 
     rule: FeedbackRule = FeedbackAlignment()
@@ -46,14 +52,25 @@ class Imperfect(FeedbackRule):
     def direct(self) -> bool:   # type: ignore[override]
         return self.rule.direct
 
+    @property
+    def reads_output_error(self) -> bool:   # type: ignore[override]
+        return self.rule.reads_output_error
+
+    def for_output(self, units: int) -> Imperfect:
+        return dataclasses.replace(self, rule=self.rule.for_output(units))
+
     def attach(self, host: FeedbackHost) -> None:
         self.rule.attach(host)
-        shape = host.feedback_shape
+        stored = getattr(host, "B", None)
+        shape = tuple(stored.shape) if isinstance(stored, Tensor) else host.feedback_shape
         if self.sparsity:
             host.register_buffer("feedback_mask", (torch.rand(shape) >= self.sparsity).float())
         if self.dale:
             signs = torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
             host.register_buffer("feedback_sign", signs)
+
+    def draw(self, host: FeedbackHost) -> None:
+        self.rule.draw(host)
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         b = self.rule.feedback(host)
@@ -61,7 +78,8 @@ class Imperfect(FeedbackRule):
             b = b * host.feedback_mask.to(b.dtype)
         if self.dale:
             sign = host.feedback_sign.to(b.dtype)
-            b = (b * sign).clamp_min(0) * sign
+            constrained = (b * sign).clamp_min(0) * sign
+            b = b + (constrained - b).detach() if b.requires_grad else constrained    # learns underneath
         return b
 
     def set_feedback(self, host: FeedbackHost, value: Tensor) -> None:
@@ -71,8 +89,7 @@ class Imperfect(FeedbackRule):
         error = self.rule.signal(error)
         if not self.noise:
             return error
-        rms = error.detach().float().square().mean().sqrt().to(error.dtype)
-        return error + torch.randn_like(error) * (self.noise * rms)
+        return error + torch.randn_like(error) * (self.noise * _rms(error))
 
     @property
     def learns_by_gradient(self) -> bool:

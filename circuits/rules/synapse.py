@@ -219,10 +219,11 @@ class Synapse(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         if self.transport:       # backprop reference: plain autograd through W
             return self.operator.forward(y, self.weight, self.bias)
-        if self.rule is None:    # no feedback: only W's gradient
+        if self.rule is None or self.rule.reads_output_error:    # no feedback of its own (ldfa: from the output)
             return self.operator.forward(y.detach(), self.weight, self.bias)
         if not torch.is_grad_enabled():  # no error will travel back: B is not needed
             return self.operator.forward(y, self.weight, self.bias)
+        self.rule.draw(self)
         weight, bias, feedback = self.weight, self.bias, self.rule.feedback(self)
         if feedback is weight:  # backprop: B is W, passed once
             feedback = None

@@ -26,7 +26,10 @@ class WeightMirror(FeedbackRule):
 
     Defaults give B -> W (eta_B sigma^2 = lambda_B); lambda_B sets the speed and the noise averaging.
     noise: "gaussian" (default) or "uniform" (the authors' code), both of variance sigma^2.
-    In Kunin et al.'s terms one mirror batch is a gradient step on decay + amp over the noise.
+    In Kunin et al.'s terms one mirror batch of a dense projection is a gradient step on decay + amp over the
+    noise, exactly (decay lambda_B / 2, amp eta_B); for a convolution the mirror divides each kernel tap's
+    correlation by the positions where it meets real inputs, so amp's coefficient differs per tap (border taps
+    meet fewer), and the equivalence holds per tap only (tests/test_rules.py).
 
     Three options reproduce the authors' released code (makrout/Deep-Learning-without-Weight-Transport,
     fcnn/FCNN_WM.py, `mirror`), which departs from eq. 7:
