@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import circuits
+from analysis import report
 from analysis.stats import ALIGNED_DEGREES
 from circuits import rules
 from circuits.recording.alignment import angle
@@ -288,8 +289,6 @@ def train_all(paths: dict[tuple[str, int], Path | None], train_one: Callable[[st
 def write_report(paths: dict[tuple[str, int], Path], rule_names: Sequence[str], seed: int, out: Path,
                  progress: bool = True) -> None:
     """`python -m analysis report` of one seed's runs, into out/report."""
-    from analysis import report
-
     report([str(paths[r, seed]) for r in rule_names], out / "report", threshold=ALIGNED_DEGREES, progress=progress)
     print(f"report of seed {seed}'s runs: {out / 'report' / 'summary.md'}")
 
