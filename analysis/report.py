@@ -35,7 +35,7 @@ def _unique_names(runs: Sequence[Run]) -> list[str]:
     return [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold: float = 45.0,
+def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold: float = stats.ALIGNED_DEGREES,
            progress: bool = True, baseline: str = "bp", points: float = 0.5) -> list[Path]:
     """Write the figures and summary.md of the recordings at `paths` into `out`; returns the files written.
     Across seeds: differences to the `baseline` rule, judged against a bar of `points` accuracy points."""

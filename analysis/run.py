@@ -27,17 +27,26 @@ from circuits.recording import PHASES, TABLES, RecordingError, cut_short, open_r
 
 @dataclass(frozen=True)
 class Series:
-    """Rows of one recorded table: `tick` and `step` index them; `columns` by name, one entry a row."""
+    """Rows of one recorded table: `tick` and `step` index them; `columns` by name, one entry a row.
+
+    series["loss"] is a column; series[:3], series[-10:], series[series.step > 100] (a slice, an index array or a
+    boolean mask) are the Series of those rows.
+    """
 
     tick: np.ndarray
     step: np.ndarray
     columns: Mapping[str, np.ndarray] = field(default_factory=dict)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        try:
-            return self.columns[name]
-        except KeyError:
-            raise KeyError(f"no column {name!r}; columns: {list(self.columns)}") from None
+    def __getitem__(self, key: str | slice | np.ndarray) -> Any:
+        if isinstance(key, str):
+            try:
+                return self.columns[key]
+            except KeyError:
+                raise KeyError(f"no column {key!r}; columns: {list(self.columns)}") from None
+        if not isinstance(key, (slice, np.ndarray, list)):
+            raise TypeError(f"a Series takes a column name, a slice, an index array or a boolean mask, got "
+                            f"{type(key).__name__} {key!r} (one row: series[i:i + 1])")
+        return Series(self.tick[key], self.step[key], {name: values[key] for name, values in self.columns.items()})
 
     def __len__(self) -> int:
         return len(self.tick)

@@ -1,11 +1,12 @@
 """A vision transformer learning without weight transport: the small ViT under BP, FA, KP and WM on MNIST.
 
-    python examples/vit_rules.py                          # 4 rules x seed 0, 10 epochs: under 2 minutes on CPU
+    python examples/vit_rules.py                          # 4 rules x seed 0, 10 epochs: under 2 minutes (below)
     python examples/vit_rules.py --seeds 0 1 2
     python examples/vit_rules.py --smoke                  # 256 training images, 1 epoch: CI
 
 On a CPU shared with other work, run it with OMP_NUM_THREADS=1: OpenMP threads spinning on busy cores slow
-these small steps about tenfold (5 epochs: 49 s with one thread, 13 minutes with two, on 2 cores shared by 4 jobs).
+these small steps about tenfold (5 epochs: 49 s with one thread, 13 minutes with two, on 2 cores shared by 4 jobs;
+the default 10 epochs: 102 s with one thread on 2 cores shared with other work).
 
 models.vit (28x28 images in 7x7 patches, 2 pre-LN blocks of width 64, 4 heads) on the embedded MNIST subset
 (4,000 training and 1,000 test images, standardised). Every run is set up and trained as models.compare does

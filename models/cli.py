@@ -11,12 +11,20 @@ field. `option` adds what the annotation cannot say (help text, choices, a check
 bool fields become --flag / --no-flag, tuples take several values, `T | None` fields default to None
 (their help says what None means), and a field without a default is a required flag (or a positional
 argument with option(positional=True)).
+
+Every such command line also takes `--import MODULE` (any number of times): the module is imported before the
+flags are read, so a feedback rule it registers (circuits.rules.register) is a choice of --rules:
+
+    python -m models.compare --import mymodule --rules bp partial     # mymodule.py in the current folder
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
+import os
+import sys
 import types
 import typing
 from typing import Any, Callable, Sequence, TypeVar
@@ -96,9 +104,34 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
             target.add_argument("--" + f.name.replace("_", "-"), dest=f.name, required=required, **kwargs)
 
 
+def import_modules(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> list[str]:
+    """Add `--import MODULE` to `parser` and import the modules the command line names, before its other flags are
+    read. The current folder is searched after the installed packages, so a user's own models.py shadows nothing."""
+    help = "import MODULE first (a module in the current folder or installed), e.g. one that registers a rule"
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help=help)
+    early = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    early.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    names = early.parse_known_args(argv)[0].imports
+    folder = os.getcwd()
+    if names and folder not in sys.path:
+        sys.path.append(folder)
+    for name in names:
+        if name.endswith(".py"):
+            parser.error(f"--import {name}: give the module's name ({name[:-3]}), not its file")
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise               # the module was found, and something it imports is missing: its own error
+            parser.error(f"--import {name}: no module {name!r} in {folder} or among the installed packages")
+    return names
+
+
 def parse(config: type[C], argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> tuple[C, argparse.Namespace]:
-    """The command line into an instance of the dataclass `config` (its fields added to `parser` first), and
-    the namespace, which also holds any arguments the caller added to `parser` beyond the fields."""
+    """The command line into an instance of the dataclass `config` (its fields added to `parser` first, after the
+    modules of `--import` are imported: import_modules), and the namespace, which also holds any arguments the caller
+    added to `parser` beyond the fields."""
+    import_modules(parser, argv)
     add_options(parser, config)
     args = parser.parse_args(argv)
     hints = typing.get_type_hints(config)

@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import circuits
+from analysis import report
+from analysis.stats import ALIGNED_DEGREES
 from circuits import rules
 from circuits.recording.alignment import angle
 from circuits.recording.recorder import Recorder
@@ -52,8 +54,6 @@ PAPER_MNIST = {"bp": (98.50, None), "fa": (97.80, "~40"), "kp": (98.45, "19.7 ->
 """The authors' MNIST results (full MNIST, 784-500-10 sigmoid MLP, 400 epochs; Akrout et al. 2019 and
 makrout/Deep-Learning-without-Weight-Transport): test accuracy (%) and angle(B, W) of the last layer
 in degrees. Sign symmetry and DFA were not in that code."""
-ALIGNED_DEGREES = 10.0
-"""The claim checked: WM and KP end below this angle(B, W) in every projection."""
 ACCURACY_POINTS = 1.5
 """The claim checked: WM and KP test accuracy within this many points of BP."""
 
@@ -63,7 +63,7 @@ class CompareConfig:
     """One comparison: which circuit, rules, seeds, and how each run trains."""
 
     model: str = option("mlp", "mlp: the authors' 784-500-10 sigmoid MLP", choices=MODELS)
-    rules: tuple[str, ...] = option(RULES, "any registered feedback rule (circuits.rules.RULES)",
+    rules: tuple[str, ...] = option(RULES, "any registered feedback rule (circuits.rules.RULES; your own: --import)",
                                     choices=lambda: list(rules.RULES))
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = option(20, type=POSITIVE_INT)
@@ -289,8 +289,6 @@ def train_all(paths: dict[tuple[str, int], Path | None], train_one: Callable[[st
 def write_report(paths: dict[tuple[str, int], Path], rule_names: Sequence[str], seed: int, out: Path,
                  progress: bool = True) -> None:
     """`python -m analysis report` of one seed's runs, into out/report."""
-    from analysis import report
-
     report([str(paths[r, seed]) for r in rule_names], out / "report", threshold=ALIGNED_DEGREES, progress=progress)
     print(f"report of seed {seed}'s runs: {out / 'report' / 'summary.md'}")
 
@@ -317,19 +315,19 @@ def run(config: CompareConfig, command: str = "python -m models.compare") -> dic
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m models.compare") -> int:
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Train one circuit under every feedback rule on the embedded MNIST "
                                             "subset; record each run; compare accuracy and angle(B, W).")
     p.add_argument("--smoke", action="store_true", help="a reduced run for CI: seed 0, 1 epoch on 256 training images")
     config, args = parse(CompareConfig, argv, p)
     if args.smoke:
         config.reduce_to_smoke()
-    command = "python -m models.compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run(config, command.strip())
-    except (FileExistsError, ValueError) as e:
-        print(f"python -m models.compare: {e}", file=sys.stderr)
+    except (FileExistsError, ImportError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0
 

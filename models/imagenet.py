@@ -142,9 +142,9 @@ class Recipe:
         return {"arch": self.arch, "rule": self.rule, "image_size": self.image_size}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Recipe:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m models.imagenet") -> Recipe:
     """The command line into a Recipe (flags are the field names with dashes)."""
-    p = argparse.ArgumentParser(prog="python -m models.imagenet", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     return parse(Recipe, argv, p)[0]
 
@@ -507,12 +507,12 @@ def build_trainer(recipe: Recipe, worker: Worker
     return trainer, train, val
 
 
-def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m models.imagenet") -> ImageNetTrainer:
     """Train as the command line says; returns the trainer (its net holds the final W and B)."""
     worker = start_processes()
     lock = None
     try:
-        recipe = resolve(parse_args(argv), worker)
+        recipe = resolve(parse_args(argv, prog), worker)
         lock = lock_run(recipe, worker)
         trainer, train, val = build_trainer(recipe, worker)
         if worker.main:
@@ -530,8 +530,15 @@ def main(argv: Sequence[str] | None = None) -> ImageNetTrainer:
             dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def command(argv: Sequence[str] | None = None, prog: str = "python -m models.imagenet") -> int:
+    """main() as a command: 0 when training ends, 1 with the error on stderr when a run cannot go on."""
     try:
-        main()
+        main(argv, prog)
     except (circuits.CircuitError, DatasetError, DivergenceError, RecordingError, OSError) as e:
-        sys.exit(f"error: {e}")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(command())

@@ -423,8 +423,8 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.reproduce",
+def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reproduce") -> int:
+    p = argparse.ArgumentParser(prog=prog,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
                                             "recorded, tabled beside the authors' numbers.")
@@ -434,16 +434,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
                if f.metadata.get("group") == PAPER_ONLY and getattr(config, f.name) != getattr(d, f.name)]
     if config.settings == "released" and changed:
-        print(f"python -m models.reproduce: {', '.join(changed)} set(s) --settings paper only; --settings released "
+        print(f"{prog}: {', '.join(changed)} set(s) --settings paper only; --settings released "
               f"takes the authors' values", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
         run(config, command.strip())
     except (FileExistsError, FileNotFoundError, ImportError, ValueError, circuits.CircuitError) as e:
-        print(f"python -m models.reproduce: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -148,12 +148,23 @@ RULES: dict[str, type[FeedbackRule]] = {}
 """The registered rules by short name."""
 
 
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def register(cls: R) -> R:
-    """Register a FeedbackRule subclass under its short_name (a class decorator)."""
+    """Register a FeedbackRule subclass under its short_name (a class decorator).
+
+    Registering a class again is harmless, and so is registering its redefinition (the same module and
+    qualified name: a notebook cell or a module run twice), which replaces it. Another class under a
+    name already taken is a CircuitError.
+    """
     if not (isinstance(cls, type) and issubclass(cls, FeedbackRule)) or not cls.short_name:
         raise CircuitError(f"register takes a FeedbackRule subclass with a short_name, got {cls!r}")
-    if cls.short_name in RULES and RULES[cls.short_name] is not cls:
-        raise CircuitError(f"a rule named {cls.short_name!r} is registered already ({RULES[cls.short_name].__name__})")
+    taken = RULES.get(cls.short_name)
+    if taken is not None and _where(taken) != _where(cls):
+        raise CircuitError(f"a rule named {cls.short_name!r} is registered already ({_where(taken)}); "
+                           f"{_where(cls)} needs another short_name")
     RULES[cls.short_name] = cls
     return cls
 
