@@ -369,7 +369,8 @@ def _logged(rule: str, epochs: int) -> str:
 
 
 def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, dict]:
-    """Every (rule, seed) run, then results.json, results.md and the report; returns the summary."""
+    """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
+    returns the summary."""
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; datasets: {', '.join(DATASETS)}")
     if config.settings not in SETTINGS:
