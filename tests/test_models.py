@@ -277,6 +277,11 @@ def test_an_interrupted_job_keeps_its_done_runs_and_a_rerun_trains_only_the_rest
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["bp-seed0.h5", "bp-seed0.json", "fa-seed0.h5",
                                                                  "fa-seed0.json"]
     assert "Incomplete" not in (out / "results.md").read_text()
+    (out / "runs" / "other.h5").write_bytes(b"")
+    assert compare.main(argv) == 2 and trained == ["fa"]
+    assert "holds recordings without a result (other.h5, ...)" in capsys.readouterr().err
+    assert compare.main(argv + ["--overwrite"]) == 0 and trained == ["fa", "bp", "fa"]
+    assert not (out / "runs" / "other.h5").exists()
 
 
 def test_a_diverged_run_is_tabled_with_its_step_and_last_finite_numbers(tmp_path, monkeypatch):
