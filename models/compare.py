@@ -62,8 +62,8 @@ ACCURACY_POINTS = 1.5
 """The claim checked: WM and KP test accuracy within this many points of BP."""
 MLP_THREADS = 1
 """torch's CPU threads for the MLP by default: its matrix products (batch 64 x 784 x 500) are too small to gain
-from more, and on a busy machine each extra thread waits for a core (models.compare took 34 minutes with
-torch's default threads on a loaded 2-core machine, 39 s per seed with one)."""
+from more, and on a busy machine each extra thread waits for a core. On a 2-core machine under a load average of
+about 9, `--seeds 0 --epochs 2 --no-report` took 45-64 s with one thread and 333 s with two (torch's default)."""
 BOOKKEEPING = ("rules", "seeds", "out", "overwrite", "report", "progress")
 """The configuration fields that do not change how a run trains: runs made with the other fields equal share
 a folder (models.runs.RunFolder)."""
