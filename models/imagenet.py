@@ -93,8 +93,8 @@ class Recipe:
                                            type=COUNT, empty=True)
     warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
                                                "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
-    image_size: int = option(224, "training and evaluation crop, at least the ResNets' total stride of 32",
-                             type=within(32, kind=int))
+    image_size: int = option(224, "training and evaluation crop (at least 8: the CIFAR ResNets halve it twice)",
+                             type=within(8, kind=int))
     decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
     workers: int | None = option(None, "DataLoader workers per process (None: this process's share of the CPUs)",
                                  type=COUNT)

@@ -319,7 +319,7 @@ def test_a_diverged_run_is_tabled_with_its_step_and_last_finite_numbers(tmp_path
     (reproduce.main, ["mnist", "--kp-lambda", "1"], "argument --kp-lambda: '1' is not a number in [0, 1)"),
     (imagenet.parse_args, ["--data", "x", "--momentum", "5"], "argument --momentum: '5' is not a number in [0, 1)"),
     (imagenet.parse_args, ["--data", "x", "--image-size", "1"],
-     "argument --image-size: '1' is not an integer of at least 32"),
+     "argument --image-size: '1' is not an integer of at least 8"),
 ])
 def test_out_of_range_options_are_argparse_errors_and_leave_no_folder(parse, argv, message, tmp_path, capsys):
     out = tmp_path / "out"
