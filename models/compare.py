@@ -1,6 +1,6 @@
 """The main job: one circuit trained under every feedback rule on the embedded MNIST subset, on CPU.
 
-    python -m models.compare                        # BP, FA, DFA, SS, KP, WM x seeds 0 1 2, a few minutes
+    python -m models.compare                        # BP, FA, DFA, SS, KP, WM x seeds 0 1 2: 300 s of one core
     python -m models.compare --rules bp ia sa       # any registered rule
     python -m models.compare --smoke               # the reduced run CI makes
 
