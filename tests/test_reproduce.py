@@ -267,8 +267,11 @@ def test_one_epoch_on_a_2000_image_slice_runs_end_to_end(settings, mnist_slice, 
     assert all((out / "runs" / f"{rule}-seed1111.h5").is_file() for rule in reproduce.RULES)
     assert (out / "report" / "summary.md").is_file() == (settings == "released")
     assert "test accuracy" in capsys.readouterr().out
-    assert reproduce.main(argv) == 2                                       # never overwrites
-    assert "--overwrite" in capsys.readouterr().err
+    assert reproduce.main(argv + ["--no-report"]) == 0                    # the runs done are kept, not redone
+    assert "6 of 6 runs already done" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+    assert reproduce.main(argv + ["--epochs", "2"]) == 2                   # never overwrites
+    assert "other settings (bp-seed1111.json: epochs 1 there, 2 here" in capsys.readouterr().err
 
 
 def test_paper_only_options_are_refused_under_released(tmp_path, capsys):

@@ -1,0 +1,191 @@
+"""A job's folder of runs (models.compare, models.reproduce): each run's result kept as soon as it finishes.
+
+    OUT/runs/<rule>-seed<seed>.partial.h5    the recording of a run in progress (or of one that was stopped)
+    OUT/runs/<rule>-seed<seed>.h5            its recording once the run has finished (or diverged)
+    OUT/runs/<rule>-seed<seed>.json          its result, the job's settings and command: the run is done
+
+A run is done when its .json exists. Running a job again into the same folder with the same settings skips
+the done runs and trains the others again from the start (a .partial.h5 is deleted first); with other
+settings it is refused, and nothing is ever overwritten without `overwrite` (which deletes every file
+named above, results.json, results.md and report/ first). Runs of other rules or seeds made with the same
+settings stay and join the job's results (a merge).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from circuits import rules
+
+from .data import write_whole
+
+Run = tuple[str, int]
+"""(rule, seed)."""
+OUTPUTS = ("results.json", "results.md", "report")
+"""What a job writes into its folder beside runs/ (deleted by `overwrite`, rewritten after every run)."""
+
+
+@dataclass
+class RunResult:
+    """One trained run: test accuracy (%), angle(B, W) per projection (degrees) before, after each epoch, at the end.
+
+    A run that diverged (circuits.DivergenceError) has `diverged_step`, the first learning step whose loss was
+    non-finite (or the step by which a parameter was), and its last finite numbers: `top1` and `final_angles`
+    after its last whole epoch (`len(history)`; top1 None and the initial angles if it never finished one)."""
+
+    rule: str
+    seed: int
+    top1: float | None
+    initial_angles: dict[str, float | None]
+    final_angles: dict[str, float | None]
+    seconds: float
+    recording: str | None
+    history: list[float] = field(default_factory=list)   # test accuracy (%) after each epoch
+    epoch_angles: list[dict[str, float | None]] = field(default_factory=list)   # angle(B, W) after each epoch
+    diverged_step: int | None = None
+
+    def describe(self) -> str:
+        """One line: the accuracy and final angles, or where it diverged and its last finite numbers."""
+        numbers = ", ".join(f"{p} {a:.1f}°" if a is not None else f"{p} –" for p, a in self.final_angles.items())
+        if self.diverged_step is None:
+            return f"test accuracy {self.top1:.2f}%, angle(B, W) {numbers} ({self.seconds:.0f} s)"
+        last = (f"after epoch {len(self.history)}: test accuracy {self.top1:.2f}%" if self.top1 is not None
+                else "before training:")
+        return f"DIVERGED at learning step {self.diverged_step}; its last finite numbers, {last}, angle(B, W) {numbers}"
+
+
+def diverged_rows(results: Sequence[RunResult], projections: Sequence[str], columns: int) -> list[str]:
+    """Table rows of `columns` cells for the diverged runs: rule and seed, the step, the last finite accuracy and
+    angles (after which epoch), '–' in the cells after the angles."""
+    rows = []
+    for r in results:
+        if r.diverged_step is None:
+            continue
+        when = f"epoch {len(r.history)}" if r.top1 is not None else "start"
+        accuracy = f"{r.top1:.2f} (epoch {len(r.history)})" if r.top1 is not None else "– (no epoch finished)"
+        angles = [f"{r.final_angles[p]:.2f} ({when})" if r.final_angles.get(p) is not None else "–"
+                  for p in projections]
+        cells = [f"{r.rule.upper()} seed {r.seed}: **diverged at learning step {r.diverged_step}**", accuracy, *angles]
+        rows.append("| " + " | ".join(cells + ["–"] * (columns - len(cells))) + " |")
+    return rows
+
+
+def pending_note(pending: Sequence[Run], planned: int, command: str) -> str:
+    """The first line of a table written while runs of the job are still to come, or '' when none are."""
+    if not pending:
+        return ""
+    names = ", ".join(f"{rule}-seed{seed}" for rule, seed in pending)
+    return (f"**Incomplete: {planned - len(pending)} of {planned} runs of this job are done; not yet: {names}. "
+            f"Run `{command}` again to finish them.**\n\n")
+
+
+def shared_settings(config: Any, bookkeeping: Sequence[str]) -> dict[str, Any]:
+    """A job's configuration (a dataclass) but for the fields named in `bookkeeping` (rules, seeds, folders, ...):
+    what every run in one folder shares."""
+    return {k: v for k, v in asdict(config).items() if k not in bookkeeping}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set to `threads` inside the block, as they were after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _order(run: Run) -> tuple[int, str, int]:
+    names = list(rules.RULES)
+    return names.index(run[0]) if run[0] in names else len(names), run[0], run[1]
+
+
+class RunFolder:
+    """The runs in `out`/runs made with `settings` (a job's configuration but for its rules, seeds and
+    bookkeeping): read when opened, refused if made with other settings, or all deleted with `overwrite`."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], *, overwrite: bool = False) -> None:
+        self.out, self.runs = out, out / "runs"
+        self.settings = json.loads(json.dumps(settings))       # as read back from a file: tuples are lists
+        if overwrite:
+            self._delete()
+        self.done: dict[Run, RunResult] = {}
+        self._commands: dict[Run, str] = {}
+        foreign = []
+        for path in sorted(self.runs.glob("*.h5")) if self.runs.is_dir() else []:
+            if not path.name.endswith(".partial.h5") and not path.with_suffix(".json").is_file():
+                foreign.append(path.name)
+        if foreign:
+            raise FileExistsError(f"{self.runs} holds recordings without a result ({foreign[0]}, ...): not runs of "
+                                  f"this job; pass --overwrite to delete them, or --out to write elsewhere")
+        for path in sorted(self.runs.glob("*.json")) if self.runs.is_dir() else []:
+            kept = json.loads(path.read_text())
+            if kept["settings"] != self.settings:
+                changed = [f"{k} {kept['settings'].get(k)!r} there, {v!r} here"
+                           for k, v in self.settings.items() if kept["settings"].get(k) != v]
+                raise FileExistsError(f"{out} holds runs made with other settings ({path.name}: {'; '.join(changed)})"
+                                      f": pass --overwrite to replace them, or --out to write elsewhere")
+            result = RunResult(**kept["result"])
+            self.done[result.rule, result.seed], self._commands[result.rule, result.seed] = result, kept["command"]
+
+    def recording(self, rule: str, seed: int) -> Path:
+        return self.runs / f"{rule}-seed{seed}.h5"
+
+    def pending(self, plan: Sequence[Run]) -> list[Run]:
+        """The runs of `plan` not done yet."""
+        return [run for run in plan if run not in self.done]
+
+    def results(self) -> list[RunResult]:
+        """Every done run in the folder (this job's and earlier jobs' with the same settings), by rule and seed."""
+        return [self.done[run] for run in sorted(self.done, key=_order)]
+
+    def commands(self) -> list[str]:
+        """The commands that made the done runs, each once, in the order of results()."""
+        return list(dict.fromkeys(self._commands[r.rule, r.seed] for r in self.results()))
+
+    def train(self, plan: Sequence[Run], train_one: Callable[[str, int, Path], RunResult], command: str,
+              progress: bool = True) -> Iterator[RunResult]:
+        """train_one(rule, seed, recording) for every run of `plan` not done yet, each result kept (and yielded,
+        and printed) as soon as its run ends; a run stopped before its end (an error, Ctrl-C) leaves only its
+        .partial.h5, trained again from the start next time."""
+        skipped = len(plan) - len(self.pending(plan))
+        if skipped:
+            tqdm.write(f"{skipped} of {len(plan)} runs already done in {self.runs}: kept, not trained again",
+                       file=sys.stdout)
+        bar = tqdm(self.pending(plan), desc="runs", disable=not progress)
+        for rule, seed in bar:
+            bar.set_postfix(rule=rule, seed=seed)
+            final = self.recording(rule, seed)
+            partial = final.with_suffix(".partial.h5")
+            partial.unlink(missing_ok=True)
+            self.runs.mkdir(parents=True, exist_ok=True)
+            result = train_one(rule, seed, partial)
+            os.replace(partial, final)
+            result.recording = str(final)
+            text = json.dumps({"settings": self.settings, "command": command, "result": asdict(result)})
+            write_whole(final.with_suffix(".json"), lambda out: out.write(text.encode()))
+            self.done[rule, seed], self._commands[rule, seed] = result, command
+            tqdm.write(f"{rule:>2} seed {seed}: {result.describe()}", file=sys.stdout)
+            yield result
+
+    def _delete(self) -> None:
+        for pattern in ("*.h5", "*.json"):
+            for path in self.runs.glob(pattern) if self.runs.is_dir() else []:
+                path.unlink()
+        for name in OUTPUTS:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
