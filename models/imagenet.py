@@ -60,8 +60,8 @@ from tqdm.auto import tqdm
 import circuits
 from circuits import rules
 from circuits.phases.divergence import DivergenceError
+from circuits.phases.progress import rng_state, set_rng_state
 from circuits.phases.schedule import Schedule
-from circuits.phases.trainer import rng_state, set_rng_state
 from circuits.recording import RecordingError, WriterLock
 from circuits.recording.recorder import Recorder
 

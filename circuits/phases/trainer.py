@@ -17,7 +17,6 @@ its forward pass changed are restored.
 """
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import itertools
 import warnings
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CircuitError
 from ..graph.network import unwrap
+from .checks import check_loader, check_optimizer, check_state, length
 from .divergence import NONE, DivergenceError, all_finite, data_message, diagnose, first_nonfinite_example, message
 from .mirror import mirrored
 from .mirror_stream import MirrorStream, check_beside
@@ -87,7 +87,7 @@ class Trainer:
                  recorder: Any = None, config: TrainerConfig | None = None,
                  hooks: Iterable[Callable[[Trainer], None]] = ()) -> None:
         self.net, self.circuit_net = net, unwrap(net)
-        _check_optimizer(optimizer, self.circuit_net, loss_fn)
+        check_optimizer(optimizer, self.circuit_net, loss_fn)
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
         self.schedule = schedule if schedule is not None else Schedule(Repeat(Learn(1)))
         self.schedule.check(self.circuit_net)
@@ -249,7 +249,7 @@ class Trainer:
             )
         for name, loader in (("train_loader", train_loader), ("val_loader", val_loader)):
             if loader is not None:
-                _check_loader(name, loader)
+                check_loader(name, loader)
         if self.recorder is not None:
             if val_loader is not None and hasattr(self.recorder, "check_metrics"):
                 self.recorder.check_metrics(METRICS)      # before the first step, not after the first epoch
@@ -286,7 +286,7 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(progress.epoch)
         batches = itertools.islice(iter(train_loader), progress.batch_in_epoch, None)     # a resumed epoch goes on
-        bar = tqdm(total=_length(train_loader), initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
+        bar = tqdm(total=length(train_loader), initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
                    disable=not self.config.progress or _rank() != 0, leave=False)
         for event in self.schedule.events(progress.position):
             if isinstance(event, Mirror):
@@ -394,7 +394,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run `state` came from. Everything is checked before anything is loaded: a state
         of another net or optimizer raises a CircuitError and leaves this trainer as it was."""
-        self._check_state(state)
+        check_state(state, self.circuit_net, self.optimizer)
         self.join_mirror()          # no mirror batch launched before may write B after the load
         if self.recorder is not None and "recorder" in state:
             self.recorder.load_state_dict(state["recorder"])
@@ -406,53 +406,6 @@ class Trainer:
         if self.lr_scheduler is not None and "lr_scheduler" in state:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
-    def _check_state(self, state: Any) -> None:
-        """A CircuitError naming every way `state` does not fit this trainer's net and optimizer."""
-        keys = ("net", "optimizer", "scaler", "progress", "rng")
-        if not isinstance(state, dict) or any(k not in state for k in keys):
-            found = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise CircuitError(f"not a Trainer state: it needs the entries {list(keys)}, found {found}")
-        ours = self.circuit_net.state_dict()
-        theirs = state["net"]
-        problems = [f"missing {sorted(set(ours) - set(theirs))}"] if set(ours) - set(theirs) else []
-        problems += [f"unexpected {sorted(set(theirs) - set(ours))}"] if set(theirs) - set(ours) else []
-        problems += [f"{k}: shape {tuple(theirs[k].shape)} in the state, {tuple(v.shape)} in the net"
-                     for k, v in ours.items() if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
-        groups = [len(g["params"]) for g in state["optimizer"].get("param_groups", [])]
-        if groups != [len(g["params"]) for g in self.optimizer.param_groups]:
-            problems.append(f"the optimizer's parameter groups hold {groups} parameters in the state, "
-                            f"{[len(g['params']) for g in self.optimizer.param_groups]} here")
-        if problems:
-            raise CircuitError("this state was saved from another net or optimizer; nothing was loaded: "
-                               + "; ".join(problems))
-
-
-def _check_optimizer(optimizer: torch.optim.Optimizer, net: nn.Module, loss_fn: Callable) -> None:
-    """A CircuitError if the optimizer steps parameters that are neither the net's nor the loss's own: those of
-    another net (or of a copy of this one) would train nothing here, silently."""
-    ours = {id(p) for p in net.parameters()}
-    if isinstance(loss_fn, nn.Module):
-        ours |= {id(p) for p in loss_fn.parameters()}
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = [p for p in held if id(p) not in ours]
-    if foreign:
-        raise CircuitError(
-            f"{len(foreign)} of the {len(held)} parameters the optimizer steps are not parameters of this net "
-            f"({type(net).__name__}) or of the loss: it was built for another net, or for a copy of this one, "
-            f"and would train nothing here; build it from this net's parameters(), after any copy"
-        )
-
-
-def _check_loader(name: str, loader: Any) -> None:
-    """A loader fit() can go through once per epoch: re-iterable, and not empty when it knows its length."""
-    if isinstance(loader, collections.abc.Iterator):
-        raise CircuitError(f"{name} is an iterator ({type(loader).__name__}): it would be empty after its first "
-                           f"pass; pass something iterable afresh each epoch (a DataLoader, a list of batches)")
-    if not isinstance(loader, collections.abc.Iterable) and not hasattr(loader, "__getitem__"):
-        raise CircuitError(f"{name} ({type(loader).__name__}) is not iterable: pass a DataLoader or a list of batches")
-    if _length(loader) == 0:
-        raise CircuitError(f"{name} is empty: it has no batches")
-
 
 def _class_labels(out: Tensor, target: Tensor) -> Tensor | None:
     """The class index of each example if `target` names classes (indices, or labels shaped like `out`)."""
@@ -463,10 +416,3 @@ def _class_labels(out: Tensor, target: Tensor) -> Tensor | None:
     if target.shape == out.shape and target.is_floating_point():
         return target.argmax(1)
     return None
-
-
-def _length(loader: Iterable) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
