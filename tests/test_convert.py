@@ -442,7 +442,8 @@ class Bad(nn.Module):
     ("batch", r"node 'mul' .* is 4 on 2 examples and 6 on 3: only the batch size itself may follow the batch"),
     ("axis", r"node 'transpose' .* a population keeps the batch as its first axis"),
     ("data", r"cannot be traced by torch.fx"),
-    ("shared", r"parameter 'w': it is read more than once; shared parameters cannot be converted")])
+    ("shared", r"parameter 'w' is read by 2 calls \(mul, mul_1\): shared weights. A circuit gives each projection its "
+               r"own W and B")])
 def test_what_cannot_convert_is_a_clear_error_naming_the_node(how, message):
     with pytest.raises(circuits.CircuitError, match=message):
         circuits.from_torch(Bad(how), input_shape=(4,))

@@ -23,6 +23,8 @@ SUMS = (operator.add, torch.add, operator.iadd)
 SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv2d"}
 """Functions that become a synaptic projection (with a B) when their weight is a module's own parameter."""
 GUIDE = "docs/conversion.md"
+_SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
+"""Methods that read only the shape or dtype of their second argument."""
 
 
 def is_shape_read(node: fx.Node) -> bool:
@@ -58,10 +60,11 @@ def has_state(layer: nn.Module) -> bool:
 
 
 def data_nodes(traced: fx.GraphModule) -> set[fx.Node]:
-    """The nodes that depend on the data: reached from an input other than through shape reads."""
+    """The nodes that depend on the data: reached from an input (a placeholder not fixed at its default) other than
+    through shape reads."""
     found: set[fx.Node] = set()
     for node in traced.graph.nodes:
-        if node.op == "placeholder" or (not is_shape_read(node) and node.op != "output"
+        if (node.op == "placeholder" and not node.args) or (not is_shape_read(node) and node.op != "output"
                                         and any(a in found for a in node.all_input_nodes)):
             found.add(node)
     return found
@@ -73,7 +76,8 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
     calls: dict[str, int] = {}
     for node in traced.graph.nodes:
         if node.op == "get_attr" and isinstance(_attribute(traced, node.target), nn.Parameter):
-            users = [u for u in node.users if not is_shape_read(u)]
+            users = [u for u in node.users if not is_shape_read(u) and not (
+                u.target in _SHAPE_OF_SECOND and len(u.args) > 1 and u.args[1] is node)]
             if len(users) > 1:
                 raise CircuitError(f"{name}: parameter {node.target!r} is read by {len(users)} calls "
                                    f"({', '.join(u.name for u in users)}): shared weights. {_SHARED}")

@@ -65,7 +65,8 @@ class _Run(fx.Interpreter):
             if kind is None:
                 raise CircuitError(f"node {n.name!r} ({n.format_node()}) reads a value out of a population's activity; "
                                    f"a circuit cannot convert what depends on the data itself")
-        elif LEARNED in kinds and (isinstance(out, Tensor) or _holds_tensor(out)):
+        elif (LEARNED in kinds or n.op == "call_module" and any(True for _ in self.module.get_submodule(
+                n.target).parameters())) and (isinstance(out, Tensor) or _holds_tensor(out)):
             kind = LEARNED
         else:
             kind = CONSTANT if isinstance(out, Tensor) else VALUE
@@ -284,6 +285,10 @@ class _Walk:
             held[arg.name] = a
             learned.append(arg.name)
             return Held(arg.name)
+        if arg.op == "call_module":
+            raise CircuitError(f"layer {arg.target!r} ({arg.format_node()}) computes from parameters and constants "
+                               f"alone (not from the data), for node {node.name!r}: its synapses would have no "
+                               f"population to learn from; convert with circuits.in_place (see {GUIDE})")
         op = op_name(arg.target) if arg.op in ("call_function", "call_method") else None
         if op is None:
             raise CircuitError(f"node {arg.name!r} ({arg.format_node()}) computes a value from parameters with a "
