@@ -574,3 +574,35 @@ def test_operations_that_move_the_batch_axis_and_a_class_token_read_twice_conver
     net = _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-13, input_shape=(5, 8))
     assert sorted(name for name, _ in net.projections()) == ["proj", "qkv"]
     assert all(p.shape[0] != 3 for p in net.circuit.populations())      # (3, batch, ...) made no population
+
+
+class Outputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"hidden": h, "heads": (self.b(h), [x, torch.tanh(h)])}
+
+
+def test_several_outputs_convert_in_the_structure_torch_returns():
+    module = _float64(Outputs())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, ref = circuits.from_torch(module, input_shape=(4,)).build()(x), module(x)
+    assert list(out) == ["hidden", "heads"] and type(out["heads"]) is tuple and type(out["heads"][1]) is list
+    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(out),
+                                                 torch.utils._pytree.tree_leaves(ref), strict=True))
+
+
+def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
+    """GoogLeNet's auxiliary heads: refused in eval mode (it says why), converted in train mode as its named tuple."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.googlenet(num_classes=10, init_weights=False).double().eval()
+    with pytest.raises(circuits.CircuitError, match=r"GoogLeNet computes more in train mode than in eval mode "
+                                                    r"\(.*aux1_conv_bn.*Call module.train\(\) before from_torch"):
+        circuits.from_torch(module, input_shape=(3, 32, 32))
+    net = circuits.from_torch(module.train(), input_shape=(3, 32, 32)).build()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out, ref = net.eval()(x), module.eval()(x)
+    assert type(out).__name__ == "GoogLeNetOutputs" and torch.equal(out.logits, ref)

@@ -7,7 +7,7 @@ x.dim(), x.dtype): such a node becomes a population, so its call must be one the
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -98,9 +98,40 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
                                f"circuits.in_place, which keeps the module's own forward (see {GUIDE})")
 
 
+def refuse_dropped_branches(module: nn.Module, traced: fx.GraphModule, retrace: Callable[[], fx.GraphModule]) -> None:
+    """A module converted in eval mode whose train-mode graph computes more from the data (GoogLeNet's and
+    Inception-v3's auxiliary heads): a CircuitError saying so, as the circuit computes one graph in both modes.
+    `retrace`: the module's graph, traced now (in train mode)."""
+    if module.training:
+        return
+    modes = {m: m.training for m in module.modules()}
+    module.train()
+    try:
+        trained = retrace()
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    calls = {(n.op, str(n.target)) for n in data_nodes(traced)}
+    dropped = sorted({n.name for n in data_nodes(trained) if (n.op, str(n.target)) not in calls})
+    if dropped:
+        names = ", ".join(dropped[:6]) + (", ..." if len(dropped) > 6 else "")
+        raise CircuitError(f"{type(module).__name__} computes more in train mode than in eval mode ({names}), and "
+                           f"a circuit computes one graph in both modes: "
+                           f"converted in eval mode it would drop those branches. Call module.train() before "
+                           f"from_torch (the circuit then returns them in both modes), or build the model without "
+                           f"them (e.g. aux_logits=False) (see {GUIDE})")
+
+
+def is_named_tuple(target: Any) -> bool:
+    """Whether a call target is a named tuple class (a module's several outputs: GoogLeNetOutputs)."""
+    return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
+
+
 def convertible_call(node: fx.Node) -> bool:
-    """Whether from_torch converts a call_function or call_method node on the data."""
-    return bool(node.target is operator.getitem or node.target in SUMS or node.target in SYNAPTIC_FUNCTIONS
+    """Whether from_torch converts a call_function or call_method node on the data (a named tuple of outputs
+    included)."""
+    return bool(node.target is operator.getitem or is_named_tuple(node.target) or node.target in SUMS
+                or node.target in SYNAPTIC_FUNCTIONS
                 or op_name(node.target) is not None or call_activation(node) is not None
                 or call_projection(node) is not None)
 

@@ -26,7 +26,8 @@ from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
 from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
-from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_shape_read, refuse_early, refuse_tied
+from . import checks
+from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple, is_shape_read
 from .layers import attention, call_activation, call_projection, module_activation, synaptic_call
 from .layers import projection as layer_projection
 from .tracing import evaluating, slow_attention, trace
@@ -76,6 +77,8 @@ class _Run(fx.Interpreter):
 
 
 def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, dict):
+        return _holds_tensor(list(value.values()))
     return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
 
 
@@ -154,9 +157,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     (Circuit.direct_feedback). input_shape: one example's input shape, by default (in_features,) from a
     first Linear layer. The circuit keeps the module's dtype and train/eval mode.
     """
-    refuse_tied(module)
+    checks.refuse_tied(module)
     traced = trace(module)
-    refuse_early(traced, type(module).__name__)
+    checks.refuse_early(traced, type(module).__name__)
+    checks.refuse_dropped_branches(module, traced, lambda: trace(module))
     input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, type(module).__name__)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
@@ -164,6 +168,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     circuit = Circuit(name or type(module).__name__, rule=rule)
     walk.build(circuit)
     circuit.dtype, circuit.training = example.get("dtype"), module.training
+    circuit.returns = walk.returns
     return walk.layer_rules.finish(circuit)
 
 
@@ -179,13 +184,14 @@ class _Walk:
         self.pop_of: dict[fx.Node, str] = {}
         self.used: set[str] = set()                 # layers and parameters already converted once
         self.called: set[str] = set()               # layers called so far
+        self.returns: Any = None                    # the output's population names, in torch's structure
         for node in traced.graph.nodes:
             self.visit(node)
 
     def visit(self, node: fx.Node) -> None:
         kind = self.found[node].kind
         if node.op == "output":
-            self.source(node, node.args[0])
+            self.returns = self.returned(node, node.args[0])
         elif kind == POPULATION and node.op == "placeholder":
             self.new_population(node, is_input=True)
         elif kind == POPULATION:
@@ -199,6 +205,27 @@ class _Walk:
                 raise CircuitError(f"layer {node.target!r} ({node.format_node()}) returns several tensors; it cannot "
                                    f"be converted into a circuit projection")
             self.attention(node)
+
+    def returned(self, node: fx.Node, arg: Any) -> Any:
+        """The module's output as population names in torch's structure (a tuple, list, named tuple or dict);
+        a population that also drives others is returned through a copy of its own (outputs are sinks)."""
+        if isinstance(arg, dict):
+            return {k: self.returned(node, v) for k, v in arg.items()}
+        if isinstance(arg, fx.Node) and is_named_tuple(arg.target):     # GoogLeNetOutputs(logits, aux2, aux1)
+            return arg.target(*(self.returned(node, a) for a in arg.args),
+                              **{k: self.returned(node, v) for k, v in arg.kwargs.items()})
+        if isinstance(arg, (tuple, list)):
+            items = [self.returned(node, a) for a in arg]
+            return type(arg)(*items) if hasattr(arg, "_fields") else tuple(items) if isinstance(arg, tuple) else items
+        pop = self.source(node, arg)
+        if any(pre == pop for pre, _, _, _ in self.edges) or self.pops[pop].get("input"):
+            copy = f"{pop}_returned"
+            if copy not in self.pops:
+                self.pops[copy] = dict(self.pops[pop], activation="identity", input=False, junction=None,
+                                       operands=None)
+                self.connect(pop, copy, P.Identity())
+            return copy
+        return pop
 
     def population(self, node: fx.Node) -> None:
         if node.op == "call_module":

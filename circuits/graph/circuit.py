@@ -12,7 +12,7 @@ graph carries `junction`, the operation as text.
 """
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 import networkx as nx
 import torch
@@ -44,6 +44,7 @@ class Circuit:
         self.graph = nx.DiGraph(name=name)
         self.dtype: torch.dtype | None = None    # the built net's parameters (None: torch's default)
         self.training = True                     # the built net's mode
+        self.returns: Any = None    # what the built net returns: output population names in a tuple, list or dict
 
     # --- populations -------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Population:

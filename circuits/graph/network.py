@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import networkx as nx
 from torch import Tensor, nn
@@ -141,6 +141,8 @@ class CircuitNet(nn.Module):
             for p in release:
                 del activity[p]
                 sensed.pop(p, None)
+        if self.circuit.returns is not None:
+            return _returned(self.circuit.returns, activity)
         if len(self.outputs) == 1:
             return activity[self.outputs[0]]
         return {name: activity[name] for name in self.outputs}
@@ -195,6 +197,16 @@ class CircuitNet(nn.Module):
         for name, p in self.named_parameters():
             if not name.endswith(".B"):
                 yield p
+
+
+def _returned(structure: Any, activity: dict[str, Tensor]) -> Any:
+    """The outputs in the circuit's structure (Circuit.returns): population names replaced by their activity."""
+    if isinstance(structure, str):
+        return activity[structure]
+    if isinstance(structure, dict):
+        return {k: _returned(v, activity) for k, v in structure.items()}
+    items = [_returned(v, activity) for v in structure]
+    return type(structure)(*items) if hasattr(structure, "_fields") else type(structure)(items)
 
 
 def unwrap(net: nn.Module) -> CircuitNet:
