@@ -606,3 +606,23 @@ def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out, ref = net.eval()(x), module.eval()(x)
     assert type(out).__name__ == "GoogLeNetOutputs" and torch.equal(out.logits, ref)
+
+
+@pytest.mark.parametrize("layers,shape", [
+    ((nn.Conv2d(2, 4, 3), nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten(), nn.Linear(576, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.Upsample(size=(5, 7)), nn.Flatten(), nn.Linear(140, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 8, 3), nn.PixelShuffle(2), nn.PixelUnshuffle(2), nn.AdaptiveMaxPool2d(2), nn.Flatten(),
+      nn.Linear(32, 2)), (2, 8, 8)),
+    ((nn.Linear(8, 8), nn.MaxPool1d(2), nn.AvgPool1d(2), nn.AdaptiveMaxPool1d(3), nn.AdaptiveAvgPool1d(2),
+      nn.Flatten(), nn.Linear(8, 2)), (4, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.ZeroPad2d(1),
+      nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 0.5), nn.ReplicationPad2d(1), nn.Flatten(),
+      nn.Linear(780, 2)), (2, 8, 8))])
+def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(layers, shape):
+    module = _float64(nn.Sequential(*layers)).eval()
+    _same_as_torch(module, torch.randn(3, *shape, dtype=torch.float64), 1e-13, input_shape=shape)
+
+
+def test_a_layer_without_a_projection_says_what_to_do():
+    with pytest.raises(circuits.CircuitError, match=r"layer .1. \(Conv1d\) has no circuit projection .*in_place"):
+        circuits.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 2, 3)), input_shape=(1, 4))

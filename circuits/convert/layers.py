@@ -140,7 +140,13 @@ def projection(module: nn.Module, name: str) -> P.Projection:
         return Operation("F.prelu", (Operand(0), Held("weight")), learned=("weight",), state=state)
     if isinstance(module, nn.RReLU):      # a random slope while learning, the mean slope in eval mode
         return Operation("F.rrelu", (Operand(0), module.lower, module.upper, WhileLearning(True, False)))
-    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+    functional = _functional(module)
+    if functional is not None:
+        return functional
+    raise CircuitError(f"layer {name!r} ({type(module).__name__}) has no circuit projection (synaptic: Linear, Conv2d, "
+                       f"Embedding, MultiheadAttention; Conv1d, Conv3d, ConvTranspose and recurrent layers have none "
+                       f"yet); convert the module with circuits.in_place, where it keeps backprop (see "
+                       f"docs/conversion.md)")
 
 
 def _symmetric(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
@@ -174,6 +180,45 @@ def synaptic_call(function: str, state: dict[str, Tensor], settings: dict[str, A
     if function == "F.conv2d":
         return P.Conv2d(kernel, stride, padding, dilation, settings.get("groups", 1), "bias" in state, state=state)
     raise CircuitError(f"{where}: {function} with a module's weight does not convert yet (see docs/conversion.md)")
+
+
+_PADS = {nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._ReflectionPadNd: "reflect",
+         nn.modules.padding._ReplicationPadNd: "replicate", nn.modules.padding._CircularPadNd: "circular"}
+
+
+def _functional(module: nn.Module) -> Operation | None:
+    """A layer without synapses as the operation of the function its forward calls (None: not one of them):
+    resampling, pixel shuffles, 1-D and max pools, padding, instance norm (its affine parameters learn by their
+    gradient, its running statistics follow the net's mode)."""
+    x = Operand(0)
+    if isinstance(module, nn.Upsample):
+        return Operation("F.interpolate", (x, module.size, module.scale_factor, module.mode, module.align_corners),
+                         {"recompute_scale_factor": module.recompute_scale_factor})
+    if isinstance(module, nn.PixelShuffle):
+        return Operation("F.pixel_shuffle", (x, module.upscale_factor))
+    if isinstance(module, nn.PixelUnshuffle):
+        return Operation("F.pixel_unshuffle", (x, module.downscale_factor))
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and not module.return_indices:
+        return Operation(f"F.adaptive_max_pool{1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2}d",
+                         (x, module.output_size))
+    if isinstance(module, nn.AdaptiveAvgPool1d):
+        return Operation("F.adaptive_avg_pool1d", (x, module.output_size))
+    if isinstance(module, nn.MaxPool1d) and not module.return_indices:
+        return Operation("F.max_pool1d", (x, module.kernel_size, module.stride, module.padding, module.dilation),
+                         {"ceil_mode": module.ceil_mode})
+    if isinstance(module, nn.AvgPool1d):
+        return Operation("F.avg_pool1d", (x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                                          module.count_include_pad))
+    mode = next((m for kind, m in _PADS.items() if isinstance(module, kind)), None)
+    if mode is not None:
+        return Operation("F.pad", (x, tuple(module.padding), mode, getattr(module, "value", None)))
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items() if k != "num_batches_tracked"}
+        stats = WhileLearning(True, False) if module.track_running_stats else True     # batch statistics or running
+        held = [Held(k) if k in state else None for k in ("running_mean", "running_var", "weight", "bias")]
+        return Operation("F.instance_norm", (x, *held, stats, module.momentum or 0.0, module.eps),
+                         learned=tuple(k for k in ("weight", "bias") if k in state), state=state or None)
+    return None
 
 
 def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any]) -> tuple[P.Dense, Operation, P.Dense]:
