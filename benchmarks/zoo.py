@@ -66,6 +66,15 @@ class Row:
     seconds: float = 0.0
 
 
+def parameters(make: Callable[[], nn.Module]) -> int:
+    """The model's parameter count, built on the meta device (no memory) where its builder allows."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in make().parameters())
+    except NotImplementedError:      # a builder that computes with tensors (torchvision's RegNet widths)
+        return sum(p.numel() for p in make().parameters())
+
+
 def size_of(name: str) -> int:
     return next((size for prefix, size in sorted(SIZES.items(), key=lambda kv: -len(kv[0]))
                  if name.startswith(prefix)), DEFAULT_SIZE)
@@ -223,8 +232,7 @@ def main() -> None:
         start = time.time()
         with float64():
             make = builder(source, name, row.size)
-            with torch.device("meta"):
-                row.params = sum(p.numel() for p in make().parameters())
+            row.params = parameters(make)
             if row.params > args.max_params * 1e6:
                 row.status, row.detail = "skipped", f"over --max-params {args.max_params:g}M"
             else:
