@@ -108,6 +108,8 @@ def refuse_dropped_branches(module: nn.Module, traced: fx.GraphModule, retrace: 
     module.train()
     try:
         trained = retrace()
+    except CircuitError:        # not traceable in train mode: nothing to compare (in_place converts it)
+        return
     finally:
         for m, mode in modes.items():
             m.training = mode
