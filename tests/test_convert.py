@@ -626,3 +626,16 @@ def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(lay
 def test_a_layer_without_a_projection_says_what_to_do():
     with pytest.raises(circuits.CircuitError, match=r"layer .1. \(Conv1d\) has no circuit projection .*in_place"):
         circuits.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 2, 3)), input_shape=(1, 4))
+
+
+def test_same_padding_converts_in_place_too():
+    module = _float64(nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.Tanh(), nn.Conv2d(4, 3, (1, 5),
+                                                                                             padding="same")))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    expected = module(x)
+    net = circuits.in_place(module, x, "fa")
+    assert torch.equal(net(x), expected)
+    x_grad = x.clone().requires_grad_()
+    net(x_grad).sum().backward()          # B's transposed convolution pads as the forward did
+    assert x_grad.grad.shape == x.shape and torch.isfinite(x_grad.grad).all()
+    assert [s.operator.padding for _, s in net.projections()] == [(1, 1), (0, 2)]
