@@ -639,3 +639,27 @@ def test_same_padding_converts_in_place_too():
     net(x_grad).sum().backward()          # B's transposed convolution pads as the forward did
     assert x_grad.grad.shape == x.shape and torch.isfinite(x_grad.grad).all()
     assert [s.operator.padding for _, s in net.projections()] == [(1, 1), (0, 2)]
+
+
+class Unused(nn.Module):
+    """Res2Net's unused split piece and DLA's unused projection: computed by torch, read by nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(4, 6), nn.Linear(3, 2), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.unused(h)
+        first, _ = h.split(3, dim=1)
+        return self.b(torch.tanh(first))
+
+
+def test_what_the_output_does_not_depend_on_is_left_out_so_direct_feedback_has_one_output():
+    module = _float64(Unused())
+    net = circuits.from_torch(module, input_shape=(4,)).build()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(net(x), module(x))
+    assert sorted(name for name, _ in net.projections()) == ["a", "b"] and net.outputs == ["b"]
+    net = circuits.from_torch(module, rule="dfa", input_shape=(4,)).build()
+    assert [(p.source, p.target) for _, p in net.feedback_projections()] == [("b", "getitem")]

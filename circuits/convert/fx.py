@@ -206,6 +206,22 @@ class _Walk:
                                    f"be converted into a circuit projection")
             self.attention(node)
 
+    def used_populations(self) -> set[str]:
+        """The inputs and the populations that the returned ones depend on."""
+        inputs: dict[str, list[str]] = {}
+        for pre, post, _, _ in self.edges:
+            inputs.setdefault(post, []).append(pre)
+        for pop, d in self.pops.items():
+            inputs.setdefault(pop, []).extend(d.get("operands") or [])
+        used = {pop for pop, d in self.pops.items() if d.get("input")}
+        todo = list(torch.utils._pytree.tree_leaves(self.returns))
+        while todo:
+            pop = todo.pop()
+            if pop not in used:
+                used.add(pop)
+                todo.extend(inputs.get(pop, []))
+        return used
+
     def returned(self, node: fx.Node, arg: Any) -> Any:
         """The module's output as population names in torch's structure (a tuple, list, named tuple or dict);
         a population that also drives others is returned through a copy of its own (outputs are sinks)."""
@@ -432,8 +448,12 @@ class _Walk:
         self.edges.append((pre, post, projection, layer or f"{pre}->{post}"))
 
     def build(self, circuit: Circuit) -> None:
-        """The populations in graph order (a junction with its inputs), then the projections."""
+        """The populations in graph order (a junction with its inputs), then the projections; what the output does
+        not depend on (a split's unused piece, an unused branch) is left out."""
+        used = self.used_populations()
         for pop, d in self.pops.items():
+            if pop not in used:
+                continue
             if d.get("input"):
                 circuit.input(pop, d["shape"])
             elif d.get("junction") is not None:
@@ -444,5 +464,7 @@ class _Walk:
             else:
                 circuit.population(pop, d["shape"], d["activation"])
         for pre, post, projection, layer in self.edges:
+            if post not in used:
+                continue
             rule = self.layer_rules(layer) if projection.synaptic and projection.sends_error else None
             circuit.connect(pre, post, projection, rule=rule, name=layer)
