@@ -28,9 +28,9 @@ _SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
 
 
 def is_shape_read(node: fx.Node) -> bool:
-    """x.size(), x.dim(), x.shape, x.ndim, x.dtype: a plain value, not a population."""
+    """x.size(), x.dim(), x.shape, x.ndim, x.dtype, x.device: a plain value, not a population."""
     return (node.op, node.target) in SHAPE_READS and (node.target != getattr or node.args[1] in ("shape", "ndim",
-                                                                                                  "dtype"))
+                                                                                                  "dtype", "device"))
 
 
 def tied_parameters(module: nn.Module) -> list[list[str]]:

@@ -112,7 +112,7 @@ _TORCH = ("cat", "stack", "reshape", "permute", "transpose", "flatten", "split",
           "sub", "div", "neg", "unsqueeze", "squeeze", "narrow", "masked_fill", "where", "tril", "triu", "exp", "log",
           "sqrt", "rsqrt", "mean", "sum", "pow", "abs", "clamp", "erf", "movedim", "swapaxes", "einsum", "ones",
           "zeros", "full", "arange", "unflatten", "outer", "roll", "baddbmm", "amax", "amin", "maximum", "minimum",
-          "zeros_like", "ones_like", "flip", "unbind", "addcmul", "addcdiv", "lerp")
+          "zeros_like", "ones_like", "flip", "unbind", "addcmul", "addcdiv", "lerp", "square")
 _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as", "unsqueeze",
             "squeeze", "split", "chunk", "masked_fill", "mean", "sum", "pow", "sqrt", "exp", "mul",
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
