@@ -144,11 +144,11 @@ def compare(module: nn.Module, net: nn.Module, x: torch.Tensor) -> tuple[float, 
     weights = torch.randn_like(ref)
     (ref * weights).sum().backward()
     (out * weights).sum().backward()
-    grads = {k.replace(".", "_"): p.grad for k, p in net.named_parameters()}
+    grads = {k.replace(".", "_").lower(): p.grad for k, p in net.named_parameters()}   # fx's node names: lower case
     worst = _relative(x_net.grad, x_ref.grad)
     floor = 1e-12 * max(float(p.grad.norm()) for p in module.parameters() if p.grad is not None)
     for name, p in module.named_parameters():      # fc.weight is proj.fc.weight, an operation's proj.*.held_fc_weight
-        flat = name.replace(".", "_")
+        flat = name.replace(".", "_").lower()
         mine = [g for k, g in grads.items() if k == f"proj_{flat}" or k.endswith(f"_held_{flat}")]
         if p.grad is None:
             continue
