@@ -190,7 +190,7 @@ def in_place(row: Row, module: nn.Module, x: torch.Tensor) -> None:
 
 
 def _short(text: str) -> str:
-    text = re.sub(r"\(%[^)]*\)+", "", text.split("\n")[0])
+    text = re.sub(r" \(%.*?kwargs = \{.*?\}\)\)", "", text.split("\n")[0])     # fx's node text
     return text[:220] + ("..." if len(text) > 220 else "")
 
 
