@@ -7,9 +7,12 @@ the population they act on when nothing else reads its summed input. Any other c
 Operation (circuits.graph.operations) with torch's own function: a local projection when it reads one
 population (reshape, x / 4, x + a parameter), a junction when it reads several (a * b, q @ k, cat).
 
-The module is run twice, on batches of 2 and 3 examples: shapes, sizes and constants come from those
-runs (a value that follows the batch size becomes BATCH), so the converted net computes exactly what
-the module computes, for any batch size.
+What the graph alone shows cannot convert (tied or shared weights, a call no circuit part computes, a branch only
+train mode computes) is refused first (circuits.convert.checks). The module is then run twice, on batches of 2 and
+3 examples: shapes, sizes and constants come from those runs (a value that follows the batch size becomes BATCH),
+so the converted net computes exactly what the module computes, for any batch size. The built net returns the
+module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and leaves out what they do not
+depend on.
 """
 from __future__ import annotations
 
