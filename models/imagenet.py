@@ -38,6 +38,7 @@ and the last good one survives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -76,6 +77,34 @@ ARCHS: dict[str, Callable[..., circuits.Circuit]] = {
     # He et al.'s CIFAR ResNets (3x3 stem, 16-64 channels): small images, smoke runs and tests
     **{f"resnet{d}": functools.partial(cifar_resnet, d, shortcut="projection") for d in (8, 20)},
 }
+
+
+def architecture(name: str) -> Callable[..., circuits.Circuit]:
+    """The circuit builder of `--arch name`: this project's ResNet builders (ARCHS), else any torchvision
+    classification model, else any timm model (timm installed), each converted by circuits.from_torch at the
+    recipe's crop, in float32, untrained. A CircuitError lists what is accepted."""
+    if name in ARCHS:
+        return ARCHS[name]
+    import torchvision
+    if name in torchvision.models.list_models(module=torchvision.models):
+        single = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}    # one output to learn from
+        return functools.partial(_converted, lambda classes: torchvision.models.get_model(name, num_classes=classes,
+                                                                                          **single))
+    with contextlib.suppress(ImportError):
+        import timm
+        if timm.is_model(name):
+            return functools.partial(_converted, lambda classes: timm.create_model(name, num_classes=classes))
+    raise circuits.CircuitError(
+        f"unknown arch {name!r}; accepted: {', '.join(sorted(ARCHS))} (this project's builders), any torchvision "
+        f"classification model ({', '.join(torchvision.models.list_models(module=torchvision.models))}) and, with "
+        f"timm installed, any timm model (timm.list_models())")
+
+
+def _converted(make: Callable[[int], nn.Module], classes: int, input_shape: tuple[int, ...],
+               rule: rules.FeedbackRule) -> circuits.Circuit:
+    return circuits.from_torch(make(classes).train(), rule=rule, input_shape=input_shape)
+
+
 REFERENCE_BATCH = 256        # the batch at which lr = 0.1 (He et al. 2016; Goyal et al. 2017)
 _WM = rules.WeightMirror()
 
@@ -88,7 +117,8 @@ class Recipe:
     """One ImageNet run. None means "derived": see `resolve`. Each field is a flag (models.cli)."""
 
     data: str = option(help="folder with train/ and val/ folders of class subfolders of JPEGs")
-    arch: str = option("resnet50", choices=sorted(ARCHS))
+    arch: str = option("resnet50", f"{', '.join(sorted(ARCHS))} (this project's builders), any torchvision "
+                                   f"classification model, or any timm model (with timm installed)")
     rule: str = option("bp", "feedback rule of every synaptic projection", choices=lambda: list(rules.RULES))
     epochs: int = option(90, type=POSITIVE_INT)
     batch_size: int = option(256, "global batch, split evenly over the processes", type=POSITIVE_INT)
@@ -191,8 +221,7 @@ def start_processes() -> Worker:
 def resolve(recipe: Recipe, worker: Worker) -> Recipe:
     """Fill the derived defaults (None fields) and check the recipe; a CircuitError names any problem."""
     cuda = worker.device.type == "cuda"
-    if recipe.arch not in ARCHS:
-        raise circuits.CircuitError(f"unknown arch {recipe.arch!r}; known: {', '.join(sorted(ARCHS))}")
+    architecture(recipe.arch)       # a CircuitError listing what is accepted
     if recipe.batch_size % worker.world_size:
         raise circuits.CircuitError(
             f"batch size {recipe.batch_size} does not split evenly over {worker.world_size} processes"
@@ -403,7 +432,7 @@ def build_model(recipe: Recipe, worker: Worker, classes: int) -> tuple[circuits.
     Every rank builds the same initial W and B (seed), then seeds its own stream (seed + rank) for noise.
     """
     torch.manual_seed(recipe.seed)
-    circuit = ARCHS[recipe.arch](classes=classes, input_shape=(3, recipe.image_size, recipe.image_size),
+    circuit = architecture(recipe.arch)(classes=classes, input_shape=(3, recipe.image_size, recipe.image_size),
                                  rule=feedback_rule(recipe))
     net = circuit.build().to(worker.device)
     if recipe.channels_last:

@@ -442,7 +442,224 @@ class Bad(nn.Module):
     ("batch", r"node 'mul' .* is 4 on 2 examples and 6 on 3: only the batch size itself may follow the batch"),
     ("axis", r"node 'transpose' .* a population keeps the batch as its first axis"),
     ("data", r"cannot be traced by torch.fx"),
-    ("shared", r"parameter 'w': it is read more than once; shared parameters cannot be converted")])
+    ("shared", r"parameter 'w' is read by 2 calls \(mul, mul_1\): shared weights. A circuit gives each projection its "
+               r"own W and B")])
 def test_what_cannot_convert_is_a_clear_error_naming_the_node(how, message):
     with pytest.raises(circuits.CircuitError, match=message):
         circuits.from_torch(Bad(how), input_shape=(4,))
+
+
+# --- float64, tied weights, layers called twice, functional layers, early refusals (issues 23 and 25) ---------------
+def _float64(module: nn.Module) -> nn.Module:
+    """The module in float64 with true float64 values (drawn in float64, not float32 values cast)."""
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+def test_float64_modules_convert_with_their_float64_values():
+    module = _float64(nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 3)))
+    net = _same_as_torch(module, torch.randn(3, 5, dtype=torch.float64), 1e-14)
+    assert torch.equal(net.projection("0").weight, module[0].weight)       # not rounded to float32
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_tied_weights_are_refused_by_both_conversions():
+    message = r"Tied ties weights \('a.weight' = 'b.weight'\).*the tie would break.*Untie them"
+    with pytest.raises(circuits.CircuitError, match=message):
+        circuits.from_torch(Tied(), input_shape=(4,))
+    with pytest.raises(circuits.CircuitError, match=message):
+        circuits.in_place(Tied(), torch.zeros(2, 4))
+
+
+class Twice(nn.Module):
+    """Stateless layers (pooling, dropout, identity, an activation) each called twice, as timm's blocks call one
+    drop_path; and the module's own parameters through functions: F.layer_norm, F.group_norm, F.batch_norm,
+    F.instance_norm, F.linear and F.conv2d (a weight used once is a synapse with a B)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn, self.bn = nn.Conv2d(2, 4, 3, padding="same"), nn.GroupNorm(2, 4), nn.BatchNorm2d(4)
+        self.inorm, self.ln, self.fc = nn.InstanceNorm2d(4, affine=True), nn.LayerNorm(64), nn.Linear(64, 3)
+        self.pool, self.drop, self.skip, self.act = nn.MaxPool2d(2), nn.Dropout(0.2), nn.Identity(), nn.GELU()
+
+    def forward(self, x):
+        h = F.conv2d(x, self.conv.weight, self.conv.bias, padding="same")
+        h = F.group_norm(h, 2, self.gn.weight, self.gn.bias, self.gn.eps)
+        h = F.batch_norm(h, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, self.training)
+        h = self.act(F.instance_norm(h, weight=self.inorm.weight, bias=self.inorm.bias))
+        h = self.pool(self.drop(h)) + self.skip(self.pool(self.drop(self.act(h))))
+        h = F.layer_norm(self.skip(h.flatten(1)), (64,), self.ln.weight, self.ln.bias)
+        return F.linear(h, self.fc.weight, self.fc.bias)
+
+
+def test_stateless_layers_called_twice_and_functional_layers_convert_exactly():
+    module = _float64(Twice()).eval()
+    with torch.no_grad():
+        module.bn.running_var.uniform_(0.5, 2)
+    net = _same_as_torch(module, torch.randn(3, 2, 8, 8, dtype=torch.float64), 1e-13, input_shape=(2, 8, 8))
+    assert sorted(name for name, _ in net.projections()) == ["conv", "fc"]       # only the synapses get a B
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+    net.train()
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    net(x)                                       # batch norm learns its statistics in train mode, as torch's
+    assert not torch.equal(net.projection(_norm_of(net, "batch_norm")).held_bn_running_mean, module.bn.running_mean)
+
+
+def _norm_of(net: circuits.CircuitNet, op: str) -> str:
+    return next(name for name, _, _, p, _ in net.circuit.projections() if getattr(p, "op", None) == f"F.{op}")
+
+
+class Counted(nn.Module):
+    """Counts its runs; `how` picks what from_torch must refuse."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.fc2, self.how, self.runs = nn.Linear(4, 4), nn.Linear(4, 4), how, 0
+        self.fc.register_forward_pre_hook(lambda *_: setattr(self, "runs", self.runs + 1))
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "function":
+            return torch.cumsum(h, 1)
+        if self.how == "layer":
+            return self.fc2(self.fc2(h))
+        if self.how == "computed":
+            return F.linear(h, self.fc2.weight * 2)
+        return nn.functional.conv1d(h.unsqueeze(1), self.fc2.weight.unsqueeze(1)[:1])
+
+
+@pytest.mark.parametrize("how,message", [
+    ("function", r"node 'cumsum' .* calls torch.cumsum, which no circuit part computes: operations call only the torch "
+                 r"functions listed in circuits.graph.operations.OPS.*circuits.in_place.*docs/conversion.md"),
+    ("layer", r"layer 'fc2' \(Linear\) is called more than once and holds parameters or buffers: shared weights"),
+    ("computed", r"node 'linear' .* its weight is not a parameter of the module but computed \(mul\)")])
+def test_refusals_say_why_and_what_to_do_before_running_the_module(how, message):
+    module = Counted(how)
+    with pytest.raises(circuits.CircuitError, match=message):
+        circuits.from_torch(module, input_shape=(4,))
+    assert module.runs == (2 if how == "computed" else 0)     # a computed weight shows only in the runs
+
+
+class TimmAttention(nn.Module):
+    """timm's attention: q, k, v from one reshape moved to (3, batch, heads, tokens, dim) and unbound; a class token
+    expanded over the batch that two calls read (CaiT's class-attention blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj, self.cls = nn.Linear(8, 24), nn.Linear(8, 8), nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x):
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), 1)
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(out)[:, 0] + cls[:, 0]
+
+
+def test_operations_that_move_the_batch_axis_and_a_class_token_read_twice_convert_exactly():
+    module = _float64(TimmAttention())
+    net = _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-13, input_shape=(5, 8))
+    assert sorted(name for name, _ in net.projections()) == ["proj", "qkv"]
+    assert all(p.shape[0] != 3 for p in net.circuit.populations())      # (3, batch, ...) made no population
+
+
+class Outputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return {"hidden": h, "heads": (self.b(h), [x, torch.tanh(h)])}
+
+
+def test_several_outputs_convert_in_the_structure_torch_returns():
+    module = _float64(Outputs())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    out, ref = circuits.from_torch(module, input_shape=(4,)).build()(x), module(x)
+    assert list(out) == ["hidden", "heads"] and type(out["heads"]) is tuple and type(out["heads"][1]) is list
+    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(out),
+                                                 torch.utils._pytree.tree_leaves(ref), strict=True))
+
+
+def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
+    """GoogLeNet's auxiliary heads: refused in eval mode (it says why), converted in train mode as its named tuple."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.googlenet(num_classes=10, init_weights=False).double().eval()
+    with pytest.raises(circuits.CircuitError, match=r"GoogLeNet computes more in train mode than in eval mode "
+                                                    r"\(.*aux1_conv_bn.*Call module.train\(\) before from_torch"):
+        circuits.from_torch(module, input_shape=(3, 32, 32))
+    net = circuits.from_torch(module.train(), input_shape=(3, 32, 32)).build()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out, ref = net.eval()(x), module.eval()(x)
+    assert type(out).__name__ == "GoogLeNetOutputs" and torch.equal(out.logits, ref)
+
+
+@pytest.mark.parametrize("layers,shape", [
+    ((nn.Conv2d(2, 4, 3), nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten(), nn.Linear(576, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.Upsample(size=(5, 7)), nn.Flatten(), nn.Linear(140, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 8, 3), nn.PixelShuffle(2), nn.PixelUnshuffle(2), nn.AdaptiveMaxPool2d(2), nn.Flatten(),
+      nn.Linear(32, 2)), (2, 8, 8)),
+    ((nn.Linear(8, 8), nn.MaxPool1d(2), nn.AvgPool1d(2), nn.AdaptiveMaxPool1d(3), nn.AdaptiveAvgPool1d(2),
+      nn.Flatten(), nn.Linear(8, 2)), (4, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.ZeroPad2d(1),
+      nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 0.5), nn.ReplicationPad2d(1), nn.Flatten(),
+      nn.Linear(780, 2)), (2, 8, 8))])
+def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(layers, shape):
+    module = _float64(nn.Sequential(*layers)).eval()
+    _same_as_torch(module, torch.randn(3, *shape, dtype=torch.float64), 1e-13, input_shape=shape)
+
+
+def test_a_layer_without_a_projection_says_what_to_do():
+    with pytest.raises(circuits.CircuitError, match=r"layer .1. \(Conv1d\) has no circuit projection .*in_place"):
+        circuits.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 2, 3)), input_shape=(1, 4))
+
+
+def test_same_padding_converts_in_place_too():
+    module = _float64(nn.Sequential(nn.Conv2d(2, 4, 3, padding="same"), nn.Tanh(), nn.Conv2d(4, 3, (1, 5),
+                                                                                             padding="same")))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    expected = module(x)
+    net = circuits.in_place(module, x, "fa")
+    assert torch.equal(net(x), expected)
+    x_grad = x.clone().requires_grad_()
+    net(x_grad).sum().backward()          # B's transposed convolution pads as the forward did
+    assert x_grad.grad.shape == x.shape and torch.isfinite(x_grad.grad).all()
+    assert [s.operator.padding for _, s in net.projections()] == [(1, 1), (0, 2)]
+
+
+class Unused(nn.Module):
+    """Res2Net's unused split piece and DLA's unused projection: computed by torch, read by nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(4, 6), nn.Linear(3, 2), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        self.unused(h)
+        first, _ = h.split(3, dim=1)
+        return self.b(torch.tanh(first))
+
+
+def test_what_the_output_does_not_depend_on_is_left_out_so_direct_feedback_has_one_output():
+    module = _float64(Unused())
+    net = circuits.from_torch(module, input_shape=(4,)).build()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.equal(net(x), module(x))
+    assert sorted(name for name, _ in net.projections()) == ["a", "b"] and net.outputs == ["b"]
+    net = circuits.from_torch(module, rule="dfa", input_shape=(4,)).build()
+    assert [(p.source, p.target) for _, p in net.feedback_projections()] == [("b", "getitem")]

@@ -7,9 +7,12 @@ the population they act on when nothing else reads its summed input. Any other c
 Operation (circuits.graph.operations) with torch's own function: a local projection when it reads one
 population (reshape, x / 4, x + a parameter), a junction when it reads several (a * b, q @ k, cat).
 
-The module is run twice, on batches of 2 and 3 examples: shapes, sizes and constants come from those
-runs (a value that follows the batch size becomes BATCH), so the converted net computes exactly what
-the module computes, for any batch size.
+What the graph alone shows cannot convert (tied or shared weights, a call no circuit part computes, a branch only
+train mode computes) is refused first (circuits.convert.checks). The module is then run twice, on batches of 2 and
+3 examples: shapes, sizes and constants come from those runs (a value that follows the batch size becomes BATCH),
+so the converted net computes exactly what the module computes, for any batch size. The built net returns the
+module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and leaves out what they do not
+depend on.
 """
 from __future__ import annotations
 
@@ -26,15 +29,15 @@ from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
 from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
-from .layers import attention, call_activation, call_projection, module_activation
+from . import checks
+from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple, is_shape_read
+from .layers import attention, call_activation, call_projection, module_activation, synaptic_call
 from .layers import projection as layer_projection
 from .tracing import evaluating, slow_attention, trace
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
 """What a traced node is: a population's activity, a tuple holding activities (split, attention), a plain value
 (a size, a setting), a constant tensor, or a tensor computed from parameters alone (a class token)."""
-_SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)}
-_SUMS = (operator.add, torch.add, operator.iadd)
 
 
 @dataclass
@@ -59,14 +62,15 @@ class _Run(fx.Interpreter):
             kind = POPULATION if isinstance(out, Tensor) else VALUE
         elif n.op == "get_attr":
             kind = LEARNED if isinstance(out, nn.Parameter) else CONSTANT if isinstance(out, Tensor) else VALUE
-        elif (n.op, n.target) in _SHAPE_READS and (n.target != getattr or n.args[1] in ("shape", "ndim", "dtype")):
+        elif is_shape_read(n):
             kind = VALUE
         elif kinds & {POPULATION, BUNDLE} and out is not None:     # None: attention weights not computed
             kind = POPULATION if isinstance(out, Tensor) else BUNDLE if _holds_tensor(out) else None
             if kind is None:
                 raise CircuitError(f"node {n.name!r} ({n.format_node()}) reads a value out of a population's activity; "
                                    f"a circuit cannot convert what depends on the data itself")
-        elif LEARNED in kinds and (isinstance(out, Tensor) or _holds_tensor(out)):
+        elif (LEARNED in kinds or n.op == "call_module" and any(True for _ in self.module.get_submodule(
+                n.target).parameters())) and (isinstance(out, Tensor) or _holds_tensor(out)):
             kind = LEARNED
         else:
             kind = CONSTANT if isinstance(out, Tensor) else VALUE
@@ -76,6 +80,8 @@ class _Run(fx.Interpreter):
 
 
 def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, dict):
+        return _holds_tensor(list(value.values()))
     return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
 
 
@@ -133,6 +139,17 @@ def _literal(node: fx.Node, values: list[Any]) -> Any:
     return a
 
 
+def _argument(node: fx.Node, position: int, name: str) -> Any:
+    """A call's argument by position or keyword (None if not given)."""
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+
+
+def _settings(node: fx.Node) -> dict[str, Any]:
+    """A convolution call's settings after input, weight and bias (stride, padding, dilation, groups), by name."""
+    names = ("stride", "padding", "dilation", "groups")
+    return dict(zip(names, node.args[3:], strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
+
+
 def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tuple[int, ...] | None = None,
                rules_by_layer: Mapping[str, rules.RuleLike] | None = None, name: str | None = None) -> Circuit:
     """Convert a torch module (fx-traceable, built from circuit layers and torch functions) into a Circuit.
@@ -143,7 +160,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     (Circuit.direct_feedback). input_shape: one example's input shape, by default (in_features,) from a
     first Linear layer. The circuit keeps the module's dtype and train/eval mode.
     """
+    checks.refuse_tied(module)
     traced = trace(module)
+    checks.refuse_early(traced, type(module).__name__)
+    checks.refuse_dropped_branches(module, traced, lambda: trace(module))
     input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, type(module).__name__)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
@@ -151,6 +171,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     circuit = Circuit(name or type(module).__name__, rule=rule)
     walk.build(circuit)
     circuit.dtype, circuit.training = example.get("dtype"), module.training
+    circuit.returns = walk.returns
     return walk.layer_rules.finish(circuit)
 
 
@@ -165,22 +186,65 @@ class _Walk:
         self.edges: list[tuple[str, str, P.Projection, str]] = []
         self.pop_of: dict[fx.Node, str] = {}
         self.used: set[str] = set()                 # layers and parameters already converted once
+        self.called: set[str] = set()               # layers called so far
+        self.returns: Any = None                    # the output's population names, in torch's structure
         for node in traced.graph.nodes:
             self.visit(node)
 
     def visit(self, node: fx.Node) -> None:
         kind = self.found[node].kind
         if node.op == "output":
-            self.source(node, node.args[0])
+            self.returns = self.returned(node, node.args[0])
         elif kind == POPULATION and node.op == "placeholder":
             self.new_population(node, is_input=True)
         elif kind == POPULATION:
             self.population(node)
+        elif kind == LEARNED and node.op != "get_attr" and len(node.users) > 1 and all(
+                isinstance(v, Tensor) and v.dim() and v.shape[0] == batch for v, batch in zip(self.found[node].values,
+                                                                                             (2, 3), strict=True)):
+            self.learned_population(node)
         elif kind == BUNDLE and node.op == "call_module":
             if not isinstance(self.traced.get_submodule(node.target), nn.MultiheadAttention):
                 raise CircuitError(f"layer {node.target!r} ({node.format_node()}) returns several tensors; it cannot "
                                    f"be converted into a circuit projection")
             self.attention(node)
+
+    def used_populations(self) -> set[str]:
+        """The inputs and the populations that the returned ones depend on."""
+        inputs: dict[str, list[str]] = {}
+        for pre, post, _, _ in self.edges:
+            inputs.setdefault(post, []).append(pre)
+        for pop, d in self.pops.items():
+            inputs.setdefault(pop, []).extend(d.get("operands") or [])
+        used = {pop for pop, d in self.pops.items() if d.get("input")}
+        todo = list(torch.utils._pytree.tree_leaves(self.returns))
+        while todo:
+            pop = todo.pop()
+            if pop not in used:
+                used.add(pop)
+                todo.extend(inputs.get(pop, []))
+        return used
+
+    def returned(self, node: fx.Node, arg: Any) -> Any:
+        """The module's output as population names in torch's structure (a tuple, list, named tuple or dict);
+        a population that also drives others is returned through a copy of its own (outputs are sinks)."""
+        if isinstance(arg, dict):
+            return {k: self.returned(node, v) for k, v in arg.items()}
+        if isinstance(arg, fx.Node) and is_named_tuple(arg.target):     # GoogLeNetOutputs(logits, aux2, aux1)
+            return arg.target(*(self.returned(node, a) for a in arg.args),
+                              **{k: self.returned(node, v) for k, v in arg.kwargs.items()})
+        if isinstance(arg, (tuple, list)):
+            items = [self.returned(node, a) for a in arg]
+            return type(arg)(*items) if hasattr(arg, "_fields") else tuple(items) if isinstance(arg, tuple) else items
+        pop = self.source(node, arg)
+        if any(pre == pop for pre, _, _, _ in self.edges) or self.pops[pop].get("input"):
+            copy = f"{pop}_returned"
+            if copy not in self.pops:
+                self.pops[copy] = dict(self.pops[pop], activation="identity", input=False, junction=None,
+                                       operands=None)
+                self.connect(pop, copy, P.Identity())
+            return copy
+        return pop
 
     def population(self, node: fx.Node) -> None:
         if node.op == "call_module":
@@ -188,9 +252,12 @@ class _Walk:
             act = module_activation(layer, node.target)
             if act is not None:
                 return self.activate(node, node.args[0], act)
-            self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+            if has_state(layer):
+                self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+            name = node.target if node.target not in self.called else None     # a stateless layer: any call
+            self.called.add(node.target)
             self.connect(self.source(node, node.args[0]), self.new_population(node),
-                         layer_projection(layer, node.target), node.target)
+                         layer_projection(layer, node.target), name)
             return None
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.pop_of \
                 and self.found[node.args[0]].kind == BUNDLE:
@@ -201,17 +268,21 @@ class _Walk:
         act = call_activation(node)
         if act is not None:
             return self.activate(node, node.args[0], act)
+        if node.op == "call_function" and node.target in SYNAPTIC_FUNCTIONS:
+            return self.synaptic_call(node)
         projection = call_projection(node)
         if projection is not None:
             self.connect(self.source(node, node.args[0]), self.new_population(node), projection)
             return None
-        if node.target in _SUMS and len(node.args) == 2 and not node.kwargs and all(
+        if node.target in SUMS and len(node.args) == 2 and not node.kwargs and all(
                 self.found.get(a) and self.found[a].kind == POPULATION for a in node.args) \
                 and self.pop_of.get(node.args[0]) != self.pop_of.get(node.args[1]):
             post = self.new_population(node)
             for arg in node.args:
                 self.connect(self.source(node, arg), post, P.Identity())
             return None
+        if not self.batch_first(node) and all(u.op in ("call_function", "call_method") for u in node.users):
+            return None       # not a population (its batch is not its first axis): each user's operation computes it
         operands: list[str] = []
         held: dict[str, Tensor] = {}
         learned: list[str] = []
@@ -260,9 +331,15 @@ class _Walk:
             held[arg.name] = a
             learned.append(arg.name)
             return Held(arg.name)
+        if arg.op == "call_module":
+            raise CircuitError(f"layer {arg.target!r} ({arg.format_node()}) computes from parameters and constants "
+                               f"alone (not from the data), for node {node.name!r}: its synapses would have no "
+                               f"population to learn from; convert with circuits.in_place (see {GUIDE})")
         op = op_name(arg.target) if arg.op in ("call_function", "call_method") else None
         if op is None:
-            raise CircuitError(f"node {arg.name!r} ({arg.format_node()}) cannot be converted into a circuit")
+            raise CircuitError(f"node {arg.name!r} ({arg.format_node()}) computes a value from parameters with a "
+                               f"function that operations do not call (circuits.graph.operations.OPS), for node "
+                               f"{node.name!r}; write it with those, or convert with circuits.in_place (see {GUIDE})")
         return Call(op, inner(arg.args), inner(dict(arg.kwargs)))
 
     def attention(self, node: fx.Node) -> None:
@@ -287,6 +364,41 @@ class _Walk:
         self.connect(attended, node.name, out_proj, f"{node.target}.out_proj")
         self.pop_of[node] = node.name
 
+    def learned_population(self, node: fx.Node) -> None:
+        """A tensor computed from parameters alone, one per example (a class token expanded over the batch), that
+        several calls read: a population of its own, driven from the input by an operation that holds the
+        parameters (it reads the input's batch size only), so that each parameter is used once."""
+        operands: list[str] = []
+        held: dict[str, Tensor] = {}
+        learned: list[str] = []
+        call = self.template(node, node, operands, held, learned)
+        first = next(n for n in self.traced.graph.nodes if n.op == "placeholder" and n in self.pop_of)
+        operation = Operation(call.op, call.args, call.kwargs, learned=tuple(learned), state=held or None)
+        self.pops[node.name] = dict(shape=tuple(self.found[node].values[0].shape[1:]), activation="identity",
+                                    input=False, junction=None, operands=None)
+        self.pop_of[node] = node.name
+        self.connect(self.pop_of[first], node.name, operation)
+
+    def synaptic_call(self, node: fx.Node) -> None:
+        """F.linear / F.conv1d / F.conv2d with a module's own weight (and bias): a synaptic projection with a B,
+        named after the module that holds the weight (attn.qkv for attn.qkv.weight)."""
+        weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
+        for what, arg in (("weight", weight), ("bias", bias)):
+            if arg is not None and not (isinstance(arg, fx.Node) and arg.op == "get_attr"
+                                        and self.found[arg].kind == LEARNED):
+                raise CircuitError(f"node {node.name!r} ({node.format_node()}): its {what} is not a parameter of the "
+                                   f"module but computed ({arg}); only a module's own weight and bias become a "
+                                   f"synapse with a B. Use the layer itself, or circuits.in_place (see {GUIDE})")
+        for arg in (weight, bias):
+            if arg is not None:
+                self.use(arg.target, "parameter", "it is read more than once; shared parameters cannot be converted")
+        state = {"weight": self.found[weight].values[0]} | ({"bias": self.found[bias].values[0]} if bias else {})
+        settings = {k: self.constant(node, v) for k, v in _settings(node).items()}
+        where = f"node {node.name!r} ({node.format_node()})"
+        layer = weight.target.removesuffix(".weight")
+        self.connect(self.source(node, node.args[0]), self.new_population(node),
+                     synaptic_call(SYNAPTIC_FUNCTIONS[node.target], state, settings, where), layer)
+
     def constant(self, node: fx.Node, arg: Any) -> Any:
         """An argument that must be the same for every batch: its value, or a CircuitError naming `node`."""
         if not isinstance(arg, fx.Node):
@@ -306,15 +418,20 @@ class _Walk:
 
     def new_population(self, node: fx.Node, activation: str = "identity", is_input: bool = False,
                        junction: Operation | None = None, operands: list[str] | None = None) -> str:
-        shapes = [(shape[0], shape[1:]) for shape, _ in self.found[node].values]
-        if [batch for batch, _ in shapes] != [2, 3] or shapes[0][1] != shapes[1][1]:
-            raise CircuitError(f"node {node.name!r} ({node.format_node()}) has shape {shapes[0][0:1] + shapes[0][1]} "
-                               f"on 2 examples and {shapes[1][0:1] + shapes[1][1]} on 3: a population keeps the batch "
-                               f"as its first axis")
-        self.pops[node.name] = dict(shape=shapes[0][1], activation=activation, input=is_input, junction=junction,
-                                    operands=operands)
+        if not self.batch_first(node):
+            (two, _), (three, _) = self.found[node].values
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) has shape {two} on 2 examples and {three} "
+                               f"on 3: a population keeps the batch as its first axis (an operation may move it "
+                               f"only when operations alone read the result)")
+        self.pops[node.name] = dict(shape=self.found[node].values[0][0][1:], activation=activation, input=is_input,
+                                    junction=junction, operands=operands)
         self.pop_of[node] = node.name
         return node.name
+
+    def batch_first(self, node: fx.Node) -> bool:
+        """Whether the node's leading axis is the batch (2, then 3) and its other axes stay."""
+        (two, _), (three, _) = self.found[node].values
+        return (two[:1], three[:1]) == ((2,), (3,)) and two[1:] == three[1:]
 
     def source(self, node: fx.Node, arg: Any) -> str:
         if not isinstance(arg, fx.Node) or arg not in self.pop_of:
@@ -334,8 +451,12 @@ class _Walk:
         self.edges.append((pre, post, projection, layer or f"{pre}->{post}"))
 
     def build(self, circuit: Circuit) -> None:
-        """The populations in graph order (a junction with its inputs), then the projections."""
+        """The populations in graph order (a junction with its inputs), then the projections; what the output does
+        not depend on (a split's unused piece, an unused branch) is left out."""
+        used = self.used_populations()
         for pop, d in self.pops.items():
+            if pop not in used:
+                continue
             if d.get("input"):
                 circuit.input(pop, d["shape"])
             elif d.get("junction") is not None:
@@ -346,5 +467,7 @@ class _Walk:
             else:
                 circuit.population(pop, d["shape"], d["activation"])
         for pre, post, projection, layer in self.edges:
+            if post not in used:
+                continue
             rule = self.layer_rules(layer) if projection.synaptic and projection.sends_error else None
             circuit.connect(pre, post, projection, rule=rule, name=layer)

@@ -48,7 +48,8 @@ from ..errors import CircuitError
 from ..graph.network import CircuitNet
 from ..graph.operations import multi_head_attention
 from ..rules.synapse import ConvOperator, DenseOperator, EmbeddingOperator, Synapse
-from .layers import unconvertible
+from .checks import refuse_tied
+from .layers import unconvertible, zero_padding
 from .tracing import evaluating
 
 _LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
@@ -204,7 +205,8 @@ def _swap(layer: nn.Module, call: tuple[tuple, dict], rule: rules.FeedbackRule |
     if isinstance(layer, nn.Linear):
         operator = DenseOperator()
     elif isinstance(layer, nn.Conv2d):
-        operator = ConvOperator(layer.stride, layer.padding, layer.dilation, layer.groups)
+        operator = ConvOperator(layer.stride, zero_padding(layer.padding, layer.kernel_size, layer.dilation),
+                                layer.dilation, layer.groups)
     else:
         operator = EmbeddingOperator(layer.padding_idx)
     return _synapse(operator, layer.weight, getattr(layer, "bias", None), rule, tuple(y.shape[1:]))
@@ -247,6 +249,7 @@ def in_place(module: nn.Module, example: Tensor | tuple[Any, ...], rule: rules.R
         raise CircuitError(f"direct feedback ({direct[0]}) sends the output error to hidden populations, which a "
                            f"module converted in place does not have: use circuits.from_torch, or a layer-local "
                            f"rule ({', '.join(local)})")
+    refuse_tied(module)
     example = example if isinstance(example, tuple) else (example,)
     called = _called_layers(module, example)
     report, swapped, attentions = Report(), {}, []

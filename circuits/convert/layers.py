@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import CircuitError
 from ..graph import projections as P
@@ -91,8 +91,12 @@ def unconvertible(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.MultiheadAttention) and (
             not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn):
         return "separate key and value sizes, bias_k/bias_v or add_zero_attn do not convert"
-    if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-        return "only numeric zero padding converts"
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r}: only zero padding converts"
+    if isinstance(layer, nn.Conv2d) and isinstance(layer.padding, str) and not _symmetric(layer.padding,
+                                                                                          layer.kernel_size,
+                                                                                          layer.dilation):
+        return "padding='same' with an even kernel pads one side more than the other, which does not convert"
     if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
         return "max_norm, scale_grad_by_freq and sparse embeddings do not convert (W's update would differ)"
     return None
@@ -108,7 +112,8 @@ def projection(module: nn.Module, name: str) -> P.Projection:
     if why is not None:
         raise CircuitError(f"layer {name!r} ({module}): {why}")
     if isinstance(module, nn.Conv2d):
-        return P.Conv2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
+        padding = zero_padding(module.padding, module.kernel_size, module.dilation)
+        return P.Conv2d(module.kernel_size, module.stride, padding, module.dilation, module.groups,
                         module.bias is not None, state=state)
     if isinstance(module, nn.Embedding):
         return P.Embedding(module.num_embeddings, module.padding_idx, state=state)
@@ -135,7 +140,85 @@ def projection(module: nn.Module, name: str) -> P.Projection:
         return Operation("F.prelu", (Operand(0), Held("weight")), learned=("weight",), state=state)
     if isinstance(module, nn.RReLU):      # a random slope while learning, the mean slope in eval mode
         return Operation("F.rrelu", (Operand(0), module.lower, module.upper, WhileLearning(True, False)))
-    raise CircuitError(f"layer {name!r} ({type(module).__name__}) cannot be converted into a circuit projection")
+    functional = _functional(module)
+    if functional is not None:
+        return functional
+    raise CircuitError(f"layer {name!r} ({type(module).__name__}) has no circuit projection (synaptic: Linear, Conv2d, "
+                       f"Embedding, MultiheadAttention; Conv1d, Conv3d, ConvTranspose and recurrent layers have none "
+                       f"yet); convert the module with circuits.in_place, where it keeps backprop (see "
+                       f"docs/conversion.md)")
+
+
+def _symmetric(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
+    return padding == "valid" or all(d * (k - 1) % 2 == 0 for k, d in zip(kernel, dilation, strict=True))
+
+
+def zero_padding(padding: str | int | tuple[int, ...], kernel: tuple[int, ...],
+                 dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """A convolution's padding as numbers per axis: 'valid' is 0, 'same' d (k - 1) / 2 (even only: torch pads
+    an odd total more on one side)."""
+    if not isinstance(padding, str):
+        return (padding,) * len(kernel) if isinstance(padding, int) else tuple(padding)
+    if padding == "valid":
+        return (0,) * len(kernel)
+    return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+
+
+def synaptic_call(function: str, state: dict[str, Tensor], settings: dict[str, Any], where: str) -> P.Projection:
+    """The synaptic projection of F.linear / F.conv2d on a module's own weight and bias (`state`), with the call's
+    settings (stride, padding, dilation, groups)."""
+    if function == "F.linear":
+        return P.Dense(bias="bias" in state, state=state)
+    kernel = tuple(state["weight"].shape[2:])
+    pairs = {k: (v,) * len(kernel) if isinstance(v, int) else tuple(v) for k, v in settings.items()
+             if k in ("stride", "dilation")}
+    stride, dilation = pairs.get("stride", (1,) * len(kernel)), pairs.get("dilation", (1,) * len(kernel))
+    padding = settings.get("padding", 0)
+    if isinstance(padding, str) and not _symmetric(padding, kernel, dilation):
+        raise CircuitError(f"{where}: padding='same' with an even kernel pads one side more, which does not convert")
+    padding = zero_padding(padding, kernel, dilation)
+    if function == "F.conv2d":
+        return P.Conv2d(kernel, stride, padding, dilation, settings.get("groups", 1), "bias" in state, state=state)
+    raise CircuitError(f"{where}: {function} with a module's weight does not convert yet (see docs/conversion.md)")
+
+
+_PADS = {nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._ReflectionPadNd: "reflect",
+         nn.modules.padding._ReplicationPadNd: "replicate", nn.modules.padding._CircularPadNd: "circular"}
+
+
+def _functional(module: nn.Module) -> Operation | None:
+    """A layer without synapses as the operation of the function its forward calls (None: not one of them):
+    resampling, pixel shuffles, 1-D and max pools, padding, instance norm (its affine parameters learn by their
+    gradient, its running statistics follow the net's mode)."""
+    x = Operand(0)
+    if isinstance(module, nn.Upsample):
+        return Operation("F.interpolate", (x, module.size, module.scale_factor, module.mode, module.align_corners),
+                         {"recompute_scale_factor": module.recompute_scale_factor})
+    if isinstance(module, nn.PixelShuffle):
+        return Operation("F.pixel_shuffle", (x, module.upscale_factor))
+    if isinstance(module, nn.PixelUnshuffle):
+        return Operation("F.pixel_unshuffle", (x, module.downscale_factor))
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and not module.return_indices:
+        return Operation(f"F.adaptive_max_pool{1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2}d",
+                         (x, module.output_size))
+    if isinstance(module, nn.AdaptiveAvgPool1d):
+        return Operation("F.adaptive_avg_pool1d", (x, module.output_size))
+    if isinstance(module, nn.MaxPool1d) and not module.return_indices:
+        return Operation("F.max_pool1d", (x, module.kernel_size, module.stride, module.padding, module.dilation),
+                         {"ceil_mode": module.ceil_mode})
+    if isinstance(module, nn.AvgPool1d):
+        return Operation("F.avg_pool1d", (x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                                          module.count_include_pad))
+    mode = next((m for kind, m in _PADS.items() if isinstance(module, kind)), None)
+    if mode is not None:
+        return Operation("F.pad", (x, tuple(module.padding), mode, getattr(module, "value", None)))
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        state = {k: v.detach().clone() for k, v in module.state_dict().items() if k != "num_batches_tracked"}
+        stats = WhileLearning(True, False) if module.track_running_stats else True     # batch statistics or running
+        held = [Held(k) if k in state else None for k in ("running_mean", "running_var", "weight", "bias")]
+        return Operation("F.instance_norm", (x, *held, stats, module.momentum or 0.0, module.eps),
+                         learned=tuple(k for k in ("weight", "bias") if k in state), state=state or None)
+    return None
 
 
 def attention(layer: nn.MultiheadAttention, name: str, kwargs: dict[str, Any]) -> tuple[P.Dense, Operation, P.Dense]:

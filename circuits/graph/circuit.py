@@ -12,7 +12,7 @@ graph carries `junction`, the operation as text.
 """
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 import networkx as nx
 import torch
@@ -44,6 +44,7 @@ class Circuit:
         self.graph = nx.DiGraph(name=name)
         self.dtype: torch.dtype | None = None    # the built net's parameters (None: torch's default)
         self.training = True                     # the built net's mode
+        self.returns: Any = None    # what the built net returns: output population names in a tuple, list or dict
 
     # --- populations -------------------------------------------------------------------------
     def input(self, name: str, shape: tuple[int, ...]) -> Population:
@@ -220,11 +221,17 @@ class Circuit:
             raise CircuitError(f"circuit {self.name!r} has a cycle in its forward pathway: {cycle}") from None
 
     def build(self) -> CircuitNet:
-        """Compile into a torch.nn.Module whose backward pass is the feedback pathway."""
-        net = CircuitNet(self)
-        if self.dtype is not None:
-            net = net.to(self.dtype)
-        return net.train(self.training)
+        """Compile into a torch.nn.Module whose backward pass is the feedback pathway. With a dtype (a converted
+        module's), every parameter and buffer is made in it, so that a state in that dtype loads without rounding."""
+        if self.dtype is None:
+            return CircuitNet(self).train(self.training)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            net = CircuitNet(self)
+        finally:
+            torch.set_default_dtype(default)
+        return net.to(self.dtype).train(self.training)
 
     def __repr__(self) -> str:
         return (f"Circuit({self.name!r}, {len(self.populations())} populations, "

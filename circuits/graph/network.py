@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import networkx as nx
 import torch
@@ -165,6 +165,8 @@ class CircuitNet(nn.Module):
             activity[out] = OutputFeedbackPathway.apply(
                 activity[out], tuple((self.proj[k].operator, self.proj[k].rule, shape) for k, _, shape in ports),
                 *(y for _, y, _ in ports), *(self._cast(self.proj[k].feedback, y) for k, y, _ in ports))
+        if self.circuit.returns is not None:
+            return _returned(self.circuit.returns, activity)
         if len(self.outputs) == 1:
             return activity[self.outputs[0]]
         return {name: activity[name] for name in self.outputs}
@@ -240,6 +242,16 @@ class CircuitNet(nn.Module):
         for name, p in self.named_parameters():
             if not name.endswith(".B"):
                 yield p
+
+
+def _returned(structure: Any, activity: dict[str, Tensor]) -> Any:
+    """The outputs in the circuit's structure (Circuit.returns): population names replaced by their activity."""
+    if isinstance(structure, str):
+        return activity[structure]
+    if isinstance(structure, dict):
+        return {k: _returned(v, activity) for k, v in structure.items()}
+    items = [_returned(v, activity) for v in structure]
+    return type(structure)(*items) if hasattr(structure, "_fields") else type(structure)(items)
 
 
 def unwrap(net: nn.Module) -> CircuitNet:

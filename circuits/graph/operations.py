@@ -111,14 +111,19 @@ def _method(name: str) -> Callable[..., Any]:
 _TORCH = ("cat", "stack", "reshape", "permute", "transpose", "flatten", "split", "chunk", "matmul", "bmm", "mul", "add",
           "sub", "div", "neg", "unsqueeze", "squeeze", "narrow", "masked_fill", "where", "tril", "triu", "exp", "log",
           "sqrt", "rsqrt", "mean", "sum", "pow", "abs", "clamp", "erf", "movedim", "swapaxes", "einsum", "ones",
-          "zeros", "full", "arange", "unflatten", "outer", "roll", "baddbmm")
+          "zeros", "full", "arange", "unflatten", "outer", "roll", "baddbmm", "amax", "amin", "maximum", "minimum",
+          "zeros_like", "ones_like", "flip", "unbind", "addcmul", "addcdiv", "lerp", "square")
 _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as", "unsqueeze",
             "squeeze", "split", "chunk", "masked_fill", "mean", "sum", "pow", "sqrt", "exp", "mul",
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
             "view_as", "reshape_as", "tril", "triu", "eq", "ne", "lt", "gt", "logical_not", "bool", "float", "type_as",
-            "to", "__getitem__", "t", "abs", "clamp")
+            "to", "__getitem__", "t", "abs", "clamp", "amax", "amin", "rsqrt", "square",
+            "var", "std", "norm", "roll", "flip", "index_select", "new_zeros", "new_ones", "repeat_interleave",
+            "clamp_min", "clamp_max", "unbind")
 _FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize", "adaptive_avg_pool2d",
-               "avg_pool2d", "max_pool2d", "interpolate", "prelu", "rrelu")
+               "avg_pool2d", "max_pool2d", "interpolate", "prelu", "rrelu", "layer_norm", "group_norm", "batch_norm",
+               "instance_norm", "rms_norm", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
+               "adaptive_avg_pool1d", "pixel_shuffle", "pixel_unshuffle", "dropout1d", "dropout2d")
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne", "lt",
              "gt", "le", "ge", "invert", "and_", "or_")
 OPS: dict[str, Callable[..., Any]] = {
@@ -136,7 +141,8 @@ SYNAPTIC_OPS = {"torch.matmul", "torch.bmm", "torch.einsum", "torch.outer", "tor
 """Products that would make a held parameter a synaptic weight without a B: refused with a parameter."""
 _NAMES = {fn: name for name, fn in OPS.items() if not name.startswith(".")}
 TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3),
-                 "F.rrelu": ("training", 3)}
+                 "F.rrelu": ("training", 3), "F.batch_norm": ("training", 5), "F.dropout1d": ("training", 2),
+                 "F.dropout2d": ("training", 2)}
 """Functions with a `training` flag (name, position), which modules pass as self.training: the operation's own
 train/eval mode decides it (WhileLearning), as the module's did."""
 

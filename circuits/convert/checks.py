@@ -1,0 +1,155 @@
+"""What circuits.from_torch refuses, found on the traced graph before the module is run: tied and shared weights,
+and calls on the data that no circuit part computes. Each refusal says why and what to do (docs/conversion.md).
+
+A node depends on the data when it reads the input through anything but a shape read (x.size(), x.shape,
+x.dim(), x.dtype): such a node becomes a population, so its call must be one the walk converts.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CircuitError
+from ..graph.operations import op_name
+from .layers import call_activation, call_projection, is_activation, projection
+
+SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)}
+SUMS = (operator.add, torch.add, operator.iadd)
+SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv2d"}
+"""Functions that become a synaptic projection (with a B) when their weight is a module's own parameter."""
+GUIDE = "docs/conversion.md"
+_SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
+"""Methods that read only the shape or dtype of their second argument."""
+
+
+def is_shape_read(node: fx.Node) -> bool:
+    """x.size(), x.dim(), x.shape, x.ndim, x.dtype, x.device: a plain value, not a population."""
+    return (node.op, node.target) in SHAPE_READS and (node.target != getattr or node.args[1] in ("shape", "ndim",
+                                                                                                  "dtype", "device"))
+
+
+def tied_parameters(module: nn.Module) -> list[list[str]]:
+    """The parameters that two different modules hold (tied weights, b.weight = a.weight), each as its names."""
+    owners: dict[int, dict[nn.Module, str]] = {}
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for name, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(m, f"{prefix}.{name}" if prefix else name)
+    return [list(names.values()) for names in owners.values() if len(names) > 1]
+
+
+def refuse_tied(module: nn.Module) -> None:
+    """A CircuitError naming the tied parameters, if any: a circuit gives each projection its own W and B."""
+    tied = tied_parameters(module)
+    if tied:
+        names = "; ".join(" = ".join(repr(n) for n in names) for names in tied)
+        raise CircuitError(f"{type(module).__name__} ties weights ({names}): one parameter under several layers. "
+                           f"Each converted projection owns its W and its B, so the tie would break (two parameters "
+                           f"where torch has one) and learning would diverge from torch's. Untie them before "
+                           f"converting, e.g. b.weight = nn.Parameter(a.weight.detach().clone()) (see {GUIDE}, "
+                           f"'Shared weights')")
+
+
+def has_state(layer: nn.Module) -> bool:
+    """Whether the module holds parameters or buffers of its own (a second call would share them)."""
+    return any(True for _ in layer.parameters()) or any(True for _ in layer.buffers())
+
+
+def data_nodes(traced: fx.GraphModule) -> set[fx.Node]:
+    """The nodes that depend on the data: reached from an input (a placeholder not fixed at its default) other than
+    through shape reads."""
+    found: set[fx.Node] = set()
+    for node in traced.graph.nodes:
+        if (node.op == "placeholder" and not node.args) or (not is_shape_read(node) and node.op != "output"
+                                        and any(a in found for a in node.all_input_nodes)):
+            found.add(node)
+    return found
+
+
+def refuse_early(traced: fx.GraphModule, name: str) -> None:
+    """The refusals the graph alone shows, before any run: a CircuitError saying why and what to do."""
+    data = data_nodes(traced)
+    calls: dict[str, int] = {}
+    for node in traced.graph.nodes:
+        if node.op == "get_attr" and isinstance(_attribute(traced, node.target), nn.Parameter):
+            users = [u for u in node.users if not is_shape_read(u) and not (
+                u.target in _SHAPE_OF_SECOND and len(u.args) > 1 and u.args[1] is node)]
+            if len(users) > 1:
+                raise CircuitError(f"{name}: parameter {node.target!r} is read by {len(users)} calls "
+                                   f"({', '.join(u.name for u in users)}): shared weights. {_SHARED}")
+        if node not in data or node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "call_module":
+            layer = traced.get_submodule(node.target)
+            calls[node.target] = calls.get(node.target, 0) + 1
+            if calls[node.target] > 1 and has_state(layer):
+                raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}) is called more than "
+                                   f"once and holds parameters or buffers: shared weights. {_SHARED}")
+            if not (is_activation(layer) or isinstance(layer, nn.MultiheadAttention)):
+                projection(layer, node.target)       # its refusal, with the reason
+        elif convertible_call(node) is False:
+            raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) calls {_target(node)}, which no "
+                               f"circuit part computes: operations call only the torch functions listed in "
+                               f"circuits.graph.operations.OPS. Write it with those, or convert the module with "
+                               f"circuits.in_place, which keeps the module's own forward (see {GUIDE})")
+
+
+def refuse_dropped_branches(module: nn.Module, traced: fx.GraphModule, retrace: Callable[[], fx.GraphModule]) -> None:
+    """A module converted in eval mode whose train-mode graph computes more from the data (GoogLeNet's and
+    Inception-v3's auxiliary heads): a CircuitError saying so, as the circuit computes one graph in both modes.
+    `retrace`: the module's graph, traced now (in train mode)."""
+    if module.training:
+        return
+    modes = {m: m.training for m in module.modules()}
+    module.train()
+    try:
+        trained = retrace()
+    except CircuitError:        # not traceable in train mode: nothing to compare (in_place converts it)
+        return
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    calls = {(n.op, str(n.target)) for n in data_nodes(traced)}
+    dropped = sorted({n.name for n in data_nodes(trained) if (n.op, str(n.target)) not in calls})
+    if dropped:
+        names = ", ".join(dropped[:6]) + (", ..." if len(dropped) > 6 else "")
+        raise CircuitError(f"{type(module).__name__} computes more in train mode than in eval mode ({names}), and "
+                           f"a circuit computes one graph in both modes: "
+                           f"converted in eval mode it would drop those branches. Call module.train() before "
+                           f"from_torch (the circuit then returns them in both modes), or build the model without "
+                           f"them (e.g. aux_logits=False) (see {GUIDE})")
+
+
+def is_named_tuple(target: Any) -> bool:
+    """Whether a call target is a named tuple class (a module's several outputs: GoogLeNetOutputs)."""
+    return isinstance(target, type) and issubclass(target, tuple) and hasattr(target, "_fields")
+
+
+def convertible_call(node: fx.Node) -> bool:
+    """Whether from_torch converts a call_function or call_method node on the data (a named tuple of outputs
+    included)."""
+    return bool(node.target is operator.getitem or is_named_tuple(node.target) or node.target in SUMS
+                or node.target in SYNAPTIC_FUNCTIONS
+                or op_name(node.target) is not None or call_activation(node) is not None
+                or call_projection(node) is not None)
+
+
+_SHARED = (f"A circuit gives each projection its own W and B, so a weight used twice would become two. Give each use "
+           f"a layer of its own, or convert the module with circuits.in_place, where a layer called twice stays one "
+           f"Synapse (see {GUIDE}, 'Shared weights')")
+
+
+def _attribute(traced: fx.GraphModule, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(traced.get_submodule(owner) if owner else traced, attr, None)
+
+
+def _target(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return f"the tensor method .{target}()"
+    return f"{getattr(target, '__module__', '') or ''}.{getattr(target, '__name__', repr(target))}".lstrip(".")
