@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.compar
     try:
         with torch_threads(threads):
             run(config, command)
-    except (FileExistsError, ImportError, ValueError) as e:
+    except (OSError, ImportError, ValueError) as e:     # a folder that cannot be written among them
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

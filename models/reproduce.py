@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reprod
     try:
         with torch_threads(args.threads):
             run(config, command)
-    except (FileExistsError, FileNotFoundError, ImportError, ValueError, circuits.CircuitError) as e:
+    except (OSError, ImportError, ValueError, circuits.CircuitError) as e:    # OSError: a folder not writable
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

