@@ -37,7 +37,7 @@ import torch
 from loader import images_per_second  # benchmarks/loader.py: run as a script, its folder is on sys.path
 
 import circuits
-from models import imagenet
+from models import imagenet, imagenet_recipe
 from models.imagenet_dali import LOADERS
 from models.imagenet_data import synthetic_image_folder
 
@@ -64,10 +64,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_rate(recipe: imagenet.Recipe, device: torch.device, loader: Iterable, epochs: int, warmup: int,
+def train_rate(recipe: imagenet_recipe.Recipe, device: torch.device, loader: Iterable, epochs: int, warmup: int,
                classes: int) -> dict:
     """Images/s of learning steps after `warmup` steps, over `epochs` passes of `loader`."""
-    worker = imagenet.Worker(device=device)
+    worker = imagenet_recipe.Worker(device=device)
     net, model = imagenet.build_model(recipe, worker, classes)
     optimizer, lr_scheduler, schedule, config = imagenet.training_parts(net, recipe, worker, len(loader))
     marks: list[tuple[float, int]] = []
@@ -89,7 +89,7 @@ def train_rate(recipe: imagenet.Recipe, device: torch.device, loader: Iterable, 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet50", choices=sorted(imagenet.ARCHS))
+    p.add_argument("--arch", default="resnet50", choices=sorted(imagenet_recipe.ARCHS))
     p.add_argument("--rules", nargs="+", default=["bp", "fa", "kp", "wm"], choices=list(circuits.rules.RULES))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=30, help="timed synthetic steps")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rate = images_per_second(folder, decode, device, args.batch_size, args.workers, args.image_size, 3, None,
                                      loader)
             record({"source": f"{names[loader]} only/{decode}", "mode": "-", "rule": "-", "images_per_s": rate})
-        base = imagenet.Recipe(data=str(folder), arch=args.arch, batch_size=args.batch_size, mirror_warmup=0,
+        base = imagenet_recipe.Recipe(data=str(folder), arch=args.arch, batch_size=args.batch_size, mirror_warmup=0,
                                progress=False, amp=True, channels_last=True, workers=args.workers,
                                image_size=args.image_size)
         size = args.image_size
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         return results
                     recipe = dataclasses.replace(base, rule=rule, compile=compiled, decode=decode,
                                                  loader=loader or "torch")
-                    recipe = imagenet.resolve(recipe, imagenet.Worker(device=device))
+                    recipe = imagenet_recipe.resolve(recipe, imagenet_recipe.Worker(device=device))
                     imagenet.configure_torch(recipe)
                     torch._dynamo.reset()       # each row compiles afresh, clear of the recompile limit
                     if device.type == "cuda":

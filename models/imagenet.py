@@ -31,6 +31,9 @@ The end-of-epoch checkpoint is taken after the epoch's evaluation, so a resumed
 run keeps every evaluation row. Rank 0 holds OUT/checkpoint.pt.lock while it runs: a second process on
 the same folder is refused.
 
+The recipe, its resolution and the lr schedule: models.imagenet_recipe; reading and writing checkpoints and the
+run folder's lock: models.imagenet_checkpoint.
+
 Divergence: a non-finite loss, parameter or buffer stops the run with a DivergenceError naming the step (see
 circuits.phases.trainer); every checkpoint is checked first, so none is ever written from a non-finite state
 and the last good one survives.
@@ -38,139 +41,33 @@ and the last good one survives.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import errno
-import functools
 import os
-import pickle
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, MultiStepLR, SequentialLR
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 import circuits
-from circuits import rules
 from circuits.phases.divergence import DivergenceError
 from circuits.phases.progress import rng_state, set_rng_state
 from circuits.phases.schedule import Schedule
-from circuits.recording import RecordingError, WriterLock
+from circuits.recording import RecordingError
 from circuits.recording.recorder import Recorder
 
-from .cli import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse, within
-from .imagenet_dali import LOADERS, DaliBatches, require_dali
+from .cli import parse
+from .imagenet_checkpoint import load_checkpoint, lock_run, write_checkpoint
+from .imagenet_dali import LOADERS, DaliBatches
 from .imagenet_data import Batches, DatasetError
+from .imagenet_recipe import Recipe, Worker, architecture, feedback_rule, lr_schedule, resolve
 from .imagenet_resume import apply_changes, changed_settings, check_changes, saved_steps_per_epoch, warmup_batches
-from .resnet import cifar_resnet, resnet
-
-ARCHS: dict[str, Callable[..., circuits.Circuit]] = {
-    **{f"resnet{d}": functools.partial(resnet, d) for d in (18, 34, 50, 101, 152)},
-    # He et al.'s CIFAR ResNets (3x3 stem, 16-64 channels): small images, smoke runs and tests
-    **{f"resnet{d}": functools.partial(cifar_resnet, d, shortcut="projection") for d in (8, 20)},
-}
-
-
-def architecture(name: str) -> Callable[..., circuits.Circuit]:
-    """The circuit builder of `--arch name`: this project's ResNet builders (ARCHS), else any torchvision
-    classification model, else any timm model (timm installed), each converted by circuits.from_torch at the
-    recipe's crop, in float32, untrained. A CircuitError lists what is accepted."""
-    if name in ARCHS:
-        return ARCHS[name]
-    import torchvision
-    if name in torchvision.models.list_models(module=torchvision.models):
-        single = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}    # one output to learn from
-        return functools.partial(_converted, lambda classes: torchvision.models.get_model(name, num_classes=classes,
-                                                                                          **single))
-    with contextlib.suppress(ImportError):
-        import timm
-        if timm.is_model(name):
-            return functools.partial(_converted, lambda classes: timm.create_model(name, num_classes=classes))
-    raise circuits.CircuitError(
-        f"unknown arch {name!r}; accepted: {', '.join(sorted(ARCHS))} (this project's builders), any torchvision "
-        f"classification model ({', '.join(torchvision.models.list_models(module=torchvision.models))}) and, with "
-        f"timm installed, any timm model (timm.list_models())")
-
-
-def _converted(make: Callable[[int], nn.Module], classes: int, input_shape: tuple[int, ...],
-               rule: rules.FeedbackRule) -> circuits.Circuit:
-    return circuits.from_torch(make(classes).train(), rule=rule, input_shape=input_shape)
-
-
-REFERENCE_BATCH = 256        # the batch at which lr = 0.1 (He et al. 2016; Goyal et al. 2017)
-_WM = rules.WeightMirror()
-
-
-WM, KP = "weight mirror (--rule wm)", "Kolen-Pollack (--rule kp)"
-
-
-@dataclass
-class Recipe:
-    """One ImageNet run. None means "derived": see `resolve`. Each field is a flag (models.cli)."""
-
-    data: str = option(help="folder with train/ and val/ folders of class subfolders of JPEGs")
-    arch: str = option("resnet50", f"{', '.join(sorted(ARCHS))} (this project's builders), any torchvision "
-                                   f"classification model, or any timm model (with timm installed)")
-    rule: str = option("bp", "feedback rule of every synaptic projection", choices=lambda: list(rules.RULES))
-    epochs: int = option(90, type=POSITIVE_INT)
-    batch_size: int = option(256, "global batch, split evenly over the processes", type=POSITIVE_INT)
-    lr: float | None = option(None, "None: 0.1 x batch-size / 256", type=POSITIVE)
-    momentum: float = option(0.9, type=within(0, 1))
-    weight_decay: float = option(1e-4, type=NON_NEGATIVE)
-    lr_schedule: str = option("step", choices=("step", "cosine"))
-    milestones: tuple[int, ...] = option((30, 60), "epochs at which 'step' multiplies lr by 0.1 (none: no drops)",
-                                           type=COUNT, empty=True)
-    warmup_epochs: float | None = option(None, "None: 5 if batch-size > 256 else 0; the warm-up rises from lr x 256 "
-                                               "/ batch-size, so it needs a batch above 256", type=NON_NEGATIVE)
-    image_size: int = option(224, "training and evaluation crop (at least 8: the CIFAR ResNets halve it twice)",
-                             type=within(8, kind=int))
-    loader: str = option("torch", "torch: DataLoader workers (models.imagenet_data); dali: an NVIDIA DALI pipeline "
-                                  "(models.imagenet_dali, the dali extra), the same crops", choices=("torch", "dali"))
-    decode: str | None = option(None, "None: device on CUDA, else cpu", choices=("cpu", "device"))
-    workers: int | None = option(None, "DataLoader workers per process (None: this process's share of the CPUs)",
-                                 type=COUNT)
-    amp: bool | None = option(None, "bf16 autocast (None: on CUDA)")
-    channels_last: bool | None = option(None, "None: on CUDA")
-    compile: bool = option(False, "torch.compile the net (and the recorder's alignment metrics)")
-    seed: int = 0
-    deterministic: bool = option(False, "deterministic kernels (slower on GPU)")
-    out: str | None = option(None, "run folder (checkpoint.pt); None: runs/imagenet-ARCH-RULE")
-    checkpoint_every: int = option(1000, "learning steps between checkpoints", type=POSITIVE_INT)
-    resume: bool = option(False, "continue the run saved in OUT/checkpoint.pt")
-    progress: bool = True
-    record: bool = option(True, "record to OUT/run.h5 (circuits.recording.recorder.Recorder), rank 0")
-    record_every: int = option(10, "ticks (learning steps and mirror batches) between recorded rows",
-                               type=POSITIVE_INT)
-    probe_every: int = option(1000, "learning steps between recorded error/update angles to backprop on a fixed "
-                                    "val batch (0: never)", type=COUNT)
-    # the weight mirror: circuits.rules.WeightMirror's defaults; the authors' cadence
-    wm_sigma: float = option(_WM.sigma, "noise standard deviation", type=POSITIVE, group=WM)
-    wm_eta: float = option(_WM.eta, "eta_B, B's Hebbian learning rate", type=POSITIVE, group=WM)
-    wm_decay: float = option(_WM.decay, "lambda_B, B's decay per mirror batch", type=within(0, 1), group=WM)
-    wm_noise: str = option(_WM.noise, choices=("gaussian", "uniform"), group=WM)
-    mirror_batch_size: int | None = option(None, "noise samples per mirror batch (None: the per-process training "
-                                                 "batch)", type=POSITIVE_INT, group=WM)
-    mirror_every: int = option(1, "learning steps between mirror batches", type=POSITIVE_INT, group=WM)
-    mirror_warmup: int | None = option(None, "mirror batches before learning (None: one epoch's worth of steps)",
-                                       type=COUNT, group=WM)
-    mirror_beside: bool = option(False, "run each mirror batch on a CUDA side stream beside the next forward pass "
-                                        "(circuits.phases.mirror_stream; the same numbers as the serial order)",
-                                 group=WM)
-    kp_decay: float = option(0.0, "decay of W and B beyond --weight-decay, which already applies to both",
-                             type=NON_NEGATIVE, group=KP)
-
-    @property
-    def checkpoint_key(self) -> dict[str, Any]:
-        """What a checkpoint must share with this recipe to be continued by it (and the data's number of classes)."""
-        return {"arch": self.arch, "rule": self.rule, "image_size": self.image_size}
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m models.imagenet") -> Recipe:
@@ -181,25 +78,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m models.
 
 
 # --- distributed set-up ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Worker:
-    """This process's place under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or a lone process."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
 def start_processes() -> Worker:
     """Join the torchrun process group (NCCL on GPU, gloo on CPU); one CUDA device per process."""
     env = os.environ
@@ -217,124 +95,7 @@ def start_processes() -> Worker:
     return Worker(rank, world_size, local_rank, local_world, device)
 
 
-# --- the recipe, resolved -----------------------------------------------------------------------
-def resolve(recipe: Recipe, worker: Worker) -> Recipe:
-    """Fill the derived defaults (None fields) and check the recipe; a CircuitError names any problem."""
-    cuda = worker.device.type == "cuda"
-    architecture(recipe.arch)       # a CircuitError listing what is accepted
-    if recipe.batch_size % worker.world_size:
-        raise circuits.CircuitError(
-            f"batch size {recipe.batch_size} does not split evenly over {worker.world_size} processes"
-        )
-    if recipe.loader not in LOADERS:
-        raise circuits.CircuitError(f"loader must be 'torch' or 'dali', got {recipe.loader!r}")
-    if recipe.loader == "dali":
-        require_dali()
-    if recipe.lr_schedule not in ("step", "cosine"):
-        raise circuits.CircuitError(f"lr schedule must be 'step' or 'cosine', got {recipe.lr_schedule!r}")
-    for name in ("epochs", "batch_size", "image_size", "checkpoint_every", "mirror_every", "record_every",
-                 "lr", "mirror_batch_size"):
-        if getattr(recipe, name) is not None and not getattr(recipe, name) > 0:
-            raise circuits.CircuitError(f"{name} must be positive, got {getattr(recipe, name)}")
-    for name in ("probe_every", "workers", "warmup_epochs", "mirror_warmup"):
-        if getattr(recipe, name) is not None and not getattr(recipe, name) >= 0:
-            raise circuits.CircuitError(f"{name} must be 0 or more, got {getattr(recipe, name)}")
-    if recipe.warmup_epochs and recipe.batch_size <= REFERENCE_BATCH:
-        raise circuits.CircuitError(
-            f"warm-up of {recipe.warmup_epochs:g} epochs at batch size {recipe.batch_size}: the warm-up rises from "
-            f"lr x {REFERENCE_BATCH} / batch size (Goyal et al.), which is the full lr at batches up to "
-            f"{REFERENCE_BATCH}, so it would do nothing; drop --warmup-epochs, or use a batch size above "
-            f"{REFERENCE_BATCH}"
-        )
-    workers = recipe.workers
-    if workers is None:
-        workers = max(1, len(os.sched_getaffinity(0)) // worker.local_world_size - 1)
-    return dataclasses.replace(
-        recipe,
-        lr=recipe.lr if recipe.lr is not None else 0.1 * recipe.batch_size / REFERENCE_BATCH,
-        warmup_epochs=(
-            recipe.warmup_epochs
-            if recipe.warmup_epochs is not None
-            else (5.0 if recipe.batch_size > REFERENCE_BATCH else 0.0)
-        ),
-        decode=recipe.decode or ("device" if cuda else "cpu"),
-        workers=workers,
-        amp=cuda if recipe.amp is None else recipe.amp,
-        channels_last=cuda if recipe.channels_last is None else recipe.channels_last,
-        out=recipe.out or f"runs/imagenet-{recipe.arch}-{recipe.rule}",
-        mirror_batch_size=(
-            recipe.mirror_batch_size if recipe.mirror_batch_size is not None else recipe.batch_size // worker.world_size
-        ),
-    )
-
-
-def feedback_rule(recipe: Recipe) -> rules.FeedbackRule:
-    """The rule named by the recipe, with its parameters."""
-    return rules.get(recipe.rule, {"kp": {"decay": recipe.kp_decay},
-                                   "wm": {"sigma": recipe.wm_sigma, "eta": recipe.wm_eta, "decay": recipe.wm_decay,
-                                          "noise": recipe.wm_noise}})
-
-
-def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:
-    """Per-step learning rate: linear warm-up from lr x 256 / batch (Goyal et al.), then step or cosine."""
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    total = recipe.epochs * steps_per_epoch
-    if recipe.lr_schedule == "cosine":
-        main = CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-    else:
-        main = MultiStepLR(optimizer, [m * steps_per_epoch - warmup for m in recipe.milestones], gamma=0.1)
-    if not warmup:
-        return main
-    start = min(1.0, REFERENCE_BATCH / recipe.batch_size)
-    return SequentialLR(optimizer, [LinearLR(optimizer, start, 1.0, total_iters=warmup), main], milestones=[warmup])
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-def load_checkpoint(path: Path, key: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A checkpoint's contents, or a CircuitError if it is not one or belongs to another run
-    (another architecture, rule, crop size or number of classes: `key`, the recipe's checkpoint_key)."""
-    if not path.is_file():
-        raise circuits.CircuitError(f"--resume: there is no checkpoint {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises OSError, EOFError, RuntimeError, UnpicklingError...
-        why = ("it holds objects other than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
-               else f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no data'}")
-        raise circuits.CircuitError(
-            f"{path} cannot be read as a checkpoint: it is truncated, damaged or not a checkpoint "
-            f"of models.imagenet ({why}); move it away to run again from step 0, "
-            f"or choose another --out"
-        ) from None
-    if not isinstance(state, dict) or "checkpoint_key" not in state or "trainer" not in state:
-        raise circuits.CircuitError(f"{path} is not an ImageNet checkpoint of models.imagenet")
-    theirs, ours = state["checkpoint_key"], key
-    if theirs != ours:
-        diff = ", ".join(f"{k} {theirs.get(k)!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
-        raise circuits.CircuitError(f"checkpoint {path} belongs to another run: {diff}")
-    return state
-
-
-def write_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """torch.save into PATH.partial, then an atomic rename. A write the disk has no room for (torch: "[enforce fail
-    at inline_container.cc] unexpected pos", or ENOSPC / EFBIG / EDQUOT) removes the .partial and raises an OSError
-    saying so; the previous checkpoint is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    try:
-        torch.save(state, partial)
-    except (OSError, RuntimeError) as e:
-        partial.unlink(missing_ok=True)
-        code = getattr(e, "errno", None)
-        if "unexpected pos" not in str(e) and code not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
-        kept = f"the previous checkpoint {path} is kept" if path.is_file() else "no checkpoint was written before"
-        raise OSError(code or errno.ENOSPC, (
-            f"writing checkpoint {path} failed: the disk is full (or a file size limit was reached; "
-            f"{shutil.disk_usage(path.parent).free} bytes free there); {kept} and the partial file was removed; "
-            f"free some space and run again with --resume. torch said: {str(e).splitlines()[0][:200]}")) from e
-    os.replace(partial, path)
-
-
+# --- the trainer (checkpoints: models.imagenet_checkpoint) ------------------------------------
 class ImageNetTrainer(circuits.Trainer):
     """circuits.Trainer that checkpoints between learning steps and after each epoch, and reports
     images/s and unreadable images each epoch on rank 0."""
@@ -459,22 +220,6 @@ def training_parts(net: circuits.CircuitNet, recipe: Recipe, worker: Worker, ste
     schedule = circuits.paper_schedule(net, steps_per_epoch, recipe.mirror_batch_size, warmup=recipe.mirror_warmup,
                                        every=recipe.mirror_every)
     return optimizer, lr_schedule(optimizer, recipe, steps_per_epoch), schedule, config
-
-
-def lock_run(recipe: Recipe, worker: Worker) -> WriterLock | None:
-    """Rank 0: the run folder's lock (OUT/checkpoint.pt.lock), or a CircuitError naming the process that holds it."""
-    out = Path(recipe.out)
-    if not worker.main:
-        return None
-    if recipe.resume and not out.is_dir():
-        raise circuits.CircuitError(f"--resume: there is no checkpoint {out / 'checkpoint.pt'} (no folder {out})")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = WriterLock(out / "checkpoint.pt.lock")
-    holder = lock.acquire()
-    if holder is not None:
-        raise circuits.CircuitError(f"{out} is in use by another run ({holder}): one process writes a run folder at "
-                                    f"a time; wait for it to end or stop it, or choose another --out")
-    return lock
 
 
 def build_trainer(recipe: Recipe, worker: Worker

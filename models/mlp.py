@@ -3,7 +3,7 @@
 Layer l+1 sums W_{l+1} y_l + b_{l+1} and fires y_{l+1} = sigmoid(a_{l+1}); the output population
 fires its summed input (logits for a softmax cross-entropy loss), or with output_activation="sigmoid"
 y_L = sigmoid(a_L), the authors' released output (trained with binary cross-entropy summed over the
-classes, models.reproduce.summed_bce). Projections are named fc1, fc2, ... in order, the names
+classes, models.released.summed_bce). Projections are named fc1, fc2, ... in order, the names
 `rules_by_layer` uses (circuits.LayerRules, as every builder here).
 """
 from __future__ import annotations

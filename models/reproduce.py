@@ -24,7 +24,7 @@ then one after every learning step). Per seed every rule starts from the same fo
   WM: eq. 7, dB = eta_B <y_{l+1} y_l^T> - lambda_B B on Gaussian noise of variance 1 with
   eta_B = lambda_B (--wm-decay), so B -> W (rules.WeightMirror).
 --settings released: the choices of the authors' released code (makrout/Deep-Learning-without-Weight-
-  Transport at 688f47a, fcnn/FCNN_*.py and run.sh), each named in RELEASED_CHOICES, bugs included
+  Transport at 688f47a, fcnn/FCNN_*.py and run.sh), each named in models.released.RELEASED_CHOICES, bugs included
   where they change results.
 
 Written to --out (default runs/reproduce/<dataset>-<settings>): runs/<rule>-seed<seed>.h5
@@ -43,16 +43,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
-from torch.utils.data import DataLoader
 
 import circuits
 from analysis import stats
@@ -60,7 +56,17 @@ from circuits import rules
 
 from . import compare, data, provenance
 from .cli import POSITIVE, POSITIVE_INT, option, parse, within
-from .mlp import mlp
+from .released import (
+    AUTHORS_EPOCH_400,
+    AUTHORS_FA_ANGLE,
+    AUTHORS_LOG,
+    BATCH,
+    RELEASED_CHOICES,
+    released_loader,
+    released_net,
+    released_optimizer,
+    summed_bce,
+)
 from .runs import RunFolder, diverged_rows, pending_note, shared_settings, torch_threads
 
 DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
@@ -68,8 +74,6 @@ SETTINGS = ("paper", "released")
 RULES = compare.RULES
 SEEDS = (1111, 1112, 1113)
 """The authors' seed (main.py's default) and two more; torch's generator, not NumPy's, so the draws differ."""
-HIDDEN = 500
-BATCH = 128
 PAPER_LR = 1.0
 """The learning rate of every rule under --settings paper (the project's choice, as models.compare's: the
 paper's equations set none)."""
@@ -82,60 +86,10 @@ run as a short run trains them."""
 PAPER_WM_DECAY = 0.005
 """The weight mirror's lambda_B = eta_B under --settings paper (the project's choice, as models.compare):
 with 128 noise samples B settles about 7 degrees from W in a 784-input layer."""
-AUTHORS_EPOCH_400 = {"bp": (98.50, None, None), "fa": (97.80, 89.85, 40.03), "kp": (98.45, 19.96, 3.62),
-                     "wm": (98.49, 12.79, 3.79)}
-"""The authors' own MNIST runs after their last (400th) epoch (experiments/mnist/<rule>-V0/log.txt, as
-AUTHORS_LOG): test accuracy (%) and angle(B, W) of fc1 and fc2 in degrees, rounded to 2 decimals. Their
-fc1 ends above the 10-degree bar under KP (19.96) and WM (12.79)."""
-AUTHORS_FA_ANGLE = 40.0
-"""The authors' last-layer angle(B, W) under FA on MNIST (about 40 degrees)."""
 ACCURACY_POINTS = 0.5
 """The bar: WM and KP within this many points of BP (and, released, of the authors' figures)."""
 BOOKKEEPING = compare.BOOKKEEPING + ("cache",)
 """The configuration fields that do not change how a run trains (models.runs.RunFolder)."""
-
-AUTHORS_LOG: dict[str, tuple[tuple[float, float | None, float | None], ...]] = {
-    "bp": ((88.0, None, None), (89.69, None, None), (90.58, None, None), (91.28, None, None), (91.84, None, None),
-           (92.39, None, None), (92.93, None, None), (93.38, None, None), (93.78, None, None), (94.12, None, None)),
-    "fa": ((85.49, 89.83, 40.04), (88.04, 89.83, 34.92), (89.01, 89.82, 32.60), (89.51, 89.82, 31.30),
-           (89.88, 89.81, 30.50), (90.15, 89.81, 29.99), (90.41, 89.81, 29.65), (90.57, 89.80, 29.44),
-           (90.68, 89.80, 29.31), (90.86, 89.80, 29.25)),
-    "kp": ((88.9, 70.95, 19.75), (90.65, 65.28, 17.09), (91.75, 61.15, 15.75), (92.57, 57.72, 14.74),
-           (93.46, 54.87, 13.91), (94.08, 52.49, 13.20), (94.51, 50.47, 12.59), (94.81, 48.74, 12.06),
-           (95.14, 47.24, 11.59), (95.41, 45.92, 11.18)),
-    "wm": ((78.48, 83.16, 61.33), (84.23, 81.31, 53.15), (86.54, 79.88, 47.26), (87.94, 78.34, 41.99),
-           (88.48, 77.18, 37.98), (89.15, 76.08, 34.86), (89.59, 75.12, 32.51), (89.93, 74.20, 31.22),
-           (90.18, 73.26, 29.31), (90.49, 72.22, 27.45)),
-}
-"""The authors' own MNIST runs epoch by epoch, the first 10 of 400 (makrout/Deep-Learning-without-Weight-
-Transport, experiments/mnist/<rule>-V0/log.txt): test accuracy (%) and angle(B, W) of fc1 and fc2 (their
-"layer 3" and "layer 2") in degrees after each epoch, rounded to 2 decimals."""
-
-RELEASED_LR = {"bp": 0.2, "fa": 0.2, "wm": 0.05, "kp": 0.3}
-"""run.sh lines 3, 7, 11, 15: the learning rate per rule. SS and DFA, not in their code, get BP's."""
-RELEASED_NOISE = 0.1
-"""FCNN_WM.py line 48: mirror noise 0.1 * (U[0, 1) - 0.5), uniform on [-0.05, 0.05): std 0.1 / sqrt(12)."""
-RELEASED_MIRROR_ETA = 0.01
-"""FCNN_WM.py line 30: mirror_learning_rate."""
-RELEASED_CHOICES = (
-    "output: sigmoid units trained with binary cross-entropy summed over the 10 classes and averaged over the "
-    "batch (FCNN_BP.py lines 73, 182: delta = y - target), not a softmax",
-    "inputs: pixels in [0, 1] (main.py, preprocess), not centred",
-    "init: W, b and B drawn from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30)",
-    "learning rate per rule: BP 0.2, FA 0.2, WM 0.05, KP 0.3 (run.sh); SS and DFA, absent from their code, BP's 0.2",
-    "bug: the bias gradient is averaged over the batch (FCNN_BP.py line 185) and then divided by the batch size "
-    "again (line 142): biases learn at lr / 128",
-    "no shuffling: the same batches in file order every epoch, the last 60,000 - 468 x 128 = 96 images never "
-    "used (FCNN_BP.py lines 103-106, 125)",
-    "KP: no decay; the factor weight_decay defaults to 1 and is never set (FCNN_KP.py lines 30, 64, 72), so "
-    "W - B never shrinks",
-    "WM: noise uniform on [-0.05, 0.05) (FCNN_WM.py line 48; its docstring says Gaussian), response "
-    "sigmoid(W y + b) (line 49), correlation summed over the 128 noise samples, eta_B 0.01, no decay (line 51)",
-    "WM bug: the growth control rebinds a local name and so does nothing (FCNN_WM.py lines 53-58): B grows "
-    "without bound",
-    "float64 NumPy there, float32 torch here",
-)
-
 
 PAPER_ONLY = "--settings paper only"
 
@@ -175,58 +129,7 @@ class ReproduceConfig:
         return Path(self.cache) if self.cache is not None else self.out_dir.parent / "data"
 
 
-# === --settings released: the authors' code ==============================================
-def summed_bce(output: Tensor, target: Tensor) -> Tensor:
-    """L = mean over the batch of sum_k -t_k log y_k - (1 - t_k) log(1 - y_k), t the one-hot target and
-    y the sigmoid output (FCNN_BP.py line 73); its error at the output's summed input is y - t (line 182)."""
-    onehot = F.one_hot(target, output.shape[1]).to(output.dtype)
-    return F.binary_cross_entropy(output, onehot, reduction="sum") / output.shape[0]
-
-
-def released_rule(rule: str) -> rules.FeedbackRule:
-    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51); any other rule as registered."""
-    if rule == "kp":
-        return rules.KolenPollack(decay=0.0)
-    if rule == "wm":
-        return rules.WeightMirror(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0,
-                                  noise="uniform", response="sigmoid", reduction="sum")
-    return rules.get(rule)
-
-
-def released_net(rule: str, seed: int, inputs: int, classes: int = 10) -> circuits.CircuitNet:
-    """The authors' inputs-500-classes net with sigmoid output under `rule`, drawn from `seed` as their code
-    draws it: W, b and every stored B from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30).
-    W and b come first from their own generator, so every rule of a seed starts from the same forward weights."""
-    torch.manual_seed(seed)                     # direct feedback (DFA) draws its B at build
-    net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule), output_activation="sigmoid").build()
-    generator = torch.Generator().manual_seed(seed)
-    synapses = [s for _, s in net.projections()]
-    with torch.no_grad():
-        for s in synapses:
-            std = 1 / math.sqrt(sum(s.weight.shape))
-            s.bias.normal_(0, std, generator=generator)
-            s.weight.normal_(0, std, generator=generator)
-        for s in synapses:
-            if isinstance(getattr(s, "B", None), Tensor):   # a B of its own (FA, KP, WM), not computed from W
-                s.feedback = torch.randn(s.weight.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
-    return net
-
-
-def released_optimizer(net: circuits.CircuitNet, rule: str, batch_size: int = BATCH) -> torch.optim.SGD:
-    """Plain SGD at the rule's learning rate (run.sh); biases at lr / batch_size, the bias bug
-    (b -= lr / batch_size * mean of delta over the batch, FCNN_BP.py lines 142, 185)."""
-    lr = RELEASED_LR.get(rule, RELEASED_LR["bp"])
-    biases = [s.bias for _, s in net.projections()]
-    ids = {id(b) for b in biases}
-    return torch.optim.SGD([{"params": [p for p in net.parameters() if id(p) not in ids]},
-                            {"params": biases, "lr": lr / batch_size}], lr=lr)
-
-
-def released_loader(train: torch.utils.data.Dataset, batch_size: int = BATCH) -> DataLoader:
-    """The training images in file order every epoch, the last incomplete batch dropped (FCNN_BP.py 103-106, 125)."""
-    return DataLoader(train, batch_size=batch_size, shuffle=False, drop_last=True)
-
-
+# === --settings released: the authors' code (models.released) ==============================
 def train_released(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit,
                    recording: Path, record: dict | None = None) -> compare.RunResult:
     """One run as the authors' code trains it, recorded to `recording` (with the provenance `record`)."""

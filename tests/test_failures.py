@@ -507,22 +507,23 @@ def test_imagenet_flags_out_of_range_are_argparse_errors(flag, value, message, c
 
 def test_imagenet_recipes_that_make_no_sense_are_refused():
     """Item 11: mirror batch size 0 is not "the default", and a warm-up that would do nothing is not ignored."""
-    from models import imagenet
+    from models import imagenet, imagenet_recipe
 
-    cpu = imagenet.Worker()
+    cpu = imagenet_recipe.Worker()
     with pytest.raises(circuits.CircuitError, match="mirror_batch_size must be positive, got 0"):
-        imagenet.resolve(imagenet.Recipe(data="x", mirror_batch_size=0), cpu)
+        imagenet_recipe.resolve(imagenet_recipe.Recipe(data="x", mirror_batch_size=0), cpu)
     with pytest.raises(circuits.CircuitError, match=r"warm-up of 5 epochs at batch size 256: the warm-up rises from "
                                                     r"lr x 256 / batch size .* so it would do nothing"):
-        imagenet.resolve(imagenet.parse_args(["--data", "x", "--warmup-epochs", "5"]), cpu)
-    assert imagenet.resolve(imagenet.Recipe(data="x", batch_size=512, warmup_epochs=5), cpu).warmup_epochs == 5
-    assert imagenet.resolve(imagenet.Recipe(data="x", mirror_batch_size=7), cpu).mirror_batch_size == 7
+        imagenet_recipe.resolve(imagenet.parse_args(["--data", "x", "--warmup-epochs", "5"]), cpu)
+    assert imagenet_recipe.resolve(imagenet_recipe.Recipe(data="x", batch_size=512, warmup_epochs=5),
+                                   cpu).warmup_epochs == 5
+    assert imagenet_recipe.resolve(imagenet_recipe.Recipe(data="x", mirror_batch_size=7), cpu).mirror_batch_size == 7
 
 
 @pytest.mark.parametrize("damage", ["half", "empty", "garbage"])
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
     """Item 11: a truncated or garbage checkpoint: a CircuitError, no raw OSError nor torch's weights_only advice."""
-    from models import imagenet
+    from models import imagenet_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     torch.save({"identity": {}, "trainer": {"w": torch.randn(64, 64)}}, path)
@@ -530,7 +531,7 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
     path.write_bytes({"half": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint"}[damage])
     with pytest.raises(circuits.CircuitError, match="cannot be read as a checkpoint: it is truncated, damaged or not "
                                                     "a checkpoint of models.imagenet") as error:
-        imagenet.load_checkpoint(path, {}, torch.device("cpu"))
+        imagenet_checkpoint.load_checkpoint(path, {}, torch.device("cpu"))
     assert "weights_only" not in str(error.value)
 
 

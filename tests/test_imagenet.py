@@ -18,7 +18,7 @@ import torch
 
 import circuits
 from circuits.recording import WriterLock, open_recording
-from models import imagenet
+from models import imagenet, imagenet_recipe
 from models.imagenet_data import DatasetError, image_batches, synthetic_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,10 @@ def angle(b: torch.Tensor, w: torch.Tensor) -> float:
 
 def initial_net(rule: str) -> circuits.CircuitNet:
     """The net a run with seed 0 starts from."""
-    recipe = imagenet.Recipe(data="", arch="resnet8", rule=rule, image_size=16)
+    recipe = imagenet_recipe.Recipe(data="", arch="resnet8", rule=rule, image_size=16)
     torch.manual_seed(0)
-    return imagenet.ARCHS["resnet8"](classes=3, input_shape=(3, 16, 16), rule=imagenet.feedback_rule(recipe)).build()
+    return imagenet_recipe.ARCHS["resnet8"](classes=3, input_shape=(3, 16, 16),
+                                            rule=imagenet_recipe.feedback_rule(recipe)).build()
 
 
 def kp_contraction(steps: int, lr: float, momentum: float, decay: float) -> float:
@@ -196,7 +197,8 @@ def test_checkpoints_of_other_runs_are_refused(folder, tmp_path):
     with pytest.raises(circuits.CircuitError, match="cannot be read as a checkpoint"):
         run(folder, tmp_path / "bp", "--rule", "bp", "--resume")
     with pytest.raises(circuits.CircuitError, match="does not split evenly over 2 processes"):
-        imagenet.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]), imagenet.Worker(world_size=2))
+        imagenet_recipe.resolve(imagenet.parse_args(["--data", "x", "--batch-size", "5"]),
+                                imagenet_recipe.Worker(world_size=2))
 
 
 def test_milestones_may_be_given_none():

@@ -13,7 +13,7 @@ import torch
 
 import circuits
 from analysis import open_run
-from models import compare, data, reproduce
+from models import compare, data, released, reproduce
 
 # The authors' released code, makrout/Deep-Learning-without-Weight-Transport at commit 688f47a (fcnn/),
 # transcribed line by line in NumPy. Their layout: activities are columns (units x batch), b is (out x 1),
@@ -96,28 +96,28 @@ def arrays(net):
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "kp", "wm"])
 def test_released_settings_reproduce_the_authors_update_equations_on_one_batch(rule):
-    net = reproduce.released_net(rule, seed=1111, inputs=784).double()
+    net = released.released_net(rule, seed=1111, inputs=784).double()
     weights, biases, feedback = arrays(net)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(reproduce.BATCH, 784, generator=g, dtype=torch.float64)
-    target = torch.randint(0, 10, (reproduce.BATCH,), generator=g)
+    x = torch.rand(released.BATCH, 784, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 10, (released.BATCH,), generator=g)
     onehot = np.eye(10)[target.numpy()].T
     x_cols = x.numpy().T
 
-    trainer = circuits.Trainer(net, reproduce.released_optimizer(net, rule), loss_fn=reproduce.summed_bce,
+    trainer = circuits.Trainer(net, released.released_optimizer(net, rule), loss_fn=released.summed_bce,
                                config=circuits.TrainerConfig(progress=False))
     loss = trainer.learn(x, target)
     authors = authors_train_step(rule, weights, biases, feedback, x_cols, onehot,
-                                 reproduce.RELEASED_LR[rule], reproduce.BATCH)
+                                 released.RELEASED_LR[rule], released.BATCH)
     assert float(loss) == pytest.approx(authors[0], rel=1e-12)
     expected = authors[1:]
     if rule == "wm":                                   # then one mirror batch: B learns from sigmoid(W y + b)
         torch.manual_seed(7)
-        noise = [torch.rand(reproduce.BATCH, w.shape[1], dtype=torch.float64).numpy().T for w in expected[0]]
+        noise = [torch.rand(released.BATCH, w.shape[1], dtype=torch.float64).numpy().T for w in expected[0]]
         torch.manual_seed(7)
-        circuits.phases.mirror.mirror_step(net, reproduce.BATCH)
+        circuits.phases.mirror.mirror_step(net, released.BATCH)
         expected = (expected[0], expected[1],
-                    authors_mirror(expected[0], expected[1], [b.copy() for b in expected[2]], noise, reproduce.BATCH))
+                    authors_mirror(expected[0], expected[1], [b.copy() for b in expected[2]], noise, released.BATCH))
     compared = 2 if rule == "bp" else 3               # BP has no B of its own: its B is W
     for ours, theirs in zip(arrays(net)[:compared], expected[:compared], strict=True):
         for a, b in zip(ours, theirs, strict=True):
@@ -127,16 +127,16 @@ def test_released_settings_reproduce_the_authors_update_equations_on_one_batch(r
 
 
 def test_released_init_cadence_and_learning_rates():
-    nets = {rule: reproduce.released_net(rule, seed=1111, inputs=784) for rule in ("bp", "fa", "wm")}
+    nets = {rule: released.released_net(rule, seed=1111, inputs=784) for rule in ("bp", "fa", "wm")}
     for name in ("fc1", "fc2"):                         # one seed, the same forward weights under every rule
         assert torch.equal(nets["bp"].projection(name).weight, nets["wm"].projection(name).weight)
     fc1 = nets["fa"].projection("fc1")
     std = (1 / (784 + 500)) ** 0.5                      # N(0, 1 / (n_in + n_out)), FCNN_BP.py line 31
     for tensor in (fc1.weight.detach(), fc1.feedback.detach()):
         assert float(tensor.std()) == pytest.approx(std, rel=0.02) and abs(float(tensor.mean())) < 0.01 * std
-    optimizer = reproduce.released_optimizer(nets["wm"], "wm")
+    optimizer = released.released_optimizer(nets["wm"], "wm")
     assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.05 / 128]          # the bias bug
-    loader = reproduce.released_loader(torch.utils.data.TensorDataset(torch.zeros(60000, 1)))
+    loader = released.released_loader(torch.utils.data.TensorDataset(torch.zeros(60000, 1)))
     assert len(loader) == 60000 // 128                 # int(X_train.shape[0] / batch_size) batches, FCNN_BP.py 125
     first = circuits.paper_schedule(nets["wm"], len(loader)).phases[0]
     assert (first.batches, first.batch_size) == (468, 128)   # FCNN_WM.py line 80: one epoch's worth of mirror batches

@@ -9,7 +9,7 @@ import torch
 
 import circuits
 from circuits import rules
-from models import imagenet
+from models import imagenet, imagenet_recipe
 from models.imagenet_data import synthetic_image_folder
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
@@ -54,15 +54,16 @@ def test_the_zoo_reports_a_refusal_with_its_reason_and_the_in_place_fallback():
 
 
 def test_imagenet_arch_takes_torchvision_and_timm_models_through_from_torch():
-    circuit = imagenet.architecture("mobilenet_v3_small")(classes=3, input_shape=(3, 32, 32), rule=rules.get("fa"))
+    circuit = imagenet_recipe.architecture("mobilenet_v3_small")(classes=3, input_shape=(3, 32, 32),
+                                                                 rule=rules.get("fa"))
     assert circuit.name == "MobileNetV3" and circuit.default_rule == rules.get("fa")
-    assert imagenet.architecture("resnet18") is imagenet.ARCHS["resnet18"]         # ResNets keep their builders
+    assert imagenet_recipe.architecture("resnet18") is imagenet_recipe.ARCHS["resnet18"]   # ResNets keep their builders
     if importlib.util.find_spec("timm"):
-        circuit = imagenet.architecture("test_resnet")(classes=3, input_shape=(3, 32, 32), rule=rules.get("bp"))
+        circuit = imagenet_recipe.architecture("test_resnet")(classes=3, input_shape=(3, 32, 32), rule=rules.get("bp"))
         assert circuit.build()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     with pytest.raises(circuits.CircuitError, match=r"unknown arch 'resnet7'; accepted: resnet101, .* any torchvision "
                                                     r"classification model \(alexnet, .*any timm model"):
-        imagenet.architecture("resnet7")
+        imagenet_recipe.architecture("resnet7")
 
 
 def test_imagenet_trains_a_converted_torchvision_model(tmp_path):
