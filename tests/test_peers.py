@@ -271,8 +271,9 @@ def test_dfa_differs_from_biotorch_on_convolutions_by_design():
     """Where the conventions differ: with dfa's B the kernel summed over taps, dfa and BioTorch send the same
     error to the interior of a padded map and another one to its border; a stride-2 layer's transposed
     convolution leaves a 2 x 2 pattern that dfa's position-shared B has not; and BioTorch adds the residual
-    skip's error where dfa discards it. Measured: the border signal differs by 0.76 of its norm, the two phases
-    of the stride by 1.92, and conv2's and conv1's dW by 60% and 57% (conv1: borders and the skip)."""
+    skip's error where dfa discards it. Measured (this test's random B, drawn in float64): the border signal differs
+    by 0.55 of its norm, the two phases of the stride by 2.51, and conv2's and conv1's dW by 50% and 72% (conv1:
+    borders and the skip)."""
     ldfa, x, target = circuit_run("conv", "ldfa")
     feedback = {name: s.feedback.detach() for name, s in synapses(ldfa).items()}
     e = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -283,19 +284,19 @@ def test_dfa_differs_from_biotorch_on_convolutions_by_design():
     interior = torch.zeros(4, 4, dtype=torch.bool)
     interior[1:3, 1:3] = True
     assert relative(peer[..., interior], population[..., interior]) < 1e-12
-    assert relative(peer[..., ~interior], population[..., ~interior]) == pytest.approx(0.7639, abs=1e-4)
+    assert relative(peer[..., ~interior], population[..., ~interior]) == pytest.approx(0.5540, abs=1e-4)
     # conv1 (stride 2, padding 1) on the 7x7 input: the signal repeats with period 2 in the interior
     peer = torch.nn.grad.conv2d_input((5, 2, 7, 7), feedback["conv1"], e[:, :, None, None].repeat(1, 1, 4, 4),
                                       2, 1)
     assert relative(peer[..., 2, 2], peer[..., 4, 4]) < 1e-12          # the same phase
-    assert relative(peer[..., 2, 3], peer[..., 2, 2]) == pytest.approx(1.9192, abs=1e-4)    # the other phase
+    assert relative(peer[..., 2, 3], peer[..., 2, 2]) == pytest.approx(2.5092, abs=1e-4)    # the other phase
     # the residual block: conv1's dW with dfa's B from the same kernels, against ldfa's (= BioTorch's)
     F.cross_entropy(ldfa(x), target).backward()
     dfa, x2, _ = circuit_run("conv", "dfa")
     dfa.load_state_dict(ldfa.state_dict(), strict=False)
     set_dfa_feedback(dfa, feedback)
     F.cross_entropy(dfa(x2), target).backward()
-    measured = {"conv1": 0.5730, "conv2": 0.6017, "conv3": 0.0, "fc": 0.0}   # conv3 and fc: the same error
+    measured = {"conv1": 0.7155, "conv2": 0.5040, "conv3": 0.0, "fc": 0.0}   # conv3 and fc: the same error
     for name, s in synapses(dfa).items():
         assert relative(s.weight.grad, synapses(ldfa)[name].weight.grad) == pytest.approx(measured[name], abs=1e-4)
 
