@@ -538,15 +538,15 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
 # --- issue 23: trusting what a run reports -------------------------------------------------------
 def _killed_in_begin(path: str) -> None:
     """Begins a recording and is killed (SIGKILL) once its circuit is written, before SWMR mode."""
-    import circuits.recording.recorder as recorder_module
+    import circuits.recording.description as description_module
 
-    write_circuit = recorder_module.write_circuit
+    write_circuit = description_module.write_circuit
 
     def write_and_die(*args, **kwargs) -> None:
         write_circuit(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    recorder_module.write_circuit = write_and_die
+    description_module.write_circuit = write_and_die
     Recorder(path).begin(mlp((6, 5, 4), rule="fa").build(), {})
 
 

@@ -9,15 +9,14 @@ population (reshape, x / 4, x + a parameter), a junction when it reads several (
 
 What the graph alone shows cannot convert (tied or shared weights, a call no circuit part computes, a branch only
 train mode computes) is refused first (circuits.convert.checks). The module is then run twice, on batches of 2 and
-3 examples: shapes, sizes and constants come from those runs (a value that follows the batch size becomes BATCH),
-so the converted net computes exactly what the module computes, for any batch size. The built net returns the
-module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and leaves out what they do not
-depend on.
+3 examples (circuits.convert.nodes): shapes, sizes and constants come from those runs (a value that follows the
+batch size becomes BATCH), so the converted net computes exactly what the module computes, for any batch size. The
+built net returns the module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and
+leaves out what they do not depend on.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -28,115 +27,13 @@ from .. import rules
 from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
-from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
+from ..graph.operations import SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 from . import checks
-from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple, is_shape_read
+from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple
 from .layers import attention, call_activation, call_projection, module_activation, synaptic_call
 from .layers import projection as layer_projection
-from .tracing import evaluating, slow_attention, trace
-
-POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
-"""What a traced node is: a population's activity, a tuple holding activities (split, attention), a plain value
-(a size, a setting), a constant tensor, or a tensor computed from parameters alone (a class token)."""
-
-
-@dataclass
-class _Traced:
-    """A node's kind and its values in the runs on 2 and 3 examples (shape and dtype only for populations)."""
-
-    kind: str
-    values: list[Any]
-
-
-class _Run(fx.Interpreter):
-    """Runs the traced module and records what each node is, and its value."""
-
-    def __init__(self, module: fx.GraphModule, found: dict[fx.Node, _Traced]) -> None:
-        super().__init__(module)
-        self.found = found
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        kinds = {self.found[m].kind for m in n.all_input_nodes}
-        if n.op == "placeholder":
-            kind = POPULATION if isinstance(out, Tensor) else VALUE
-        elif n.op == "get_attr":
-            kind = LEARNED if isinstance(out, nn.Parameter) else CONSTANT if isinstance(out, Tensor) else VALUE
-        elif is_shape_read(n):
-            kind = VALUE
-        elif kinds & {POPULATION, BUNDLE} and out is not None:     # None: attention weights not computed
-            kind = POPULATION if isinstance(out, Tensor) else BUNDLE if _holds_tensor(out) else None
-            if kind is None:
-                raise CircuitError(f"node {n.name!r} ({n.format_node()}) reads a value out of a population's activity; "
-                                   f"a circuit cannot convert what depends on the data itself")
-        elif (LEARNED in kinds or n.op == "call_module" and any(True for _ in self.module.get_submodule(
-                n.target).parameters())) and (isinstance(out, Tensor) or _holds_tensor(out)):
-            kind = LEARNED
-        else:
-            kind = CONSTANT if isinstance(out, Tensor) else VALUE
-        record = (tuple(out.shape), out.dtype) if kind == POPULATION else out
-        self.found.setdefault(n, _Traced(kind, [])).values.append(record)
-        return out
-
-
-def _holds_tensor(value: Any) -> bool:
-    if isinstance(value, dict):
-        return _holds_tensor(list(value.values()))
-    return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) or _holds_tensor(v) for v in value)
-
-
-def _default_input_shape(traced: fx.GraphModule, name: str) -> tuple[int, ...]:
-    """(in_features,) for a first Linear layer: the only input shape such a module (named `name`) takes."""
-    placeholder = next(n for n in traced.graph.nodes if n.op == "placeholder")
-    for user in placeholder.users:
-        if user.op == "call_module":
-            first = traced.get_submodule(user.target)
-            if isinstance(first, nn.Linear):
-                return (first.in_features,)
-            if isinstance(first, nn.Conv2d):
-                raise CircuitError(f"{name} starts with a convolution, which takes any image size: pass "
-                                   f"input_shape=({first.in_channels}, height, width) to from_torch, the size of the "
-                                   f"images it will learn from (mirror noise and padding statistics follow it)")
-    raise CircuitError(f"cannot infer {name}'s input shape (its first layer does not fix it): pass "
-                       f"input_shape=(...) to from_torch, the shape of one example")
-
-
-def _run(traced: fx.GraphModule, input_shape: tuple[int, ...], example: dict, name: str) -> dict[fx.Node, _Traced]:
-    """Every node's kind and values on batches of 2 and 3 examples, in eval mode (batch statistics stay)."""
-    found: dict[fx.Node, _Traced] = {}
-    inputs = [n for n in traced.graph.nodes if n.op == "placeholder" and not n.args]   # not specialized to a default
-    try:
-        with evaluating(traced), slow_attention():
-            for batch in (2, 3):
-                _Run(traced, found).run(*[torch.zeros(batch, *input_shape, **_example_of(traced, n, example))
-                                          for n in inputs])
-    except CircuitError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds
-        raise CircuitError(f"{name} does not run on examples of shape {input_shape}: {e}; pass the "
-                           f"input_shape of one example to from_torch") from e
-    return found
-
-
-def _example_of(traced: fx.GraphModule, placeholder: fx.Node, example: dict) -> dict:
-    """The dtype and device of an example input: indices (int64) for an input that an embedding reads."""
-    if any(user.op == "call_module" and isinstance(traced.get_submodule(user.target), nn.Embedding)
-           for user in placeholder.users):
-        return {**example, "dtype": torch.int64}
-    return example
-
-
-def _literal(node: fx.Node, values: list[Any]) -> Any:
-    """A value the same in both runs, with BATCH where it is the batch size (2, then 3)."""
-    a, b = values
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        return tuple(_literal(node, [x, y]) for x, y in zip(a, b, strict=True))
-    if type(a) is int and (a, b) == (2, 3):
-        return BATCH
-    if isinstance(a, Tensor) or a != b:
-        raise CircuitError(f"node {node.name!r} ({node.format_node()}) is {a!r} on 2 examples and {b!r} on 3: only "
-                           f"the batch size itself may follow the batch")
-    return a
+from .nodes import BUNDLE, CONSTANT, LEARNED, POPULATION, VALUE, Traced, default_input_shape, literal, run
+from .tracing import trace
 
 
 def _argument(node: fx.Node, position: int, name: str) -> Any:
@@ -164,10 +61,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     traced = trace(module)
     checks.refuse_early(traced, type(module).__name__)
     checks.refuse_dropped_branches(module, traced, lambda: trace(module))
-    input_shape = tuple(input_shape) if input_shape is not None else _default_input_shape(traced, type(module).__name__)
+    input_shape = tuple(input_shape) if input_shape is not None else default_input_shape(traced, type(module).__name__)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
-    walk = _Walk(traced, _run(traced, input_shape, example, type(module).__name__), rules_by_layer)
+    walk = _Walk(traced, run(traced, input_shape, example, type(module).__name__), rules_by_layer)
     circuit = Circuit(name or type(module).__name__, rule=rule)
     walk.build(circuit)
     circuit.dtype, circuit.training = example.get("dtype"), module.training
@@ -178,7 +75,7 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
 class _Walk:
     """The fx graph, node by node, into populations (with activation or junction) and projections."""
 
-    def __init__(self, traced: fx.GraphModule, found: dict[fx.Node, _Traced],
+    def __init__(self, traced: fx.GraphModule, found: dict[fx.Node, Traced],
                  rules_by_layer: Mapping[str, rules.RuleLike] | None) -> None:
         self.traced, self.found = traced, found
         self.layer_rules = LayerRules(rules_by_layer)
@@ -319,7 +216,7 @@ class _Walk:
                 operands.append(self.pop_of[arg])
             return Operand(operands.index(self.pop_of[arg]))
         if traced.kind == VALUE:
-            return _literal(arg, traced.values)
+            return literal(arg, traced.values)
         a, b = traced.values
         if traced.kind == CONSTANT and a.shape == b.shape and torch.equal(a, b):
             held[arg.name] = a
@@ -405,7 +302,7 @@ class _Walk:
             return arg
         traced = self.found[arg]
         if traced.kind == VALUE:
-            return _literal(arg, traced.values)
+            return literal(arg, traced.values)
         if traced.kind == CONSTANT and torch.equal(*traced.values):
             return traced.values[0]
         raise CircuitError(f"node {node.name!r} ({node.format_node()}) takes {arg.name!r}, which changes with the data "

@@ -1,7 +1,8 @@
 """Recording a run to one self-describing HDF5 file: what the circuit learns, step by step.
 
 The trainer calls begin / step / evaluate / close (docs/recording.md has the file's layout, circuits.recording
-its constants and reader, circuits.recording.alignment the metrics). A row holds:
+its constants and reader, circuits.recording.alignment the metrics, circuits.recording.description what begin()
+writes about the run). A row holds:
 
 - every `every` ticks (learning steps and mirror batches): loss, learning rate, phase, examples
   seen, wall time; and per synaptic projection with a B in W's layout angle(B, W), |B| / |W| and
@@ -28,24 +29,22 @@ loss) and the names of the metrics the trainer will evaluate.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph.network import CircuitNet, Trace, unwrap
-from ..rules.synapse import Synapse
 from .alignment import _angles, _pair_norms, alignment
-from .file import Contents, RecordingFile, as_json, creation_error, versions, write_circuit
-from .layout import LAYOUT_VERSION, METRICS, PHASES, TABLES, RecordingError, WriterLock, key, open_recording
+from .description import describe
+from .file import Contents, RecordingFile, creation_error
+from .layout import LAYOUT_VERSION, METRICS, PHASES, TABLES, RecordingError, WriterLock, open_recording
 
 Steps = Union[int, Iterable[int]]
 """When something happens: an int n is every n-th learning step (step % n == 0), else those steps."""
@@ -154,7 +153,7 @@ class Recorder:
             self._try_probe()
             if self._resume is None:
                 self._file = RecordingFile.create(self.path, self._contents(), self.block,
-                                                  lambda f: self._describe(f, config))
+                                                  lambda f: describe(f, self, config))
                 self._tick = -1
             else:
                 self._file = RecordingFile.reopen(self.path, self._contents(), self.block, self._resume,
@@ -328,48 +327,6 @@ class Recorder:
                         snapshots={n: tuple(self._net.projection(n).weight.shape) for n in self.snapshot},
                         activity=self._activity_shapes, samples=self._samples)
 
-    def _describe(self, f: h5py.File, config: Mapping[str, Any]) -> None:
-        """Root attributes and /circuit: with what, and the circuit itself."""
-        net, circuit = self._net, self._net.circuit
-        seeds = {"torch_initial_seed": torch.initial_seed(), **self.seeds}
-        settings = {"every": self.every, "probe_steps": _listed(self.probe_steps), "snapshot": self.snapshot,
-                    "snapshot_steps": _listed(self.snapshot_steps), "activity": self.activity,
-                    "activity_steps": _listed(self.activity_steps), "activity_samples": self.activity_samples,
-                    "probe_batch": len(self._probe_target) if self.probe is not None else 0,
-                    "loss": getattr(self.loss, "__name__", repr(self.loss)), "block": self.block}
-        f.attrs.update(circuit=circuit.name, config=as_json(config), seeds=as_json(seeds),
-                       versions=as_json(versions(torch=torch.__version__, cuda=str(torch.version.cuda))),
-                       recorder=as_json(settings))
-
-        def rule_texts(rule: Any) -> tuple[str, str]:
-            return (str(rule), repr(rule)) if rule else ("", "")
-
-        def shape(values: Sequence[int]) -> str:
-            return json.dumps(list(values))
-
-        populations = [(p.name, shape(p.shape), p.activation, p.is_input,
-                        repr(p.junction) if p.junction is not None else "") for p in circuit.populations()]
-        projections = [(name, pre, post, type(projection).__name__, repr(projection), projection.synaptic,
-                        *rule_texts(rule), shape(module.weight.shape) if isinstance(module, Synapse) else "")
-                       for name, pre, post, projection, rule in circuit.projections()
-                       for module in [net.projection(name)]]
-        feedback = [(d["name"], u, v, d["carries"], *rule_texts(d["rule"]), bool(d["direct"]),
-                     shape(net.projection(d["name"]).feedback_shape) if d["carries"] == "B" else "")
-                    for u, v, d in circuit.feedback_graph().edges(data=True)]
-        write_circuit(f, circuit.name, populations, projections, feedback)
-        f["alignment"].attrs.update(undefined=json.dumps(self._unaligned), undefined_description=(
-            "projections whose angle(B, W) is not defined, so not recorded: direct feedback projections, whose B "
-            "joins two error populations that no W joins, and synaptic projections with no feedback of their own"))
-        for group, names in (("alignment", [n for n, _ in self._synapses]),
-                             ("probe/updates", [n for n, _ in self._learning]), ("snapshots", self.snapshot)):
-            for name in names:
-                pre, post = _edge(net, name)
-                f.require_group(f"{group}/{key(name)}").attrs.update(
-                    projection=name, pre=pre, post=post, rule=repr(net.projection(name).rule))
-        for group, names in (("probe/errors", self._errors), ("activity", self.activity)):
-            for name in names:
-                f.require_group(f"{group}/{key(name)}").attrs.update(population=name)
-
     # --- the probe ---------------------------------------------------------------------------
     def _after_learning_step(self, tick: int, step: int) -> None:
         """After a learning step: probe, snapshot, sample activity, as their step settings say."""
@@ -423,11 +380,3 @@ class Recorder:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
-
-
-def _edge(net: CircuitNet, name: str) -> tuple[str, str]:
-    return next((pre, post) for n, pre, post, _, _ in net.circuit.projections() if n == name)
-
-
-def _listed(when: int | frozenset[int]) -> int | list[int]:
-    return when if isinstance(when, int) else sorted(when)
