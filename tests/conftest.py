@@ -63,3 +63,27 @@ def mirror_moves_every_B(net, batch_size: int) -> None:
     after = {n: s.feedback.detach() for n, s in net.projections() if n in before}
     moved = [n for n in before if torch.isfinite(after[n]).all() and not torch.equal(after[n], before[n])]
     assert moved == list(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a loaded 2-core machine, spinning OpenMP threads slow small models ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def without_data_packages(monkeypatch):
+    """models.data as it runs where mlxtend and scikit-learn are not installed."""
+    from models import data
+
+    real = data.importlib.import_module
+
+    def without(name, *args):
+        if name.startswith(("mlxtend", "sklearn")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(data.importlib, "import_module", without)

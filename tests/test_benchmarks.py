@@ -21,13 +21,7 @@ _spec.loader.exec_module(throughput)
 ROWS = ["torch", "bp", "fa", "dfa", "ss", "kp", "ia", "wm", "wm+mirror"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine, spinning OpenMP threads slow these tiny steps ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_smoke_prints_a_ratio_row_per_rule(capsys):

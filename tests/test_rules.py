@@ -405,14 +405,19 @@ def test_a_users_rule_works_with_trainer_recorder_and_report(tmp_path):
     assert "partial" in summary[-1].read_text()
 
 
-def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
-    net = mlp((64, 16, 12, 10), activation="tanh", rule="dfa").build()
+def recorded_direct_run(tmp_path, rule: str):
+    """A tanh MLP under a direct-feedback rule, one epoch on the digits, recorded; returns the recording's path."""
+    net = mlp((64, 16, 12, 10), activation="tanh", rule=rule).build()
     x, t = DIGITS.train.tensors
-    recorder = Recorder(tmp_path / "dfa.h5", probe=(x[:32], t[:32]), probe_steps=5)
+    recorder = Recorder(tmp_path / f"{rule}.h5", probe=(x[:32], t[:32]), probe_steps=5)
     trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
                                config=circuits.TrainerConfig(progress=False))
     trainer.fit(DataLoader(DIGITS.train, batch_size=64), 1, DataLoader(DIGITS.test, batch_size=256))
-    with open_run(tmp_path / "dfa.h5") as run:
+    return tmp_path / f"{rule}.h5"
+
+
+def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
+    with open_run(recorded_direct_run(tmp_path, "dfa")) as run:
         assert run.rule == "dfa" and set(run.rules) == {"δoutput->δhidden1", "δoutput->δhidden2"}
         assert run.alignment == {}        # angle(B, W) is not defined anywhere in a DFA circuit
         errors = run.errors
@@ -428,13 +433,7 @@ def test_a_dfa_run_records_error_angles_and_draws_skip_edges(tmp_path):
 
 def test_an_ldfa_run_records_error_angles_and_no_alignment(tmp_path):
     """ldfa's B (output units x in) is not in W's layout: no angle(B, W) is recorded, the error angles are."""
-    net = mlp((64, 16, 12, 10), activation="tanh", rule="ldfa").build()
-    x, t = DIGITS.train.tensors
-    recorder = Recorder(tmp_path / "ldfa.h5", probe=(x[:32], t[:32]), probe_steps=5)
-    trainer = circuits.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), recorder=recorder,
-                               config=circuits.TrainerConfig(progress=False))
-    trainer.fit(DataLoader(DIGITS.train, batch_size=64), 1, DataLoader(DIGITS.test, batch_size=256))
-    with open_run(tmp_path / "ldfa.h5") as run:
+    with open_run(recorded_direct_run(tmp_path, "ldfa")) as run:
         assert run.rule == "ldfa" and run.alignment == {}
         assert 0 < run.errors["hidden1"]["angle"][-1] < 120
 

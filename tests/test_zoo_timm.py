@@ -18,13 +18,7 @@ zoo = sys.modules["zoo"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(zoo)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine, spinning OpenMP threads slow these small models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("source,name", [("timm", "test_resnet"), ("timm", "test_efficientnet"),
