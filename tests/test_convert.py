@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import converted, mirror_moves_every_B
+from conftest import converted, mirror_moves_every_B, true_float64
 from torch import nn
 
 import circuits
@@ -140,7 +140,7 @@ class Tokens(nn.Module):
 
 
 def test_tokens_by_channels_convert_exactly_with_shape_ops_and_norms():
-    module = Tokens().double()
+    module = true_float64(Tokens())
     c = circuits.from_torch(module, input_shape=(5, 6))
     assert c["fc"].shape == (5, 8) and c["x"].shape == (5, 6)
     net = c.build()
@@ -168,7 +168,7 @@ def test_a_model_without_an_input_shape_is_asked_for_one():
 
 
 def test_conversion_keeps_dtype_and_mode():
-    module = Tokens().double().eval()
+    module = true_float64(Tokens()).eval()
     net = circuits.from_torch(module, input_shape=(5, 6)).build()
     assert not net.training and all(p.dtype == torch.float64 for p in net.parameters())
 
@@ -192,7 +192,7 @@ class Gate(nn.Module):
 
 
 def test_junctions_compute_torchs_op_and_pass_its_exact_derivative():
-    module = Gate().double()
+    module = true_float64(Gate())
     c = circuits.from_torch(module, input_shape=(5, 6))
     junction = c["mul"]
     assert junction.junction is not None and junction.junction.op == "operator.mul"
@@ -243,7 +243,7 @@ def test_a_parameter_multiplying_a_population_must_be_a_layer():
 def test_transformer_encoder_layer_converts(batch_first, norm_first):
     """float64, eval mode (dropout off, as torch's own layer then); the in-projection's products run with the
     rows in the module's input layout rather than torch's transposed one, hence 1e-12."""
-    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first, norm_first=norm_first).double().eval()
+    layer = true_float64(nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first, norm_first=norm_first)).eval()
     net = _same_as_torch(layer, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
     assert sorted(name for name, _ in net.projections()) == [
         "linear1", "linear2", "self_attn.in_proj", "self_attn.out_proj"]
@@ -268,7 +268,7 @@ def test_transformer_encoder_stack_converts_and_keeps_every_layers_mode(nested):
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     module = Classifier() if nested else nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8),
                                                                enable_nested_tensor=False)
-    module = module.double().eval()
+    module = true_float64(module).eval()
     stack = module.encoder if nested else module
     stack.layers[0].train()
     circuits.from_torch(module, input_shape=(5, 8))
@@ -305,7 +305,7 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("module", [MaskedLayer(True), MaskedLayer(False), Attention()], ids=repr)
 def test_attention_with_masks_and_weights_converts(module):
-    module = module.double().eval()
+    module = true_float64(module).eval()
     _same_as_torch(module, torch.randn(3, 5, 8, dtype=torch.float64), 1e-12, 1e-14, input_shape=(5, 8))
 
 
@@ -358,7 +358,7 @@ class CausalSelfAttention(nn.Module):
 
 @pytest.mark.parametrize("flash", [True, False])
 def test_nanogpt_block_converts(flash):
-    module = CausalSelfAttention(flash=flash).double()
+    module = true_float64(CausalSelfAttention(flash=flash))
     _same_as_torch(module, torch.randn(2, 6, 8, dtype=torch.float64), 1e-13, input_shape=(6, 8))
     _same_as_torch(module, torch.randn(2, 4, 8, dtype=torch.float64)[:, :4], 1e-13, input_shape=(4, 8))
 
@@ -394,7 +394,7 @@ def test_torchvision_zoo_converts_exactly(arch, size):
     backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
     squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation."""
     torchvision = pytest.importorskip("torchvision")
-    module = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    module = true_float64(getattr(torchvision.models, arch)(num_classes=10)).eval()
     net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
                          input_shape=(3, size, size))
     assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
@@ -598,7 +598,7 @@ def test_several_outputs_convert_in_the_structure_torch_returns():
 def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
     """GoogLeNet's auxiliary heads: refused in eval mode (it says why), converted in train mode as its named tuple."""
     torchvision = pytest.importorskip("torchvision")
-    module = torchvision.models.googlenet(num_classes=10, init_weights=False).double().eval()
+    module = true_float64(torchvision.models.googlenet(num_classes=10, init_weights=False)).eval()
     with pytest.raises(circuits.CircuitError, match=r"GoogLeNet computes more in train mode than in eval mode "
                                                     r"\(.*aux1_conv_bn.*Call module.train\(\) before from_torch"):
         circuits.from_torch(module, input_shape=(3, 32, 32))

@@ -4,7 +4,7 @@ import copy
 import networkx as nx
 import pytest
 import torch
-from conftest import MODELS
+from conftest import MODELS, true_float64
 from torch import nn
 
 import circuits
@@ -52,7 +52,7 @@ def test_hand_built_circuit_equals_functional_math():
     y = c.population("output", shape=(3,))
     c.connect(x, h, circuits.Dense())
     c.connect(h, y, circuits.Dense(bias=False))
-    net = c.build().double()
+    net = true_float64(c.build())
     W1, b1 = net.projection("retina->hidden").weight, net.projection("retina->hidden").bias
     W2 = net.projection("hidden->output").weight
     inp = torch.randn(7, 5, dtype=torch.float64)
@@ -150,7 +150,7 @@ def test_input_error_is_B_transpose_delta_for_every_rule(rule, projection, shape
     x = c.input("x", shape=shape)
     out_shape = (4,) if len(shape) == 1 else (3, 3, 3)
     c.connect(x, c.population("y", shape=out_shape), projection)
-    net = c.build().double()
+    net = true_float64(c.build())
     inp = torch.randn(5, *shape, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(5, *out_shape, dtype=torch.float64)
     net(inp).backward(delta)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ResidualNet
+from conftest import ResidualNet, true_float64
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -78,7 +78,7 @@ def dfa_circuit(activation: str = "tanh") -> circuits.Circuit:
 
 
 def test_dfa_hidden_errors_are_phi_prime_times_B_transpose_output_error():
-    net = dfa_circuit().build().double()
+    net = true_float64(dfa_circuit().build())
     trace = {}
     F.cross_entropy(net(torch.randn(7, 8, dtype=torch.float64), monitor=trace), torch.randint(0, 3, (7,))).backward()
     e = trace["output"].a.grad
@@ -94,7 +94,8 @@ def test_dfa_hidden_errors_are_phi_prime_times_B_transpose_output_error():
 
 def test_direct_feedback_through_the_product_of_downstream_weights_is_backprop():
     """Linear units, B_h1 = W3 W2 and B_h2 = W3 (source x target): delta_h = B^T e is exactly backprop's."""
-    dfa, bp = dfa_circuit("identity").build().double(), mlp((8, 6, 5, 3), activation="identity").build().double()
+    dfa = true_float64(dfa_circuit("identity").build())
+    bp = true_float64(mlp((8, 6, 5, 3), activation="identity").build())
     for (_, a), (_, b) in zip(dfa.projections(), bp.projections(), strict=True):
         with torch.no_grad():
             a.weight.copy_(b.weight)

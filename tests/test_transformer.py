@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import converted
+from conftest import converted, true_float64
 
 import circuits
 import models
@@ -60,10 +60,10 @@ def test_builders_convert_every_synaptic_layer():
 def test_the_circuits_compute_what_the_modules_compute_and_backprop_their_gradients(which):
     torch.manual_seed(0)
     if which == "vit":
-        module, x = ViT(**TINY).double(), torch.randn(3, 1, 28, 28, dtype=torch.float64)
+        module, x = true_float64(ViT(**TINY)), torch.randn(3, 1, 28, 28, dtype=torch.float64)
         target, loss_fn, shape = torch.randint(0, 10, (3,)), F.cross_entropy, (1, 28, 28)
     else:
-        module, x = CharTransformer(20, context=8, **TINY).double(), torch.randint(0, 20, (3, 8))
+        module, x = true_float64(CharTransformer(20, context=8, **TINY)), torch.randint(0, 20, (3, 8))
         target, loss_fn, shape = torch.randint(0, 20, (3, 8)), lm_loss, (8,)
     net = circuits.from_torch(module, "bp", shape).build()
     out = net(x)
