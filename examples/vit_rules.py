@@ -69,9 +69,9 @@ def main(argv=None) -> dict[str, dict]:
     def train_one(rule: str, seed: int) -> compare.RunResult:
         net, loader = compare.setup(rule, seed, config, split)
         optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=0.9)
-        result = compare.fit(rule, seed, net, optimizer, loader, split, config.epochs, None,
-                             mirror_batch=config.mirror_batch,
-                             lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs))
+        result, = compare.fit(rule, (seed,), net, optimizer, loader, split, config.epochs, None,
+                              mirror_batch=config.mirror_batch,
+                              lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs))
         print(f"{rule:>2} seed {seed}: {result.describe()}")
         return result
 

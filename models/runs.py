@@ -3,9 +3,12 @@
     OUT/runs/<rule>-seed<seed>.partial.h5    the recording of a run in progress (or of one that was stopped)
     OUT/runs/<rule>-seed<seed>.h5            its recording once the run has finished (or diverged)
     OUT/runs/<rule>-seed<seed>.json          its result, the job's settings and command: the run is done
+    OUT/runs/<rule>-seed<s>[-<s>...].ckpt    a run in progress after its last whole epoch (the seeds trained
+                                             together, circuits.graph.seeds.SeedBatch, share one)
 
 A run is done when its .json exists. Running a job again into the same folder with the same settings skips
-the done runs and trains the others again from the start (a .partial.h5 is deleted first); with other
+the done runs and trains the others: a run with a checkpoint goes on from its last whole epoch, recording into
+the same .partial.h5 (models.compare.fit), one without from the start (its .partial.h5 deleted first); with other
 settings it is refused, and nothing is ever overwritten without `overwrite` (which deletes every file
 named above, results.json, results.md and report/ first). Runs of other rules or seeds made with the same
 settings stay and join the job's results (a merge).
@@ -105,6 +108,16 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def groups(pending: Sequence[Run], batched: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The pending runs as they train: per rule all its seeds at once (batched), or each run alone."""
+    if not batched:
+        return [(rule, (seed,)) for rule, seed in pending]
+    by_rule: dict[str, list[int]] = {}
+    for rule, seed in pending:
+        by_rule.setdefault(rule, []).append(seed)
+    return [(rule, tuple(seeds)) for rule, seeds in by_rule.items()]
+
+
 def _order(run: Run) -> tuple[int, str, int]:
     names = list(rules.RULES)
     return names.index(run[0]) if run[0] in names else len(names), run[0], run[1]
@@ -141,6 +154,16 @@ class RunFolder:
     def recording(self, rule: str, seed: int) -> Path:
         return self.runs / f"{rule}-seed{seed}.h5"
 
+    def checkpoint(self, rule: str, seeds: Sequence[int]) -> Path:
+        """Where the runs of `rule` with `seeds`, trained together, keep their state after each whole epoch."""
+        return self.runs / f"{rule}-seed{'-'.join(map(str, seeds))}.ckpt"
+
+    def _stale_checkpoints(self, rule: str, seeds: Sequence[int]) -> list[Path]:
+        """Checkpoints of `rule` holding any of `seeds` but trained in another group (seeds batched otherwise)."""
+        mine = self.checkpoint(rule, seeds)
+        return [p for p in self.runs.glob(f"{rule}-seed*.ckpt") if p != mine
+                and set(seeds) & {int(s) for s in p.name[len(rule) + 5:-5].split("-")}]
+
     def pending(self, plan: Sequence[Run]) -> list[Run]:
         """The runs of `plan` not done yet."""
         return [run for run in plan if run not in self.done]
@@ -153,33 +176,53 @@ class RunFolder:
         """The commands that made the done runs, each once, in the order of results()."""
         return list(dict.fromkeys(self._commands[r.rule, r.seed] for r in self.results()))
 
-    def train(self, plan: Sequence[Run], train_one: Callable[[str, int, Path], RunResult], command: str,
-              progress: bool = True) -> Iterator[RunResult]:
-        """train_one(rule, seed, recording) for every run of `plan` not done yet, each result kept (and yielded,
-        and printed) as soon as its run ends; a run stopped before its end (an error, Ctrl-C) leaves only its
-        .partial.h5, trained again from the start next time."""
+    def train(self, plan: Sequence[Run], train_group: Callable[[str, tuple[int, ...], list[Path], Path],
+                                                               list[RunResult]],
+              command: str, progress: bool = True, batched: bool = False) -> Iterator[RunResult]:
+        """train_group(rule, seeds, recordings, checkpoint) for the runs of `plan` not done yet, per rule all its
+        seeds at once if `batched`, else each alone; each result kept (and yielded, and printed) as soon as its
+        group ends. A group stopped before its end (an error, Ctrl-C) leaves its .partial.h5 recordings and its
+        checkpoint after the last whole epoch, from which the same group goes on next time. A group may end
+        with fewer results than seeds (seeds batched, one diverged): the others train again, in a group of
+        their own."""
         skipped = len(plan) - len(self.pending(plan))
         if skipped:
             tqdm.write(f"{skipped} of {len(plan)} runs already done in {self.runs}: kept, not trained again",
                        file=sys.stdout)
-        bar = tqdm(self.pending(plan), desc="runs", disable=not progress)
-        for rule, seed in bar:
-            bar.set_postfix(rule=rule, seed=seed)
-            final = self.recording(rule, seed)
-            partial = final.with_suffix(".partial.h5")
-            partial.unlink(missing_ok=True)
+        bar = tqdm(total=len(self.pending(plan)), desc="runs", disable=not progress)
+        while self.pending(plan):
+            rule, seeds = groups(self.pending(plan), batched)[0]
+            bar.set_postfix(rule=rule, seeds=",".join(map(str, seeds)))
             self.runs.mkdir(parents=True, exist_ok=True)
-            result = train_one(rule, seed, partial)
-            os.replace(partial, final)
-            result.recording = str(final)
-            text = json.dumps({"settings": self.settings, "command": command, "result": asdict(result)})
-            write_whole(final.with_suffix(".json"), lambda out: out.write(text.encode()))
-            self.done[rule, seed], self._commands[rule, seed] = result, command
-            tqdm.write(f"{rule:>2} seed {seed}: {result.describe()}", file=sys.stdout)
-            yield result
+            checkpoint = self.checkpoint(rule, seeds)
+            for stale in self._stale_checkpoints(rule, seeds):
+                stale.unlink()
+            partials = [self.recording(rule, seed).with_suffix(".partial.h5") for seed in seeds]
+            if not checkpoint.is_file():
+                for partial in partials:
+                    partial.unlink(missing_ok=True)
+            results = train_group(rule, seeds, partials, checkpoint)
+            if not results:
+                raise RuntimeError(f"training {rule} with seeds {seeds} gave no result")
+            for result in results:
+                self._keep(result, partials[seeds.index(result.seed)], command)
+                bar.update()
+                yield result
+            checkpoint.unlink(missing_ok=True)
+        bar.close()
+
+    def _keep(self, result: RunResult, partial: Path, command: str) -> None:
+        """A finished run: its recording renamed final, its result written beside it."""
+        final = self.recording(result.rule, result.seed)
+        os.replace(partial, final)
+        result.recording = str(final)
+        text = json.dumps({"settings": self.settings, "command": command, "result": asdict(result)})
+        write_whole(final.with_suffix(".json"), lambda out: out.write(text.encode()))
+        self.done[result.rule, result.seed], self._commands[result.rule, result.seed] = result, command
+        tqdm.write(f"{result.rule:>2} seed {result.seed}: {result.describe()}", file=sys.stdout)
 
     def _delete(self) -> None:
-        for pattern in ("*.h5", "*.json"):
+        for pattern in ("*.h5", "*.json", "*.ckpt"):
             for path in self.runs.glob(pattern) if self.runs.is_dir() else []:
                 path.unlink()
         for name in OUTPUTS:

@@ -242,11 +242,11 @@ def test_an_interrupted_job_keeps_its_done_runs_and_a_rerun_trains_only_the_rest
     argv = ["--smoke", "--rules", "bp", "fa", "--out", str(out), "--no-progress", "--no-report"]
     real, trained = compare.train, []
 
-    def interrupted(rule, seed, config, split, recording):
+    def interrupted(rule, seeds, config, split, recordings, checkpoint):
         if rule == "fa":
-            recording.write_bytes(b"half a recording")
+            recordings[0].write_bytes(b"half a recording")
             raise KeyboardInterrupt
-        return real(rule, seed, config, split, recording)
+        return real(rule, seeds, config, split, recordings, checkpoint)
 
     monkeypatch.setattr(compare, "train", interrupted)
     assert compare.main(argv) == 130
@@ -257,9 +257,9 @@ def test_an_interrupted_job_keeps_its_done_runs_and_a_rerun_trains_only_the_rest
                                                        "fa-seed0.")
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["bp-seed0.h5", "bp-seed0.json", "fa-seed0.partial.h5"]
 
-    def counted(rule, seed, config, split, recording):
+    def counted(rule, seeds, config, split, recordings, checkpoint):
         trained.append(rule)
-        return real(rule, seed, config, split, recording)
+        return real(rule, seeds, config, split, recordings, checkpoint)
 
     monkeypatch.setattr(compare, "train", counted)
     assert compare.main(argv) == 0
@@ -333,3 +333,50 @@ def test_threads_default_to_one_for_the_mlp_and_are_restored(tmp_path, monkeypat
         assert seen == [1, 3, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("batch_seeds", [False, True])
+def test_a_run_killed_mid_way_goes_on_from_its_last_whole_epoch(batch_seeds, tmp_path, monkeypatch, one_thread):
+    """Ctrl-C after epoch 2 of 3 (its checkpoint written): the same job again trains epoch 3 only, from the
+    checkpoint, into the same recordings; results and recordings equal those of the job that never stopped."""
+    import h5py
+    import numpy as np
+
+    def config(out):
+        return compare.CompareConfig(rules=("wm",), seeds=(0, 1), epochs=3, train_examples=192, batch_size=64,
+                                     out=str(out), report=False, progress=False, batch_seeds=batch_seeds)
+
+    compare.run(config(tmp_path / "straight"))
+    real, epochs = compare.KeepingTrainer.epoch_done, []
+
+    def stopped(self, metrics):
+        real(self, metrics)
+        epochs.append(len(self.evaluations))
+        if len(self.evaluations) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare.KeepingTrainer, "epoch_done", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run(config(tmp_path / "stopped"))
+    runs = tmp_path / "stopped" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == (["wm-seed0-1.ckpt", "wm-seed0.partial.h5", "wm-seed1.partial.h5"]
+                                                      if batch_seeds else ["wm-seed0.ckpt", "wm-seed0.partial.h5"])
+    monkeypatch.setattr(compare.KeepingTrainer, "epoch_done", lambda self, m: (epochs.append(-1), real(self, m)))
+    epochs.clear()
+    compare.run(config(tmp_path / "stopped"))
+    assert epochs == ([-1] if batch_seeds else [-1, -1, -1, -1])      # epoch 3 of seed 0, then seed 1's three
+    assert not list(runs.glob("*.ckpt")) and not list(runs.glob("*.partial.h5"))
+    straight, stopped_runs = (json.loads((tmp_path / name / "results.json").read_text())["runs"]
+                              for name in ("straight", "stopped"))
+    for a, b in zip(straight, stopped_runs, strict=True):
+        for key in ("seed", "top1", "history", "initial_angles", "final_angles", "epoch_angles"):
+            assert a[key] == b[key], key
+    for seed in (0, 1):
+        with h5py.File(tmp_path / "straight" / "runs" / f"wm-seed{seed}.h5") as a, \
+                h5py.File(runs / f"wm-seed{seed}.h5") as b:
+            for table in ("steps", "probe", "evaluations"):
+                for name, column in a[table].items():
+                    if name != "wall_time":
+                        np.testing.assert_array_equal(np.asarray(column), np.asarray(b[table][name]),
+                                                      err_msg=f"{table}/{name}")
+            assert len(a["steps"]["tick"]) > 10 and len(a["evaluations"]["tick"]) == 3

@@ -35,11 +35,17 @@ from .population import Population
 class DirectFeedbackPathway(torch.autograd.Function):
     """Forward: a_source unchanged. Backward: delta_source unchanged, and B^T delta_source to y_target."""
 
+    generate_vmap_rule = True   # seeds batched by torch.func.vmap (circuits.graph.seeds)
+
     @staticmethod
-    def forward(ctx, a_source: Tensor, y_target: Tensor, feedback: Tensor, rule: FeedbackRule) -> Tensor:
+    def forward(a_source: Tensor, y_target: Tensor, feedback: Tensor, rule: FeedbackRule) -> Tensor:
+        return a_source.view_as(a_source)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        a_source, y_target, feedback, rule = inputs
         ctx.save_for_backward(feedback)
         ctx.rule, ctx.target_shape, ctx.target_dtype = rule, y_target.shape, y_target.dtype
-        return a_source.view_as(a_source)
 
     @staticmethod
     def backward(ctx, delta: Tensor):
@@ -59,12 +65,18 @@ class OutputFeedbackPathway(torch.autograd.Function):
     error B_k^T e crossing its B (the transposed product of e, spread over k's output map, with B_k). Those
     projections send nothing back themselves; what reaches y_k by other paths adds."""
 
+    generate_vmap_rule = True   # seeds batched by torch.func.vmap (circuits.graph.seeds)
+
     @staticmethod
-    def forward(ctx, y_out: Tensor, ports: tuple, *tensors: Tensor) -> Tensor:
+    def forward(y_out: Tensor, ports: tuple, *tensors: Tensor) -> Tensor:
         """`ports`: per projection (operator, rule, output shape); `tensors`: the inputs y_k, then the B_k."""
+        return y_out.view_as(y_out)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        y_out, ports, *tensors = inputs
         ctx.ports = ports
         ctx.save_for_backward(*tensors)
-        return y_out.view_as(y_out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

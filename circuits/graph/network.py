@@ -255,8 +255,9 @@ def _returned(structure: Any, activity: dict[str, Tensor]) -> Any:
 
 
 def unwrap(net: nn.Module) -> CircuitNet:
-    """The CircuitNet inside DistributedDataParallel and torch.compile wrappers."""
-    while not isinstance(net, CircuitNet):
+    """The CircuitNet (or circuits.graph.seeds.SeedBatch, its copies over seeds) inside DistributedDataParallel
+    and torch.compile wrappers."""
+    while not isinstance(net, CircuitNet) and not getattr(net, "is_seed_batch", False):
         inner = getattr(net, "module", None) or getattr(net, "_orig_mod", None)
         if inner is None:
             raise CircuitError(f"{type(net).__name__} is not a built circuit (CircuitNet)")

@@ -49,7 +49,8 @@ def check_state(state: Any, net: nn.Module, optimizer: torch.optim.Optimizer) ->
     problems = [f"missing {sorted(set(ours) - set(theirs))}"] if set(ours) - set(theirs) else []
     problems += [f"unexpected {sorted(set(theirs) - set(ours))}"] if set(theirs) - set(ours) else []
     problems += [f"{k}: shape {tuple(theirs[k].shape)} in the state, {tuple(v.shape)} in the net"
-                 for k, v in ours.items() if k in theirs and tuple(theirs[k].shape) != tuple(v.shape)]
+                 for k, v in ours.items() if k in theirs and isinstance(v, torch.Tensor)
+                 and tuple(theirs[k].shape) != tuple(v.shape)]
     groups = [len(g["params"]) for g in state["optimizer"].get("param_groups", [])]
     if groups != [len(g["params"]) for g in optimizer.param_groups]:
         problems.append(f"the optimizer's parameter groups hold {groups} parameters in the state, "

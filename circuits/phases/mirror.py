@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import CircuitError
 from ..graph.network import unwrap
+from ..graph.seeds import SeedSynapse
 from ..rules.synapse import ConvOperator, DenseOperator, Synapse
 
 
@@ -93,6 +94,9 @@ def noise(synapse: Synapse, batch_size: int, generator: torch.Generator | None =
     drawn directly in `like`'s dtype and device (default: W's) and, for a 4-D batch with `channels_last`, in that
     memory format (drawn as (batch, H, W, C) and viewed as (batch, C, H, W): no copy)."""
     like = synapse.weight if like is None else like
+    if isinstance(synapse, SeedSynapse):       # seeds batched: each seed's noise from its own stream
+        return torch.stack([noise(copy, batch_size, g, channels_last, like)
+                            for copy, g in zip(synapse.copies, synapse.generators, strict=True)])
     if len(synapse.in_shape) == 3 and channels_last:
         c, h, w = synapse.in_shape
         return synapse.rule.mirror_noise((batch_size, h, w, c), like, generator).permute(0, 3, 1, 2)
@@ -134,6 +138,8 @@ def _hebbian_sum(synapse: Synapse, batch_size: int, generator: torch.Generator |
 def _wishart_inputs(synapse: Synapse, batch_size: int) -> bool:
     """Whether the Wishart draw applies: a dense projection or a 1x1 convolution (groups 1) whose noise gives at
     least as many independent input vectors (samples x output positions) as it has inputs."""
+    if isinstance(synapse, SeedSynapse):
+        synapse = synapse.copies[0]
     operator, shape = synapse.operator, synapse.weight.shape
     if isinstance(operator, ConvOperator):
         if tuple(shape[2:]) != (1, 1) or operator.groups != 1:
@@ -146,7 +152,11 @@ def _wishart_inputs(synapse: Synapse, batch_size: int) -> bool:
 def _wishart_sum(synapse: Synapse, batch_size: int, generator: torch.Generator | None) -> Tensor:
     """sum_t (W y_t) y_t^T = W S with S = sum_t y_t y_t^T ~ Wishart_n(sigma^2 I, k) drawn directly (Bartlett
     decomposition: S = sigma^2 A A^T, A lower triangular, A_ii = sqrt(chi^2(k - i + 1)), A_ij ~ N(0, 1) for i > j),
-    k = batch_size x output positions; in float32 at least, outside autocast. The neurons are not simulated."""
+    k = batch_size x output positions; in float32 at least, outside autocast. The neurons are not simulated.
+    Seeds batched: each seed's S from its own stream."""
+    if isinstance(synapse, SeedSynapse):
+        return torch.stack([_wishart_sum(copy, batch_size, g)
+                            for copy, g in zip(synapse.copies, synapse.generators, strict=True)])
     w = synapse.weight
     dtype, n = _accumulation_dtype(w.dtype), w.shape[1]
     k = batch_size * round(synapse.live_positions)
@@ -208,8 +218,14 @@ def mirror_step(net: nn.Module, batch_size: int | None = 128, angle: float | Non
     but every rank would compute the same samples, and nondeterministic kernels could still let
     the copies of B drift apart; the all-reduce makes B bit-identical on every rank and turns
     world_size x batch_size noise samples into one update, at the cost of one all-reduce of B's size.
+
+    Seeds batched (circuits.graph.seeds.SeedBatch): every copy is driven by its own noise, from its seed's
+    generator (`generator` must then be None), and its B learns from its own correlation.
     """
     synapses = [s for _, s in require_mirrored(net)]
+    if generator is not None and isinstance(synapses[0], SeedSynapse):
+        raise CircuitError("seeds batched draw mirror noise from each seed's own generator (SeedBatch.generators): "
+                           "pass no generator")
     sizes = [samples_for_angle(s, angle) if angle is not None else batch_size for s in synapses]
     channels_last = runs_channels_last(net)
     sums = [_hebbian_sum(s, m, generator, channels_last) for s, m in zip(synapses, sizes, strict=True)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
@@ -87,6 +88,7 @@ class Trainer:
                  recorder: Any = None, config: TrainerConfig | None = None,
                  hooks: Iterable[Callable[[Trainer], None]] = ()) -> None:
         self.net, self.circuit_net = net, unwrap(net)
+        self.seeded = getattr(self.circuit_net, "is_seed_batch", False)   # seeds batched: circuits.graph.seeds
         check_optimizer(optimizer, self.circuit_net, loss_fn)
         self.optimizer, self.lr_scheduler, self.loss_fn = optimizer, lr_scheduler, loss_fn
         self.schedule = schedule if schedule is not None else Schedule(Repeat(Learn(1)))
@@ -122,18 +124,23 @@ class Trainer:
 
     def learn(self, inputs: Tensor, target: Tensor) -> Tensor:
         """One learning step on a batch; returns the loss (a tensor: no host sync, except every
-        `check_every` steps and, with nonfinite="skip", once per step)."""
+        `check_every` steps and, with nonfinite="skip", once per step). Seeds batched: inputs and targets have the
+        seed axis first, and the loss is each seed's, (S,)."""
         lr = self.optimizer.param_groups[0]["lr"]          # the rate this step uses, recorded as such
         inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
         self._last_batch = (inputs, target)
         skip = self.config.nonfinite == "skip"
         buffers = [(b, b.clone()) for b in self.circuit_net.buffers()] if skip else []   # restored if skipped
-        bad_example = first_nonfinite_example(inputs, target)
+        bad_example = first_nonfinite_example(*(t.flatten(0, 1) for t in (inputs, target)) if self.seeded
+                                              else (inputs, target))
         with self.autocast():
-            loss = self.loss_fn(self.net(inputs), target)
+            out = self.net(inputs)
+            # seeds batched: each seed's loss, (S,); their sum gives each copy its own run's gradient
+            loss = self.circuit_net.losses(self.loss_fn, out, target) if self.seeded else self.loss_fn(out, target)
+        total = loss.sum() if self.seeded else loss
         self.optimizer.zero_grad(set_to_none=True)
         self.join_mirror()          # the backward reads B
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(total).backward()
         self.progress.step += 1
         reason = self._skip_reason(loss, bad_example) if skip else None
         if reason is not None:
@@ -147,13 +154,13 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if not skip:     # the first non-finite step and the first non-finite batch, kept on the device
-                step = torch.where(torch.isfinite(loss.detach()), NONE, self.progress.step)
+                step = torch.where(torch.isfinite(total.detach()), NONE, self.progress.step)
                 torch.minimum(self._first_nonfinite, step, out=self._first_nonfinite)
                 data = torch.stack([torch.where(bad_example < 0, NONE, self.progress.step), bad_example])
                 self._first_bad_data = torch.where(data[0] < self._first_bad_data[0], data, self._first_bad_data)
         if self.lr_scheduler is not None and self.config.lr_per_step:
             self.lr_scheduler.step()
-        self.progress.examples += len(target)
+        self.progress.examples += target.shape[1] if self.seeded else len(target)    # per seed
         self._record("learn", loss.detach(), lr)
         if self.progress.step % self.config.check_every == 0:
             self.check_finite()
@@ -222,18 +229,40 @@ class Trainer:
         first, bad, data_step, example = state.tolist()
         if first == NONE and not bad:
             return
-        names = [n for n, p in parameters if not bool(torch.isfinite(p.detach()).all())]
-        buffer_names = [n for n, b in buffers if not bool(torch.isfinite(b).all())]
+        names, buffer_names = self._nonfinite()
         step = None if first == NONE else first
         data_step = None if data_step == NONE else data_step
         cause = data_step is not None and (step is None or data_step <= step)     # not a batch after the loss's NaN
         data = data_message(data_step, None if _distributed() else example) if cause else None
-        diagnosis = diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast) if data is None else []
+        diagnosis = [] if data is not None else self._diagnose()
         raise DivergenceError(
             message(step, self.progress.step, names, len(parameters), buffer_names, data, diagnosis,
                     self.config.check_every),
             step, names, buffer_names, data_step,
         )
+
+    def _nonfinite(self) -> tuple[list[str], list[str]]:
+        """The names of the non-finite parameters and buffers (seeds batched: each copy's, with its seed)."""
+        copies = zip(self.circuit_net.seeds, self.circuit_net.nets) if self.seeded else [(None, self.circuit_net)]
+        names: tuple[list[str], list[str]] = ([], [])
+        for seed, net in copies:
+            where = "" if seed is None else f" (seed {seed})"
+            names[0].extend(n + where for n, p in net.named_parameters() if not bool(torch.isfinite(p.detach()).all()))
+            names[1].extend(n + where for n, b in net.named_buffers()
+                            if b.is_floating_point() and not bool(torch.isfinite(b).all()))
+        return names
+
+    def _diagnose(self) -> list[str]:
+        """Which populations' activity and error are non-finite on the last batch (seeds batched: in the first
+        copy that has a non-finite parameter or buffer, on its own slice of the batch)."""
+        if not self.seeded or self._last_batch is None:
+            return diagnose(self.circuit_net, self.loss_fn, self._last_batch, self.autocast)
+        for s, (seed, net) in enumerate(zip(self.circuit_net.seeds, self.circuit_net.nets, strict=True)):
+            if not bool(all_finite([t.detach() for t in [*net.parameters(), *net.buffers()]
+                                    if t.is_floating_point()], self.device)):
+                batch = tuple(t[s] for t in self._last_batch)
+                return [f"seed {seed}: {line}" for line in diagnose(net, self.loss_fn, batch, self.autocast)]
+        return []
 
     # --- epochs ----------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, epochs: int, val_loader: Iterable | None = None) -> list[dict[str, float]]:
@@ -301,7 +330,7 @@ class Trainer:
             progress.batch_in_epoch += 1
             bar.update()
             if progress.step % 50 == 0 and not bar.disable:     # reading the loss waits for the device
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.mean()):.4f}")
             for hook in self.hooks:
                 hook(self)
             if self._stop:
@@ -329,37 +358,47 @@ class Trainer:
         self.progress.batch_in_epoch = 0
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
+    def evaluate(self, loader: Iterable) -> dict[str, float] | list[dict[str, float]]:
         """Loss (the trainer's loss_fn, averaged over examples), top-1 and top-5 accuracy on held-out data
         (summed over ranks under torch.distributed). Accuracies need class targets: class indices, or
-        one-hot / soft labels shaped like the output; for other targets only the loss is returned."""
+        one-hot / soft labels shaped like the output; for other targets only the loss is returned. Seeds
+        batched: the loader's batches (without a seed axis) go to every copy, and each seed's metrics come in
+        a list, in the order of the seeds."""
         self.net.eval()
-        totals = torch.zeros(3, device=self.device, dtype=torch.float64)   # loss sum, top1, top5 on the device
-        count, classified = 0, True                                         # examples, on the host
-        for inputs, target in loader:
-            inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
-            with self.autocast():
-                out = self.net(inputs)
-            count += len(target)
-            hits = torch.zeros(2, device=self.device, dtype=torch.float64)
-            labels = _class_labels(out, target)
-            classified = classified and labels is not None
-            if labels is not None:
-                hit = out.topk(min(5, out.shape[1]), dim=1).indices.eq(labels[:, None])
-                hits = torch.stack([hit[:, :1].sum().double(), hit.sum().double()])
-            totals += torch.cat([(self.loss_fn(out.float(), target).double() * len(target))[None], hits])
-        totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(self.device)])
+        copies = len(self.circuit_net) if self.seeded else 1
+        totals = torch.zeros(copies, 4, device=self.device, dtype=torch.float64)   # loss sum, top1, top5, examples
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):    # the run's random stream untouched (a loader's seed draw)
+            for inputs, target in loader:
+                inputs, target = self._to_device(inputs), target.to(self.device, non_blocking=True)
+                with self.autocast():
+                    out = self.net(inputs)
+                self._count(totals, out, target)
         if _distributed():
             dist.all_reduce(totals)
-        loss, top1, top5, n = totals.tolist()
-        if n == 0:
+        if not totals[:, 3].any():
             raise CircuitError("evaluate: the validation loader yielded no examples (an empty data set, or an "
                                "iterator already exhausted)")
-        metrics = {"loss": loss / n, "top1": top1 / n, "top5": top5 / n} if classified else {"loss": loss / n}
+        metrics = [{"loss": loss / n, "top1": top1 / n, "top5": top5 / n} if not math.isnan(top1)  # NaN: no classes
+                   else {"loss": loss / n} for loss, top1, top5, n in totals.tolist()]
+        result = metrics if self.seeded else metrics[0]
         if self._recording:
-            self.recorder.evaluate(self.progress.step, metrics)
+            self.recorder.evaluate(self.progress.step, result)
         self.net.train()
-        return metrics
+        return result
+
+    def _count(self, totals: Tensor, out: Tensor, target: Tensor) -> None:
+        """Add one batch's loss sum, top-1 and top-5 hits (NaN if its targets are not classes) and examples to each
+        copy's row of `totals`."""
+        for k, copy in enumerate(out.unbind(0) if self.seeded else [out]):
+            hits = torch.full((2,), float("nan"), device=self.device, dtype=torch.float64)
+            labels = _class_labels(copy, target)
+            if labels is not None:
+                hit = copy.topk(min(5, copy.shape[1]), dim=1).indices.eq(labels[:, None])
+                hits = torch.stack([hit[:, :1].sum().double(), hit.sum().double()])
+            loss = (self.loss_fn(copy.float(), target).double() * len(target))[None]
+            totals[k] += torch.cat([loss, hits, torch.tensor([float(len(target))], dtype=torch.float64,
+                                                             device=self.device)])
 
     # --- description and resume ----------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

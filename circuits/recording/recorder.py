@@ -137,6 +137,9 @@ class Recorder:
         shapes recorded. (The trainer checks its metric names with check_metrics before this.)
         """
         net = unwrap(net)
+        if getattr(net, "is_seed_batch", False):
+            raise RecordingError(f"a Recorder writes one run to {self.path}; seeds batched write one file per seed: "
+                                 f"circuits.recording.seeds.SeedRecorders([Recorder(...) for each seed])")
         if self._file is not None:
             if net is not self._net:
                 raise RecordingError(f"recorder of {self.path} is already recording another net")

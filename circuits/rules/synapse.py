@@ -118,9 +118,15 @@ class FeedbackPathway(torch.autograd.Function):
     (rule.weight_gradient: Kolen-Pollack decays W as well).
     """
 
+    generate_vmap_rule = True   # seeds batched by torch.func.vmap (circuits.graph.seeds): per seed, as written
+
     @staticmethod
-    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
+    def forward(y: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor | None,
                 stored_weight: Tensor | None, operator, rule: FeedbackRule) -> Tensor:
+        return operator.forward(y, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
         """`feedback` None means B is W itself (backprop): W is then passed once, not twice,
         so torch.compile sees no duplicated input. A stored B comes as stored and is first read, and cast to
         the forward's dtype, in backward: a mirror batch may change it between forward and backward (circuits.
@@ -129,13 +135,13 @@ class FeedbackPathway(torch.autograd.Function):
         A B computed in forward (from W, or B times a mask) is cast there. `stored_weight`: W as stored (the
         parameter), where `weight` is a cast of it (autocast) and the rule's backward reads W (rule.saves_weight):
         saved in place of the cast, whose copy then need not live from forward to backward."""
+        y, weight, bias, feedback, stored_weight, operator, rule = inputs
         keep_weight = feedback is None or (rule.saves_weight and stored_weight is None)
         versioned = feedback is not None and feedback.requires_grad     # a B the optimizer steps after backward
         ctx.save_for_backward(y, weight if keep_weight else None, feedback if versioned else None, stored_weight)
         ctx.feedback = None if versioned else feedback      # read as it is at backward time (mirror batches)
         ctx.operator, ctx.rule, ctx.dtype = operator, rule, weight.dtype
         ctx.has_bias = bias is not None
-        return operator.forward(y, weight, bias)
 
     @staticmethod
     def backward(ctx, delta: Tensor):
@@ -163,10 +169,22 @@ def _memory_format(t: Tensor) -> torch.memory_format:
 
     The error delta takes the layout of the input y, never its own: under torch.compile the error's strides when
     traced need not be those it has in eager mode (they were NCHW for a channels_last net, and cuDNN then copied
-    every delta to channels_last inside convolution_backward: 15 of 52 ms per resnet50 step on an H200)."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+    every delta to channels_last inside convolution_backward: 15 of 52 ms per resnet50 step on an H200). Read from
+    the strides (torch.func.vmap, which batches seeds, answers no is_contiguous query for channels_last)."""
+    if t.dim() == 4 and _dense(t, (1, 3, 2, 0)) and not _dense(t, (3, 2, 1, 0)):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _dense(t: Tensor, order: tuple[int, ...]) -> bool:
+    """Whether t's elements lie densely with its axes nested in `order`, innermost first (axes of size 1 aside)."""
+    expected = 1
+    for axis in order:
+        if t.shape[axis] != 1:
+            if t.stride(axis) != expected:
+                return False
+            expected *= t.shape[axis]
+    return True
 
 
 class Synapse(nn.Module):
