@@ -15,8 +15,8 @@ judges the paper's claims on them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
@@ -379,6 +379,13 @@ class SeedSummary:
 
     def angle(self, projection: str) -> Interval:
         return interval(list(self.angles[projection].values()))
+
+    def intervals(self) -> dict[str, Any]:
+        """The Intervals as plain dicts (results.json's "intervals"; Interval.from_dict reads one back): top1
+        (last evaluation), top1_tail (mean of the last k), angles by projection, difference (None: none)."""
+        return {"top1": asdict(self.accuracy(tail=False)), "top1_tail": asdict(self.accuracy()),
+                "angles": {p: asdict(self.angle(p)) for p in self.angles},
+                "difference": None if self.difference is None else asdict(self.difference)}
 
 
 def across_seeds(runs: Sequence[SeedRun], baseline: str = "bp") -> list[SeedSummary]:

@@ -286,7 +286,8 @@ def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: Co
     write_json(folder.out / "results.json",
                {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
                 "provenance": record, "pending": pending, "runs": [asdict(r) for r in results],
-                "across_seeds": [asdict(s) for s in summaries]})
+                "across_seeds": [asdict(s) for s in summaries],
+                "intervals": {s.rule: s.intervals() for s in summaries}})
     table = pending_note(pending, len(plan), record["command"]) + markdown(summaries, config, folder.commands(),
                                                                            split, record, results)
     (folder.out / "results.md").write_text(table)

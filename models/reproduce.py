@@ -334,6 +334,7 @@ def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: Re
                {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
                 "machine": record["machine"], "seconds": record["seconds"], "provenance": record, "pending": pending,
                 "runs": [asdict(r) for r in results], "across_seeds": [asdict(s) for s in seeds],
+                "intervals": {s.rule: s.intervals() for s in seeds},
                 "first_epoch_angles": first})
     table = pending_note(pending, len(plan), record["command"]) + markdown(seeds, first, config, split, record,
                                                                            results)

@@ -232,6 +232,8 @@ def test_compare_tables_intervals_over_seeds_and_judges_the_claims_on_them():
                                            "holds"),
         ("KP", "holds"), ("KP", "holds"), ("FA's angle(B, W) larger than KP's in every layer (paired over seeds)",
                                            "holds")]
+    assert kp.intervals()["angles"]["fc1"] == pytest.approx(
+        {"n": 3, "mean": 6.0, "sd": 1.0, "low": 6 - 2 * half, "high": 6 + 2 * half, "confidence": 0.95})
     assert found[4][0].endswith("difference +0.00 points, 95% interval [-1.24, +1.24] over 3 matched seed(s)")
     assert found[0][0].startswith("WM: angle(B, W) below 10° in every projection (95% intervals: fc1 [12.00, 12.00], "
                                   "fc2 [1.52, 6.48]")                # 4 ± 4.30 / sqrt(3)
@@ -288,6 +290,10 @@ def test_main_job_smoke_runs_end_to_end(tmp_path, capsys):
     assert seeds["wm"]["top1"] == {"0": done["wm"]["top1"]} and seeds["wm"]["difference"]["low"] is None
     assert stats.Interval.from_dict(seeds["wm"]["difference"]).mean == pytest.approx(
         done["wm"]["top1"] - done["bp"]["top1"])
+    kp = results["intervals"]["kp"]
+    assert kp["top1"] == {"n": 1, "mean": done["kp"]["top1"], "sd": None, "low": None, "high": None, "confidence": 0.95}
+    assert kp["angles"]["fc2"]["mean"] == done["kp"]["final_angles"]["fc2"]
+    assert results["intervals"]["dfa"]["angles"] == {}                   # direct feedback: no angle(B, W)
     record = results["provenance"]
     assert {"commit", "python", "torch", "numpy", "mlxtend", "machine", "gpu", "command", "seconds"} <= set(record)
     assert record["command"] == f"python -m models.compare --smoke --out {out} --no-progress" and record["seconds"] > 0
