@@ -362,7 +362,8 @@ class SeedRun:
 @dataclass(frozen=True)
 class SeedSummary:
     """One rule over its seeds: per-seed values by seed, and their Intervals. difference: the paired
-    difference of top1_tail to the baseline rule over matched seeds (None for the baseline itself or without it)."""
+    difference of top1_tail to the baseline rule over matched seeds (None for the baseline itself, without it, or
+    without a seed in common with it)."""
 
     rule: str
     top1: dict[int, float]
@@ -402,8 +403,9 @@ def across_seeds(runs: Sequence[SeedRun], baseline: str = "bp") -> list[SeedSumm
     for rule, group in by_rule.items():
         tail = {r.seed: r.top1_tail for r in group}
         angles = {p: {r.seed: r.angles[p] for r in group} for p, a in group[0].angles.items() if a is not None}
+        paired = rule != baseline and not base.keys().isdisjoint(tail)
         out.append(SeedSummary(rule, {r.seed: r.top1 for r in group}, tail, angles,
-                               paired_difference(tail, base) if rule != baseline and base else None))
+                               paired_difference(tail, base) if paired else None))
     return out
 
 
@@ -441,7 +443,8 @@ def claims(summaries: Sequence[SeedSummary], points: float, degrees: float = ALI
            aligning: Sequence[str] = ("wm", "kp"), contrast: str = "fa") -> list[tuple[str, str]]:
     """The paper's claims for each `aligning` rule present, judged on 95% t-intervals over seeds (holds, fails,
     undecided): angle(B, W) below `degrees` in every projection, test accuracy within `points` of the
-    `baseline`'s (paired over matched seeds), and the `contrast` rule's angle larger in every projection (paired)."""
+    `baseline`'s (paired over matched seeds), and the `contrast` rule's angle larger in every projection (paired);
+    the paired claims only where the two rules have a seed in common."""
     by_rule = {s.rule: s for s in summaries}
     out = []
     for rule in aligning:
@@ -451,7 +454,7 @@ def claims(summaries: Sequence[SeedSummary], points: float, degrees: float = ALI
         out.append(angle_claim(summary, degrees))
         if summary.difference is not None:
             out.append(accuracy_claim(summary, points, baseline))
-        if contrast in by_rule:
+        if contrast in by_rule and not by_rule[contrast].top1.keys().isdisjoint(summary.top1):
             larger = [verdict(paired_difference(by_rule[contrast].angles[p], angles), low=0)
                       for p, angles in summary.angles.items()]
             out.append((f"{contrast.upper()}'s angle(B, W) larger than {rule.upper()}'s in every layer (paired over "

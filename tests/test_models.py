@@ -254,6 +254,23 @@ def test_compare_tables_intervals_over_seeds_and_judges_the_claims_on_them():
                                    "command `c`.")
 
 
+def test_a_rule_run_on_other_seeds_than_bps_joins_the_table_unpaired():
+    """Runs merged into a folder (--rules ia --seeds 5 beside BP's 0-2): no seed in common, so no paired difference
+    and no paired claim, but its row with its own seed."""
+    results = fake_results() + [fake_run("kp", 5, [50.0, 91.0], {"fc1": 50.0, "fc2": 20.0}, {"fc1": 4.0, "fc2": 1.0})]
+    results = [r for r in results if r.rule != "kp" or r.seed == 5]
+    summaries = runs.across_seeds(results)
+    kp = {s.rule: s for s in summaries}["kp"]
+    assert kp.seeds == [5] and kp.difference is None
+    assert [text.split(":")[0] for text, _ in stats.claims(summaries, compare.ACCURACY_POINTS)] == [
+        "WM", "WM", "FA's angle(B, W) larger than WM's in every layer (paired over seeds)", "KP"]
+    config = compare.CompareConfig(rules=("bp", "fa", "kp", "wm"), epochs=2)
+    record = {"commit": "abc", "python": "3", "machine": "m", "gpu": "none", "command": "c"}
+    table = compare.markdown(summaries, config, ["c"], SimpleNamespace(train=range(4), test=range(1)), record, results)
+    assert ("| KP (seeds 5) | 91.00 (1 seed) | 70.50 (1 seed) | – | 50.0 -> 4.00 (1 seed) | 20.0 -> 1.00 (1 seed) |"
+            in table)                                                  # 70.50: the mean of its 2 epochs
+
+
 def test_a_one_seed_results_json_is_strict_json_with_null_bounds(tmp_path):
     """One seed bounds nothing: the interval's SD and bounds are NaN and -inf / inf in memory, null on disk."""
     results = [r for r in fake_results() if r.seed == 0]
