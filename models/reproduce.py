@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,7 +66,16 @@ from .released import (
     released_optimizer,
     summed_bce,
 )
-from .runs import RunFolder, diverged_rows, pending_note, shared_settings, torch_threads
+from .runs import (
+    RunFolder,
+    across_seeds,
+    diverged_rows,
+    pending_note,
+    shared_settings,
+    tail_epochs,
+    torch_threads,
+    write_json,
+)
 
 DATASETS: dict[str, Callable[..., data.DataSplit]] = {"mnist": data.mnist_full, "fashion": data.fashion_mnist}
 SETTINGS = ("paper", "released")
@@ -187,30 +195,14 @@ def first_epoch(results: Sequence[compare.RunResult]) -> dict[str, dict[str, tup
     return out
 
 
-def across_seeds(results: Sequence[compare.RunResult]) -> list[stats.SeedSummary]:
-    """Per rule over seeds: accuracy after the last epoch and as the mean of the last stats.LAST_EVALUATIONS
-    epochs, each projection's final angle, and the paired difference to BP (analysis.stats.across_seeds)."""
-    return stats.across_seeds([stats.SeedRun(r.rule, r.seed, r.top1, stats.tail_mean(r.history), r.final_angles)
-                               for r in results], baseline="bp")
-
-
 def checks(summaries: Sequence[stats.SeedSummary], config: ReproduceConfig) -> list[tuple[str, str]]:
     """The paper's claims judged on 95% t-intervals over seeds (holds, fails or undecided): WM and KP below
     ALIGNED_DEGREES in every layer and within ACCURACY_POINTS of BP (paired), FA's angle larger than theirs
     in every layer (paired); on MNIST FA's last-layer angle within ALIGNED_DEGREES of the authors' ~40 degrees
-    and, released, each rule's accuracy within ACCURACY_POINTS of the authors' 400-epoch figure."""
+    and, released, each rule's accuracy within ACCURACY_POINTS of the authors' 400-epoch figure (the first
+    three: analysis.stats.claims, as models.compare judges them)."""
     by_rule = {s.rule: s for s in summaries}
-    out = []
-    for rule in ("wm", "kp"):
-        if rule in by_rule:
-            out.append(stats.angle_claim(by_rule[rule], compare.ALIGNED_DEGREES))
-            if by_rule[rule].difference is not None:
-                out.append(stats.accuracy_claim(by_rule[rule], ACCURACY_POINTS))
-            if "fa" in by_rule:
-                larger = [stats.verdict(stats.paired_difference(by_rule["fa"].angles[p], angles), low=0)
-                          for p, angles in by_rule[rule].angles.items()]
-                out.append((f"FA's angle(B, W) larger than {rule.upper()}'s in every layer (paired over seeds)",
-                            stats.all_of(larger)))
+    out = stats.claims(summaries, ACCURACY_POINTS, compare.ALIGNED_DEGREES)
     if config.dataset != "mnist":
         return out
     if "fa" in by_rule:
@@ -238,8 +230,8 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
     projections = list(first[summaries[0].rule]) if summaries else list(results[0].initial_angles)
     mnist = config.dataset == "mnist"
     name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
-    k, epochs = stats.LAST_EVALUATIONS, config.epochs
-    tail = f"epochs {max(1, epochs - k + 1)}-{epochs}" if epochs > 1 else "epoch 1"
+    epochs = config.epochs
+    tail = tail_epochs(epochs)
     lines = [f"{name} ({len(split.train):,} training and {len(split.test):,} test images), "
              f"`--settings {config.settings}`, **{epochs} epoch(s)** (the authors ran 400); mean ± sample "
              f"standard deviation [95% t-interval] over seeds {', '.join(map(str, config.seeds))}; the difference "
@@ -259,7 +251,7 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
         difference = "–" if s.difference is None else s.difference.cell("+.2f")
         lines.append(f"| {s.rule.upper()} | {s.accuracy(tail=False).cell()} | {s.accuracy().cell()} | {difference} | "
                      + " | ".join(cells) + " |")
-    lines += diverged_rows(results, projections, 4 + len(projections) + (3 if mnist else 0))
+    lines += diverged_rows(results, projections, 4 + len(projections) + (3 if mnist else 0), skip=2)
     lines.append("")
     if mnist:
         lines += ["Authors' numbers: Akrout et al. 2019 and makrout/Deep-Learning-without-Weight-Transport: their "
@@ -285,9 +277,7 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
         lines += ["Settings (released): the authors' code's choices (makrout/Deep-Learning-without-Weight-Transport "
                   "at 688f47a, fcnn/), bugs included:", ""]
         lines += [f"- {choice}" for choice in RELEASED_CHOICES] + [""]
-    lines += ["Claims, judged on the 95% intervals (holds: the whole interval clears the bar; fails: it misses it "
-              "whole; undecided: it straddles the bar):", ""]
-    lines += [f"- {v}: {text}" for text, v in checks(summaries, config)] + ["", provenance.describe(record)]
+    lines += stats.claim_lines(checks(summaries, config)) + ["", provenance.describe(record)]
     return "\n".join(lines) + "\n"
 
 
@@ -310,9 +300,9 @@ def _authors_400(rule: str) -> tuple[str, str]:
     return f"{top1:.2f}", angles
 
 
-def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, dict]:
+def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, stats.SeedSummary]:
     """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
-    returns the summary."""
+    returns the statistics across seeds by rule."""
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {config.dataset!r}; datasets: {', '.join(DATASETS)}")
     if config.settings not in SETTINGS:
@@ -329,33 +319,35 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
                                                                               checkpoint, record),
                           command, config.progress, batched=config.batch_seeds):
         write_results(folder, plan, config, split, record)
-    summary, table = write_results(folder, plan, config, split, record)
+    summaries, table = write_results(folder, plan, config, split, record)
     print(table)
     if config.report:
         seed = config.seeds[0]
         compare.write_report([r.recording for r in folder.results() if r.seed == seed], folder.out, seed,
                              config.progress)
-    return summary
+    return {s.rule: s for s in summaries}
 
 
 def write_results(folder: RunFolder, plan: Sequence[tuple[str, int]], config: ReproduceConfig,
-                  split: data.DataSplit, record: dict) -> tuple[dict[str, dict], str]:
-    """results.json and results.md of every run done in the folder, the runs of `plan` still to come named
-    first; returns the summary and the table. `record`: the provenance, with the runs' training time."""
+                  split: data.DataSplit, record: dict) -> tuple[list[stats.SeedSummary], str]:
+    """results.json (strict JSON: an undefined interval bound is null) and results.md of every run done in the
+    folder, the runs of `plan` still to come named first; returns the statistics across seeds and the table.
+    `record`: the provenance, with the runs' training time."""
     results = folder.results()
     finished = [r for r in results if r.diverged_step is None]
     record = {**record, "seconds": sum(r.seconds for r in results)}
-    summary, first, seeds = compare.summarize(finished), first_epoch(finished), across_seeds(finished)
+    first, seeds = first_epoch(finished), across_seeds(finished)
     pending = folder.pending(plan)
-    (folder.out / "results.json").write_text(json.dumps(
-        {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
-         "machine": record["machine"], "seconds": record["seconds"], "provenance": record, "pending": pending,
-         "runs": [asdict(r) for r in results], "summary": summary, "across_seeds": [asdict(s) for s in seeds],
-         "first_epoch_angles": first}, indent=1))
+    write_json(folder.out / "results.json",
+               {"config": asdict(config), "command": record["command"], "commands": folder.commands(),
+                "machine": record["machine"], "seconds": record["seconds"], "provenance": record, "pending": pending,
+                "runs": [asdict(r) for r in results], "across_seeds": [asdict(s) for s in seeds],
+                "intervals": {s.rule: s.intervals() for s in seeds},
+                "first_epoch_angles": first})
     table = pending_note(pending, len(plan), record["command"]) + markdown(seeds, first, config, split, record,
                                                                            results)
     (folder.out / "results.md").write_text(table)
-    return summary, table
+    return seeds, table
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reproduce") -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from analysis import stats
 from circuits import rules
 
 from .data import write_whole
@@ -66,9 +68,10 @@ class RunResult:
         return f"DIVERGED at learning step {self.diverged_step}; its last finite numbers, {last}, angle(B, W) {numbers}"
 
 
-def diverged_rows(results: Sequence[RunResult], projections: Sequence[str], columns: int) -> list[str]:
-    """Table rows of `columns` cells for the diverged runs: rule and seed, the step, the last finite accuracy and
-    angles (after which epoch), '–' in the cells after the angles."""
+def diverged_rows(results: Sequence[RunResult], projections: Sequence[str], columns: int, skip: int = 0) -> list[str]:
+    """Table rows of `columns` cells for the diverged runs: rule and seed, the step, the last finite accuracy,
+    `skip` cells '–' (the table's other accuracy columns), the last finite angles (after which epoch), '–' in the
+    cells after the angles."""
     rows = []
     for r in results:
         if r.diverged_step is None:
@@ -77,9 +80,41 @@ def diverged_rows(results: Sequence[RunResult], projections: Sequence[str], colu
         accuracy = f"{r.top1:.2f} (epoch {len(r.history)})" if r.top1 is not None else "– (no epoch finished)"
         angles = [f"{r.final_angles[p]:.2f} ({when})" if r.final_angles.get(p) is not None else "–"
                   for p in projections]
-        cells = [f"{r.rule.upper()} seed {r.seed}: **diverged at learning step {r.diverged_step}**", accuracy, *angles]
+        cells = [f"{r.rule.upper()} seed {r.seed}: **diverged at learning step {r.diverged_step}**", accuracy,
+                 *["–"] * skip, *angles]
         rows.append("| " + " | ".join(cells + ["–"] * (columns - len(cells))) + " |")
     return rows
+
+
+def across_seeds(results: Sequence[RunResult], baseline: str = "bp") -> list[stats.SeedSummary]:
+    """Per rule over seeds (runs that finished): accuracy after the last epoch and as the mean of the last
+    stats.LAST_EVALUATIONS epochs, each projection's final angle, and the paired difference to `baseline`
+    (analysis.stats.across_seeds)."""
+    return stats.across_seeds([stats.SeedRun(r.rule, r.seed, r.top1, stats.tail_mean(r.history), r.final_angles)
+                               for r in results], baseline=baseline)
+
+
+def tail_epochs(epochs: int) -> str:
+    """Which epochs the mean of the last stats.LAST_EVALUATIONS covers: 'epochs 18-20', 'epoch 1'."""
+    return f"epochs {max(1, epochs - stats.LAST_EVALUATIONS + 1)}-{epochs}" if epochs > 1 else "epoch 1"
+
+
+def strict(value: Any) -> Any:
+    """`value` (dicts, lists, tuples, numbers) with every NaN or infinite float replaced by None (null in JSON):
+    an interval's undefined SD and bounds (one seed) among them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    """`value` written to `path` as strict JSON (RFC 8259: non-finite numbers as null, json.dumps(allow_nan=False)
+    so that none can slip through)."""
+    path.write_text(json.dumps(strict(value), indent=1, allow_nan=False))
 
 
 def pending_note(pending: Sequence[Run], planned: int, command: str) -> str:

@@ -1,6 +1,9 @@
 """The model zoo against its references (torch modules, torchvision, He et al.), the data, and the main job."""
+import dataclasses
 import json
+import math
 import sys
+from types import SimpleNamespace
 
 import networkx as nx
 import pytest
@@ -10,8 +13,9 @@ import torchvision
 from torch import nn
 
 import circuits
+from analysis import stats
 from circuits import rules
-from models import compare, data, imagenet, reproduce
+from models import compare, data, imagenet, reproduce, runs
 from models.convnet import convnet
 from models.mlp import mlp
 from models.resnet import PaddedShortcut, cifar_resnet, resnet, resnet18, resnet20, resnet50
@@ -190,34 +194,129 @@ def test_missing_packages_and_data_say_what_to_do(without_data_packages, monkeyp
         data.cifar10(tmp_path)
 
 
-def test_compare_rules_and_claims():
-    config = compare.CompareConfig(kp_decay=0.01, wm_decay=0.002)
+T_975_2 = 4.302652729749464
+"""Student's t quantile 0.975 for 2 degrees of freedom (tables)."""
+
+
+def fake_run(rule, seed, history, start, end):
+    return compare.RunResult(rule, seed, history[-1], start, end, 1.0, None, list(history), [end])
+
+
+def fake_results():
+    """Seeds 0-2 of BP, FA, KP and WM, 4 epochs. Means of the last 3 epochs: BP 91, 92, 93; KP 90.5, 92, 93.5
+    (paired difference -0.5, 0, +0.5: mean 0, SD 0.5); WM 88 each (difference -3, -4, -5: mean -4, SD 1)."""
+    out = []
+    for seed, bp, kp, a1, w2, fa2 in ((0, (90, 91, 92), 90.5, 5.0, 3.0, 40.0), (1, (92, 92, 92), 92.0, 6.0, 4.0, 42.0),
+                                      (2, (93, 93, 93), 93.5, 7.0, 5.0, 44.0)):
+        out += [fake_run("bp", seed, [50.0, *bp], {"fc1": 0.0, "fc2": 0.0}, {"fc1": 0.0, "fc2": 0.0}),
+                fake_run("fa", seed, [50.0, 85.0, 85.0, 85.0], {"fc1": 90.0, "fc2": 60.0}, {"fc1": 90.0, "fc2": fa2}),
+                fake_run("kp", seed, [50.0, kp, kp, kp], {"fc1": 50.0 + 2 * seed, "fc2": 20.0},
+                         {"fc1": a1, "fc2": 1.0}),
+                fake_run("wm", seed, [50.0, 88.0, 88.0, 88.0], {"fc1": 80.0, "fc2": 60.0}, {"fc1": 12.0, "fc2": w2})]
+    return out
+
+
+def test_compare_tables_intervals_over_seeds_and_judges_the_claims_on_them():
+    config = compare.CompareConfig(kp_decay=0.01, wm_decay=0.002, rules=("bp", "fa", "kp", "wm"), epochs=4)
     assert compare.feedback_rule("kp", config) == rules.KolenPollack(decay=0.01)
     assert compare.feedback_rule("wm", config).target_scale == pytest.approx(1.0)   # B -> W
-    summary = {"bp": {"top1": (93.0, 0.1), "angles": {"fc1": (0.0, 0), "fc2": (0.0, 0)}},
-               "fa": {"top1": (90.0, 0.1), "angles": {"fc1": (90.0, 0), "fc2": (40.0, 0)}},
-               "kp": {"top1": (91.0, 0.1), "angles": {"fc1": (5.0, 0), "fc2": (1.0, 0)}},
-               "wm": {"top1": (92.5, 0.1), "angles": {"fc1": (12.0, 0), "fc2": (3.0, 0)}}}
-    verdict = dict(compare.claims(summary))
-    assert [ok for text, ok in verdict.items() if text.startswith("WM")] == [False, True]
-    assert [ok for text, ok in verdict.items() if text.startswith("KP")] == [True, False]
-    assert all(ok for text, ok in verdict.items() if text.startswith("FA"))
+    results = fake_results()
+    summaries = runs.across_seeds(results)
+    kp = {s.rule: s for s in summaries}["kp"]
+    half = T_975_2 * 0.5 / math.sqrt(3)                                 # KP - BP: mean 0, SD 0.5 over 3 seeds
+    assert (kp.difference.mean, kp.difference.sd, kp.difference.low, kp.difference.high) == pytest.approx(
+        (0.0, 0.5, -half, half))
+    found = stats.claims(summaries, compare.ACCURACY_POINTS)
+    assert [(text.split(":")[0], v) for text, v in found] == [
+        ("WM", "fails"), ("WM", "fails"), ("FA's angle(B, W) larger than WM's in every layer (paired over seeds)",
+                                           "holds"),
+        ("KP", "holds"), ("KP", "holds"), ("FA's angle(B, W) larger than KP's in every layer (paired over seeds)",
+                                           "holds")]
+    assert kp.intervals()["angles"]["fc1"] == pytest.approx(
+        {"n": 3, "mean": 6.0, "sd": 1.0, "low": 6 - 2 * half, "high": 6 + 2 * half, "confidence": 0.95})
+    assert found[4][0].endswith("difference +0.00 points, 95% interval [-1.24, +1.24] over 3 matched seed(s)")
+    assert found[0][0].startswith("WM: angle(B, W) below 10° in every projection (95% intervals: fc1 [12.00, 12.00], "
+                                  "fc2 [1.52, 6.48]")                # 4 ± 4.30 / sqrt(3)
+    split = SimpleNamespace(train=range(4000), test=range(1000))
+    record = {"commit": "abc", "python": "3", "machine": "m", "gpu": "none", "command": "c", "seconds": 90.0}
+    table = compare.markdown(summaries, config, ["c"], split, record, results)
+    assert ("| rule | test accuracy (%), epoch 4 | test accuracy (%), mean of epochs 2-4 | difference to BP (points), "
+            "mean of epochs 2-4 | angle(B, W) fc1 (°): start -> end | angle(B, W) fc2 (°): start -> end | paper: "
+            "accuracy (%) | paper: angle last layer (°) |") in table
+    # KP's last epoch and mean of the last 3: 90.5, 92, 93.5 (SD 1.5, t SD / sqrt(3) = 3.73); fc1 5, 6, 7 from 50-54
+    assert ("| KP | 92.00 ± 1.50 [88.27, 95.73] | 92.00 ± 1.50 [88.27, 95.73] | +0.00 ± 0.50 [-1.24, +1.24] | "
+            "52.0 -> 6.00 ± 1.00 [3.52, 8.48] | 20.0 -> 1.00 ± 0.00 [1.00, 1.00] | 98.45 | 19.7 -> 3.6 |") in table
+    assert "| WM | 88.00 ± 0.00 [88.00, 88.00] | 88.00 ± 0.00 [88.00, 88.00] | -4.00 ± 1.00 [-6.48, -1.52] |" in table
+    assert "| BP | 92.33 ± 0.58 [90.90, 93.77] | 92.00 ± 1.00 [89.52, 94.48] | – |" in table
+    assert "- fails: WM: test accuracy (mean of the last 3 evaluations, all if fewer) within 1.5 points" in table
+    assert "- holds: KP: angle(B, W) below 10° in every projection" in table
+    assert table.rstrip().endswith("Provenance: commit abc; python 3; m; GPU: none; 1.5 minutes of training time; "
+                                   "command `c`.")
+
+
+def test_a_rule_run_on_other_seeds_than_bps_joins_the_table_unpaired():
+    """Runs merged into a folder (--rules ia --seeds 5 beside BP's 0-2): no seed in common, so no paired difference
+    and no paired claim, but its row with its own seed."""
+    results = fake_results() + [fake_run("kp", 5, [50.0, 91.0], {"fc1": 50.0, "fc2": 20.0}, {"fc1": 4.0, "fc2": 1.0})]
+    results = [r for r in results if r.rule != "kp" or r.seed == 5]
+    summaries = runs.across_seeds(results)
+    kp = {s.rule: s for s in summaries}["kp"]
+    assert kp.seeds == [5] and kp.difference is None
+    assert [text.split(":")[0] for text, _ in stats.claims(summaries, compare.ACCURACY_POINTS)] == [
+        "WM", "WM", "FA's angle(B, W) larger than WM's in every layer (paired over seeds)", "KP"]
+    config = compare.CompareConfig(rules=("bp", "fa", "kp", "wm"), epochs=2)
+    record = {"commit": "abc", "python": "3", "machine": "m", "gpu": "none", "command": "c"}
+    table = compare.markdown(summaries, config, ["c"], SimpleNamespace(train=range(4), test=range(1)), record, results)
+    assert ("| KP (seeds 5) | 91.00 (1 seed) | 70.50 (1 seed) | – | 50.0 -> 4.00 (1 seed) | 20.0 -> 1.00 (1 seed) |"
+            in table)                                                  # 70.50: the mean of its 2 epochs
+
+
+def test_a_one_seed_results_json_is_strict_json_with_null_bounds(tmp_path):
+    """One seed bounds nothing: the interval's SD and bounds are NaN and -inf / inf in memory, null on disk."""
+    results = [r for r in fake_results() if r.seed == 0]
+    summaries = runs.across_seeds(results)
+    assert math.isinf(summaries[2].difference.low) and math.isnan(summaries[2].difference.sd)
+    runs.write_json(tmp_path / "results.json", {"across_seeds": [dataclasses.asdict(s) for s in summaries]})
+    text = (tmp_path / "results.json").read_text()
+    read = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+    kp = read["across_seeds"][2]
+    assert kp["rule"] == "kp" and kp["difference"] == {"n": 1, "mean": -0.5, "sd": None, "low": None, "high": None,
+                                                      "confidence": 0.95}
+    back = stats.Interval.from_dict(kp["difference"])
+    assert (back.n, back.mean, back.low, back.high) == (1, -0.5, -math.inf, math.inf) and math.isnan(back.sd)
+    assert back.cell() == "-0.50 (1 seed)" and stats.verdict(back, -1.5, 1.5) == "undecided"
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        json.dumps(math.nan, allow_nan=False)                          # what write_json relies on
 
 
 def test_main_job_smoke_runs_end_to_end(tmp_path, capsys):
     """The README's main job at CI size: every rule trains, is recorded, compared and reported."""
     out = tmp_path / "compare"
     assert compare.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    runs = {r["rule"]: r for r in results["runs"]}
-    assert list(runs) == list(compare.RULES) and all(r["seed"] == 0 for r in runs.values())
-    assert all(0 <= r["top1"] <= 100 for r in runs.values())
-    assert runs["bp"]["final_angles"] == {"fc1": 0.0, "fc2": 0.0}
-    assert runs["fa"]["final_angles"]["fc1"] > 80                       # random B: nearly orthogonal to W
-    assert runs["kp"]["final_angles"]["fc2"] < runs["kp"]["initial_angles"]["fc2"] - 20   # KP aligns at once
+    results = json.loads((out / "results.json").read_text(),              # strict JSON: no NaN, no Infinity
+                         parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+    done = {r["rule"]: r for r in results["runs"]}
+    assert list(done) == list(compare.RULES) and all(r["seed"] == 0 for r in done.values())
+    assert all(0 <= r["top1"] <= 100 for r in done.values())
+    assert done["bp"]["final_angles"] == {"fc1": 0.0, "fc2": 0.0}
+    assert done["fa"]["final_angles"]["fc1"] > 80                       # random B: nearly orthogonal to W
+    assert done["kp"]["final_angles"]["fc2"] < done["kp"]["initial_angles"]["fc2"] - 20   # KP aligns at once
     for rule in compare.RULES:
         assert (out / "runs" / f"{rule}-seed0.h5").is_file()
-    assert "| WM |" in (out / "results.md").read_text()
+    seeds = {s["rule"]: s for s in results["across_seeds"]}
+    assert seeds["wm"]["top1"] == {"0": done["wm"]["top1"]} and seeds["wm"]["difference"]["low"] is None
+    assert stats.Interval.from_dict(seeds["wm"]["difference"]).mean == pytest.approx(
+        done["wm"]["top1"] - done["bp"]["top1"])
+    kp = results["intervals"]["kp"]
+    assert kp["top1"] == {"n": 1, "mean": done["kp"]["top1"], "sd": None, "low": None, "high": None, "confidence": 0.95}
+    assert kp["angles"]["fc2"]["mean"] == done["kp"]["final_angles"]["fc2"]
+    assert results["intervals"]["dfa"]["angles"] == {}                   # direct feedback: no angle(B, W)
+    record = results["provenance"]
+    assert {"commit", "python", "torch", "numpy", "mlxtend", "machine", "gpu", "command", "seconds"} <= set(record)
+    assert record["command"] == f"python -m models.compare --smoke --out {out} --no-progress" and record["seconds"] > 0
+    table = (out / "results.md").read_text()
+    assert f"| WM | {done['wm']['top1']:.2f} (1 seed) | {done['wm']['top1']:.2f} (1 seed) |" in table
+    assert "- undecided: WM: test accuracy" in table and f"command `{record['command']}`." in table
     assert (out / "report" / "summary.md").is_file() and (out / "report" / "alignment.png").is_file()
     assert "test accuracy" in capsys.readouterr().out
     (out / "report" / "stale.png").write_bytes(b"")
@@ -294,15 +393,15 @@ def test_a_diverged_run_is_tabled_with_its_step_and_last_finite_numbers(tmp_path
     monkeypatch.setattr(compare, "fit", nan_from_step_6)
     config = compare.CompareConfig(rules=("bp", "fa"), seeds=(0,), epochs=2, train_examples=256,
                                    out=str(tmp_path / "out"), report=False, progress=False)
-    summary = compare.run(config)
-    assert list(summary) == ["bp"]
+    summaries = compare.run(config)
+    assert list(summaries) == ["bp"]
     text = (tmp_path / "out" / "results.json").read_text()
     fa = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in results.json"))["runs"][1]
     assert fa["rule"] == "fa" and fa["diverged_step"] == 6
     assert len(fa["history"]) == len(fa["epoch_angles"]) == 1 and fa["top1"] == fa["history"][0]
     assert fa["final_angles"] == fa["epoch_angles"][0]
     row = next(line for line in (tmp_path / "out" / "results.md").read_text().splitlines() if "diverged" in line)
-    assert row == (f"| FA seed 0: **diverged at learning step 6** | {fa['top1']:.2f} (epoch 1) | "
+    assert row == (f"| FA seed 0: **diverged at learning step 6** | {fa['top1']:.2f} (epoch 1) | – | – | "
                    f"{fa['final_angles']['fc1']:.2f} (epoch 1) | {fa['final_angles']['fc2']:.2f} (epoch 1) | – | – |")
 
 
