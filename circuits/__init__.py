@@ -22,6 +22,7 @@ _EXPORTS = {
     "Circuit": "graph.circuit", "LayerRules": "graph.circuit", "CircuitNet": "graph.network", "Trace": "graph.network",
     "Population": "graph.population", "DirectFeedback": "graph.feedback",
     "Projection": "graph.projections", "Dense": "graph.projections", "Conv2d": "graph.projections",
+    "Conv1d": "graph.projections", "ConvTranspose2d": "graph.projections",
     "BatchNorm": "graph.projections", "MaxPool": "graph.projections", "AvgPool": "graph.projections",
     "AdaptiveAvgPool": "graph.projections", "Flatten": "graph.projections", "Identity": "graph.projections",
     "Dropout": "graph.projections", "LayerNorm": "graph.projections", "GroupNorm": "graph.projections",

@@ -624,8 +624,8 @@ def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(lay
 
 
 def test_a_layer_without_a_projection_says_what_to_do():
-    with pytest.raises(circuits.CircuitError, match=r"layer .1. \(Conv1d\) has no circuit projection .*in_place"):
-        circuits.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 2, 3)), input_shape=(1, 4))
+    with pytest.raises(circuits.CircuitError, match=r"layer .1. \(Conv3d\) has no circuit projection .*in_place"):
+        circuits.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv3d(1, 2, 3)), input_shape=(1, 4))
 
 
 def test_same_padding_converts_in_place_too():
@@ -663,3 +663,70 @@ def test_what_the_output_does_not_depend_on_is_left_out_so_direct_feedback_has_o
     assert sorted(name for name, _ in net.projections()) == ["a", "b"] and net.outputs == ["b"]
     net = circuits.from_torch(module, rule="dfa", input_shape=(4,)).build()
     assert [(p.source, p.target) for _, p in net.feedback_projections()] == [("b", "getitem")]
+
+
+# --- Conv1d and ConvTranspose2d (issue 25) ---------------------------------------------------------------------------
+class Upsampling(nn.Module):
+    """Conv1d and ConvTranspose2d as layers (strided, dilated, grouped, with output_padding) and as F.conv1d /
+    F.conv_transpose2d calls on a module's own weight, used once (settings by position and by keyword)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1 = nn.Conv1d(2, 2, 1)
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv1d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.up2 = nn.ConvTranspose2d(6, 2, (2, 3), stride=(1, 2), padding=(0, 1), dilation=(2, 1))
+        self.f2 = nn.ConvTranspose2d(2, 2, 2)
+        self.fc = nn.Linear(2 * 11 * 29, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(F.conv1d(x, self.f1.weight, self.f1.bias, padding=0)))     # (4, 16)
+        h = torch.relu(self.c2(h))                                                          # (4, 8)
+        h = torch.tanh(self.up(h.reshape(h.shape[0], 4, 2, 4)))                             # (6, 4, 8)
+        h = torch.sigmoid(self.up2(h))                                                      # (2, 6, 15)
+        h = F.conv_transpose2d(h, self.f2.weight, self.f2.bias, 2, 1, 1)                    # (2, 11, 29)
+        return self.fc(h.flatten(1))
+
+
+def test_conv1d_and_conv_transpose2d_convert_exactly_as_layers_and_calls():
+    module = true_float64(Upsampling())
+    net = _same_as_torch(module, torch.randn(3, 2, 16, dtype=torch.float64), 1e-13, input_shape=(2, 16))
+    kinds = {name: type(p).__name__ for name, _, _, p, _ in net.circuit.projections() if p.synaptic}
+    assert kinds == {"f1": "Conv1d", "c1": "Conv1d", "c2": "Conv1d", "up": "ConvTranspose2d",
+                     "up2": "ConvTranspose2d", "f2": "ConvTranspose2d", "fc": "Dense"}
+    up = net.projection("up")
+    assert up.operator.transposed and up.operator.output_padding == (1, 1) and up.feedback.shape == (4, 3, 3, 3)
+    f2 = net.projection("f2").operator
+    assert (f2.stride, f2.padding, f2.output_padding, f2.dilation) == ((2, 2), (1, 1), (1, 1), (1, 1))
+    assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("rule", list(circuits.rules.RULES))
+def test_every_rule_trains_conv1d_and_conv_transpose2d(rule):
+    """One SGD step changes every W (and B learns where the rule learns it); wm's mirror batch moves every B."""
+    module = true_float64(Upsampling())
+    net = circuits.from_torch(module, rule=rule, input_shape=(2, 16)).build()
+    before = {name: s.weight.detach().clone() for name, s in net.projections()}
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    F.cross_entropy(net(torch.randn(4, 2, 16, dtype=torch.float64)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    for name, s in net.projections():
+        assert torch.isfinite(s.weight).all() and not torch.equal(s.weight, before[name]), (rule, name)
+    if net.projection("up").rule is not None and net.projection("up").rule.mirrors:
+        mirror_moves_every_B(net, batch_size=4)
+
+
+def test_conv_transpose2d_called_with_output_size_is_refused():
+    class Sized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+        def forward(self, x):
+            return self.up(x, output_size=(10, 10))
+
+    with pytest.raises(circuits.CircuitError, match=r"layer 'up' \(ConvTranspose2d\) is called with output_size"):
+        circuits.from_torch(Sized(), input_shape=(2, 4, 4))
+    with pytest.raises(circuits.CircuitError, match=r"pass input_shape=\(2, length\)"):
+        circuits.from_torch(nn.Sequential(nn.Conv1d(2, 3, 3)))

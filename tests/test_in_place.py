@@ -211,3 +211,31 @@ def test_torchvision_vision_transformer_converts_every_synaptic_layer():
     assert sorted(net.report.left) == ["VisionTransformer", "encoder", "encoder.layers.encoder_layer_0.ln_1",
                                        "encoder.layers.encoder_layer_0.ln_2", "encoder.layers.encoder_layer_1.ln_1",
                                        "encoder.layers.encoder_layer_1.ln_2", "encoder.ln"]
+
+
+class Sized(nn.Module):
+    """A ConvTranspose2d called with output_size: left as it is (its output size would follow each call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.up, self.sized = nn.Conv1d(2, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 3, stride=2), \
+            nn.ConvTranspose2d(2, 2, 3, stride=2)
+
+    def forward(self, x):
+        h = torch.tanh(self.up(torch.tanh(self.c(x)).unflatten(2, (2, 4))))
+        return self.sized(h, output_size=(12, 20))
+
+
+def test_conv1d_and_conv_transpose2d_convert_in_place():
+    module = Sized().double()
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    expected = module(x)
+    net = circuits.in_place(module, x, "fa")
+    assert torch.equal(net(x), expected)
+    assert sorted(name for name, _ in net.projections()) == ["c", "up"]
+    assert "sized (ConvTranspose2d: called with output_size" in str(net.report)
+    up = net.projection("up")
+    assert up.operator.transposed and up.feedback.shape == up.weight.shape == (4, 2, 3, 3)
+    x_grad = x.clone().requires_grad_()
+    net(x_grad).sum().backward()
+    assert x_grad.grad.shape == x.shape and torch.isfinite(x_grad.grad).all()

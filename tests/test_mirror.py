@@ -192,3 +192,52 @@ def test_released_variants_sigmoid_response_summed_and_no_decay():
     for bad in ({"response": "relu"}, {"reduction": "max"}, {"decay": -0.1}):
         with pytest.raises(circuits.CircuitError):
             rules.WeightMirror(**bad)
+
+
+# --- Conv1d and ConvTranspose2d (issue 25) ------------------------------------------------------------------------
+def test_positions_of_conv1d_and_conv_transpose2d_taps_count_real_pairs():
+    """Counted by hand: a tap t pairs input i with output o = s i + t - p (transposed), or reads input s o + t - p."""
+    from circuits.rules.synapse import ConvOperator
+    conv = ConvOperator((1,), (1,), (1,))             # length 4, kernel 3, padding 1: the end taps miss one input
+    assert conv.positions((2, 4), (3, 2, 3)).tolist() == [3, 4, 3]
+    strided = ConvOperator((2,), (1,), (1,))          # outputs 0, 1 read inputs 2 o + t - 1: tap 0 meets only 1
+    assert strided.positions((2, 4), (3, 2, 3)).tolist() == [1, 2, 2]
+    up = ConvOperator((2, 2), (1, 1), (1, 1), transposed=True)      # 2 -> 3 per axis: o = 2 i + t - 1 in [0, 2]
+    assert up.positions((2, 2, 2), (2, 3, 3, 3)).tolist() == [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+    padded = ConvOperator((2, 2), (1, 1), (1, 1), transposed=True, output_padding=(1, 0))     # 2 -> (4, 3)
+    assert padded.positions((2, 2, 2), (2, 3, 3, 3)).tolist() == [[1, 2, 1], [2, 4, 2], [2, 4, 2]]
+    c = circuits.Circuit(rule="wm")
+    c.connect(c.input("x", shape=(2, 2, 2)), c.population("y", shape=(4, 4, 3)),
+              circuits.ConvTranspose2d(3, stride=2, padding=1, output_padding=(1, 0), groups=2))
+    assert torch.equal(c.build().projection("x->y").positions, padded.positions((2, 2, 2), (2, 3, 3, 3)))
+
+
+def _conv1d_and_transposed(rule):
+    from circuits.graph.operations import Operand
+    c = circuits.Circuit(rule=rule)
+    c.connect(c.input("x", shape=(3, 10)), c.population("h", shape=(4, 10), activation="tanh"),
+              circuits.Conv1d(3, padding=1, bias=True))
+    c.connect("h", c.population("m", shape=(4, 2, 5)), circuits.Operation("torch.unflatten", (Operand(0), 2, (2, 5))))
+    c.connect("m", c.population("up", shape=(6, 4, 10)),
+              circuits.ConvTranspose2d(3, stride=2, padding=1, output_padding=1, groups=2))
+    return c.build().double()
+
+
+def test_mirror_noise_drives_conv1d_and_conv_transpose2d_at_their_input_shapes_and_B_learns_W():
+    from circuits.phases.mirror import noise
+    net = _conv1d_and_transposed(rules.WeightMirror(eta=0.1, decay=0.1))
+    assert [tuple(noise(s, 5).shape) for _, s in net.projections()] == [(5, 3, 10), (5, 4, 2, 5)]
+    start = {name: angle(s.feedback, s.weight) for name, s in net.projections()}
+    angles = []
+    for _ in range(5):      # a fixed W: B's angle to W falls batch by batch
+        circuits.mirror_step(net, batch_size=32)
+        angles.append({name: angle(s.feedback, s.weight) for name, s in net.projections()})
+    for name in start:
+        seen = [start[name]] + [a[name] for a in angles]
+        assert all(b < a for a, b in zip(seen, seen[1:])), (name, seen)
+    circuits.Mirror(batches=150, batch_size=64).run(net)
+    for name, s in net.projections():      # every tap unbiased: padding and the transposed crop corrected
+        b, w = s.feedback.detach(), s.weight.detach()
+        taps = tuple(range(b.dim() - s.operator.dims))
+        per_tap = (b * w).sum(taps) / (w * w).sum(taps)
+        assert torch.allclose(per_tap, torch.ones_like(per_tap), rtol=0, atol=0.08), (name, per_tap)

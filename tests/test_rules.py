@@ -449,3 +449,93 @@ def test_kolen_pollack_per_step_form_shrinks_W_minus_B_by_one_minus_lambda_each_
         optimizer.step()
     for (_, s), d in zip(net.projections(), before, strict=True):
         assert relative((s.weight - s.B).detach(), 0.8 ** 3 * d) < 1e-12
+
+
+# --- Conv1d and ConvTranspose2d (issue 25) ------------------------------------------------------------------------
+def _one_projection(shape_in, shape_out, projection, rule):
+    c = circuits.Circuit(rule=rule)
+    c.connect(c.input("x", shape=shape_in), c.population("y", shape=shape_out), projection)
+    return c.build().double()
+
+
+@pytest.mark.parametrize("shape_in,shape_out,projection,hand", [
+    ((4, 12), (6, 6), circuits.Conv1d(3, stride=2, padding=1, groups=2, bias=True),
+     lambda d, b: F.conv_transpose1d(d, b, None, 2, 1, 1, 2)),        # output_padding 1: back to length 12
+    ((4, 3, 5), (6, 6, 11), circuits.ConvTranspose2d((3, 2), stride=(2, 2), padding=(1, 0), dilation=(1, 2),
+                                                   groups=2, bias=True, output_padding=(1, 0)),
+     lambda d, b: F.conv2d(d, b, None, (2, 2), (1, 0), (1, 2), 2))])
+def test_fa_error_crosses_B_by_the_transposed_operation_and_W_learns_as_torch(shape_in, shape_out, projection, hand):
+    net = _one_projection(shape_in, shape_out, projection, "fa")
+    s = net.projection("x->y")
+    assert s.feedback.shape == s.weight.shape and not torch.equal(s.feedback, s.weight)
+    x = torch.randn(3, *shape_in, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(3, *shape_out, dtype=torch.float64)
+    out = net(x)
+    assert torch.equal(out, s.operator.forward(x, s.weight, s.bias))
+    (out * delta).sum().backward()
+    assert relative(x.grad, hand(delta, s.feedback.detach())) < 1e-14     # B^T delta, by torch's own convolution
+    w = s.weight.detach().clone().requires_grad_()
+    bias = s.bias.detach().clone().requires_grad_()
+    (s.operator.forward(x.detach(), w, bias) * delta).sum().backward()
+    assert relative(s.weight.grad, w.grad) < 1e-14 and relative(s.bias.grad, bias.grad) < 1e-14
+
+
+def test_ldfa_sends_the_output_error_through_a_transposed_convolutions_B():
+    c = circuits.Circuit(rule="ldfa")
+    c.connect(c.input("x", shape=(4, 3, 3)), c.population("h", shape=(6, 6, 6), activation="tanh"),
+              circuits.ConvTranspose2d(3, stride=2, padding=1, output_padding=1, groups=2))
+    c.connect("h", c.population("flat", shape=(216,)), circuits.Flatten())
+    c.connect("flat", c.population("o", shape=(5,)), circuits.Dense(), rule="bp")
+    net = c.build().double()
+    s = net.projection("x->h")
+    assert s.feedback.shape == (4, 5, 3, 3)          # (in, output units, k, k): torch's transposed layout
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(2, 5, dtype=torch.float64)
+    (net(x) * e).sum().backward()
+    spread = e.view(2, 5, 1, 1).expand(2, 5, 6, 6)
+    assert relative(x.grad, F.conv2d(spread, s.feedback.detach(), None, 2, 1)) < 1e-14
+
+
+def test_sign_symmetry_scales_of_a_transposed_convolution_are_the_ordinary_layers():
+    """A ConvTranspose2d from 32 to 64 channels (W: 32 x 64/groups x 3 x 3) has ss's sqrt(2 / (9 out)) and usf's
+    fans of the convolution from 32 to 64 channels: fan_in 32/groups 9, fan_out 64 9."""
+    for groups in (1, 2):
+        for rule, expected in (("ss", (2 / (9 * 64)) ** 0.5), ("usf", (2 / (32 // groups * 9 + 64 * 9)) ** 0.5)):
+            s = _one_projection((32, 4, 4), (64, 6, 6), circuits.ConvTranspose2d(3, groups=groups), rule
+                                ).projection("x->y")
+            assert s.weight.shape == (32, 64 // groups, 3, 3)
+            assert torch.allclose(s.feedback, torch.sign(s.weight) * expected, rtol=1e-15, atol=0)
+    conv1d = _one_projection((8, 10), (16, 8), circuits.Conv1d(3), "ss").projection("x->y")
+    assert torch.allclose(conv1d.feedback, torch.sign(conv1d.weight) * (2 / (3 * 16)) ** 0.5, rtol=1e-15, atol=0)
+
+
+def test_dale_feedback_of_a_grouped_transposed_convolution_has_one_sign_per_output_channel():
+    torch.manual_seed(2)
+    net = _one_projection((4, 3, 3), (6, 5, 5), circuits.ConvTranspose2d(3, groups=2),
+                          rules.Imperfect(rules.KolenPollack(decay=0.0), dale=True))
+    s = net.projection("x->y")
+    b, sign = s.feedback.detach(), s.feedback_sign
+    assert torch.all(b * sign >= 0)
+    units = s.operator.output_units(tuple(b.shape))     # W[i, j]: output channel (i // 2) * 3 + j
+    assert torch.equal(units[:, :, 0, 0], torch.tensor([[0, 1, 2], [0, 1, 2], [3, 4, 5], [3, 4, 5]]))
+    for u in range(6):
+        assert len(set(sign.expand_as(b)[units.expand_as(b) == u].tolist())) == 1
+
+
+@pytest.mark.parametrize("projection,message", [
+    (lambda: circuits.Conv1d((3, 3)), r"Conv1d\(kernel_size=\(3, 3\)\): kernel_size must be an integer or 1 of them"),
+    (lambda: circuits.ConvTranspose2d(3, stride=2, output_padding=2),
+     r"output_padding must be smaller than the stride"),
+    (lambda: circuits.ConvTranspose2d(3, output_padding=-1), r"output_padding must be a non-negative integer")])
+def test_conv1d_and_conv_transpose2d_settings_are_checked(projection, message):
+    with pytest.raises(circuits.CircuitError, match=message):
+        projection()
+
+
+def test_conv1d_and_conv_transpose2d_need_populations_of_their_dimensionality():
+    c = circuits.Circuit()
+    with pytest.raises(circuits.CircuitError, match=r"input population 'x' has shape \(2, 4, 4\), but this projection "
+                                                    r"needs a 2-D population"):
+        c.connect(c.input("x", shape=(2, 4, 4)), c.population("y", shape=(3, 2)), circuits.Conv1d(3))
+    with pytest.raises(circuits.CircuitError, match=r"maps \(2, 4, 4\) to \(3, 9, 9\), which does not fit 'z'"):
+        c.connect("x", c.population("z", shape=(3, 8, 8)), circuits.ConvTranspose2d(3, stride=2))

@@ -20,7 +20,8 @@ from .layers import call_activation, call_projection, is_activation, projection
 
 SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)}
 SUMS = (operator.add, torch.add, operator.iadd)
-SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv2d"}
+SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv2d",
+                      F.conv_transpose2d: "F.conv_transpose2d"}
 """Functions that become a synaptic projection (with a B) when their weight is a module's own parameter."""
 GUIDE = "docs/conversion.md"
 _SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
@@ -91,6 +92,10 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
                                    f"once and holds parameters or buffers: shared weights. {_SHARED}")
             if not (is_activation(layer) or isinstance(layer, nn.MultiheadAttention)):
                 projection(layer, node.target)       # its refusal, with the reason
+            if isinstance(layer, nn.ConvTranspose2d) and (len(node.args) > 1 or node.kwargs):
+                raise CircuitError(f"{name}: layer {node.target!r} (ConvTranspose2d) is called with output_size "
+                                   f"({node.format_node()}): a circuit's transposed convolution has one output size, "
+                                   f"set by its output_padding; give the layer output_padding instead (see {GUIDE})")
         elif convertible_call(node) is False:
             raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) calls {_target(node)}, which no "
                                f"circuit part computes: operations call only the torch functions listed in "

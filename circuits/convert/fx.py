@@ -30,7 +30,7 @@ from ..graph.circuit import Circuit, LayerRules
 from ..graph.operations import SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 from . import checks
 from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple
-from .layers import attention, call_activation, call_projection, module_activation, synaptic_call
+from .layers import CALL_SETTINGS, attention, call_activation, call_projection, module_activation, synaptic_call
 from .layers import projection as layer_projection
 from .nodes import BUNDLE, CONSTANT, LEARNED, POPULATION, VALUE, Traced, default_input_shape, literal, run
 from .tracing import trace
@@ -42,8 +42,9 @@ def _argument(node: fx.Node, position: int, name: str) -> Any:
 
 
 def _settings(node: fx.Node) -> dict[str, Any]:
-    """A convolution call's settings after input, weight and bias (stride, padding, dilation, groups), by name."""
-    names = ("stride", "padding", "dilation", "groups")
+    """A convolution call's settings after input, weight and bias (stride, padding, dilation, groups; a transposed
+    one's output_padding), by name, from torch's positional order (CALL_SETTINGS) and keywords."""
+    names = CALL_SETTINGS.get(SYNAPTIC_FUNCTIONS[node.target], ())
     return dict(zip(names, node.args[3:], strict=False)) | {k: v for k, v in node.kwargs.items() if k in names}
 
 
@@ -277,8 +278,8 @@ class _Walk:
         self.connect(self.pop_of[first], node.name, operation)
 
     def synaptic_call(self, node: fx.Node) -> None:
-        """F.linear / F.conv1d / F.conv2d with a module's own weight (and bias): a synaptic projection with a B,
-        named after the module that holds the weight (attn.qkv for attn.qkv.weight)."""
+        """F.linear / F.conv1d / F.conv2d / F.conv_transpose2d with a module's own weight (and bias): a synaptic
+        projection with a B, named after the module that holds the weight (attn.qkv for attn.qkv.weight)."""
         weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
         for what, arg in (("weight", weight), ("bias", bias)):
             if arg is not None and not (isinstance(arg, fx.Node) and arg.op == "get_attr"

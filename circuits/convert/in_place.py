@@ -4,9 +4,9 @@
                             rules_by_layer={"heads.head": "bp"})
     print(net.report)      # 50 synaptic layers converted (wm, bp), 27 modules left as they are: ...
 
-Each nn.Linear, nn.Conv2d and nn.Embedding that the module calls as a layer on `example` is swapped, where
-it sits, for a circuits.rules.synapse.Synapse with the same parameters (W and bias, their values, dtype and
-device), the same forward result bit for bit, and a feedback projection B under the layer's rule (an
+Each nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d and nn.Embedding that the module calls as a layer on
+`example` is swapped, where it sits, for a circuits.rules.synapse.Synapse with the same parameters (W and bias, their
+values, dtype and device), the same forward result bit for bit, and a feedback projection B under the layer's rule (an
 nn.MultiheadAttention called as self-attention becomes a SelfAttention, whose W_qkv and W_o are Synapses,
 named <attention>.in_proj and <attention>.out_proj):
 
@@ -26,7 +26,8 @@ Left as they are, and listed in the report: layers never called as a layer on `e
 reads their weight directly: those synapses keep backprop), an nn.MultiheadAttention called otherwise than
 as self-attention without masks or returned weights, subclasses that override forward, a
 convolution with non-zero padding modes or string padding, an embedding with max_norm, scale_grad_by_freq or
-sparse gradients, and every other module with parameters of its own (layer norm, positional embeddings).
+sparse gradients, a ConvTranspose2d called with output_size, and every other module with parameters of its own
+(layer norm, positional embeddings).
 
 What is lost against circuits.from_torch: there is no population graph. The returned InPlaceNet is a
 CircuitNet for the trainer, circuits.phases.mirror (mirror_step, mirror phases) and angle(B, W) (`projections()`:
@@ -52,7 +53,7 @@ from .checks import refuse_tied
 from .layers import unconvertible, zero_padding
 from .tracing import evaluating
 
-_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention)
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding, nn.MultiheadAttention)
 _ATTENTION_CALL = inspect.signature(nn.MultiheadAttention.forward)
 
 
@@ -168,6 +169,8 @@ def _unconvertible(layer: nn.Module, call: tuple[tuple, dict] | None) -> str | N
     why = unconvertible(layer)
     if why is not None:
         return why
+    if isinstance(layer, nn.ConvTranspose2d) and (call[0][1:] or call[1].get("output_size") is not None):
+        return "called with output_size: a synapse has one output size, set by output_padding"
     if isinstance(layer, nn.MultiheadAttention):
         bound = _ATTENTION_CALL.bind(layer, *call[0], **call[1])
         bound.apply_defaults()
@@ -204,7 +207,10 @@ def _swap(layer: nn.Module, call: tuple[tuple, dict], rule: rules.FeedbackRule |
         return SelfAttention(in_proj, out_proj, layer.num_heads, layer.dropout, layer.batch_first)
     if isinstance(layer, nn.Linear):
         operator = DenseOperator()
-    elif isinstance(layer, nn.Conv2d):
+    elif isinstance(layer, nn.ConvTranspose2d):
+        operator = ConvOperator(layer.stride, layer.padding, layer.dilation, layer.groups, transposed=True,
+                                output_padding=layer.output_padding)
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
         operator = ConvOperator(layer.stride, zero_padding(layer.padding, layer.kernel_size, layer.dilation),
                                 layer.dilation, layer.groups)
     else:

@@ -15,8 +15,9 @@ from ..graph import projections as P
 from ..graph.activations import ACTIVATIONS, settings
 from ..graph.operations import Held, Operand, Operation, WhileLearning
 
-LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
-          nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity, nn.MultiheadAttention, nn.PReLU, nn.RReLU)
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d,
+          nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.Identity,
+          nn.MultiheadAttention, nn.PReLU, nn.RReLU)
 """Layers that convert on their own (from_torch(nn.Linear(4, 3))), with the activation modules."""
 
 _ACTIVATION_MODULES: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
@@ -91,11 +92,11 @@ def unconvertible(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.MultiheadAttention) and (
             not layer._qkv_same_embed_dim or layer.bias_k is not None or layer.add_zero_attn):
         return "separate key and value sizes, bias_k/bias_v or add_zero_attn do not convert"
-    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+    if isinstance(layer, CONVOLUTIONS) and layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r}: only zero padding converts"
-    if isinstance(layer, nn.Conv2d) and isinstance(layer.padding, str) and not _symmetric(layer.padding,
-                                                                                          layer.kernel_size,
-                                                                                          layer.dilation):
+    if isinstance(layer, CONVOLUTIONS) and isinstance(layer.padding, str) and not _symmetric(layer.padding,
+                                                                                             layer.kernel_size,
+                                                                                             layer.dilation):
         return "padding='same' with an even kernel pads one side more than the other, which does not convert"
     if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse):
         return "max_norm, scale_grad_by_freq and sparse embeddings do not convert (W's update would differ)"
@@ -111,10 +112,14 @@ def projection(module: nn.Module, name: str) -> P.Projection:
     why = unconvertible(module)
     if why is not None:
         raise CircuitError(f"layer {name!r} ({module}): {why}")
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.ConvTranspose2d):
+        return P.ConvTranspose2d(module.kernel_size, module.stride, module.padding, module.dilation, module.groups,
+                                 module.bias is not None, module.output_padding, state=state)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         padding = zero_padding(module.padding, module.kernel_size, module.dilation)
-        return P.Conv2d(module.kernel_size, module.stride, padding, module.dilation, module.groups,
-                        module.bias is not None, state=state)
+        spec = P.Conv1d if isinstance(module, nn.Conv1d) else P.Conv2d
+        return spec(module.kernel_size, module.stride, padding, module.dilation, module.groups,
+                    module.bias is not None, state=state)
     if isinstance(module, nn.Embedding):
         return P.Embedding(module.num_embeddings, module.padding_idx, state=state)
     if isinstance(module, nn.LayerNorm):
@@ -143,10 +148,10 @@ def projection(module: nn.Module, name: str) -> P.Projection:
     functional = _functional(module)
     if functional is not None:
         return functional
-    raise CircuitError(f"layer {name!r} ({type(module).__name__}) has no circuit projection (synaptic: Linear, Conv2d, "
-                       f"Embedding, MultiheadAttention; Conv1d, Conv3d, ConvTranspose and recurrent layers have none "
-                       f"yet); convert the module with circuits.in_place, where it keeps backprop (see "
-                       f"docs/conversion.md)")
+    raise CircuitError(f"layer {name!r} ({type(module).__name__}) has no circuit projection (synaptic: Linear, Conv1d, "
+                       f"Conv2d, ConvTranspose2d, Embedding, MultiheadAttention; Conv3d, ConvTranspose1d/3d and "
+                       f"recurrent layers have none yet); convert the module with circuits.in_place, where it keeps "
+                       f"backprop (see docs/conversion.md)")
 
 
 def _symmetric(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
@@ -164,21 +169,33 @@ def zero_padding(padding: str | int | tuple[int, ...], kernel: tuple[int, ...],
     return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
+"""The convolution layers that become a synaptic projection (P.Conv1d, P.Conv2d, P.ConvTranspose2d)."""
+CALL_SETTINGS = {"F.conv1d": ("stride", "padding", "dilation", "groups"),
+                 "F.conv2d": ("stride", "padding", "dilation", "groups"),
+                 "F.conv_transpose2d": ("stride", "padding", "output_padding", "groups", "dilation")}
+"""Each synaptic convolution function's settings after input, weight and bias, in torch's positional order."""
+
+
 def synaptic_call(function: str, state: dict[str, Tensor], settings: dict[str, Any], where: str) -> P.Projection:
-    """The synaptic projection of F.linear / F.conv2d on a module's own weight and bias (`state`), with the call's
-    settings (stride, padding, dilation, groups)."""
+    """The synaptic projection of F.linear / F.conv1d / F.conv2d / F.conv_transpose2d on a module's own weight and
+    bias (`state`), with the call's settings (stride, padding, dilation, groups; output_padding)."""
     if function == "F.linear":
         return P.Dense(bias="bias" in state, state=state)
     kernel = tuple(state["weight"].shape[2:])
     pairs = {k: (v,) * len(kernel) if isinstance(v, int) else tuple(v) for k, v in settings.items()
-             if k in ("stride", "dilation")}
+             if k in ("stride", "dilation", "output_padding")}
     stride, dilation = pairs.get("stride", (1,) * len(kernel)), pairs.get("dilation", (1,) * len(kernel))
     padding = settings.get("padding", 0)
+    if function == "F.conv_transpose2d":
+        return P.ConvTranspose2d(kernel, stride, padding, dilation, settings.get("groups", 1), "bias" in state,
+                                 pairs.get("output_padding", (0,) * len(kernel)), state=state)
     if isinstance(padding, str) and not _symmetric(padding, kernel, dilation):
         raise CircuitError(f"{where}: padding='same' with an even kernel pads one side more, which does not convert")
     padding = zero_padding(padding, kernel, dilation)
-    if function == "F.conv2d":
-        return P.Conv2d(kernel, stride, padding, dilation, settings.get("groups", 1), "bias" in state, state=state)
+    if function in ("F.conv1d", "F.conv2d"):
+        spec = P.Conv1d if function == "F.conv1d" else P.Conv2d
+        return spec(kernel, stride, padding, dilation, settings.get("groups", 1), "bias" in state, state=state)
     raise CircuitError(f"{where}: {function} with a module's weight does not convert yet (see docs/conversion.md)")
 
 

@@ -78,10 +78,11 @@ def default_input_shape(traced: fx.GraphModule, name: str) -> tuple[int, ...]:
             first = traced.get_submodule(user.target)
             if isinstance(first, nn.Linear):
                 return (first.in_features,)
-            if isinstance(first, nn.Conv2d):
-                raise CircuitError(f"{name} starts with a convolution, which takes any image size: pass "
-                                   f"input_shape=({first.in_channels}, height, width) to from_torch, the size of the "
-                                   f"images it will learn from (mirror noise and padding statistics follow it)")
+            if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+                axes = "length" if isinstance(first, nn.Conv1d) else "height, width"
+                raise CircuitError(f"{name} starts with a convolution, which takes any input size: pass "
+                                   f"input_shape=({first.in_channels}, {axes}) to from_torch, the size of the "
+                                   f"examples it will learn from (mirror noise and padding statistics follow it)")
     raise CircuitError(f"cannot infer {name}'s input shape (its first layer does not fix it): pass "
                        f"input_shape=(...) to from_torch, the shape of one example")
 

@@ -1,8 +1,8 @@
 """Projections: how one population's activity drives another's summed input.
 
-Synaptic projections (Dense, Conv2d) carry a forward weight W and a feedback weight B, set by a
-feedback rule. Local projections (BatchNorm, LayerNorm, GroupNorm, pooling, Dropout, Flatten, Identity, and
-circuits.graph.operations.Operation) have no synapses: the
+Synaptic projections (Dense, Conv2d, Conv1d, ConvTranspose2d) carry a forward weight W and a feedback weight B, set
+by a feedback rule (Embedding a W alone: its index input takes no error). Local projections (BatchNorm, LayerNorm,
+GroupNorm, pooling, Dropout, Flatten, Identity, and circuits.graph.operations.Operation) have no synapses: the
 error crosses them through their own local derivative, the same under every rule.
 
 A projection is a specification; `build` makes the torch module once the populations are known.
@@ -30,7 +30,7 @@ def _check_window(projection: Projection, **sizes) -> None:
     for name, value in sizes.items():
         if value is None:
             continue
-        least = 0 if name == "padding" else 1
+        least = 0 if name in ("padding", "output_padding") else 1
         if any(not isinstance(v, int) or isinstance(v, bool) or v < least for v in _pair(value)):
             raise CircuitError(f"{type(projection).__name__}({name}={value!r}): {name} must be "
                                f"{'a non-negative' if least == 0 else 'a positive'} integer or pair of them")
@@ -119,36 +119,97 @@ class Embedding(Projection):
 
 @dataclass(frozen=True)
 class Conv2d(Projection):
-    """Convolutional synapses with zero padding: a = W * y + bias. Output channels from the target."""
+    """Convolutional synapses with zero padding: a = W * y + bias. Output channels from the target.
+
+    W is (out, in/groups, k_h, k_w). Conv1d and ConvTranspose2d are the same projection with one spatial axis or
+    transposed; they share its checks, its operator (circuits.rules.synapse.ConvOperator) and every rule's B."""
 
     synaptic: ClassVar[bool] = True
-    kernel_size: int | tuple[int, int] = 3
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] = 0
-    dilation: int | tuple[int, int] = 1
+    dims: ClassVar[int] = 2
+    """Spatial axes: a population of shape (channels, *dims sizes)."""
+    transposed: ClassVar[bool] = False
+    kernel_size: int | tuple[int, ...] = 3
+    stride: int | tuple[int, ...] = 1
+    padding: int | tuple[int, ...] = 0
+    dilation: int | tuple[int, ...] = 1
     groups: int = 1
     bias: bool = False
 
     def __post_init__(self) -> None:
         _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
                       dilation=self.dilation, groups=self.groups)
+        for name in ("kernel_size", "stride", "padding", "dilation"):
+            value = getattr(self, name)
+            if not isinstance(value, int) and len(tuple(value)) != self.dims:
+                raise CircuitError(f"{type(self).__name__}({name}={value!r}): {name} must be an integer or "
+                                   f"{self.dims} of them, one per spatial axis")
+
+    def _axes(self, value: int | tuple[int, ...]) -> tuple[int, ...]:
+        return (value,) * self.dims if isinstance(value, int) else tuple(value)
 
     def operator(self) -> ConvOperator:
-        return ConvOperator(_pair(self.stride), _pair(self.padding), _pair(self.dilation), self.groups)
+        return ConvOperator(self._axes(self.stride), self._axes(self.padding), self._axes(self.dilation), self.groups)
 
     def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
-        self._require_dims(pre, 3, "input")
-        self._require_dims(post, 3, "output")
+        self._require_dims(pre, self.dims + 1, "input")
+        self._require_dims(post, self.dims + 1, "output")
         for pop in (pre, post):
             if pop.shape[0] % self.groups:
                 raise CircuitError(f"{self}: population {pop.name!r} has {pop.shape[0]} channels, "
                                    f"not divisible by groups={self.groups}")
-        k, s, p, d = (_pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
-        return (post.shape[0],) + tuple(window_output_size(pre.shape[i + 1], k[i], s[i], p[i], d[i]) for i in range(2))
+        k, s, p, d = (self._axes(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
+        return (post.shape[0],) + tuple(self._size(pre.shape[i + 1], k[i], s[i], p[i], d[i], i)
+                                        for i in range(self.dims))
+
+    def _size(self, size: int, kernel: int, stride: int, padding: int, dilation: int, axis: int) -> int:
+        return window_output_size(size, kernel, stride, padding, dilation)
+
+    def weight_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        """W's shape: (out, in/groups, k...)."""
+        return (post.shape[0], pre.shape[0] // self.groups, *self._axes(self.kernel_size))
 
     def _module(self, pre, post, rule) -> nn.Module:
-        shape = (post.shape[0], pre.shape[0] // self.groups, *_pair(self.kernel_size))
-        return Synapse(self.operator(), shape, self.bias, rule, pre.shape, self.state)
+        return Synapse(self.operator(), self.weight_shape(pre, post), self.bias, rule, pre.shape, self.state)
+
+
+@dataclass(frozen=True)
+class Conv1d(Conv2d):
+    """Convolutional synapses along one axis (populations of shape (channels, length)), as nn.Conv1d: W is
+    (out, in/groups, k)."""
+
+    dims: ClassVar[int] = 1
+
+
+@dataclass(frozen=True)
+class ConvTranspose2d(Conv2d):
+    """The transposed convolution, as nn.ConvTranspose2d: each input position adds its W-weighted kernel to the
+    output at stride spacing; padding crops the output, output_padding adds to its size at the far end. W is
+    (in, out/groups, k_h, k_w), torch's layout, and so is B; the error crosses B by the ordinary convolution."""
+
+    transposed: ClassVar[bool] = True
+    output_padding: int | tuple[int, ...] = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window(self, output_padding=self.output_padding)
+        if not isinstance(self.output_padding, int) and len(tuple(self.output_padding)) != self.dims:
+            raise CircuitError(f"{self}: output_padding must be an integer or {self.dims} of them")
+        for op, s, d in zip(self._axes(self.output_padding), self._axes(self.stride), self._axes(self.dilation),
+                            strict=True):
+            if op >= s and op >= d:
+                raise CircuitError(f"{self}: output_padding must be smaller than the stride or the dilation "
+                                   f"(torch's rule: it only adds positions a stride step leaves)")
+
+    def operator(self) -> ConvOperator:
+        return ConvOperator(self._axes(self.stride), self._axes(self.padding), self._axes(self.dilation), self.groups,
+                            transposed=True, output_padding=self._axes(self.output_padding))
+
+    def _size(self, size: int, kernel: int, stride: int, padding: int, dilation: int, axis: int) -> int:
+        return (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + self._axes(self.output_padding)[axis] + 1
+
+    def weight_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        """W's shape: (in, out/groups, k...), torch's layout of a transposed convolution."""
+        return (pre.shape[0], post.shape[0] // self.groups, *self._axes(self.kernel_size))
 
 
 @dataclass(frozen=True)

@@ -136,13 +136,14 @@ def _hebbian_sum(synapse: Synapse, batch_size: int, generator: torch.Generator |
 
 
 def _wishart_inputs(synapse: Synapse, batch_size: int) -> bool:
-    """Whether the Wishart draw applies: a dense projection or a 1x1 convolution (groups 1) whose noise gives at
-    least as many independent input vectors (samples x output positions) as it has inputs."""
+    """Whether the Wishart draw applies: a dense projection or a 1x1 (or 1-D 1) convolution (groups 1, not
+    transposed) whose noise gives at least as many independent input vectors (samples x output positions) as it
+    has inputs."""
     if isinstance(synapse, SeedSynapse):
         synapse = synapse.copies[0]
     operator, shape = synapse.operator, synapse.weight.shape
     if isinstance(operator, ConvOperator):
-        if tuple(shape[2:]) != (1, 1) or operator.groups != 1:
+        if any(k != 1 for k in shape[2:]) or operator.groups != 1 or operator.transposed:
             return False
     elif not (isinstance(operator, DenseOperator) and len(synapse.in_shape) == 1):
         return False

@@ -37,9 +37,18 @@ def _rms(t: Tensor) -> Tensor:
     return computed.square().mean().sqrt().to(t.dtype)
 
 
-def _xavier(shape: tuple[int, ...], like: Tensor | None = None) -> Tensor:
-    """Xavier-uniform values U(-a, a), a = sqrt(6 / (fan_in + fan_out)), torch's fans of a weight of `shape`."""
-    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(shape, device="meta"))
+def forward_shape(host: FeedbackHost) -> tuple[int, ...]:
+    """The host's W shape as the ordinary layer's (out, in/groups, k...), whose torch fans are the projection's: W's
+    own, but for a transposed convolution's (in, out/groups, k...) (ConvOperator.forward_shape)."""
+    shape = tuple(host.weight.shape)
+    operator = getattr(host, "operator", None)
+    return operator.forward_shape(shape) if operator is not None else shape
+
+
+def _xavier(shape: tuple[int, ...], like: Tensor | None = None, fans_of: tuple[int, ...] | None = None) -> Tensor:
+    """Xavier-uniform values U(-a, a), a = sqrt(6 / (fan_in + fan_out)), torch's fans of a weight of `shape` (or of
+    `fans_of`: the forward_shape of a transposed convolution's W)."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(torch.empty(fans_of or shape, device="meta"))
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     kwargs = dict(dtype=like.dtype, device=like.device) if like is not None else {}
     return torch.empty(shape, **kwargs).uniform_(-bound, bound)

@@ -59,7 +59,8 @@ class DirectFeedbackAlignment(FeedbackRule):
 class LayerwiseDirectFeedbackAlignment(FeedbackRule):
     """DFA as BioTorch computes it (Sanfiz & Akrout 2021; jsalbert/biotorch, biotorch/layers/dfa): every
     synaptic projection owns a fixed random B, Xavier-uniform, shaped like its W with the output units in
-    place of W's outputs: (output units x in) dense, (output units x in x k_h x k_w) conv. The error that its
+    place of W's outputs: (output units x in) dense, (output units x in x k_h x k_w) conv (k for a 1-D one),
+    (in x output units x k_h x k_w) transposed conv (torch's layout of it). The error that its
     input receives through it is
 
         delta_y_l = B^T e                  dense (e over every position, for tokens)
@@ -90,8 +91,13 @@ class LayerwiseDirectFeedbackAlignment(FeedbackRule):
             raise CircuitError("rule ldfa sends the circuit's output error to each projection: it needs a circuit "
                                "with one output population, whose built net binds it (CircuitNet)")
         w = host.weight
-        inputs = host.in_shape[0] if w.dim() == 4 else w.shape[1]      # a grouped conv's: all input channels
-        b = _xavier((self.output_units, inputs, *w.shape[2:]))
+        if w.dim() == 2:
+            b = _xavier((self.output_units, w.shape[1]))
+        elif getattr(host.operator, "transposed", False):     # W (in x out/groups x k...): B (in x output units x k...)
+            b = _xavier((host.in_shape[0], self.output_units, *w.shape[2:]), fans_of=(
+                self.output_units, host.in_shape[0], *w.shape[2:]))
+        else:                           # a grouped conv's B reaches all input channels
+            b = _xavier((self.output_units, host.in_shape[0], *w.shape[2:]))
         host.B = nn.Parameter(b, requires_grad=False)
 
 
@@ -99,10 +105,12 @@ def output_error_to_input(error: Tensor, out_shape: tuple[int, ...], y: Tensor, 
                           operator: DenseOperator | ConvOperator) -> Tensor:
     """B^T e at a projection's input y: e (batch x output units) at every position of its output map
     (out_shape, with the batch), then the operator's transposed product with B (a convolution's at its
-    stride, padding and dilation, groups 1: each output unit's kernel reaches every input channel)."""
+    stride, padding and dilation, groups 1: each output unit's kernel reaches every input channel; a transposed
+    convolution's, the ordinary convolution with B in its (in x output units x k...) layout)."""
     n, units = error.shape
-    if feedback.dim() == 4:
-        spread = error.view(n, units, 1, 1).expand(n, units, *out_shape[-2:])
+    if feedback.dim() > 2:
+        spatial = out_shape[2:]
+        spread = error.view(n, units, *[1] * len(spatial)).expand(n, units, *spatial)
         operator = dataclasses.replace(operator, groups=1)
     else:
         spread = error.view(n, *[1] * (len(out_shape) - 2), units).expand(*out_shape[:-1], units)

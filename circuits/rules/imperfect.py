@@ -66,8 +66,17 @@ class Imperfect(FeedbackRule):
         if self.sparsity:
             host.register_buffer("feedback_mask", (torch.rand(shape) >= self.sparsity).float())
         if self.dale:
-            signs = torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
-            host.register_buffer("feedback_sign", signs)
+            host.register_buffer("feedback_sign", self._row_signs(host, shape))
+
+    def _row_signs(self, host: FeedbackHost, shape: tuple[int, ...]) -> Tensor:
+        """+-1 per feedback neuron (a forward output unit, B's row: its first axis, or for a transposed convolution's
+        (in x out/groups x k...) layout each output channel wherever its group puts it), broadcastable to B."""
+        operator = getattr(host, "operator", None)
+        if not getattr(operator, "transposed", False):
+            return torch.randint(0, 2, (shape[0],) + (1,) * (len(shape) - 1)).float().mul_(2).sub_(1)
+        units = operator.output_units(shape, 1 if self.rule.reads_output_error else None)   # ldfa's B: groups 1
+        signs = torch.randint(0, 2, (int(units.max()) + 1,)).float().mul_(2).sub_(1)
+        return signs[units]
 
     def draw(self, host: FeedbackHost) -> None:
         self.rule.draw(host)

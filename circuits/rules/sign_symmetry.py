@@ -6,7 +6,10 @@
     frSF:  B = |M| * sign(W),    M drawn Xavier-uniform once and kept
 
 Each transports the signs of W, not their magnitudes. Fans are torch's: a dense W (out x in) has fan_in = in,
-fan_out = out; a kernel (out x in/groups x k_h x k_w) fan_in = in/groups k_h k_w, fan_out = out k_h k_w.
+fan_out = out; a kernel (out x in/groups x k_h x k_w) fan_in = in/groups k_h k_w, fan_out = out k_h k_w. A transposed
+convolution's kernel (in x out/groups x k_h x k_w) has the fans of the ordinary convolution from the same inputs to
+the same outputs (circuits.rules.base.forward_shape): fan_in = in/groups k_h k_w, fan_out = out k_h k_w, not torch's
+fans of its tensor (which are the adjoint convolution's).
 """
 from __future__ import annotations
 
@@ -17,21 +20,25 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import FeedbackHost, FromWeight, _xavier, register
+from .base import FeedbackHost, FromWeight, _xavier, forward_shape, register
 
 
-def sign_symmetry_scale(weight: Tensor) -> float:
+def sign_symmetry_scale(weight: Tensor, shape: tuple[int, ...] | None = None) -> float:
     """Xiao et al. 2018's scale (willwx/sign-symmetry): 1 / sqrt(fan_in) for a dense W (out x in), the bound
     of torch's old nn.Linear init, and sqrt(2 / (k_h k_w out)) for a conv kernel (out x in/groups x k_h x k_w),
-    the std of He's init of a convolution by fan_out."""
-    if weight.dim() == 2:
-        return 1.0 / math.sqrt(weight.shape[1])
-    return math.sqrt(2.0 / (weight.shape[0] * math.prod(weight.shape[2:])))
+    the std of He's init of a convolution by fan_out (k_h k_w: k for a 1-D kernel). `shape`: W's shape as the
+    ordinary layer's (circuits.rules.base.forward_shape), for a transposed convolution's (in, out/groups, k...)."""
+    shape = tuple(weight.shape) if shape is None else shape
+    if len(shape) == 2:
+        return 1.0 / math.sqrt(shape[1])
+    return math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
 
 
-def xavier_std(weight: Tensor) -> float:
-    """sqrt(2 / (fan_in + fan_out)) with torch's fans: the std of Xavier's init, BioTorch's uSF scale."""
-    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+def xavier_std(weight: Tensor, shape: tuple[int, ...] | None = None) -> float:
+    """sqrt(2 / (fan_in + fan_out)) with torch's fans (of `shape`, W's as the ordinary layer's, if given): the std
+    of Xavier's init, BioTorch's uSF scale."""
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(
+        weight if shape is None else torch.empty(shape, device="meta"))
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
@@ -47,12 +54,12 @@ class SignSymmetry(FromWeight):
     short_name: ClassVar[str] = "ss"
     source: ClassVar[str] = "Liao et al. 2016; Xiao et al. 2018 (willwx/sign-symmetry)"
 
-    def scale(self, weight: Tensor) -> float:
-        return sign_symmetry_scale(weight)
+    def scale(self, weight: Tensor, shape: tuple[int, ...] | None = None) -> float:
+        return sign_symmetry_scale(weight, shape)
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         w = host.weight.detach()
-        return torch.sign(w).mul_(self.scale(w))
+        return torch.sign(w).mul_(self.scale(w, forward_shape(host)))
 
 
 @register
@@ -64,8 +71,8 @@ class UniformSignSymmetry(SignSymmetry):
     short_name: ClassVar[str] = "usf"
     source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
 
-    def scale(self, weight: Tensor) -> float:
-        return xavier_std(weight)
+    def scale(self, weight: Tensor, shape: tuple[int, ...] | None = None) -> float:
+        return xavier_std(weight, shape)
 
 
 @register
@@ -77,7 +84,8 @@ class FixedRandomSignSymmetry(FromWeight):
     source: ClassVar[str] = "Liao et al. 2016; BioTorch (Sanfiz & Akrout 2021)"
 
     def attach(self, host: FeedbackHost) -> None:
-        host.register_buffer("feedback_magnitude", _xavier(tuple(host.weight.shape)).abs_())
+        host.register_buffer("feedback_magnitude",
+                             _xavier(tuple(host.weight.shape), fans_of=forward_shape(host)).abs_())
 
     def feedback(self, host: FeedbackHost) -> Tensor:
         return host.feedback_magnitude * torch.sign(host.weight.detach())
@@ -97,4 +105,4 @@ class BatchRandomSignSymmetry(FixedRandomSignSymmetry):
     def draw(self, host: FeedbackHost) -> None:
         magnitude = host.feedback_magnitude
         with torch.no_grad():
-            magnitude.copy_(_xavier(tuple(magnitude.shape), magnitude).abs_())
+            magnitude.copy_(_xavier(tuple(magnitude.shape), magnitude, forward_shape(host)).abs_())

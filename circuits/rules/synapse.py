@@ -9,6 +9,7 @@ paper's notation: perfect alignment. The feedback rule (circuits.rules) decides 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
@@ -43,40 +44,98 @@ class DenseOperator:
         population, the number of positions (tokens) on an N-D one, where the same W acts at each."""
         return torch.tensor(float(math.prod(in_shape[:-1])))
 
+    def forward_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """W's shape as (outputs, inputs): W's own."""
+        return tuple(weight_shape)
+
+
+_CONVOLUTIONS = {(1, False): F.conv1d, (2, False): F.conv2d, (1, True): F.conv_transpose1d,
+                 (2, True): F.conv_transpose2d}
+
 
 @dataclass(frozen=True)
 class ConvOperator:
-    """a = W * y (+ bias): 2-D convolution with zero padding."""
+    """a = W * y (+ bias): a 1-D or 2-D convolution with zero padding (the dimensionality is len(stride)), or,
+    `transposed`, its transpose (torch's ConvTranspose: W in (in, out/groups, k...) layout, padding cropping the
+    output, output_padding adding to its size at the far end).
 
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    The same code serves all four: torch's convolution_backward takes `transposed` and `output_padding`, and gives
+    the error through B (B in W's layout and place) and W's gradient in one call.
+    """
+
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
     groups: int = 1
+    transposed: bool = False
+    output_padding: tuple[int, ...] | None = None
+    """Transposed only; None: zeros."""
+
+    def __post_init__(self) -> None:
+        dims = len(self.stride)
+        if dims not in (1, 2) or len(self.padding) != dims or len(self.dilation) != dims:
+            raise CircuitError(f"{self}: a 1-D or 2-D convolution takes stride, padding and dilation of one length "
+                               f"(1 or 2)")
+        object.__setattr__(self, "stride", tuple(self.stride))
+        object.__setattr__(self, "padding", tuple(self.padding))
+        object.__setattr__(self, "dilation", tuple(self.dilation))
+        output_padding = (0,) * dims if self.output_padding is None else tuple(self.output_padding)
+        if len(output_padding) != dims or (any(output_padding) and not self.transposed):
+            raise CircuitError(f"{self}: output_padding is a transposed convolution's, one number per axis")
+        object.__setattr__(self, "output_padding", output_padding)
+
+    @property
+    def dims(self) -> int:
+        """The spatial axes: 1 or 2."""
+        return len(self.stride)
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(y, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        conv = _CONVOLUTIONS[self.dims, self.transposed]
+        if self.transposed:
+            return conv(y, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        return conv(y, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, delta: Tensor, y: Tensor, feedback: Tensor, mask: tuple[bool, bool, bool]):
-        """Transposed convolution of delta with B, and the weight-gradient convolution of y and delta.
+        """Transposed convolution of delta with B, and the weight-gradient convolution of y and delta (for a
+        transposed convolution: the ordinary convolution of delta with B, and its weight gradient).
 
         The weight gradient needs only W's shape, so one cuDNN call with B in W's place gives both.
         """
         return torch.ops.aten.convolution_backward(
-            delta, y, feedback, [feedback.shape[0]] if mask[2] else None,
-            self.stride, self.padding, self.dilation, False, [0, 0], self.groups, list(mask),
+            delta, y, feedback, [delta.shape[1]] if mask[2] else None, self.stride, self.padding, self.dilation,
+            self.transposed, self.output_padding, self.groups, list(mask),
         )
 
     def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
-        """Per kernel tap (kh, kw): how many output positions see a real (non-padding) input there.
+        """Per kernel tap ((k,) or (kh, kw)): how many (input, output) position pairs it connects where the input
+        is real (not padding) and the output is one the projection has (a transposed convolution's padding crops).
 
         Zero padding gives border taps fewer inputs; dividing a weight-gradient correlation by
         this count makes every tap an unbiased average.
         """
-        ones_in, tap = torch.ones(1, 1, *in_shape[-2:]), torch.ones(1, 1, *weight_shape[-2:])
-        ones_out = torch.ones_like(F.conv2d(ones_in, tap, None, self.stride, self.padding, self.dilation))
-        return torch.ops.aten.convolution_backward(
-            ones_out, ones_in, tap, None, self.stride, self.padding, self.dilation,
-            False, [0, 0], 1, [False, True, False])[1][0, 0]
+        single = dataclasses.replace(self, groups=1)
+        ones_in, tap = torch.ones(1, 1, *in_shape[-self.dims:]), torch.ones(1, 1, *weight_shape[-self.dims:])
+        ones_out = torch.ones_like(single.forward(ones_in, tap, None))
+        return single.backward(ones_out, ones_in, tap, (False, True, False))[1][0, 0]
+
+    def forward_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """W's shape as an ordinary convolution's from the same inputs to the same outputs: (out, in/groups, k...),
+        whose torch fans are the projection's (a transposed convolution's (in, out/groups, k...) turned)."""
+        if not self.transposed:
+            return tuple(weight_shape)
+        return (weight_shape[1] * self.groups, weight_shape[0] // self.groups, *weight_shape[2:])
+
+    def output_units(self, feedback_shape: tuple[int, ...], groups: int | None = None) -> Tensor:
+        """The output channel of each entry of a W-layout tensor, broadcastable to it: its first axis, or for a
+        transposed convolution (in, out/groups, k...) its second within the input channel's group (`groups`: the
+        layout's, default the operator's; 1 for a B that reaches every input channel, ldfa's)."""
+        tail = [1] * (len(feedback_shape) - 2)
+        if not self.transposed:
+            return torch.arange(feedback_shape[0]).view(-1, 1, *tail)
+        groups = self.groups if groups is None else groups
+        inputs, per_group = feedback_shape[:2]
+        group = torch.arange(inputs) // (inputs // groups)
+        return (group.view(-1, 1) * per_group + torch.arange(per_group).view(1, -1)).view(inputs, per_group, *tail)
 
 
 @dataclass(frozen=True)
@@ -104,6 +163,10 @@ class EmbeddingOperator:
             if self.padding_idx is not None:
                 grad_w[self.padding_idx] = 0
         return None, grad_w, None
+
+    def forward_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """W's own shape (vocabulary x features)."""
+        return tuple(weight_shape)
 
     def positions(self, in_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> Tensor:
         raise CircuitError("an embedding's input is indices, which noise cannot drive: it has no mirror phase "
@@ -208,7 +271,7 @@ class Synapse(nn.Module):
         self.transport = False
         self.in_shape = tuple(in_shape)
         self.weight = nn.Parameter(torch.empty(weight_shape))
-        self.bias = nn.Parameter(torch.empty(weight_shape[0])) if bias else None
+        self.bias = nn.Parameter(torch.empty(operator.forward_shape(weight_shape)[0])) if bias else None
         self.reset_parameters()
         if state is not None:
             self.load_state_dict(state)

@@ -130,9 +130,14 @@ def attach_statistics(synapse: Synapse) -> None:
     """What a weight-mirror projection's mirror phases need, kept on it (weight-mirror rules call this
     when they attach): `positions`, per kernel tap the (input, output) position pairs a weight entry
     connects (1 for dense), and as host numbers `live_fan_in`, the inputs of a row at taps that meet real
-    inputs, and `live_positions`, the harmonic mean of those taps' positions."""
+    inputs (for a transposed convolution, the inputs of an output unit: in/groups k... / stride), and
+    `live_positions`, the harmonic mean of those taps' positions."""
     positions = synapse.operator.positions(synapse.in_shape, tuple(synapse.weight.shape))
     synapse.register_buffer("positions", positions.to(synapse.weight.device), persistent=False)
     live = positions[positions > 0].double()    # taps that meet real inputs (all, unless a map is tiny)
-    synapse.live_fan_in = math.prod(synapse.weight.shape[1:]) * live.numel() / positions.numel()
+    operator = synapse.operator
+    per_output = math.prod(operator.forward_shape(tuple(synapse.weight.shape))[1:])     # a row of the ordinary layer
+    if getattr(operator, "transposed", False):    # a transposed convolution's output meets 1 / stride of its taps
+        per_output /= math.prod(operator.stride)
+    synapse.live_fan_in = per_output * live.numel() / positions.numel()
     synapse.live_positions = float(live.numel() / live.reciprocal().sum())
