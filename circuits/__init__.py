@@ -32,6 +32,7 @@ _EXPORTS = {
     "Schedule": "phases.schedule", "Learn": "phases.schedule", "Mirror": "phases.schedule",
     "Repeat": "phases.schedule", "paper_schedule": "phases.schedule", "mirror_step": "phases.mirror",
     "Trainer": "phases.trainer", "TrainerConfig": "phases.trainer", "DivergenceError": "phases.divergence",
+    "SeedBatch": "graph.seeds", "SeedLoader": "phases.seeds", "SeedRecorders": "recording.seeds",
     "Recorder": "recording.recorder", "RecordingError": "recording.layout",
     "CircuitError": "errors",
 }

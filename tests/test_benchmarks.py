@@ -137,3 +137,27 @@ def test_recording_benchmark_times_every_variant_and_the_metrics(tmp_path, capsy
     with h5py.File(tmp_path / "record.h5") as eager, h5py.File(tmp_path / "compiled.h5") as compiled:
         assert list(eager["alignment"]) == list(compiled["alignment"])     # every projection, both ways
         assert len(compiled["steps/tick"]) == len(eager["steps/tick"]) > 0
+
+
+def test_seeds_benchmark_times_both_ways_and_prints_ratios(capsys):
+    """benchmarks/seeds.py at 2 steps: a plain-torch reference row, then per S one-by-one and batched rows, each a
+    ratio to the reference, the batched row also to one by one; the batched run trains a SeedBatch."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "seeds.py"
+    spec = importlib.util.spec_from_file_location("seeds_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built, real = [], bench.SeedBatch.__dict__["build"]      # the classmethod itself, restored as it was
+    bench.SeedBatch.build = classmethod(lambda cls, *a, **k: built.append(real.__func__(cls, *a, **k)) or built[-1])
+    try:
+        rows = bench.main(["--seeds", "1", "2", "--steps", "2", "--rules", "wm"])
+    finally:
+        bench.SeedBatch.build = real
+    assert [len(b) for b in built] == [1, 2]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("784-500-10 sigmoid MLP, batch 128, 2 steps per seed, CPU, 1 thread(s)")
+    assert out[1].split()[-1] == "1.00x"
+    assert [(r["rule"], r["seeds"]) for r in rows] == [("wm", 1), ("wm", 2)]
+    for row in rows:
+        assert row["one_by_one"] > 0 and row["batched"] > 0
+        assert row["speedup"] == pytest.approx(row["batched"] / row["one_by_one"])
+    assert f"({rows[1]['speedup']:.2f}x one by one)" in "\n".join(out)
