@@ -21,7 +21,8 @@ authors' numbers; the paper's claims judged on the intervals as holds / fails / 
 a row of its own with its step and last finite numbers; the provenance: commit, versions, hardware, training time,
 command), both rewritten after every run, and report/ (`python -m analysis report`
 of the first seed's runs: alignment and learning-curve figures). Running it again skips the runs already done
-(models.runs: an interrupted job goes on where it stopped); runs of other rules or seeds with the same settings
+(models.runs: an interrupted job goes on where it stopped, a run stopped mid-way from its last whole epoch); runs
+of other rules or seeds with the same settings
 in --out join the table; other settings are refused unless --overwrite.
 """
 from __future__ import annotations

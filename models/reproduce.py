@@ -35,7 +35,9 @@ a run that diverged has a row of its own with its step and last finite numbers; 
 the intervals as holds / fails / undecided; the provenance: commit, versions, hardware, training time,
 command) and report/ (`python -m analysis report` of the first seed's runs). Each run's result is kept as it
 ends (runs/<rule>-seed<seed>.json, models.runs) and the results rewritten: the same command again skips the
-runs done and trains the rest, so an interrupted job goes on where it stopped. The
+runs done and trains the rest, and a run stopped mid-way goes on from its checkpoint after its last whole epoch
+(runs/<rule>-seed<seed>.ckpt): an interrupted job of hours loses at most an epoch. --batch-seeds trains each rule's
+seeds as one circuit (circuits.SeedBatch: each seed's run as alone, up to float rounding). The
 data are read once into .npy files in --cache (default: data/ beside --out, runs/reproduce/data).
 """
 from __future__ import annotations
