@@ -174,3 +174,52 @@ def test_refusals(digits, tmp_path):
     with pytest.raises(circuits.CircuitError, match="pass no generator"):
         circuits.mirror_step(wm, 8, generator=torch.Generator())
     assert batch(torch.zeros(5, 64, dtype=torch.float64)).shape == (3, 5, 10)     # no seed axis: shown to all
+
+
+@pytest.mark.parametrize("rule", ["fa", "wm", "dfa"])
+def test_convolutions_and_batch_norm_batch_too(rule, one_thread):
+    """A converted convnet with batch norm: two learning steps and mirror batches both ways, then evaluation:
+    every parameter, running statistic and output of copy s is seed s's alone (float64, 1e-12)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        wm = rules.WeightMirror(eta=0.1, decay=0.1)
+
+        def make(seed):
+            module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                   nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(24, 10))
+            return true_float64(circuits.from_torch(module, input_shape=(1, 8, 8),
+                                                    rule=wm if rule == "wm" else rule).build())
+        batch = SeedBatch.build(make, SEEDS[:2])
+        singles, streams = [], []
+        for seed in SEEDS[:2]:
+            torch.manual_seed(seed)
+            singles.append(make(seed))
+            streams.append(torch.get_rng_state())
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(2, 8, 1, 8, 8, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+        optimizer = torch.optim.SGD(batch.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            batch.losses(F.cross_entropy, batch(x), y).sum().backward()
+            optimizer.step()
+            if rule == "wm":
+                circuits.mirror_step(batch, 16)
+        for s, net in enumerate(singles):
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+            torch.set_rng_state(streams[s])
+            for _ in range(2):
+                optimizer.zero_grad()
+                F.cross_entropy(net(x[s]), y[s]).backward()
+                optimizer.step()
+                if rule == "wm":
+                    circuits.mirror_step(net, 16)
+            for (name, ours), theirs in zip(batch.nets[s].state_dict().items(), net.state_dict().values(),
+                                            strict=True):
+                if ours.is_floating_point():
+                    assert torch.allclose(ours, theirs, rtol=0, atol=1e-12), (rule, s, name)
+        batch.eval()
+        out = batch(x[0])
+        for s, net in enumerate(singles):
+            assert torch.allclose(out[s], net.eval()(x[0]), rtol=0, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)

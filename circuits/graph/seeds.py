@@ -69,9 +69,13 @@ class SeedSynapse:
         self.weight, self.bias, self.B = stacked["weight"], stacked.get("bias"), stacked.get("B")
         self.rule, self.in_shape = first.rule, first.in_shape
         self.operator = SeedOperator(first.operator)
-        for name in ("positions", "live_fan_in", "live_positions"):
-            if hasattr(first, name):
-                setattr(self, name, getattr(first, name))
+
+    def __getattr__(self, name: str) -> Any:
+        """What a weight-mirror projection keeps for its noise (positions, live_fan_in, live_positions): the same
+        for every seed, read from seed 0's copy as it is now (it follows the copies to another device)."""
+        if name in ("positions", "live_fan_in", "live_positions"):
+            return getattr(self.copies[0], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def feedback(self) -> Tensor | None:
@@ -161,7 +165,7 @@ class SeedBatch(nn.Module):
     def forward(self, x: Tensor) -> Any:
         """The circuit on every copy at once: x (S x batch x ...) gives each its own examples, x (batch x ...)
         the same to all; the output has the seed axis first."""
-        declared = len(next(iter(self.circuit_net_inputs().values())))
+        declared = len(next(iter(self.nets[0].input_shapes.values())))
         if x.dim() == declared + 2:
             if x.shape[0] != len(self):
                 raise CircuitError(f"a batch with a seed axis needs one slice per seed ({len(self)}: seeds "
@@ -176,10 +180,6 @@ class SeedBatch(nn.Module):
         def one(p: dict[str, Tensor], b: dict[str, Tensor], inputs: Tensor) -> Any:
             return functional_call(template, (p, b), (inputs,), strict=True)
         return vmap(one, in_dims=(0, 0, in_dim))(params, buffers, x)
-
-    def circuit_net_inputs(self) -> dict[str, tuple[int, ...]]:
-        """The input populations' declared shapes (one example), by name."""
-        return self.nets[0].input_shapes
 
     def losses(self, loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, target: Tensor) -> Tensor:
         """loss_fn per seed, (S,): copy s's output against its own targets (target with the seed axis first)."""
