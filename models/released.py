@@ -121,5 +121,8 @@ def released_optimizer(net: circuits.CircuitNet, rule: str, batch_size: int = BA
 
 
 def released_loader(train: torch.utils.data.Dataset, batch_size: int = BATCH) -> DataLoader:
-    """The training images in file order every epoch, the last incomplete batch dropped (FCNN_BP.py 103-106, 125)."""
-    return DataLoader(train, batch_size=batch_size, shuffle=False, drop_last=True)
+    """The training images in file order every epoch, the last incomplete batch dropped (FCNN_BP.py 103-106, 125).
+    With a generator of its own, unused for the order: without one a DataLoader draws its base seed from torch's
+    global generator at every pass, which would shift the weight mirror's noise (and make a seed's run differ
+    from its copy in a circuits.SeedBatch, whose noise comes from the seed's own generator)."""
+    return DataLoader(train, batch_size=batch_size, shuffle=False, drop_last=True, generator=torch.Generator())

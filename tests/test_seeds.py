@@ -174,6 +174,8 @@ def test_refusals(digits, tmp_path):
     with pytest.raises(circuits.CircuitError, match="pass no generator"):
         circuits.mirror_step(wm, 8, generator=torch.Generator())
     assert batch(torch.zeros(5, 64, dtype=torch.float64)).shape == (3, 5, 10)     # no seed axis: shown to all
+    with pytest.raises(circuits.CircuitError, match="has no generator of its own"):
+        SeedLoader([loader(train, 1), torch.utils.data.DataLoader(train, batch_size=32)])
 
 
 @pytest.mark.parametrize("rule", ["fa", "wm", "dfa"])

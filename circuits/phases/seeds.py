@@ -5,6 +5,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ..errors import CircuitError
 from .checks import length
@@ -18,6 +19,12 @@ class SeedLoader:
     def __init__(self, loaders: Sequence[Iterable]) -> None:
         if not loaders:
             raise CircuitError("SeedLoader needs one loader per seed, got none")
+        for s, loader in enumerate(loaders):
+            if isinstance(loader, DataLoader) and loader.generator is None:
+                raise CircuitError(f"loader {s} of this SeedLoader has no generator of its own: a DataLoader without "
+                                   f"one draws from torch's global generator at every pass, which a seed's run alone "
+                                   f"would then share with its mirror noise, and its copy in a SeedBatch would not; "
+                                   f"give each loader one (DataLoader(..., generator=torch.Generator()))")
         self.loaders = list(loaders)
 
     def __len__(self) -> int:
