@@ -261,6 +261,10 @@ def fit(rule_name: str, seeds: Sequence[int], net: torch.nn.Module, optimizer: t
         state = torch.load(checkpoint, weights_only=False)
         trainer.load_state_dict(state["trainer"])
         trainer.evaluations, run = state["evaluations"], state["run"]
+        if len(state["shuffling"]) != len(shuffling):
+            raise ValueError(f"{checkpoint} holds {len(state['shuffling'])} loaders' generator states, this run has "
+                             f"{len(shuffling)}: it was written by another version of this job; delete it to train "
+                             f"the run again from the start")
         for g, kept in zip(shuffling, state["shuffling"], strict=True):
             g.set_state(kept)
     clock = [time.perf_counter()]     # training time since the run's last checkpoint
