@@ -617,10 +617,30 @@ def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
       nn.Flatten(), nn.Linear(8, 2)), (4, 8)),
     ((nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.ZeroPad2d(1),
       nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 0.5), nn.ReplicationPad2d(1), nn.Flatten(),
-      nn.Linear(780, 2)), (2, 8, 8))])
+      nn.Linear(780, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.Unfold(2, stride=2), nn.Fold((6, 6), 2, stride=2), nn.Unfold((2, 3), 2, 1, (1, 2)),
+      nn.Flatten(), nn.Linear(288, 2)), (2, 8, 8))])
 def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(layers, shape):
     module = _float64(nn.Sequential(*layers)).eval()
     _same_as_torch(module, torch.randn(3, *shape, dtype=torch.float64), 1e-13, input_shape=shape)
+
+
+class Patches(nn.Module):
+    """TNT's pixel embedding: F.unfold into patches, patches as tokens, a Linear on each."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(12, 5)
+
+    def forward(self, x):
+        patches = F.unfold(self.conv(x), kernel_size=2, stride=2)       # (batch, 3 * 2 * 2, 16)
+        return self.fc(patches.transpose(1, 2))
+
+
+def test_unfold_converts_as_an_operation_with_its_exact_derivative():
+    module = true_float64(Patches()).eval()
+    net = _same_as_torch(module, torch.randn(3, 2, 8, 8, dtype=torch.float64), 1e-13, input_shape=(2, 8, 8))
+    assert any(getattr(m, "spec", None) is not None and m.spec.op == "F.unfold" for m in net.modules())
 
 
 def test_a_layer_without_a_projection_says_what_to_do():

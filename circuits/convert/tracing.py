@@ -9,34 +9,89 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import CircuitError
+from ..graph.operations import register_function
 from .layers import LAYERS, is_activation
+
+
+@dataclass(frozen=True)
+class Whole:
+    """What tracing keeps whole: module classes (those of them fx cannot trace into) and functions (one call each)."""
+
+    modules: tuple[type, ...] = ()
+    functions: tuple[Callable[..., Any], ...] = ()
+
+
+def timm_whole() -> Whole | None:
+    """timm's fx registry (timm.layers: register_notrace_module, register_notrace_function), read when tracing: the
+    module classes and functions timm keeps whole for fx. None where timm is not installed or registers nothing.
+    Each function becomes an operation of its own (circuits.graph.operations.register_function)."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return None
+    functions = tuple(f for f in get_notrace_functions() if callable(f)) + _timm_padding()
+    for f in functions:
+        register_function(f)
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type) and issubclass(m, nn.Module))
+    return Whole(modules, functions) if modules or functions else None
+
+
+def _timm_padding() -> tuple[Callable[..., Any], ...]:
+    """timm's dynamic "same" padding (timm.layers.padding.pad_same), kept whole as well: the one call in the forward
+    of timm's Conv2dSame, MaxPool2dSame and AvgPool2dSame (registered not traceable) that branches on sizes, so that
+    tracing goes into them (the convolution then converts as F.conv2d with the layer's weight, the padding is an
+    operation that pads for the input size)."""
+    try:
+        from timm.layers.padding import pad_same
+    except ImportError:
+        return ()
+    return (pad_same,)
 
 
 class _Tracer(fx.Tracer):
     """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs) and traces into
     nn.TransformerEncoderLayer; with `buffers`, reads buffers as graph nodes, so that slicing one by a size
-    (nanoGPT's causal mask) traces."""
+    (nanoGPT's causal mask) traces. With `whole`: its functions are one call each, and each of its modules is one
+    layer call where fx cannot trace into it on its own (a module of its classes that traces stays traced into:
+    timm's BatchNormAct2d)."""
 
-    def __init__(self, buffers: bool) -> None:
-        super().__init__()
+    def __init__(self, buffers: bool, whole: Whole | None = None) -> None:
+        super().__init__(autowrap_functions=whole.functions if whole else ())
         self.proxy_buffer_attributes = buffers
+        self.whole = whole
+        self.untraceable: dict[nn.Module, bool] = {}
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             return False
+        if self.whole is not None and isinstance(m, self.whole.modules):
+            if m not in self.untraceable:
+                self.untraceable[m] = not _traces(m, self.whole)
+            if self.untraceable[m]:
+                return True
         return isinstance(m, nn.MultiheadAttention) or super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         if isinstance(m, nn.TransformerEncoder) and len(args) == 1 and not any(kwargs.values()):
             return super().call_module(m, functools.partial(_encoder_layers, m), args, {})
         return super().call_module(m, forward, args, kwargs)
+
+
+def _traces(module: nn.Module, whole: Whole) -> bool:
+    """Whether fx traces into the module on its own (its forward without Python control flow on its inputs)."""
+    try:
+        fx.Tracer(autowrap_functions=whole.functions).trace(module)
+    except Exception:  # noqa: BLE001 - fx raises many kinds
+        return False
+    return True
 
 
 def _encoder_layers(encoder: nn.Module, x: Any) -> Any:
@@ -95,18 +150,29 @@ def slow_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def _wholes() -> Iterator[Whole | None]:
+    """Plain fx tracing first, then with timm's registry (read only if plain tracing fails)."""
+    yield None
+    whole = timm_whole()
+    if whole is not None:
+        yield whole
+
+
 def trace(module: nn.Module) -> fx.GraphModule:
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
-    arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal)."""
+    arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal); if none traces, the same
+    again with what timm keeps whole (timm_whole), where timm is installed."""
     root = _Layer(module) if isinstance(module, LAYERS) or is_activation(module) else \
         _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
     errors = []
+    ways = ((False, None), (True, None), (False, concrete))
     with slow_attention():
-        for buffers, concrete_args in ((False, None), (True, None), (False, concrete)):
-            try:
-                return fx.GraphModule(root, _Tracer(buffers).trace(root, concrete_args=concrete_args))
-            except Exception as e:  # noqa: BLE001 - fx raises many kinds
-                errors.append(e)
+        for whole in _wholes():
+            for buffers, concrete_args in ways:
+                try:
+                    return fx.GraphModule(root, _Tracer(buffers, whole).trace(root, concrete_args=concrete_args))
+                except Exception as e:  # noqa: BLE001 - fx raises many kinds
+                    errors.append(e)
     raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}") from errors[0]
