@@ -159,18 +159,34 @@ class Gate(nn.Module):
         return self.fc(x) if x.shape[-1] == 4 else x
 
 
+class Cropped(nn.Module):
+    """A Linear, a reshape, Crop (kept whole below), a head: its input shape is the first Linear's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.crop, self.head = nn.Linear(5, 36), Crop(), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.crop(self.fc(x).view(-1, 6, 6)).flatten(1))
+
+
 def test_a_module_timm_keeps_whole_is_an_operation_without_parameters_and_refused_with_them():
+    """Without an input shape (no sizes to trace with), what timm registers as not traceable is one call: an
+    operation calling the module where it holds nothing, refused where it holds parameters."""
     pytest.importorskip("timm")
     from timm.layers import register_notrace_module
 
     register_notrace_module(Crop)
     register_notrace_module(Gate)
-    net = _exact(true_float64(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), Crop(), nn.Flatten(),
-                                            nn.Linear(48, 2))).eval(), (2, 6, 6))
+    module = true_float64(Cropped()).eval()
+    net = circuits.from_torch(module).build()
     assert any(getattr(m, "spec", None) is not None and m.spec.op == "module" for m in net.modules())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(net(x), module(x))
     with pytest.raises(circuits.CircuitError, match=r"layer '1' \(Gate\) is kept whole by tracing .* holds "
                                                     r"parameters .*circuits.in_place"):
-        circuits.from_torch(nn.Sequential(nn.Linear(3, 4), Gate()), input_shape=(3,))
+        circuits.from_torch(nn.Sequential(nn.Linear(3, 4), Gate()))
+    _exact(true_float64(nn.Sequential(nn.Linear(3, 4), Gate())).eval(), (3,))    # with sizes known: traced into
 
 
 def test_float_buffers_built_in_float32_follow_the_float64_default():
@@ -180,3 +196,48 @@ def test_float_buffers_built_in_float32_follow_the_float64_default():
         module = zoo.builder("torchvision", "swin_v2_t", 64)()
     floats = {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
     assert floats == {torch.float64}
+
+
+def test_a_small_timm_swin_converts_exactly_windows_folded_and_drop_path_following_the_mode():
+    """timm's Swin on a small scale: windows folded into the batch axis before the attention's Linear layers, its
+    shifted windows' mask, drop_path (timm's stochastic depth: an operation whose training flag follows the net's
+    mode): exact as zoo.check measures it, every rule takes a step and a mirror batch moves every B."""
+    pytest.importorskip("timm")
+    from timm.models.swin_transformer import SwinTransformer
+
+    def make():
+        return SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                               num_heads=(1, 2), num_classes=10, drop_path_rate=0.2)
+
+    row = zoo.Row("timm", "small swin", size=32)
+    with zoo.float64():
+        zoo.check(row, make)
+    assert row.status == "exact", row.detail
+
+
+class SmallMobileViT(nn.Module):
+    """A stem, one MobileViT block (timm registers it as not traceable: its forward branches on sizes; it folds
+    patches into the batch axis around a transformer) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.models.mobilevit import MobileVitBlock
+
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block = MobileVitBlock(8, 8, transformer_dim=16, transformer_depth=1, patch_size=2, num_heads=2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_a_module_timm_keeps_whole_with_parameters_is_traced_into_with_its_sizes_known():
+    """With the input shape known, tracing knows every size but the batch's (meta tensors): the block's branches on
+    sizes resolve, its patches folded into the batch axis stay BATCH*k, and the model converts exactly."""
+    pytest.importorskip("timm")
+    row = zoo.Row("timm", "small mobilevit", size=16)
+    with zoo.float64():
+        zoo.check(row, SmallMobileViT)
+    assert row.status == "exact", row.detail
+    with pytest.raises(circuits.CircuitError, match=r"\(MobileVitBlock\) is kept whole by tracing"):
+        circuits.from_torch(SmallMobileViT().eval())      # no input shape: no sizes to trace with

@@ -157,6 +157,24 @@ def projection(module: nn.Module, name: str) -> P.Projection:
                        f"backprop (see docs/conversion.md)")
 
 
+def batch_norm_operation(module: nn.BatchNorm1d | nn.BatchNorm2d, name: str) -> Operation:
+    """A batch norm as the operation F.batch_norm holding its parameters (learned by their gradient, named after
+    the layer) and running statistics (which follow the net's mode): where it reads windows or tokens folded into the
+    batch axis (LeViT's BatchNorm1d over batch * tokens), its statistics are over the folded axis, which the
+    operation computes on torch's (batch * k, ...) tensor."""
+    if module.momentum is None:
+        raise CircuitError(f"layer {name!r} ({module}): momentum=None (a cumulative average) on windows or tokens "
+                           f"folded into the batch axis does not convert")
+    prefix = name.replace(".", "_")
+    state = {f"{prefix}_{k}": v.detach().clone() for k, v in module.state_dict().items() if k != "num_batches_tracked"}
+    held = [Held(f"{prefix}_{k}") if f"{prefix}_{k}" in state else None
+            for k in ("running_mean", "running_var", "weight", "bias")]
+    stats = WhileLearning(True, False) if module.track_running_stats else True      # batch statistics or running
+    return Operation("F.batch_norm", (Operand(0), *held, stats, module.momentum, module.eps),
+                     learned=tuple(f"{prefix}_{k}" for k in ("weight", "bias") if f"{prefix}_{k}" in state),
+                     state=state or None)
+
+
 def _kept_whole(module: nn.Module, name: str) -> Operation:
     """A module that tracing kept whole as one call (timm's register_notrace_module classes that fx cannot trace
     into): without parameters or buffers, an operation that calls it (its own forward; its error crosses by autograd);

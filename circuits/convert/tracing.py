@@ -7,14 +7,18 @@ without masks is its layers and norm; a bare layer is held by a module so that f
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from ..errors import CircuitError
 from ..graph.operations import register_function
@@ -56,6 +60,20 @@ def _timm_padding() -> tuple[Callable[..., Any], ...]:
     return (pad_same,)
 
 
+def _timm_drop_path() -> tuple[Callable[..., Any], ...]:
+    """timm's drop_path (stochastic depth, timm.layers.drop), where timm is imported: one call, an operation whose
+    training flag follows the net's mode, as torchvision's stochastic_depth's does; traced into, its train-mode branch
+    would be a graph of its own (refused: circuits.convert.checks.refuse_dropped_branches)."""
+    if "timm" not in sys.modules:
+        return ()
+    try:
+        from timm.layers.drop import drop_path
+    except ImportError:
+        return ()
+    register_function(drop_path, training=("training", 2))
+    return (drop_path,)
+
+
 class _Tracer(fx.Tracer):
     """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs) and traces into
     nn.TransformerEncoderLayer; with `buffers`, reads buffers as graph nodes, so that slicing one by a size
@@ -64,7 +82,7 @@ class _Tracer(fx.Tracer):
     timm's BatchNormAct2d)."""
 
     def __init__(self, buffers: bool, whole: Whole | None = None) -> None:
-        super().__init__(autowrap_functions=whole.functions if whole else ())
+        super().__init__(autowrap_functions=(whole.functions if whole else ()) + _timm_drop_path())
         self.proxy_buffer_attributes = buffers
         self.whole = whole
         self.untraceable: dict[nn.Module, bool] = {}
@@ -150,18 +168,88 @@ def slow_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def _wholes() -> Iterator[Whole | None]:
-    """Plain fx tracing first, then with timm's registry (read only if plain tracing fails)."""
-    yield None
+class _SizedProxy(MetaProxy):
+    """A proxy that knows its tensor's shape (on the meta device), so that Python branches on sizes trace: its sizes
+    are numbers, except the leading axis of a tensor computed from the input where it is a multiple of the batch's
+    size (the batch, or windows and tokens folded into it), which stays a graph node (x.size(0)) so that the graph
+    serves any batch size."""
+
+    def size(self, dim: int | None = None) -> Any:
+        meta = self.__dict__.get("_tensor_meta")
+        if not isinstance(meta, Tensor) or meta.dim() == 0:
+            return super().size(dim)
+        if dim is None:
+            return (self._leading(meta), *meta.shape[1:])
+        return self._leading(meta) if dim in (0, -meta.dim()) else meta.size(dim)
+
+    @property
+    def shape(self) -> Any:
+        return self.size()
+
+    def _leading(self, meta: Tensor) -> Any:
+        if self.node not in self.tracer.data or meta.shape[0] % self.tracer.batch:
+            return meta.shape[0]
+        return self.tracer.create_proxy("call_method", "size", (self, 0), {})
+
+
+class _SizedTracer(_Tracer, MetaTracer):
+    """_Tracer with shapes known (torch.fx.experimental.meta_tracer on meta tensors of one example's shape and
+    `batch` examples): Python branches on sizes resolve (MobileViT's interpolation check, Twins' window padding),
+    the batch's size stays a node."""
+
+    def __init__(self, buffers: bool, whole: Whole | None, batch: int) -> None:
+        super().__init__(buffers, whole)
+        self.batch = batch
+        self.data: set[fx.Node] = set()
+
+    def proxy(self, node: fx.Node) -> MetaProxy:
+        return _SizedProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any, **more: Any) -> MetaProxy:
+        """MetaTracer's proxy, its node marked as data where it reads the input (a leading axis a multiple of the
+        batch's size then stays a node: the batch, or windows and tokens folded into it)."""
+        made = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        if kind == "placeholder" or any(n in self.data for n in made.node.all_input_nodes):
+            self.data.add(made.node)
+        return made
+
+
+def _sized_trace(root: nn.Module, whole: Whole | None, input_shape: tuple[int, ...]) -> fx.Graph:
+    """root's graph traced with its sizes known (_SizedTracer), on 2 and on 3 examples: the same graph both times
+    (no size that follows the batch taken as a number), else a CircuitError."""
+    graphs = []
+    root = copy.deepcopy(root).to("meta")       # its layers then compute their shapes on meta tensors
+    dtype = next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    for batch in (2, 3):
+        name = next(iter(inspect.signature(root.forward).parameters))
+        example = {name: torch.empty(batch, *input_shape, device="meta", dtype=dtype)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # the meta tracer warns where it computes no shape
+            graphs.append(_SizedTracer(False, whole, batch).trace(root, example))
+    two, three = ([(n.op, str(n.target), str(n.args), str(n.kwargs)) for n in g.nodes] for g in graphs)
+    if two != three:
+        raise CircuitError("traced with its sizes known, its graph differs between 2 and 3 examples (a size that "
+                           "follows the batch is taken as a number)")
+    return graphs[0]
+
+
+def _ways(input_shape: tuple[int, ...] | None) -> Iterator[tuple[Whole | None, bool]]:
+    """How to trace, in order, each as (what is kept whole, whether sizes are known): plain fx first; then, given an
+    input shape, with sizes known and timm's functions kept whole (tracing into timm's registered modules); then with
+    timm's registry whole, modules included. timm's registry is read only if plain tracing fails."""
+    yield None, False
     whole = timm_whole()
+    if input_shape is not None:
+        yield (Whole((), whole.functions) if whole is not None else None), True
     if whole is not None:
-        yield whole
+        yield whole, False
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
+def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
     arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal); if none traces, the same
-    again with what timm keeps whole (timm_whole), where timm is installed."""
+    again with what timm keeps whole (timm_whole), where timm is installed; then, given one example's
+    `input_shape`, with its sizes known (_sized_trace: Python branches on sizes)."""
     root = _Layer(module) if isinstance(module, LAYERS) or is_activation(module) else \
         _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
@@ -169,7 +257,13 @@ def trace(module: nn.Module) -> fx.GraphModule:
     errors = []
     ways = ((False, None), (True, None), (False, concrete))
     with slow_attention():
-        for whole in _wholes():
+        for whole, sized in _ways(input_shape):
+            if sized:
+                try:
+                    return fx.GraphModule(root, _sized_trace(root, whole, tuple(input_shape)))
+                except Exception as e:  # noqa: BLE001 - fx raises many kinds
+                    errors.append(e)
+                continue
             for buffers, concrete_args in ways:
                 try:
                     return fx.GraphModule(root, _Tracer(buffers, whole).trace(root, concrete_args=concrete_args))
