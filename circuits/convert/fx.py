@@ -12,7 +12,10 @@ train mode computes) is refused first (circuits.convert.checks). The module is t
 3 examples (circuits.convert.nodes): shapes, sizes and constants come from those runs (a value that follows the
 batch size becomes BATCH), so the converted net computes exactly what the module computes, for any batch size. The
 built net returns the module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and
-leaves out what they do not depend on.
+leaves out what they do not depend on. A tensor whose leading axis is k times the batch (Swin's windows, LeViT's
+tokens folded into the batch axis) is a population of shape (k, ...) holding torch's (batch * k, ...) as
+(batch, k, ...): operations flatten it back for torch's call (Operation.folds, Operation.fold), and only layers along
+the last axis, and batch norms as operations, read it.
 """
 from __future__ import annotations
 

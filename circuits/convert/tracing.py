@@ -2,7 +2,12 @@
 
 nn.MultiheadAttention stays one node (its forward branches on its inputs); nn.TransformerEncoderLayer
 is traced through with torch's fused fast path off (its checks branch on tensors); nn.TransformerEncoder
-without masks is its layers and norm; a bare layer is held by a module so that fx sees it called.
+without masks is its layers and norm; a bare layer is held by a module so that fx sees it called. A module fx cannot
+trace otherwise is traced again with its sizes known (meta tensors of the input shape; the batch's size stays a
+node), then with timm's own fx registry, where timm is installed: the functions timm keeps whole
+(register_notrace_function) become one call each, and the modules it keeps whole (register_notrace_module) that fx
+cannot trace into on their own become one layer call each (circuits.convert.layers: an operation calling the module
+where it holds no parameters or buffers, else refused). timm's drop_path is always one call (its mode is the net's).
 """
 from __future__ import annotations
 
@@ -247,9 +252,9 @@ def _ways(input_shape: tuple[int, ...] | None) -> Iterator[tuple[Whole | None, b
 
 def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.GraphModule:
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
-    arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal); if none traces, the same
-    again with what timm keeps whole (timm_whole), where timm is installed; then, given one example's
-    `input_shape`, with its sizes known (_sized_trace: Python branches on sizes)."""
+    arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal); if none traces, given one
+    example's `input_shape`, with its sizes known (_sized_trace: Python branches on sizes); then with what timm keeps
+    whole (timm_whole), where timm is installed (_ways). The error is plain fx's."""
     root = _Layer(module) if isinstance(module, LAYERS) or is_activation(module) else \
         _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
