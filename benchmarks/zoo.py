@@ -87,15 +87,22 @@ def builder(source: str, name: str, size: int) -> Callable[[], nn.Module]:
         fn = torchvision.models.get_model_builder(name)
         extra = {"image_size": size} if name.startswith("vit_") else {}
         extra |= {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-        return lambda: fn(num_classes=10, **extra)
+        return lambda: in_default_dtype(fn(num_classes=10, **extra))
     import timm
 
     def make() -> nn.Module:
         try:
-            return timm.create_model(name, num_classes=10, img_size=size)
+            return in_default_dtype(timm.create_model(name, num_classes=10, img_size=size))
         except TypeError:
-            return timm.create_model(name, num_classes=10)
+            return in_default_dtype(timm.create_model(name, num_classes=10))
     return make
+
+
+def in_default_dtype(module: nn.Module) -> nn.Module:
+    """The module with its floating buffers in the default dtype, as its parameters are: a buffer a builder makes
+    in float32 whatever the default (torchvision Swin-V2's relative_coords_table) would meet float64 weights, and
+    torch's own forward would fail. A cast constant, the same in torch's module and the circuit."""
+    return module.to(torch.get_default_dtype())
 
 
 @contextlib.contextmanager

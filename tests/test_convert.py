@@ -439,7 +439,7 @@ class Bad(nn.Module):
 
 
 @pytest.mark.parametrize("how,message", [
-    ("batch", r"node 'mul' .* is 4 on 2 examples and 6 on 3: only the batch size itself may follow the batch"),
+    ("batch", r"node 'reshape' .* is returned with 2 windows or tokens per example folded into the batch axis"),
     ("axis", r"node 'transpose' .* a population keeps the batch as its first axis"),
     ("data", r"cannot be traced by torch.fx"),
     ("shared", r"parameter 'w' is read by 2 calls \(mul, mul_1\): shared weights. A circuit gives each projection its "
@@ -617,10 +617,139 @@ def test_a_branch_only_train_mode_computes_is_not_dropped_silently():
       nn.Flatten(), nn.Linear(8, 2)), (4, 8)),
     ((nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True), nn.ZeroPad2d(1),
       nn.ReflectionPad2d((1, 0, 2, 1)), nn.ConstantPad2d(1, 0.5), nn.ReplicationPad2d(1), nn.Flatten(),
-      nn.Linear(780, 2)), (2, 8, 8))])
+      nn.Linear(780, 2)), (2, 8, 8)),
+    ((nn.Conv2d(2, 4, 3), nn.Unfold(2, stride=2), nn.Fold((6, 6), 2, stride=2), nn.Unfold((2, 3), 2, 1, (1, 2)),
+      nn.Flatten(), nn.Linear(288, 2)), (2, 8, 8))])
 def test_resampling_pooling_padding_and_instance_norm_layers_convert_exactly(layers, shape):
     module = _float64(nn.Sequential(*layers)).eval()
     _same_as_torch(module, torch.randn(3, *shape, dtype=torch.float64), 1e-13, input_shape=shape)
+
+
+class Patches(nn.Module):
+    """TNT's pixel embedding: F.unfold into patches, patches as tokens, a Linear on each."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(12, 5)
+
+    def forward(self, x):
+        patches = F.unfold(self.conv(x), kernel_size=2, stride=2)       # (batch, 3 * 2 * 2, 16)
+        return self.fc(patches.transpose(1, 2))
+
+
+def test_unfold_converts_as_an_operation_with_its_exact_derivative():
+    module = true_float64(Patches()).eval()
+    net = _same_as_torch(module, torch.randn(3, 2, 8, 8, dtype=torch.float64), 1e-13, input_shape=(2, 8, 8))
+    assert any(getattr(m, "spec", None) is not None and m.spec.op == "F.unfold" for m in net.modules())
+
+
+class Windows(nn.Module):
+    """Swin's window attention and LeViT's batch norm on a small scale: 16 tokens folded into the batch axis as 4
+    windows of 4 (B * 4, 4, C) before a LayerNorm, the qkv Linear, attention and the projection, then unfolded; and
+    the tokens folded as (B * 16, C) for a BatchNorm1d over batch and tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm, self.qkv, self.proj = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 8)
+        self.bn, self.head = nn.BatchNorm1d(8), nn.Linear(16 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))                                   # (B, 16, 8)
+        windows = self.norm(h.view(-1, 4, 8))                        # (B * 4, 4, 8)
+        b_ = windows.shape[0]
+        q, k, v = self.qkv(windows).reshape(b_, 4, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        y = torch.nn.functional.gelu(self.proj(attended.transpose(1, 2).reshape(b_, 4, 8)))
+        h = h + y.view(-1, 16, 8)                                    # unfolded: (B, 16, 8)
+        h = self.bn(h.flatten(0, 1)).reshape(x.shape[0], 16, 8)
+        return self.head(h.flatten(1))
+
+
+def test_windows_and_tokens_folded_into_the_batch_axis_convert_exactly_under_every_rule():
+    """A population holds torch's (B * k, ...) as (B, k, ...); operations flatten it back before torch's call."""
+    module = true_float64(Windows())
+    x = torch.randn(3, 16, 6, dtype=torch.float64)
+    for mode in (module.eval, module.train):
+        mode()
+        net = _same_as_torch(module, x, 1e-13, input_shape=(16, 6))
+        assert net.training == module.training
+    folds = {m.spec.fold for m in net.modules() if getattr(m, "spec", None) is not None and hasattr(m.spec, "fold")}
+    assert folds == {1, 4, 16}           # 4 windows, 16 tokens per example
+    assert torch.allclose(net.eval()(x), module.eval()(x), rtol=0, atol=0)
+    for rule in ("fa", "kp", "wm", "dfa"):
+        net = circuits.from_torch(module.train(), rule=rule, input_shape=(16, 6)).build()
+        before = {k: p.detach().clone() for k, p in net.named_parameters()}
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 2, 1])).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        moved = {k for k, p in net.named_parameters() if not torch.equal(p, before[k])}
+        assert {"proj.qkv.weight", "proj.proj.weight"} <= moved, rule
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
+
+
+class ComputedBias(nn.Module):
+    """EVA's and BEiT's qkv bias: cat(q_bias, zeros, v_bias), computed from parameters and a buffer, in F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(4, 12, bias=False), nn.Linear(12, 2)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.head(torch.tanh(F.linear(x, self.qkv.weight, bias)))
+
+
+def test_a_bias_computed_from_parameters_is_an_operation_after_the_synapse():
+    module = true_float64(ComputedBias())
+    net = _same_as_torch(module, torch.randn(3, 5, 4, dtype=torch.float64), 1e-13, 1e-15, input_shape=(5, 4))
+    assert "qkv" in dict(net.projections())
+    net = circuits.from_torch(module, rule="fa", input_shape=(5, 4)).build()
+    net(torch.randn(3, 5, 4, dtype=torch.float64)).sum().backward()
+    assert all(p.grad is not None for k, p in net.named_parameters() if k.endswith(("q_bias", "v_bias")))
+
+
+class Padded(nn.Module):
+    """Twins' and MobileViT's Python branches on sizes: pad to whole windows if needed, windows folded into the
+    batch axis (their count read as b_ = windows.shape[0]), a Linear on each, unfolded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(2, 3, 3, padding=1), nn.Linear(3, 3), nn.Linear(3 * 8 * 8, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        b, c, height, width = h.shape
+        if height % 4 or width % 4:
+            h = F.pad(h, (0, -width % 4, 0, -height % 4))
+        windows = h.reshape(b, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(-1, 16, c)
+        b_ = windows.shape[0]
+        return self.head(torch.relu(self.fc(windows)).reshape(b_ // 4, -1))
+
+
+def test_python_branches_on_sizes_trace_with_the_input_shape_known():
+    module = true_float64(Padded())
+    with pytest.raises(Exception, match="control flow"):
+        torch.fx.symbolic_trace(module)
+    _same_as_torch(module, torch.randn(3, 2, 6, 6, dtype=torch.float64), 1e-13, input_shape=(2, 6, 6))
+    with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx"):
+        circuits.from_torch(module)
+
+
+def test_a_layer_that_mixes_folded_windows_is_refused():
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.conv = nn.Linear(4, 4), nn.Conv1d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.fc(x).reshape(-1, 4, 2)).reshape(x.shape[0], -1)
+
+    with pytest.raises(circuits.CircuitError, match=r"layer Conv1d reads or makes windows or tokens folded into the "
+                                                    r"batch axis.*circuits.in_place"):
+        circuits.from_torch(Conv(), input_shape=(4, 4))
 
 
 def test_a_layer_without_a_projection_says_what_to_do():

@@ -239,3 +239,22 @@ def test_conv1d_and_conv_transpose2d_convert_in_place():
     x_grad = x.clone().requires_grad_()
     net(x_grad).sum().backward()
     assert x_grad.grad.shape == x.shape and torch.isfinite(x_grad.grad).all()
+
+
+def test_a_linear_result_on_tokens_may_be_modified_in_place_by_the_modules_forward():
+    """torchvision Swin-V2's cpb_mlp: a Linear on more than two axes (a view of F.linear's product), then
+    ReLU(inplace=True): the module's own forward runs, forward and gradients as torch's."""
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2)).double()
+    x = torch.randn(2, 5, 4, dtype=torch.float64)
+    expected = module(x)
+    x_ref = x.clone().requires_grad_()
+    module(x_ref).sum().backward()
+    for rule in ("bp", "fa"):
+        net = circuits.in_place(copy.deepcopy(module), x, rule)
+        x_net = x.clone().requires_grad_()
+        out = net(x_net)
+        assert torch.equal(out, expected)
+        out.sum().backward()
+        assert torch.isfinite(x_net.grad).all()
+        if rule == "bp":
+            assert torch.allclose(x_net.grad, x_ref.grad, rtol=1e-12, atol=0)

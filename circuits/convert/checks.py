@@ -92,6 +92,10 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
                                    f"once and holds parameters or buffers: shared weights. {_SHARED}")
             if not (is_activation(layer) or isinstance(layer, nn.MultiheadAttention)):
                 projection(layer, node.target)       # its refusal, with the reason
+            if not type(layer).__module__.startswith("torch.") and (len(node.args) > 1 or node.kwargs):
+                raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}), kept whole by tracing, "
+                                   f"is called with more than its input ({node.format_node()}); an operation calling "
+                                   f"it reads one population. Convert the module with circuits.in_place (see {GUIDE})")
             if isinstance(layer, nn.ConvTranspose2d) and (len(node.args) > 1 or node.kwargs):
                 raise CircuitError(f"{name}: layer {node.target!r} (ConvTranspose2d) is called with output_size "
                                    f"({node.format_node()}): a circuit's transposed convolution has one output size, "

@@ -12,10 +12,14 @@ train mode computes) is refused first (circuits.convert.checks). The module is t
 3 examples (circuits.convert.nodes): shapes, sizes and constants come from those runs (a value that follows the
 batch size becomes BATCH), so the converted net computes exactly what the module computes, for any batch size. The
 built net returns the module's outputs in torch's structure (a tensor, tuple, list, named tuple or dict), and
-leaves out what they do not depend on.
+leaves out what they do not depend on. A tensor whose leading axis is k times the batch (Swin's windows, LeViT's
+tokens folded into the batch axis) is a population of shape (k, ...) holding torch's (batch * k, ...) as
+(batch, k, ...): operations flatten it back for torch's call (Operation.folds, Operation.fold), and only layers along
+the last axis, and batch norms as operations, read it.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Any, Mapping
 
@@ -28,7 +32,7 @@ from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
 from ..graph.operations import SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
-from . import checks
+from . import checks, layers
 from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple
 from .layers import CALL_SETTINGS, attention, call_activation, call_projection, module_activation, synaptic_call
 from .layers import projection as layer_projection
@@ -59,9 +63,9 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     first Linear layer. The circuit keeps the module's dtype and train/eval mode.
     """
     checks.refuse_tied(module)
-    traced = trace(module)
+    traced = trace(module, input_shape)
     checks.refuse_early(traced, type(module).__name__)
-    checks.refuse_dropped_branches(module, traced, lambda: trace(module))
+    checks.refuse_dropped_branches(module, traced, lambda: trace(module, input_shape))
     input_shape = tuple(input_shape) if input_shape is not None else default_input_shape(traced, type(module).__name__)
     param = next(module.parameters(), None)
     example = dict(dtype=param.dtype, device=param.device) if param is not None else {}
@@ -71,6 +75,10 @@ def from_torch(module: nn.Module, rule: rules.RuleLike = "bp", input_shape: tupl
     circuit.dtype, circuit.training = example.get("dtype"), module.training
     circuit.returns = walk.returns
     return walk.layer_rules.finish(circuit)
+
+
+_ALONG_LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
+"""Layers that compute on (batch, k, ...) what they compute on (batch * k, ...): along the last axis, or elementwise."""
 
 
 class _Walk:
@@ -135,6 +143,10 @@ class _Walk:
             items = [self.returned(node, a) for a in arg]
             return type(arg)(*items) if hasattr(arg, "_fields") else tuple(items) if isinstance(arg, tuple) else items
         pop = self.source(node, arg)
+        if self.pops[pop].get("fold", 1) > 1:
+            raise CircuitError(f"node {arg.name!r} ({arg.format_node()}) is returned with {self.pops[pop]['fold']} "
+                               f"windows or tokens per example folded into the batch axis: a circuit's output keeps "
+                               f"one row per example; reshape it back to the batch before returning it")
         if any(pre == pop for pre, _, _, _ in self.edges) or self.pops[pop].get("input"):
             copy = f"{pop}_returned"
             if copy not in self.pops:
@@ -152,6 +164,9 @@ class _Walk:
                 return self.activate(node, node.args[0], act)
             if has_state(layer):
                 self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+            if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and self.folded(node, node.args[0]):
+                return self.folded_batch_norm(node, layer)
+            self.refuse_folded(node, node.args[0], isinstance(layer, _ALONG_LAST_AXIS), f"layer {type(layer).__name__}")
             name = node.target if node.target not in self.called else None     # a stateless layer: any call
             self.called.add(node.target)
             self.connect(self.source(node, node.args[0]), self.new_population(node),
@@ -167,19 +182,22 @@ class _Walk:
         if act is not None:
             return self.activate(node, node.args[0], act)
         if node.op == "call_function" and node.target in SYNAPTIC_FUNCTIONS:
+            self.refuse_folded(node, node.args[0], SYNAPTIC_FUNCTIONS[node.target] == "F.linear",
+                               SYNAPTIC_FUNCTIONS[node.target])
             return self.synaptic_call(node)
         projection = call_projection(node)
-        if projection is not None:
+        if projection is not None and not self.folded(node, node.args[0]):
             self.connect(self.source(node, node.args[0]), self.new_population(node), projection)
             return None
         if node.target in SUMS and len(node.args) == 2 and not node.kwargs and all(
                 self.found.get(a) and self.found[a].kind == POPULATION for a in node.args) \
-                and self.pop_of.get(node.args[0]) != self.pop_of.get(node.args[1]):
+                and self.pop_of.get(node.args[0]) != self.pop_of.get(node.args[1]) \
+                and not any(self.folded(node, a) for a in node.args):
             post = self.new_population(node)
             for arg in node.args:
                 self.connect(self.source(node, arg), post, P.Identity())
             return None
-        if not self.batch_first(node) and all(u.op in ("call_function", "call_method") for u in node.users):
+        if self.fold(node) is None and all(u.op in ("call_function", "call_method") for u in node.users):
             return None       # not a population (its batch is not its first axis): each user's operation computes it
         operands: list[str] = []
         held: dict[str, Tensor] = {}
@@ -189,7 +207,12 @@ class _Walk:
             raise CircuitError(f"node {node.name!r} ({node.format_node()}) multiplies by parameters {learned}: a "
                                f"synaptic weight needs a projection with a B; use nn.Linear or nn.Conv2d")
         args, kwargs = follows_mode(call.op, call.args, call.kwargs)
-        operation = Operation(call.op, args, kwargs, learned=tuple(learned), state=held or None)
+        folds = tuple(self.pops[pop].get("fold", 1) for pop in operands)
+        fold = self.fold(node) or 1
+        if fold == 1 and set(folds) <= {1}:
+            folds = ()
+        operation = Operation(call.op, args, kwargs, learned=tuple(learned), state=held or None, folds=folds,
+                              fold=fold)
         if len(operands) == 1:
             self.connect(operands[0], self.new_population(node), operation)
         else:
@@ -253,6 +276,7 @@ class _Walk:
         self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
         in_proj, heads, out_proj = attention(layer, node.target, settings)
         pre = self.source(node, query)
+        self.refuse_folded(node, query, False, "nn.MultiheadAttention")
         shape = self.pops[pre]["shape"]
         qkv, attended = f"{node.name}_qkv", f"{node.name}_heads"
         for pop, width in ((qkv, 3 * layer.embed_dim), (attended, layer.embed_dim), (node.name, layer.embed_dim)):
@@ -261,6 +285,14 @@ class _Walk:
         self.connect(qkv, attended, heads)
         self.connect(attended, node.name, out_proj, f"{node.target}.out_proj")
         self.pop_of[node] = node.name
+
+    def folded_batch_norm(self, node: fx.Node, layer: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
+        """A batch norm on windows or tokens folded into the batch axis (LeViT): the operation F.batch_norm on
+        torch's (batch * k, ...) tensor, whose statistics are over it (circuits.convert.layers.batch_norm_operation)."""
+        self.refuse_folded(node, node.args[0], True, f"layer {type(layer).__name__}")     # the same fold in and out
+        fold = self.fold(node) or 1
+        operation = dataclasses.replace(layers.batch_norm_operation(layer, node.target), folds=(fold,), fold=fold)
+        self.connect(self.source(node, node.args[0]), self.new_population(node), operation, node.target)
 
     def learned_population(self, node: fx.Node) -> None:
         """A tensor computed from parameters alone, one per example (a class token expanded over the batch), that
@@ -279,23 +311,43 @@ class _Walk:
 
     def synaptic_call(self, node: fx.Node) -> None:
         """F.linear / F.conv1d / F.conv2d / F.conv_transpose2d with a module's own weight (and bias): a synaptic
-        projection with a B, named after the module that holds the weight (attn.qkv for attn.qkv.weight)."""
+        projection with a B, named after the module that holds the weight (attn.qkv for attn.qkv.weight). F.linear's
+        bias computed from parameters (EVA's and BEiT's qkv bias, cat(q_bias, zeros, v_bias)) is an operation after
+        the synapse, which adds it and passes its parameters their gradient."""
         weight, bias = _argument(node, 1, "weight"), _argument(node, 2, "bias")
-        for what, arg in (("weight", weight), ("bias", bias)):
+        computed_bias = SYNAPTIC_FUNCTIONS[node.target] == "F.linear" and isinstance(bias, fx.Node) \
+            and bias.op != "get_attr" and self.found[bias].kind == LEARNED
+        for what, arg in (("weight", weight), ("bias", None if computed_bias else bias)):
             if arg is not None and not (isinstance(arg, fx.Node) and arg.op == "get_attr"
                                         and self.found[arg].kind == LEARNED):
                 raise CircuitError(f"node {node.name!r} ({node.format_node()}): its {what} is not a parameter of the "
                                    f"module but computed ({arg}); only a module's own weight and bias become a "
                                    f"synapse with a B. Use the layer itself, or circuits.in_place (see {GUIDE})")
-        for arg in (weight, bias):
+        own_bias = None if computed_bias else bias
+        for arg in (weight, own_bias):
             if arg is not None:
                 self.use(arg.target, "parameter", "it is read more than once; shared parameters cannot be converted")
-        state = {"weight": self.found[weight].values[0]} | ({"bias": self.found[bias].values[0]} if bias else {})
+        state = {"weight": self.found[weight].values[0]} | (
+            {"bias": self.found[own_bias].values[0]} if own_bias is not None else {})
         settings = {k: self.constant(node, v) for k, v in _settings(node).items()}
         where = f"node {node.name!r} ({node.format_node()})"
         layer = weight.target.removesuffix(".weight")
-        self.connect(self.source(node, node.args[0]), self.new_population(node),
-                     synaptic_call(SYNAPTIC_FUNCTIONS[node.target], state, settings, where), layer)
+        projection = synaptic_call(SYNAPTIC_FUNCTIONS[node.target], state, settings, where)
+        pre = self.source(node, node.args[0])
+        if not computed_bias:
+            self.connect(pre, self.new_population(node), projection, layer)
+            return
+        operands: list[str] = []
+        held: dict[str, Tensor] = {}
+        learned: list[str] = []
+        added = self.template(node, bias, operands, held, learned)
+        unbiased = f"{node.name}_unbiased"
+        post = self.new_population(node)
+        spec = self.pops.pop(post)
+        self.pops[unbiased], self.pops[post] = dict(spec), spec        # the synapse's population first
+        self.connect(pre, unbiased, projection, layer)
+        self.connect(unbiased, post, Operation("torch.add", (Operand(0), added), learned=tuple(learned),
+                                               state=held or None))
 
     def constant(self, node: fx.Node, arg: Any) -> Any:
         """An argument that must be the same for every batch: its value, or a CircuitError naming `node`."""
@@ -316,20 +368,46 @@ class _Walk:
 
     def new_population(self, node: fx.Node, activation: str = "identity", is_input: bool = False,
                        junction: Operation | None = None, operands: list[str] | None = None) -> str:
-        if not self.batch_first(node):
+        fold = self.fold(node)
+        if fold is None:
             (two, _), (three, _) = self.found[node].values
             raise CircuitError(f"node {node.name!r} ({node.format_node()}) has shape {two} on 2 examples and {three} "
                                f"on 3: a population keeps the batch as its first axis (an operation may move it "
                                f"only when operations alone read the result)")
-        self.pops[node.name] = dict(shape=self.found[node].values[0][0][1:], activation=activation, input=is_input,
-                                    junction=junction, operands=operands)
+        shape = self.found[node].values[0][0][1:]
+        self.pops[node.name] = dict(shape=(fold, *shape) if fold > 1 else shape, activation=activation,
+                                    input=is_input, junction=junction, operands=operands, fold=fold)
         self.pop_of[node] = node.name
         return node.name
 
-    def batch_first(self, node: fx.Node) -> bool:
-        """Whether the node's leading axis is the batch (2, then 3) and its other axes stay."""
+    def fold(self, node: fx.Node) -> int | None:
+        """How many windows or tokens per example the node's leading axis holds: 1 where it is the batch (2, then 3),
+        k where it is k times the batch (2k, then 3k: Swin's windows folded into the batch axis), its other axes
+        staying; None otherwise. A population folded by k holds torch's (batch * k, ...) tensor as (batch, k, ...)."""
+        if self.found[node].kind != POPULATION:
+            return None
         (two, _), (three, _) = self.found[node].values
-        return (two[:1], three[:1]) == ((2,), (3,)) and two[1:] == three[1:]
+        if not two or not three or two[1:] != three[1:]:
+            return None
+        a, b = two[0], three[0]
+        return a // 2 if a > 0 and a % 2 == 0 and 3 * a == 2 * b else None
+
+    def folded(self, node: fx.Node, arg: Any) -> bool:
+        """Whether `node` or the population it reads (`arg`) holds windows or tokens folded into the batch axis."""
+        return (self.fold(node) or 1) > 1 or (arg in self.pop_of and self.pops[self.pop_of[arg]].get("fold", 1) > 1)
+
+    def refuse_folded(self, node: fx.Node, arg: Any, along_last_axis: bool, what: str) -> None:
+        """A CircuitError unless `node` (`what`: a layer or function) acts along the last axis or elementwise, where
+        it reads or makes windows or tokens folded into the batch axis: on (batch, k, ...) it computes what torch's
+        computes on (batch * k, ...) only then, and with the same fold in and out."""
+        if not self.folded(node, arg):
+            return
+        same = arg in self.pop_of and self.pops[self.pop_of[arg]].get("fold", 1) == self.fold(node)
+        if not (along_last_axis and same):
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}): {what} reads or makes windows or tokens "
+                               f"folded into the batch axis, where only layers along the last axis (Linear, "
+                               f"LayerNorm, Dropout, Identity, activations) and operations convert; convert with "
+                               f"circuits.in_place (see {GUIDE})")
 
     def source(self, node: fx.Node, arg: Any) -> str:
         if not isinstance(arg, fx.Node) or arg not in self.pop_of:
@@ -337,6 +415,7 @@ class _Walk:
         return self.pop_of[arg]
 
     def activate(self, node: fx.Node, arg: fx.Node, act: str) -> None:
+        self.refuse_folded(node, arg, "dim=" not in act or "dim=-" in act, f"activation {act}")
         pre = self.source(node, arg)
         pop = self.pops[pre]
         if pop["activation"] == "identity" and not pop.get("input") and len(arg.users) == 1:

@@ -215,7 +215,17 @@ def _swap(layer: nn.Module, call: tuple[tuple, dict], rule: rules.FeedbackRule |
                                 layer.dilation, layer.groups)
     else:
         operator = EmbeddingOperator(layer.padding_idx)
-    return _synapse(operator, layer.weight, getattr(layer, "bias", None), rule, tuple(y.shape[1:]))
+    synapse = _synapse(operator, layer.weight, getattr(layer, "bias", None), rule, tuple(y.shape[1:]))
+    if isinstance(operator, DenseOperator):
+        synapse.register_forward_hook(_not_a_view)
+    return synapse
+
+
+def _not_a_view(synapse: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    """A Linear's result on more than two axes is a view (of F.linear's flat product), which autograd forbids to
+    modify in place when a custom Function returns it; the module's own forward may (torchvision Swin-V2's cpb_mlp:
+    Linear, then ReLU(inplace=True)). A copy there, as torch's own Linear gives a result that may be modified."""
+    return out.clone() if out._is_view() else out
 
 
 def _called_layers(module: nn.Module, example: tuple[Any, ...]) -> dict[nn.Module, tuple[tuple, dict]]:

@@ -3,6 +3,7 @@ population activation or projection, with its settings.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -106,6 +107,8 @@ def unconvertible(layer: nn.Module) -> str | None:
 def projection(module: nn.Module, name: str) -> P.Projection:
     """The circuit projection equivalent to one torch layer, carrying its parameters (a CircuitError naming the
     layer if there is none)."""
+    if not type(module).__module__.startswith(("torch.nn.", "torch.ao.nn.")):
+        return _kept_whole(module, name)
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     if isinstance(module, nn.Linear):
         return P.Dense(bias=module.bias is not None, state=state)
@@ -152,6 +155,36 @@ def projection(module: nn.Module, name: str) -> P.Projection:
                        f"Conv2d, ConvTranspose2d, Embedding, MultiheadAttention; Conv3d, ConvTranspose1d/3d and "
                        f"recurrent layers have none yet); convert the module with circuits.in_place, where it keeps "
                        f"backprop (see docs/conversion.md)")
+
+
+def batch_norm_operation(module: nn.BatchNorm1d | nn.BatchNorm2d, name: str) -> Operation:
+    """A batch norm as the operation F.batch_norm holding its parameters (learned by their gradient, named after
+    the layer) and running statistics (which follow the net's mode): where it reads windows or tokens folded into the
+    batch axis (LeViT's BatchNorm1d over batch * tokens), its statistics are over the folded axis, which the
+    operation computes on torch's (batch * k, ...) tensor."""
+    if module.momentum is None:
+        raise CircuitError(f"layer {name!r} ({module}): momentum=None (a cumulative average) on windows or tokens "
+                           f"folded into the batch axis does not convert")
+    prefix = name.replace(".", "_")
+    state = {f"{prefix}_{k}": v.detach().clone() for k, v in module.state_dict().items() if k != "num_batches_tracked"}
+    held = [Held(f"{prefix}_{k}") if f"{prefix}_{k}" in state else None
+            for k in ("running_mean", "running_var", "weight", "bias")]
+    stats = WhileLearning(True, False) if module.track_running_stats else True      # batch statistics or running
+    return Operation("F.batch_norm", (Operand(0), *held, stats, module.momentum, module.eps),
+                     learned=tuple(f"{prefix}_{k}" for k in ("weight", "bias") if f"{prefix}_{k}" in state),
+                     state=state or None)
+
+
+def _kept_whole(module: nn.Module, name: str) -> Operation:
+    """A module that tracing kept whole as one call (timm's register_notrace_module classes that fx cannot trace
+    into): without parameters or buffers, an operation that calls it (its own forward; its error crosses by autograd);
+    with them, refused, as its synapses are inside a forward no circuit part sees."""
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        raise CircuitError(f"layer {name!r} ({type(module).__name__}) is kept whole by tracing (timm registers it as "
+                           f"not traceable: its forward branches on sizes or inputs) and holds parameters or buffers, "
+                           f"which would learn inside a forward no circuit part sees; convert the module with "
+                           f"circuits.in_place (see docs/conversion.md)")
+    return Operation("module", (copy.deepcopy(module), Operand(0)))
 
 
 def _symmetric(padding: str, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> bool:
@@ -205,8 +238,8 @@ _PADS = {nn.modules.padding._ConstantPadNd: "constant", nn.modules.padding._Refl
 
 def _functional(module: nn.Module) -> Operation | None:
     """A layer without synapses as the operation of the function its forward calls (None: not one of them):
-    resampling, pixel shuffles, 1-D and max pools, padding, instance norm (its affine parameters learn by their
-    gradient, its running statistics follow the net's mode)."""
+    resampling, pixel shuffles, unfold and fold (sliding blocks), 1-D and max pools, padding, instance norm (its
+    affine parameters learn by their gradient, its running statistics follow the net's mode)."""
     x = Operand(0)
     if isinstance(module, nn.Upsample):
         return Operation("F.interpolate", (x, module.size, module.scale_factor, module.mode, module.align_corners),
@@ -215,6 +248,11 @@ def _functional(module: nn.Module) -> Operation | None:
         return Operation("F.pixel_shuffle", (x, module.upscale_factor))
     if isinstance(module, nn.PixelUnshuffle):
         return Operation("F.pixel_unshuffle", (x, module.downscale_factor))
+    if isinstance(module, nn.Unfold):
+        return Operation("F.unfold", (x, module.kernel_size, module.dilation, module.padding, module.stride))
+    if isinstance(module, nn.Fold):
+        return Operation("F.fold", (x, module.output_size, module.kernel_size, module.dilation, module.padding,
+                                    module.stride))
     if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)) and not module.return_indices:
         return Operation(f"F.adaptive_max_pool{1 if isinstance(module, nn.AdaptiveMaxPool1d) else 2}d",
                          (x, module.output_size))

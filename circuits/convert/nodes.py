@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import CircuitError
-from ..graph.operations import BATCH
+from ..graph.operations import BATCH, Batch
 from .checks import is_shape_read
 from .tracing import evaluating, slow_attention
 
@@ -113,12 +113,15 @@ def example_of(traced: fx.GraphModule, placeholder: fx.Node, example: dict) -> d
 
 
 def literal(node: fx.Node, values: list[Any]) -> Any:
-    """A value the same in both runs, with BATCH where it is the batch size (2, then 3)."""
+    """A value the same in both runs, with BATCH where it is the batch size (2, then 3), BATCH*k where it is k times
+    it (2k, then 3k: windows or tokens folded into the batch axis)."""
     a, b = values
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
         return tuple(literal(node, [x, y]) for x, y in zip(a, b, strict=True))
     if type(a) is int and (a, b) == (2, 3):
         return BATCH
+    if type(a) is int and type(b) is int and a > 0 and a % 2 == 0 and 3 * a == 2 * b:
+        return Batch(a // 2)
     if isinstance(a, Tensor) or a != b:
         raise CircuitError(f"node {node.name!r} ({node.format_node()}) is {a!r} on 2 examples and {b!r} on 3: only "
                            f"the batch size itself may follow the batch")

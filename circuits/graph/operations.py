@@ -14,6 +14,7 @@ autograd of `op`), the same under every rule. Only synaptic projections get a B.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -44,10 +45,13 @@ class Held:
 
 @dataclass(frozen=True)
 class Batch:
-    """The batch size of the operands (x.size(0) where the module reads it)."""
+    """The batch size of the operands (x.size(0) where the module reads it); with `factor` k, k times it (the
+    leading size of windows or tokens folded into the batch axis: Swin's B_ = B * windows)."""
+
+    factor: int = 1
 
     def __repr__(self) -> str:
-        return "BATCH"
+        return "BATCH" if self.factor == 1 else f"BATCH*{self.factor}"
 
 
 BATCH = Batch()
@@ -101,6 +105,12 @@ def multi_head_attention(qkv: Tensor, num_heads: int, batch_first: bool, need_we
     return out.transpose(1, 0) if batch_first else out
 
 
+def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A module without parameters or buffers that tracing kept whole (timm's MaxPool2dSame), called: its own
+    forward, in the operation's train/eval mode."""
+    return module(*args, **kwargs)
+
+
 def _method(name: str) -> Callable[..., Any]:
     def call(tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
         return getattr(tensor, name)(*args, **kwargs)
@@ -123,13 +133,13 @@ _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", 
 _FUNCTIONAL = ("scaled_dot_product_attention", "dropout", "pad", "glu", "normalize", "adaptive_avg_pool2d",
                "avg_pool2d", "max_pool2d", "interpolate", "prelu", "rrelu", "layer_norm", "group_norm", "batch_norm",
                "instance_norm", "rms_norm", "adaptive_max_pool1d", "adaptive_max_pool2d", "max_pool1d", "avg_pool1d",
-               "adaptive_avg_pool1d", "pixel_shuffle", "pixel_unshuffle", "dropout1d", "dropout2d")
+               "adaptive_avg_pool1d", "pixel_shuffle", "pixel_unshuffle", "dropout1d", "dropout2d", "unfold", "fold")
 _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "matmul", "getitem", "eq", "ne", "lt",
              "gt", "le", "ge", "invert", "and_", "or_")
 OPS: dict[str, Callable[..., Any]] = {
     **{f"torch.{n}": getattr(torch, n) for n in _TORCH}, **{f"F.{n}": getattr(F, n) for n in _FUNCTIONAL},
     **{f"operator.{n}": getattr(operator, n) for n in _OPERATOR}, **{f".{n}": _method(n) for n in _METHODS},
-    "multi_head_attention": multi_head_attention,
+    "multi_head_attention": multi_head_attention, "module": call_module,
 }
 """The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name"), and
 torchvision's stochastic depth where torchvision is installed."""
@@ -140,6 +150,36 @@ SYNAPTIC_OPS = {"torch.matmul", "torch.bmm", "torch.einsum", "torch.outer", "tor
                 ".matmul"}
 """Products that would make a held parameter a synaptic weight without a B: refused with a parameter."""
 _NAMES = {fn: name for name, fn in OPS.items() if not name.startswith(".")}
+
+
+def register_function(fn: Callable[..., Any], training: tuple[str, int] | None = None) -> str:
+    """A function that tracing keeps whole (timm's register_notrace_function: scale_image, window_reverse) as an
+    operation, named by its module and name ("timm.models.crossvit.scale_image"); its name. Its error crosses by
+    autograd, as every operation's does. `training`: its training flag (name, position), which then follows the
+    operation's mode (TRAINING_FLAG: timm's drop_path)."""
+    name = _NAMES.get(fn) or f"{fn.__module__}.{fn.__qualname__}"
+    OPS.setdefault(name, fn)
+    _NAMES.setdefault(fn, name)
+    if training is not None:
+        TRAINING_FLAG.setdefault(name, training)
+    return name
+
+
+def _registered(op: str) -> bool:
+    """Whether `op` is in OPS, registering a timm function named by its module (register_function's names) on the
+    way: a circuit built in another process, before that function was traced."""
+    if op in OPS:
+        return True
+    module, _, name = op.rpartition(".")
+    if not module.startswith("timm.") or "<" in name:
+        return False
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    if not callable(fn) or register_function(fn) != op:
+        return False
+    return True
 TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3),
                  "F.rrelu": ("training", 3), "F.batch_norm": ("training", 5), "F.dropout1d": ("training", 2),
                  "F.dropout2d": ("training", 2)}
@@ -172,16 +212,23 @@ def op_name(target: Any) -> str | None:
 class Operation(Projection):
     """y = op(*args, **kwargs) of torch's function `op` (OPS), on templates; `state` holds the Held tensors and
     `learned` names those that are parameters. A local projection with one input population, a junction's
-    combination with several (Population.junction)."""
+    combination with several (Population.junction).
+
+    `folds` (one per operand) and `fold`: torch's module computed on windows or tokens folded into the batch axis
+    (a (batch * k, ...) tensor), which a population holds as (batch, k, ...): an operand folded by k > 1 is flattened
+    back to torch's (batch * k, ...) before the call, and a result folded by `fold` > 1 is unflattened to
+    (batch, fold, ...). The call is then torch's, on torch's tensors."""
 
     op: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     learned: tuple[str, ...] = ()
+    folds: tuple[int, ...] = ()
+    fold: int = 1
     synaptic: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
+        if not _registered(self.op):
             raise CircuitError(f"Operation({self.op!r}): unknown operation; known: {', '.join(sorted(OPS))}")
 
     @property
@@ -225,24 +272,31 @@ class OperationModule(nn.Module):
                 self.register_buffer(f"held_{key}", value.detach().clone())
 
     def forward(self, *operands: Tensor) -> Tensor:
-        return self._evaluate(self.call, operands)
+        folds, fold = self.spec.folds, self.spec.fold
+        batch = operands[0].shape[0]
+        if folds:
+            operands = tuple(x.flatten(0, 1) if k > 1 else x for x, k in zip(operands, folds, strict=True))
+        out = self._evaluate(self.call, operands, batch)
+        return out.unflatten(0, (batch, fold)) if fold > 1 else out
 
-    def _evaluate(self, item: Any, operands: tuple[Tensor, ...]) -> Any:
+    def _evaluate(self, item: Any, operands: tuple[Tensor, ...], batch: int) -> Any:
         if isinstance(item, Operand):
             return operands[item.position]
         if isinstance(item, Batch):
-            return operands[0].shape[0]
+            return batch * item.factor
         if isinstance(item, Held):
             return getattr(self, f"held_{item.key}")
         if isinstance(item, WhileLearning):
             return item.value if self.training else item.otherwise
         if isinstance(item, Call):
-            args = [self._evaluate(a, operands) for a in item.args]
-            return OPS[item.op](*args, **{k: self._evaluate(v, operands) for k, v in item.kwargs.items()})
+            args = [self._evaluate(a, operands, batch) for a in item.args]
+            return OPS[item.op](*args, **{k: self._evaluate(v, operands, batch) for k, v in item.kwargs.items()})
+        if isinstance(item, nn.Module):        # a stateless module kept whole ("module"): in the operation's mode
+            return item.train(self.training)
         if isinstance(item, (tuple, list)):
-            return type(item)(self._evaluate(a, operands) for a in item)
+            return type(item)(self._evaluate(a, operands, batch) for a in item)
         if isinstance(item, slice):
-            return slice(*(self._evaluate(a, operands) for a in (item.start, item.stop, item.step)))
+            return slice(*(self._evaluate(a, operands, batch) for a in (item.start, item.stop, item.step)))
         return item
 
     def extra_repr(self) -> str:
