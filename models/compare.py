@@ -85,6 +85,9 @@ about 9, `--seeds 0 --epochs 2 --no-report` took 45-64 s with one thread and 333
 BOOKKEEPING = ("rules", "seeds", "out", "overwrite", "report", "progress")
 """The configuration fields that do not change how a run trains: runs made with the other fields equal share
 a folder (models.runs.RunFolder)."""
+BATCH_SEEDS_HELP = ("train each rule's seeds together, as one circuit with a seed axis "
+                    "(circuits.graph.seeds.SeedBatch): the same runs as one by one up to float rounding; faster on a "
+                    "GPU, slower on a CPU (benchmarks/seeds.py)")
 
 
 @dataclass
@@ -106,9 +109,7 @@ class CompareConfig:
     overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
                                      "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
-    batch_seeds: bool = option(False, "train each rule's seeds together, as one circuit with a seed axis "
-                                      "(circuits.graph.seeds.SeedBatch): the same runs as one by one up to float "
-                                      "rounding; faster on a GPU, slower on a CPU (benchmarks/seeds.py)")
+    batch_seeds: bool = option(False, BATCH_SEEDS_HELP)
     progress: bool = True
 
     @property

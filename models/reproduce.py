@@ -128,9 +128,7 @@ class ReproduceConfig:
     overwrite: bool = option(False, "delete the runs and results in --out first (else runs done are kept and "
                                      "skipped, and runs of other settings refused)")
     report: bool = option(True, "the figures of python -m analysis report")
-    batch_seeds: bool = option(False, "train each rule's seeds together, as one circuit with a seed axis "
-                                      "(circuits.graph.seeds.SeedBatch): the same runs as one by one up to float "
-                                      "rounding; faster on a GPU, slower on a CPU (benchmarks/seeds.py)")
+    batch_seeds: bool = option(False, compare.BATCH_SEEDS_HELP)
     progress: bool = True
 
     @property

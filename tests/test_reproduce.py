@@ -402,7 +402,7 @@ def test_batched_seeds_give_the_runs_one_by_one_up_to_float_rounding(settings, m
                                                                           for s in (1111, 1112)]
     for alone, together in zip(found[False], found[True], strict=True):
         assert (alone["rule"], alone["seed"]) == (together["rule"], together["seed"])
-        assert together["top1"] == pytest.approx(alone["top1"], abs=0.11)        # at most a test image apart
+        assert together["top1"] == pytest.approx(alone["top1"], abs=0.11)        # the same images right (one: 0.2)
         for p, a in alone["final_angles"].items():
             assert together["final_angles"][p] == pytest.approx(a, abs=1e-3)
     assert found[True][0]["final_angles"] != found[True][1]["final_angles"]      # the seeds differ

@@ -173,7 +173,7 @@ class SeedBatch(nn.Module):
             in_dim = 0
         else:
             in_dim = None
-        params = {name: self.stacked[_key(name)] for name, _ in self.nets[0].named_parameters()}
+        params = {key.replace("/", "."): p for key, p in self.stacked.items()}
         buffers = {name: self.get_buffer(_key(name)) for name in self._buffer_names}
         template = self.nets[0]
 
