@@ -20,7 +20,8 @@
 #              >= 0.95 x the repeated batch); skipped like dali
 #   beside     mirror batches on a CUDA side stream give the serial run's numbers (tests/test_schedule.py, eager
 #              and compiled; needs pytest)
-#   eager      resnet50 b256 224px bf16 channels_last: every rule, and wm + a mirror batch after every
+#   eager      resnet50 b256 224px bf16 channels_last: every rule (ia also on a sampled quarter of each
+#              batch: ia-sub, InformationAlignment(sub_batch=64)), and wm + a mirror batch after every
 #              step with the noise that settles B within 5 deg, serially and beside the next forward pass
 #              (a side stream), against plain torch (benchmarks/throughput.py)
 #   compiled   torch.compile: plain torch, ss, dfa, sa, wm + mirror (5 deg) serially and beside, each profiled

@@ -10,7 +10,8 @@ over net.parameters() for every variant (under KP that includes B), on one fixed
 channels_last. "wm+mirror" adds one weight-mirror batch (circuits.mirror_step, paper eq. 7: noise
 drives every WM projection and B learns) after every learning step, under the same autocast;
 "wm+mirror-beside" runs that batch beside the next step's forward pass (circuits.phases.mirror_stream: a side
-stream on CUDA; on a CPU the same work in the same order).
+stream on CUDA; on a CPU the same work in the same order). "ia-sub" is IA whose primitives read a sampled
+quarter of each batch (InformationAlignment.sub_batch; --ia-sub-batch sets how many examples).
 
 Steps per second are timed with time.perf_counter around a block of steps (torch.cuda.synchronize
 on GPU), in rounds that interleave the variants so that drift of the machine hits all of them
@@ -55,6 +56,8 @@ BASELINE = "torch"
 MIRROR_VARIANT = "wm+mirror"
 BESIDE_VARIANT = "wm+mirror-beside"
 MIRROR_VARIANTS = (MIRROR_VARIANT, BESIDE_VARIANT)
+IA_SUB_VARIANT = "ia-sub"
+"""IA whose primitives read a sampled sub-batch (InformationAlignment.sub_batch: --ia-sub-batch, default a quarter)."""
 ARCHS = ("resnet18", "resnet50", "vit_b_16", "vit_small")
 CLASSES = 1000
 LEARNING_RATE = 0.01
@@ -69,17 +72,22 @@ class Variant:
     """One row of the table: plain torch (rule None) or a circuit under `rule`, optionally with mirror batches."""
 
     name: str
-    rule: str | None = None
+    rule: str | rules.FeedbackRule | None = None
     mirror: bool = False
     beside: bool = False     # the mirror batch runs beside the next forward (circuits.phases.mirror_stream)
 
 
-def variants(names: Sequence[str]) -> list[Variant]:
-    """The plain torch baseline, then one variant per requested rule name (or a MIRROR_VARIANTS name)."""
+def variants(names: Sequence[str], ia_sub_batch: int = 1) -> list[Variant]:
+    """The plain torch baseline, then one variant per requested rule name (or a MIRROR_VARIANTS name, or
+    IA_SUB_VARIANT: IA on `ia_sub_batch` examples of each batch)."""
     rows = [Variant(BASELINE)]
     for name in names:
         mirror = name in MIRROR_VARIANTS
-        rows.append(Variant(name, "wm" if mirror else rules.get(name).short_name, mirror, name == BESIDE_VARIANT))
+        if name == IA_SUB_VARIANT:
+            rule = rules.InformationAlignment(sub_batch=ia_sub_batch)
+        else:
+            rule = "wm" if mirror else rules.get(name).short_name
+        rows.append(Variant(name, rule, mirror, name == BESIDE_VARIANT))
     return rows
 
 
@@ -272,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rounds", type=int, default=5, help="timed blocks per variant, interleaved; ratios are paired per round"
     )
-    variants = [*rules.RULES, *MIRROR_VARIANTS]
+    variants = [*rules.RULES, *MIRROR_VARIANTS, IA_SUB_VARIANT]
     p.add_argument("--rules", nargs="+", choices=variants, default=variants,
                    help="circuit variants, each timed against plain torch")
     p.add_argument("--mirror-batch-size", type=int, default=None,
@@ -281,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror-angle", type=float, default=None,
                    help="instead, each projection draws the noise samples that settle B within this angle of W "
                         "(circuits.phases.mirror.samples_for_angle)")
+    p.add_argument("--ia-sub-batch", type=int, default=None,
+                   help=f"examples of each batch that {IA_SUB_VARIANT}'s primitives read (default: a quarter of "
+                        f"the batch)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast (falls back to float32 where it does not run) or float32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="memory format")
@@ -377,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Row]]:
     args = parse(argv)
     work = workload(args)
     x, target, dtype, described, name = work.x, work.target, work.dtype, work.described, work.device_name
-    rows = variants(args.rules)
+    rows = variants(args.rules, args.ia_sub_batch or max(1, args.batch_size // 4))
     nets = {v.name: work.place(build(v, work.model, work.input_shape)) for v in rows}
     header = (f"{args.arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {name}, {described}, "
               f"{'channels_last' if args.channels_last else 'contiguous'}, torch {torch.__version__}; "

@@ -18,7 +18,7 @@ _spec = importlib.util.spec_from_file_location("throughput", _PATH)
 throughput = sys.modules["throughput"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(throughput)
 
-ROWS = ["torch", "bp", "fa", "dfa", "ss", "kp", "ia", "wm", "wm+mirror"]
+ROWS = ["torch", "bp", "fa", "dfa", "ss", "kp", "ia", "ia-sub", "wm", "wm+mirror"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +31,7 @@ def test_smoke_prints_a_ratio_row_per_rule(capsys):
     assert "bf16 autocast" in lines[0] or "float32" in lines[0]
     assert lines[1].split() == ["variant", "eager", "steps/s", "ratio", "lowest", "highest"]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
-    assert list(rows) == ["torch", *rules.RULES, *throughput.MIRROR_VARIANTS]
+    assert list(rows) == ["torch", *rules.RULES, *throughput.MIRROR_VARIANTS, throughput.IA_SUB_VARIANT]
     assert list(results) == ["eager"]
     for name, (steps_per_s, ratio, lowest, highest) in rows.items():
         row = results["eager"][name]
@@ -87,9 +87,10 @@ def test_variants_start_from_the_same_weights_and_train_what_they_name():
         weights = {k for k in before if k.endswith("weight")}
         feedback = {k for k in before if k.endswith(".B")}
         assert weights <= changed, name                       # every W and batch-norm scale learned
-        assert bool(feedback) == (name in ("fa", "dfa", "kp", "ia", "wm", "wm+mirror")), name   # rules that store a B
+        stores_b = ("fa", "dfa", "kp", "ia", "ia-sub", "wm", "wm+mirror")
+        assert bool(feedback) == (name in stores_b), name
         # B learns by the optimizer under KP and IA, by the mirror batch under wm+mirror, never otherwise
-        assert feedback & changed == (feedback if name in ("kp", "ia", "wm+mirror") else set()), name
+        assert feedback & changed == (feedback if name in ("kp", "ia", "ia-sub", "wm+mirror") else set()), name
 
 
 def test_the_mirror_beside_learning_trains_as_the_serial_mirror():

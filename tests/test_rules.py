@@ -2,6 +2,7 @@
 rules and their special cases, imperfect feedback, and a user's own rule end to end."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -245,7 +246,62 @@ def test_each_primitive_is_the_gradient_of_its_loss(name, op, y_shape, w_shape):
     y, w = torch.randn(*y_shape, dtype=torch.float64), torch.randn(*w_shape, dtype=torch.float64)
     b = torch.randn(*w_shape, dtype=torch.float64, requires_grad=True)
     expected = torch.autograd.grad(explicit_loss(name, y, w, b, op), b)[0]
-    assert relative(rules.PRIMITIVES[name](y, w, b.detach(), op), expected) < 1e-12
+    alone = rules.LocalAlignment(((name, 1.0),), normalize=False)
+    assert relative(alone.feedback_gradient(torch.zeros_like(w), y, w, b.detach(), op), expected) < 1e-12
+
+
+OPERATORS = [(DenseOperator(), (6, 5), (4, 5)), (ConvOperator((2, 2), (1, 1)), (6, 2, 6, 6), (4, 2, 3, 3))]
+
+
+@pytest.mark.parametrize("op,y_shape,w_shape", OPERATORS)
+@pytest.mark.parametrize("rule", [rules.InformationAlignment(sub_batch=2),
+                                  rules.LocalAlignment((("amp", 0.3), ("null", 0.2), ("sparse", 0.1), ("decay", 0.4)),
+                                                       center_examples=True, center_feedback_input=True, sub_batch=2)])
+def test_a_sub_batch_estimates_the_whole_batch_without_bias(rule, op, y_shape, w_shape):
+    """sub_batch = 2 of 6 examples: averaged over all 15 draws the rule can make, B's gradient is the whole
+    batch's exactly (the batch is prepared whole, normalised by its own mean and rms, before the draw)."""
+    y = torch.randn(*y_shape, dtype=torch.float64) * 2 + 0.5
+    w, b = torch.randn(*w_shape, dtype=torch.float64), torch.randn(*w_shape, dtype=torch.float64)
+    hebbian = torch.randn_like(w)
+    by_draw = {}
+    for seed in range(200):
+        torch.manual_seed(seed)
+        grad = rule.feedback_gradient(hebbian, y, w, b, op)
+        torch.manual_seed(seed)
+        by_draw[frozenset(torch.randperm(6)[:2].tolist())] = grad
+    assert len(by_draw) == 15
+    whole = dataclasses.replace(rule, sub_batch=None).feedback_gradient(hebbian, y, w, b, op)
+    mean = torch.stack(list(by_draw.values())).mean(0)
+    assert relative(mean, whole) < 1e-13
+    assert min(relative(g, whole) for g in by_draw.values()) > 1e-3        # each draw alone is not the whole batch
+    assert rule.draws_while_learning and not dataclasses.replace(rule, sub_batch=None).draws_while_learning
+    small = y[:2]       # a batch no larger than sub_batch is used whole, with no draw
+    assert relative(rule.feedback_gradient(hebbian, small, w, b, op),
+                    dataclasses.replace(rule, sub_batch=None).feedback_gradient(hebbian, small, w, b, op)) < 1e-15
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "4"])
+def test_a_sub_batch_is_a_whole_number(bad):
+    with pytest.raises(circuits.CircuitError, match="sub_batch must be a whole number"):
+        rules.InformationAlignment(sub_batch=bad)
+
+
+def test_ia_computes_three_products_per_projection():
+    """IA's B gradient on a convolution: W y once (amp and null share it), B^T W y, and one weight-gradient product
+    for amp and null together; decay reads B alone. Counted as aten convolutions."""
+    op = ConvOperator((1, 1), (1, 1))
+    y, w = torch.randn(4, 3, 8, 8), torch.randn(5, 3, 3, 3)
+    seen: list[str] = []
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "convolution" in func.__name__:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        rules.InformationAlignment().feedback_gradient(torch.zeros_like(w), y, w, torch.randn_like(w), op)
+    assert sorted(seen) == ["convolution.default", "convolution_backward.default", "convolution_backward.default"]
 
 
 def test_kolen_pollack_is_decay_with_tie():

@@ -154,8 +154,9 @@ def test_resume_from_a_checkpoint_is_the_uninterrupted_run(digits, one_thread):
 
 def test_refusals(digits, tmp_path):
     train, _ = digits
-    with pytest.raises(circuits.CircuitError, match="draws at random in every forward"):
-        SeedBatch.build(lambda seed: mlp(sizes=(64, 10), rule="brsf").build(), SEEDS)
+    for rule in ("brsf", rules.InformationAlignment(sub_batch=4)):
+        with pytest.raises(circuits.CircuitError, match="draws at random in every learning step"):
+            SeedBatch.build(lambda seed: mlp(sizes=(64, 10), rule=rule).build(), SEEDS)
     def dropout(seed):
         return circuits.from_torch(nn.Sequential(nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, 10)),
                                    input_shape=(64,)).build()

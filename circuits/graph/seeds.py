@@ -22,8 +22,8 @@ Inputs: a batch with a seed axis, (S x batch x ...), gives each copy its own exa
 order: circuits.phases.seeds.SeedLoader); a batch without one, (batch x ...), is shown to every copy
 (evaluation on a common test set). Outputs always have the seed axis first.
 
-A rule that draws at random in the forward pass (brsf), and a circuit with Dropout, would draw one stream for
-all seeds: they are refused.
+A rule that draws at random in a learning step (brsf; ia with a sub_batch), and a circuit with Dropout, would draw
+one stream for all seeds: they are refused.
 """
 from __future__ import annotations
 
@@ -241,6 +241,6 @@ def _check_alike(nets: Sequence[CircuitNet]) -> None:
             raise CircuitError(f"SeedBatch: {name!r} is Dropout, which would draw one stream of masks for every "
                                f"seed; run these seeds one by one")
         rule = getattr(module, "rule", None)
-        if isinstance(rule, FeedbackRule) and type(rule).draw is not FeedbackRule.draw:
-            raise CircuitError(f"SeedBatch: rule {rule} of {name!r} draws at random in every forward pass, which "
+        if isinstance(rule, FeedbackRule) and rule.draws_while_learning:
+            raise CircuitError(f"SeedBatch: rule {rule} of {name!r} draws at random in every learning step, which "
                                f"would be one stream for every seed; run these seeds one by one")

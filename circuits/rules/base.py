@@ -95,6 +95,11 @@ class FeedbackRule:
         """Draw what the rule redraws once per training forward (brSF's M), before feedback() is read for it;
         nothing by default. Called only by a forward that will send an error back."""
 
+    @property
+    def draws_while_learning(self) -> bool:
+        """A learning step draws from torch's generator for this rule (brSF's M in draw(), a sampled sub-batch)."""
+        return type(self).draw is not FeedbackRule.draw
+
     def feedback(self, host: FeedbackHost) -> Tensor:
         """B as the backward pass uses it now; reading it draws nothing."""
         return host.B

@@ -5,63 +5,117 @@ them, and B descends its gradient with the optimizer's learning rate (circuits.r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..errors import CircuitError
-from .base import FeedbackRule, _finite, _rms, register
+from .base import FeedbackRule, _finite, register
 
 if TYPE_CHECKING:
     from .synapse import ConvOperator, DenseOperator
 
 
-Primitive = Callable[..., Tensor]
+class Correlation(NamedTuple):
+    """scale <post pre^T>: a Hebbian product averaged over the batch (summed over a map's positions), in B's
+    layout."""
+
+    post: Tensor
+    pre: Tensor
+    scale: float
 
 
-def _batch(y: Tensor) -> int:
-    return y.shape[0]
+@dataclass
+class Signals:
+    """What the primitives read on one batch, each product computed at most once: y (as it crosses W), y_b (as
+    it crosses B), W, B and the projection's operator."""
+
+    y: Tensor
+    y_b: Tensor
+    weight: Tensor | None
+    feedback: Tensor
+    operator: DenseOperator | ConvOperator
+    _computed: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def _once(self, name: str, compute: Callable[[], Tensor]) -> Tensor:
+        if name not in self._computed:      # (not functools.cached_property: torch.compile cannot enter its lock)
+            self._computed[name] = compute()
+        return self._computed[name]
+
+    @property
+    def response(self) -> Tensor:
+        """W y."""
+        return self._once("response", lambda: self.operator.forward(self.y, self.weight, None))
+
+    @property
+    def feedback_response(self) -> Tensor:
+        """B y_b."""
+        return self._once("feedback_response", lambda: self.operator.forward(self.y_b, self.feedback, None))
+
+    @property
+    def reconstruction(self) -> Tensor:
+        """B^T W y: y sent through W, then back through B."""
+        return self._once("reconstruction", lambda: self.operator.backward(
+            self.response, self.y, self.feedback, (True, False, False))[0])
 
 
-def _decay(y, weight, feedback, operator, y_b=None):
+Primitive = Callable[[Signals], "Tensor | Correlation"]
+
+
+def _decay(s: Signals) -> Tensor:
     """d/dB of |W|^2 + |B|^2 = 2 B."""
-    return 2 * feedback
+    return 2 * s.feedback
 
 
-def _self(y, weight, feedback, operator, y_b=None):
+def _self(s: Signals) -> Tensor:
     """d/dB of -tr(W^T B) = -W."""
-    return -weight
+    return -s.weight
 
 
-def _amp(y, weight, feedback, operator, y_b=None):
-    """d/dB of -<(W y) . (B y_b)> = -<(W y) y_b^T>: the weight mirror's Hebbian term (y_b: what crosses B, y)."""
-    y_b = y if y_b is None else y_b
-    return -operator.backward(operator.forward(y, weight, None), y_b, feedback, (False, True, False))[1] / _batch(y)
+def _amp(s: Signals) -> Correlation:
+    """d/dB of -<(W y) . (B y_b)> = -<(W y) y_b^T>: the weight mirror's Hebbian term."""
+    return Correlation(s.response, s.y_b, -1.0)
 
 
-def _sparse(y, weight, feedback, operator, y_b=None):
+def _sparse(s: Signals) -> Correlation:
     """d/dB of <|W y|^2 + |B y_b|^2> = 2 <(B y_b) y_b^T>."""
-    y_b = y if y_b is None else y_b
-    b_y = operator.forward(y_b, feedback, None)
-    return 2 * operator.backward(b_y, y_b, feedback, (False, True, False))[1] / _batch(y)
+    return Correlation(s.feedback_response, s.y_b, 2.0)
 
 
-def _null(y, weight, feedback, operator, y_b=None):
+def _null(s: Signals) -> Correlation:
     """d/dB of <|B^T W y|^2> = 2 <(W y) r^T>, r = B^T W y (the reconstruction of y through W then B)."""
-    z = operator.forward(y, weight, None)
-    r = operator.backward(z, y, feedback, (True, False, False))[0]
-    return 2 * operator.backward(z, r, feedback, (False, True, False))[1] / _batch(y)
+    return Correlation(s.response, s.reconstruction, 2.0)
 
 
 PRIMITIVES: dict[str, Primitive] = {"decay": _decay, "self": _self, "amp": _amp, "sparse": _sparse, "null": _null}
 INPUT_PRIMITIVES = ("amp", "sparse", "null")
 """The primitives that read the projection's input y (decay and self need only W and B)."""
 """Kunin et al. 2020's primitives (neuroailab/Neural-Alignment, Alignments/primitives.py), each as its
-gradient with respect to B (W's layout) on a batch y of the projection's input, averaged over the batch (summed
-over a map's positions, as their reduce_mean over axis 0 does), called (y, W, B, operator[, y_b]): y_b is the
-input as it crosses B (Kunin's backward input), y by default."""
+gradient with respect to B (W's layout), read from Signals: a tensor, or a Correlation <post pre^T> over the
+batch. Terms that share their post (amp and null share W y) cost one weight-gradient product together."""
+
+
+def _batch_mean(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """y's mean over the batch (axis 0, kept), reduced with y's other axes in memory order: the result is strided as
+    an example of y is (channels_last stays channels_last), which a CPU reduces 30 times faster."""
+    order = sorted(range(1, y.dim()), key=y.stride, reverse=True)
+    back = [0, *(1 + order.index(axis) for axis in range(1, y.dim()))]
+    return y.permute(0, *order).mean(0, keepdim=True, dtype=dtype).permute(back)
+
+
+def _normalizer(y: Tensor) -> Callable[[Tensor], Tensor]:
+    """t -> (t - m) / s in y's dtype, m the batch mean of y per unit and s the rms of y - m over the whole batch.
+
+    Two reads of y, computed in float32 at least: m, and s^2 = mean(y^2) - mean(m^2) (the batch mean of (y - m)^2
+    per unit is that of y^2 less m^2); the centred batch itself is never formed, so that a sub-batch costs only
+    its own examples."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    shift = _batch_mean(y, dtype)
+    power = torch.linalg.vector_norm(y, dtype=dtype).square() / y.numel()
+    scale = (power - shift.square().mean()).clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    return lambda t: ((t - shift) / scale).to(y.dtype)
 
 
 @dataclass(frozen=True)
@@ -84,7 +138,13 @@ class LocalAlignment(FeedbackRule):
       normalize_examples (their normalize_input): each example centred, then scaled to unit l2 norm;
       center_feedback_input (their batch_center_backward_input): the input that crosses B (in amp and sparse)
           is centred over the batch; W's side (amp's W y, null) keeps the uncentred input.
-    With normalize=False and their options, the gradient is theirs (tests/test_peers.py). Special cases
+    With normalize=False and their options, the gradient is theirs (tests/test_peers.py).
+
+    sub_batch (this project's, None by default): the input primitives average over `sub_batch` examples of each
+    learning batch, drawn uniformly without replacement from torch's generator, after the whole batch is prepared
+    as above. Every term is a mean of per-example products, so the expectation over the draw is the whole batch's
+    gradient exactly (unbiased; tests/test_rules.py averages over every possible draw), at about sub_batch / N of
+    the primitives' products. A batch of at most sub_batch examples is used whole. Special cases
     (tests/test_rules.py, normalize=False): Kolen-Pollack's B gradient is {"decay": lambda / 2} with tie; one
     mirror batch of the weight mirror is one step of {"decay": lambda_B / 2, "amp": eta_B} on white noise y
     for a dense projection (for a convolution, with amp's coefficient divided per tap by its positions).
@@ -98,6 +158,7 @@ class LocalAlignment(FeedbackRule):
     center_examples: bool = False
     normalize_examples: bool = False
     center_feedback_input: bool = False
+    sub_batch: int | None = None
 
     def __post_init__(self) -> None:
         terms = dict(self.terms)
@@ -110,6 +171,13 @@ class LocalAlignment(FeedbackRule):
         if terms.get("decay", 0) < 0:
             raise CircuitError(f"{type(self).__name__}: the decay coefficient must be >= 0, got {terms['decay']}")
         object.__setattr__(self, "terms", tuple(sorted(terms.items())))
+        if self.sub_batch is not None and (not isinstance(self.sub_batch, int) or self.sub_batch < 1):
+            raise CircuitError(f"{type(self).__name__}: sub_batch must be a whole number >= 1 (or None: the whole "
+                               f"batch), got {self.sub_batch!r}")
+
+    @property
+    def draws_while_learning(self) -> bool:
+        return self.sub_batch is not None
 
     @property
     def learns_by_gradient(self) -> bool:
@@ -119,31 +187,52 @@ class LocalAlignment(FeedbackRule):
     def saves_weight(self) -> bool:
         return any(name != "decay" for name, _ in self.terms)
 
-    def prepare_input(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(y, y_b): the input as W's side and as B's side of the primitives read it (see the class)."""
-        if self.normalize:
-            y = y - y.mean(0, keepdim=True)
-            y = y / _rms(y).clamp_min(torch.finfo(torch.float32).tiny)
-        examples = y.reshape(y.shape[0], -1)
-        if self.center_examples:
-            examples = examples - examples.mean(1, keepdim=True)
+    def prepare_input(self, y: Tensor, sample: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(y, y_b): the examples `sample` of the batch y (all of them by default) as W's side and as B's side of
+        the primitives read them (see the class); every statistic over the batch is the whole batch's."""
+        normalized = _normalizer(y) if self.normalize else (lambda t: t)
+        x = self._examples(normalized(y if sample is None else y[sample]))
+        if not self.center_feedback_input:
+            return x, x
+        whole = x if sample is None else self._examples(normalized(y))
+        return x, x - whole.mean(0, keepdim=True)
+
+    def _examples(self, x: Tensor) -> Tensor:
+        """Kunin et al.'s per-example options on prepared examples x (reduced over all axes but the batch's)."""
+        units = tuple(range(1, x.dim()))
+        if self.center_examples or self.normalize_examples:
+            x = x - x.mean(units, keepdim=True)
         if self.normalize_examples:
-            examples = examples - examples.mean(1, keepdim=True)
-            examples = examples / examples.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        y = examples.view_as(y)
-        return y, y - y.mean(0, keepdim=True) if self.center_feedback_input else y
+            x = x / torch.linalg.vector_norm(x, dim=units, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return x
 
     def feedback_gradient(self, hebbian: Tensor, y: Tensor, weight: Tensor, feedback: Tensor,
                           operator: DenseOperator | ConvOperator) -> Tensor:
         grad = hebbian if self.tie else torch.zeros_like(feedback)
         if weight is not None:      # W as stored (None if no term reads it): cast here, in backward, to B's dtype
             weight = weight.to(feedback.dtype)
-        y_b = None
+        y_b = y
         if any(name in INPUT_PRIMITIVES for name, _ in self.terms):
-            y, y_b = self.prepare_input(y)
+            sample = None
+            if self.sub_batch is not None and y.shape[0] > self.sub_batch:
+                sample = torch.randperm(y.shape[0], device=y.device)[:self.sub_batch]
+            y, y_b = self.prepare_input(y, sample)
+        signals = Signals(y, y_b, weight, feedback, operator)
+        by_post: dict[int, list[Correlation]] = {}      # by their post's identity: one product per post
         for name, c in self.terms:
-            if c:
-                grad = grad + c * PRIMITIVES[name](y, weight, feedback, operator, y_b)
+            if not c:
+                continue
+            term = PRIMITIVES[name](signals)
+            if isinstance(term, Correlation):
+                by_post.setdefault(id(term.post), []).append(term._replace(scale=c * term.scale))
+            else:
+                grad = grad + c * term
+        for first, *others in by_post.values():     # sum_i a_i <post pre_i^T> = a_1 <post (pre_1 + ...)^T>
+            pre = first.pre
+            for other in others:
+                pre = torch.add(pre, other.pre, alpha=other.scale / first.scale)
+            hebbian_product = operator.backward(first.post, pre, feedback, (False, True, False))[1]
+            grad = grad + hebbian_product * (first.scale / y.shape[0])
         return grad
 
 
