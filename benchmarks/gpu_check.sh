@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command, in priority order, each step under `timeout`, about 10 minutes on one
 # H100/H200 (15 at most; on 2026-11-27 an H200 took 9 s for env, 91 s for eager, about 50 s a compiled variant, 42 s
-# for recording, 26 s for vit; STEPS=compiled2 asks for 5 more; where DALI is installed the dali steps come first and
+# for recording, 26 s for vit, seeds unmeasured (at most 60 s); STEPS=compiled2 asks for 5 more; where DALI is installed the dali steps come first and
 # may take up to 7 minutes more, unmeasured yet: STEPS="dali dali-train" runs them alone). Writes each step's output as text (and JSON where the benchmark has it)
 # under $OUT (default runs/gpu_check), and prints the tables. Run it from the repository root
 # whenever a GPU is at hand, and put its numbers, with the GPU named, in docs/performance.md.
@@ -32,6 +32,9 @@
 #   vit        torchvision's ViT-B/16 converted by from_torch, b64 224px bf16: bp, fa, kp, wm against plain torch
 #   mirror     the same as eager, wm + a mirror batch of as many noise samples as the training batch
 #   loader     the ImageNet data pipeline on generated JPEGs, nvjpeg decode on the GPU (benchmarks/loader.py)
+#   seeds      S = 1, 3, 10 seeds of the authors' MNIST MLP batched as one circuit (SeedBatch) against one by one,
+#              bp and wm with a mirror batch after every step (benchmarks/seeds.py; issue 28's target on a CPU:
+#              3 batched seeds >= 2.5x one by one, where a GPU's launch-bound steps should gain most)
 #   compiled2  torch.compile: the rest of the rules (usf, brsf, frsf, ia); not run unless named in STEPS
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +52,8 @@ if [[ -n "${SMOKE:-}" ]]; then
     DALI_TRAIN=(--smoke)
     VIT=(--arch vit_small --batch-size 2 --image-size 28 --device cpu)
     SCALE=1
-    DEFAULT_STEPS="env dali dali-train beside eager recording vit mirror loader"     # compiling on a CPU takes minutes: STEPS=compiled asks
+    SEEDS=(--seeds 1 3 --steps 3 --device cpu)
+    DEFAULT_STEPS="env dali dali-train beside eager recording vit mirror loader seeds"     # compiling on a CPU takes minutes: STEPS=compiled asks
 else
     NET=(--arch resnet50 --batch-size 256 --image-size 224)
     TIMED=(--steps 10 --warmup 3 --rounds 5)
@@ -60,7 +64,8 @@ else
     DALI_TRAIN=(--rules bp wm --budget-s 270)
     VIT=(--arch vit_b_16 --batch-size 64 --image-size 224)
     SCALE=${SCALE:-1}
-    DEFAULT_STEPS="env dali dali-train beside eager compiled recording vit mirror loader"
+    SEEDS=(--device cuda)
+    DEFAULT_STEPS="env dali dali-train beside eager compiled recording vit mirror loader seeds"
 fi
 
 STEPS="${STEPS:-$DEFAULT_STEPS}"
@@ -117,6 +122,7 @@ step vit 90 python3 benchmarks/throughput.py "${VIT[@]}" "${TIMED_VIT[@]}" --mod
 step mirror 60 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED[@]}" --modes eager --rules wm+mirror wm+mirror-beside \
     --json "$OUT/mirror.json"
 step loader 60 python3 benchmarks/loader.py "${LOADER[@]}" --paths device
+step seeds 60 python3 benchmarks/seeds.py "${SEEDS[@]}"
 step compiled2 300 python3 benchmarks/throughput.py "${NET[@]}" "${TIMED_COMPILED[@]}" --modes compiled \
     --rules usf brsf frsf ia --json "$OUT/compiled2.json"
 echo "=== all steps done; outputs in $OUT"
