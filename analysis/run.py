@@ -22,7 +22,16 @@ import networkx as nx
 import numpy as np
 
 from circuits.graph import schema
-from circuits.recording import PHASES, TABLES, RecordingError, cut_short, open_recording, rows_within, strings
+from circuits.recording import (
+    PHASES,
+    TABLES,
+    RecordingError,
+    cut_short,
+    live_read,
+    open_recording,
+    rows_within,
+    strings,
+)
 
 
 @dataclass(frozen=True)
@@ -203,11 +212,14 @@ class Run:
                 name: self.file[path]
                 for name, path in {"tick": f"{group}/tick", "step": f"{group}/step", **columns}.items()
             }
-            if self.file.swmr_mode:
-                for ds in datasets.values():
-                    ds.refresh()
-            rows = min(rows_within(ds, short[0] if short else None) for ds in datasets.values())
-            values = {name: ds[:rows] for name, ds in datasets.items()}
+
+            def read() -> dict[str, np.ndarray]:
+                if self.file.swmr_mode:
+                    for ds in datasets.values():
+                        ds.refresh()
+                rows = min(rows_within(ds, short[0] if short else None) for ds in datasets.values())
+                return {name: ds[:rows] for name, ds in datasets.items()}
+            values = live_read(read) if self.file.swmr_mode else read()     # a live file: a chunk may be mid-write
         except (OSError, RuntimeError, KeyError) as e:    # h5py raises these for a failed HDF5 read
             why = (f"the file is cut short ({short[0]} of {short[1]} bytes: its writer was killed mid-write, or a "
                    f"write failed) and this table lies past its end" if short else "it is damaged")

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import circuits
 from circuits.recording import file as recording
+from circuits.recording import live_read
 from circuits.recording.alignment import alignment
 from circuits.recording.recorder import Recorder, RecordingError, open_recording
 from models.mlp import mlp
@@ -352,7 +353,7 @@ def killed_run(tmp_path_factory):
         while not seen or seen[-1][0] < rows_at_checkpoint + 24:
             assert writer.is_alive() and time.monotonic() < deadline, "the writer ended before it was killed"
             with open_recording(path) as f:
-                ticks = f["steps/tick"][:]
+                ticks = live_read(lambda: f["steps/tick"][:])      # a chunk may be mid-write: read again
                 seen.append((len(ticks), bool(np.array_equal(ticks, np.arange(len(ticks))))))
             time.sleep(0.02)
         alive_at_kill = writer.is_alive()
@@ -367,6 +368,22 @@ def test_a_reader_process_reads_the_growing_file(killed_run):
     rows = [n for n, _ in killed_run["seen"]]
     assert all(contiguous for _, contiguous in killed_run["seen"])
     assert rows == sorted(rows) and len(set(rows)) >= 3 and rows[-1] >= killed_run["rows_at_checkpoint"] + 24
+
+
+def test_a_live_read_tries_again_while_a_chunk_is_mid_write():
+    """A chunk its writer rewrites in place fails its checksum for a moment: read again; one that stays torn raises."""
+    failures = iter([OSError("filter returned failure during read")] * 2)
+
+    def read():
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return "rows"
+    assert live_read(read) == "rows"
+    start = time.monotonic()
+    with pytest.raises(OSError, match="filter returned failure"):
+        live_read(lambda: (_ for _ in ()).throw(OSError("filter returned failure during read")), seconds=0.3)
+    assert 0.1 < time.monotonic() - start < 1.0
 
 
 def test_sigkill_leaves_a_file_with_every_flushed_row(killed_run):

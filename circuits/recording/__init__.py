@@ -15,10 +15,11 @@ from .layout import (
                      WriterLock,
                      cut_short,
                      key,
+                     live_read,
                      open_recording,
                      rows_within,
                      strings,
 )
 
 __all__ = ["LAYOUT", "LAYOUT_VERSION", "METRICS", "PHASES", "TABLES", "RecordingError", "WriterLock", "cut_short",
-           "key", "open_recording", "rows_within", "strings"]
+           "key", "live_read", "open_recording", "rows_within", "strings"]

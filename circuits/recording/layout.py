@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import h5py
 
@@ -149,6 +149,27 @@ def rows_within(ds: h5py.Dataset, end: int | None) -> int:
         if info.byte_offset is not None and info.byte_offset + info.size <= end:
             return min(rows, first + per_chunk)
     return 0
+
+
+T = TypeVar("T")
+
+
+def live_read(read: Callable[[], T], seconds: float = 1.0) -> T:
+    """read(), again after a short wait while it fails with an OSError, for at most about `seconds`.
+
+    A reader of a file still being written (SWMR) can meet a chunk that its writer is rewriting in place: the chunk's
+    fletcher32 checksum then fails ("filter returned failure during read"), and the writer's next write makes it
+    whole. `read` should refresh what it reads (h5py's Dataset.refresh). A chunk that stays torn (its writer was
+    killed mid-write) raises the last OSError once the time is up."""
+    deadline, wait = time.monotonic() + seconds, 0.001
+    while True:
+        try:
+            return read()
+        except OSError:
+            if time.monotonic() + wait > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(2 * wait, 0.1)
 
 
 @functools.cache
