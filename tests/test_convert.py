@@ -387,12 +387,14 @@ def test_every_rule_trains_a_converted_transformer_block(rule):
 
 # --- the torchvision zoo -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,size", [("squeezenet1_0", 48), ("mobilenet_v2", 32), ("efficientnet_b0", 32),
-                                       ("densenet121", 32)])
+                                       ("densenet121", 32), ("swin_t", 32)])
 def test_torchvision_zoo_converts_exactly(arch, size):
     """Eval mode (batch-norm running statistics; dropout and stochastic depth off), float64: outputs equal torch's bit
     for bit; under bp input and parameter gradients equal autograd's up to the order of sums in a synapse's own
     backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
-    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation."""
+    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation; Swin's
+    shifted_window_attention (wrapped for fx) is traced into: its qkv and projection weights are synapses on windows
+    folded into the batch axis, its shifted windows' attention mask a constant."""
     torchvision = pytest.importorskip("torchvision")
     module = true_float64(getattr(torchvision.models, arch)(num_classes=10)).eval()
     net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
@@ -407,6 +409,20 @@ def test_torchvision_zoo_converts_exactly(arch, size):
         assert not torch.equal(net(x), net(x))           # stochastic depth and dropout follow the net's mode
     if arch == "densenet121":
         assert sum(p.junction.op == "torch.cat" for p in junctions) == 58
+    if arch == "swin_t":
+        synapses = dict(net.projections())
+        assert {"features.1.0.attn.qkv", "features.1.0.attn.proj", "features.7.1.attn.qkv"} <= set(synapses)
+        assert any(p.shape[0] == 4 for p in net.circuit.populations())     # 4 windows of 7 x 7 per example
+
+
+def test_torchvision_swin_v2_says_why_it_converts_only_in_place():
+    """Swin-V2's relative-position bias is an MLP (cpb_mlp) on a constant table: refused, naming it, before any run;
+    in_place converts it."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.swin_v2_t(num_classes=10).eval()
+    with pytest.raises(circuits.CircuitError, match=r"layer 'features.1.0.attn.cpb_mlp.0' \(Linear\) computes from "
+                                                    r"parameters and constants alone .*circuits.in_place"):
+        circuits.from_torch(module, input_shape=(3, 32, 32))
 
 
 def test_vit_b_16_converts_at_its_224_input():
@@ -736,6 +752,57 @@ def test_python_branches_on_sizes_trace_with_the_input_shape_known():
     _same_as_torch(module, torch.randn(3, 2, 6, 6, dtype=torch.float64), 1e-13, input_shape=(2, 6, 6))
     with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx"):
         circuits.from_torch(module)
+
+
+class Masked(nn.Module):
+    """torchvision Swin's attention mask: x.new_zeros(...) set slice by slice, under a branch on sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        scores = self.fc(x) @ x.transpose(1, 2)
+        n = x.shape[1]
+        if n > 2:
+            mask = x.new_zeros((n, n))
+            mask[:2, 2:] = -100.0
+            mask[2:, :2] = -100.0
+            scores = scores + mask
+        return torch.softmax(scores, -1).flatten(1)
+
+
+def test_item_assignment_on_a_new_tensor_traces_as_a_constant():
+    module = true_float64(Masked())
+    net = _same_as_torch(module, torch.randn(3, 5, 4, dtype=torch.float64), 1e-13, input_shape=(5, 4))
+    held = [t for n, t in net.named_buffers() if "set_item" in n]      # the mask, held by the operation adding it
+    assert len(held) == 1 and held[0].shape == (5, 5) and held[0][0, 3] == -100.0 and held[0][3, 3] == 0.0
+
+
+def test_item_assignment_seen_by_a_view_and_in_place_changes_of_parameters_are_refused():
+    class Viewed(Masked):
+        def forward(self, x):
+            n = x.shape[1]
+            if n > 2:
+                mask = x.new_zeros((n, n))
+                flat = mask.view(-1)
+                mask[:2, 2:] = -100.0          # flat changes too, which a graph of calls would not show
+                x = x + flat[:4]
+            return self.fc(x)
+
+    class Zeroed(Masked):
+        def forward(self, x):
+            bias = self.fc.bias.clone()
+            bias[1:2].zero_()
+            return F.linear(x, self.fc.weight, bias)
+
+    with pytest.raises(circuits.CircuitError, match=r"cannot be traced by torch.fx: .*control flow; traced with its "
+                                                    r"sizes known: item assignment on .*new_zeros.*: only a new "
+                                                    r"tensor \(x.new_zeros\(...\)\) not read since it was made"):
+        circuits.from_torch(Viewed(), input_shape=(5, 4))
+    with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* modifies in place a tensor computed from "
+                                                    r"parameters.*circuits.in_place"):
+        circuits.from_torch(Zeroed(), input_shape=(5, 4))
 
 
 def test_a_layer_that_mixes_folded_windows_is_refused():
