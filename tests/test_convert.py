@@ -750,7 +750,8 @@ def test_python_branches_on_sizes_trace_with_the_input_shape_known():
     with pytest.raises(Exception, match="control flow"):
         torch.fx.symbolic_trace(module)
     _same_as_torch(module, torch.randn(3, 2, 6, 6, dtype=torch.float64), 1e-13, input_shape=(2, 6, 6))
-    with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx"):
+    with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx: .*control flow; given input_shape, "
+                                                    "it is traced again with its sizes known"):
         circuits.from_torch(module)
 
 

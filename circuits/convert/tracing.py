@@ -332,5 +332,7 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.G
                     return fx.GraphModule(root, _Tracer(buffers, whole).trace(root, concrete_args=concrete_args))
                 except Exception as e:  # noqa: BLE001 - fx raises many kinds
                     errors.append(e)
-    raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}{sized_error}") \
+    hint = "" if input_shape is not None else \
+        "; given input_shape, it is traced again with its sizes known (Python branches on sizes)"
+    raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}{sized_error}{hint}") \
         from errors[0]
