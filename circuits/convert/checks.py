@@ -121,13 +121,14 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
 
 
 def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) -> None:
-    """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters or buffers
-    called on parameters and constants alone (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp), whose
-    synapses would have no population to learn from; a tensor method that modifies in place a tensor computed from
-    parameters (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which an operation computing that tensor would
-    not see."""
+    """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on
+    parameters and constants alone (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp), whose synapses
+    would have no population to learn from (one with buffers alone computes a constant); a tensor method that
+    modifies in place a tensor computed from parameters (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which
+    an operation computing that tensor would not see."""
     read = [u.name for u in node.users if not is_shape_read(u)]
-    if node.op == "call_module" and read and has_state(layer := traced.get_submodule(node.target)):
+    layer = traced.get_submodule(node.target) if node.op == "call_module" else None
+    if layer is not None and read and any(True for _ in layer.parameters()):
         raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}) computes from parameters and "
                            f"constants alone (not from the data), for {', '.join(read)}: its synapses would have no "
                            f"population to learn from. Convert the module with circuits.in_place (see {GUIDE})")
