@@ -416,11 +416,11 @@ def test_torchvision_zoo_converts_exactly(arch, size):
 
 
 def test_torchvision_swin_v2_says_why_it_converts_only_in_place():
-    """Swin-V2's relative-position bias is an MLP (cpb_mlp) on a constant table: refused, naming it, before any run;
-    in_place converts it."""
+    """Swin-V2's relative-position bias is an MLP (cpb_mlp) on a constant table, whose result every window shares:
+    refused before any run, naming the MLP's second layer (its first layer's result has no population)."""
     torchvision = pytest.importorskip("torchvision")
     module = torchvision.models.swin_v2_t(num_classes=10).eval()
-    with pytest.raises(circuits.CircuitError, match=r"layer 'features.1.0.attn.cpb_mlp.0' \(Linear\) computes from "
+    with pytest.raises(circuits.CircuitError, match=r"layer 'features.1.0.attn.cpb_mlp.2' \(Linear\) computes from "
                                                     r"parameters and constants alone .*circuits.in_place"):
         circuits.from_torch(module, input_shape=(3, 32, 32))
 
@@ -804,6 +804,39 @@ def test_item_assignment_seen_by_a_view_and_in_place_changes_of_parameters_are_r
     with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* modifies in place a tensor computed from "
                                                     r"parameters.*circuits.in_place"):
         circuits.from_torch(Zeroed(), input_shape=(5, 4))
+
+
+class Fourier(nn.Module):
+    """XCiT's and EdgeNeXt's positional encodings: a 1x1 convolution on a constant table of sines and cosines, its
+    result repeated over the batch (XCiT) or on the batch's rows of the table (EdgeNeXt), added to the data."""
+
+    def __init__(self, rows: bool):
+        super().__init__()
+        self.rows, self.conv = rows, nn.Conv2d(2, 3, 1)
+        self.proj, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(48, 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        grid = torch.arange(16, device=self.conv.weight.device).to(x.dtype).reshape(1, 1, 4, 4)
+        table = torch.cat((grid.sin(), grid.cos()), 1)
+        pos = self.conv(table.repeat(b, 1, 1, 1)) if self.rows else self.conv(table).repeat(b, 1, 1, 1)
+        return self.head(torch.relu(self.proj(x) + pos).flatten(1))
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_layer_on_a_constant_read_per_example_is_a_synapse_from_it(rows):
+    module = true_float64(Fourier(rows))
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    net = _same_as_torch(module, x, 1e-13, input_shape=(3, 4, 4))
+    assert "conv" in dict(net.projections())            # a synapse with its B, from the table's population
+    for rule in ("fa", "wm", "dfa"):
+        net = circuits.from_torch(module, rule=rule, input_shape=(3, 4, 4)).build()
+        before = net.get_parameter("proj.conv.weight").detach().clone()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1])).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        assert not torch.equal(net.get_parameter("proj.conv.weight"), before), rule
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
 
 
 def test_a_layer_that_mixes_folded_windows_is_refused():

@@ -121,35 +121,40 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
 
 
 def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) -> None:
-    """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on
-    parameters and constants alone (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp), whose synapses
-    would have no population to learn from (one with buffers alone computes a constant); a tensor method that
+    """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on what
+    parameters compute (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp: its second Linear), whose
+    synapses would have no population to learn from (one on a constant may convert: fx's constant_layer; one with
+    buffers alone computes a constant); a tensor method that
     modifies in place a tensor computed from parameters (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which
     an operation computing that tensor would not see."""
     read = [u.name for u in node.users if not is_shape_read(u)]
     layer = traced.get_submodule(node.target) if node.op == "call_module" else None
-    if layer is not None and read and any(True for _ in layer.parameters()):
+    if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]):
         raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}) computes from parameters and "
                            f"constants alone (not from the data), for {', '.join(read)}: its synapses would have no "
                            f"population to learn from. Convert the module with circuits.in_place (see {GUIDE})")
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and any(
-            a.op == "get_attr" and isinstance(_attribute(traced, a.target), nn.Parameter)
-            for a in _ancestors(node.args[0])):
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and \
+            from_parameters(traced, node.args[0]):
         raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) modifies in place a tensor computed "
                            f"from parameters, which an operation computing that tensor would not see. Compute it "
                            f"without in-place methods, or convert the module with circuits.in_place (see {GUIDE})")
 
 
-def _ancestors(node: Any) -> set[fx.Node]:
-    """The node and every node it is computed from."""
-    found: set[fx.Node] = set()
+def from_parameters(traced: fx.GraphModule, node: Any) -> bool:
+    """Whether `node` is computed from parameters: a parameter, or a layer holding some, among what it reads (not
+    through shape reads, dtype and device included)."""
+    seen: set[fx.Node] = set()
     todo = [node] if isinstance(node, fx.Node) else []
     while todo:
         n = todo.pop()
-        if n not in found:
-            found.add(n)
-            todo.extend(n.all_input_nodes)
-    return found
+        if n in seen or is_shape_read(n):
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and isinstance(_attribute(traced, n.target), nn.Parameter) or n.op == "call_module" \
+                and any(True for _ in traced.get_submodule(n.target).parameters()):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def refuse_dropped_branches(module: nn.Module, traced: fx.GraphModule, retrace: Callable[[], fx.GraphModule]) -> None:
