@@ -11,7 +11,8 @@ added, the others kept).
     python benchmarks/zoo.py --write                      # everything (hours on 2 CPU cores)
     python benchmarks/zoo.py --source timm --max-params 30
     python benchmarks/zoo.py --only resnet18 convnext_atto
-    python benchmarks/zoo.py --source torchvision --max-memory 21 --write
+    python benchmarks/zoo.py --source torchvision --max-memory 18 --write
+    python benchmarks/zoo.py --rows-from big.log --write    # rows printed by earlier runs, merged into the table
 """
 from __future__ import annotations
 
@@ -226,8 +227,13 @@ START, END = "<!-- zoo table -->", "<!-- end zoo table -->"
 def written() -> list[Row]:
     """The rows of docs/conversion.md's zoo table."""
     _, _, rest = GUIDE.read_text().partition(START)
+    return rows_of(rest.partition(END)[0])
+
+
+def rows_of(text: str) -> list[Row]:
+    """The rows of the zoo tables in `text` (this script's printed output, or the written table), in order."""
     rows = []
-    for line in rest.partition(END)[0].splitlines():
+    for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
         if len(cells) >= len(COLUMNS) and cells[0] in ("torchvision", "timm"):
             source, name, params, size, status, detail = cells[:len(COLUMNS)]
@@ -273,8 +279,17 @@ def main() -> None:
     p.add_argument("--max-memory", type=float, default=float("inf"),
                    help="skip models whose float64 check needs more than this many GB (memory())")
     p.add_argument("--write", action="store_true", help="write the table into docs/conversion.md")
+    p.add_argument("--rows-from", nargs="*", metavar="LOG",
+                   help="instead of checking models, read the rows of this script's printed tables in these files "
+                        "(runs of one model each: a later row of a model replaces an earlier one)")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.rows_from:
+        rows = list({(r.source, r.name): r for log in args.rows_from for r in rows_of(Path(log).read_text())}.values())
+        print(table(rows, seconds=False))
+        if args.write:
+            write(rows)
+        return
     rows = []
     for source, name in models(args.source, args.only):
         row = Row(source, name, size=size_of(name))

@@ -72,6 +72,8 @@ def test_the_zoo_merges_its_rows_into_the_written_table(tmp_path, monkeypatch):
                      "| torchvision | swin_t | 27.5M | 64 | exact | forward 0e+00 |",
                      "| timm | resnet18 | 11.2M | 32 | exact | forward 0e+00 |"]
     assert [(r.name, r.params, r.size, r.status) for r in zoo.written()][1] == ("swin_t", 27_500_000, 64, "exact")
+    printed = zoo.table([zoo.Row("timm", "test_vit", 300_000, 32, "exact", "forward 0e+00", seconds=12.0)])
+    assert zoo.rows_of(f"log\n{printed}\n") == [zoo.Row("timm", "test_vit", 300_000, 32, "exact", "forward 0e+00")]
 
 
 def test_imagenet_arch_takes_torchvision_and_timm_models_through_from_torch():
