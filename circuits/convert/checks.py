@@ -124,9 +124,8 @@ def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) ->
     """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on what
     parameters compute (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp: its second Linear), whose
     synapses would have no population to learn from (one on a constant may convert: fx's constant_layer; one with
-    buffers alone computes a constant); a tensor method that
-    modifies in place a tensor computed from parameters (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which
-    an operation computing that tensor would not see."""
+    buffers alone computes a constant); a tensor method that modifies in place a tensor computed from parameters
+    (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which an operation computing that tensor would not see."""
     read = [u.name for u in node.users if not is_shape_read(u)]
     layer = traced.get_submodule(node.target) if node.op == "call_module" else None
     if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]):

@@ -113,12 +113,12 @@ class _Walk:
             self.new_population(node, is_input=True)
         elif kind == POPULATION:
             self.population(node)
+        elif kind == LEARNED and node.op == "call_module" and self.constant_layer(node):
+            return
         elif kind == LEARNED and node.op != "get_attr" and len(node.users) > 1 and all(
                 isinstance(v, Tensor) and v.dim() and v.shape[0] == batch for v, batch in zip(self.found[node].values,
                                                                                              (2, 3), strict=True)):
             self.learned_population(node)
-        elif kind == LEARNED and node.op == "call_module" and self.constant_layer(node):
-            return
         elif kind == BUNDLE and node.op == "call_module":
             if not isinstance(self.traced.get_submodule(node.target), nn.MultiheadAttention):
                 raise CircuitError(f"layer {node.target!r} ({node.format_node()}) returns several tensors; it cannot "
@@ -332,6 +332,8 @@ class _Walk:
             return False
         a, b = self.found[constant].values
         result = self.found[node].values
+        if not a.dim() or not all(isinstance(v, Tensor) and v.dim() for v in result):
+            return False
         user = next(iter(node.users)) if len(node.users) == 1 else None
         if _rows(result[0], result[0][0], 2) and _rows(result[1], result[0][0], 3):
             per_example = node
