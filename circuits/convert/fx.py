@@ -335,6 +335,9 @@ class _Walk:
         if not a.dim() or not all(isinstance(v, Tensor) and v.dim() for v in result):
             return False
         user = next(iter(node.users)) if len(node.users) == 1 else None
+        if user is not None and not (user.op == "call_method" and user.target in ("repeat", "expand")
+                                     and user.args[0] is node):
+            user = None                         # only a copy over the batch is the result, one per example
         if _rows(result[0], result[0][0], 2) and _rows(result[1], result[0][0], 3):
             per_example = node
         elif user is not None and result[0].shape[0] == 1 and all(
