@@ -4,12 +4,15 @@ timm models across families, each at a small valid input, float64 with true floa
 For each model: the forward equals torch's, bp's input and parameter gradients equal autograd's (parameters matched
 by name), one training step under fa, kp, wm and dfa leaves finite weights that moved, and one mirror batch moves
 every B of the wm net. A model from_torch refuses is tried in place (circuits.in_place: forward equal, one fa step).
-Each row is exact / refused (the reason) / in-place fallback; the table is printed and, with --write, written into
-docs/conversion.md between its zoo markers.
+Each row is exact / refused (the reason) / in-place fallback / skipped (the reason: --max-params, --max-memory);
+the table is printed and, with --write, merged into docs/conversion.md's zoo table (each model's row replaced or
+added, the others kept).
 
     python benchmarks/zoo.py --write                      # everything (hours on 2 CPU cores)
     python benchmarks/zoo.py --source timm --max-params 30
     python benchmarks/zoo.py --only resnet18 convnext_atto
+    python benchmarks/zoo.py --source torchvision --max-memory 18 --write
+    python benchmarks/zoo.py --rows-from big.log --write    # rows printed by earlier runs, merged into the table
 """
 from __future__ import annotations
 
@@ -45,11 +48,11 @@ GhostNet, RegNet, ReXNet, DLA, DPN, DenseNet, VGG, HRNet, CSP/DarkNet, NFNet, Re
 XCiT, Mixer, ResMLP, gMLP, PoolFormer, MetaFormer, MobileViT, Swin, LeViT, CoaT, PiT, TNT, Twins, CrossViT,
 EfficientFormer, EdgeNeXt, MaxViT, CoAtNet, FastViT, RepGhost, Inception, Xception."""
 RULES = ("fa", "kp", "wm", "dfa")
-SIZES = {"inception_v3": 75, "maxvit_t": 224, "swin": 64, "crossvit": 240, "levit": 224, "tnt": 224, "twins": 224,
-         "maxvit_tiny_tf_224": 224, "coatnet": 224, "efficientformer": 224, "fastvit": 64, "coat": 224,
-         "pit": 224, "xcit": 224, "beit": 224, "eva02": 224, "vit": 32, "deit": 32, "cait": 32, "mixer": 32,
-         "resmlp": 32, "gmlp": 32, "mobilevit": 64, "hrnet": 64, "dm_nfnet": 64, "nf_": 64, "googlenet": 32,
-         "edgenext": 64, "xception": 71}
+SIZES = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224, "swin": 64, "crossvit": 240, "levit": 224, "tnt": 224,
+         "twins": 224, "maxvit_tiny_tf_224": 224, "coatnet": 224, "efficientformer": 224, "fastvit": 64, "coat": 224,
+         "pit": 224, "xcit": 224, "beit": 224, "eva02": 224, "vit": 32, "vit_h_14": 28, "deit": 32, "cait": 32,
+         "mixer": 32, "resmlp": 32, "gmlp": 32, "mobilevit": 64, "hrnet": 64, "dm_nfnet": 64, "nf_": 64,
+         "googlenet": 32, "edgenext": 64, "xception": 71}
 """Input sizes (square) that the model takes, by name prefix; models whose size is an argument are built at it."""
 DEFAULT_SIZE = 32
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "conversion.md"
@@ -135,6 +138,8 @@ def check(row: Row, make: Callable[[], nn.Module]) -> None:
         in_place(row, module, x)
         return
     forward, gradients = compare(module, net, x)
+    del net                                   # its W, B and gradients, and torch's gradients: the rules' nets fit
+    module.zero_grad(set_to_none=True)
     steps = [step(circuits.from_torch(module, rule=rule, input_shape=shape).build(), x, rule) for rule in RULES]
     exact = forward <= 1e-12 and gradients <= 1e-9
     row.status = "exact" if exact and all(steps) else "differs"
@@ -201,22 +206,59 @@ def _short(text: str) -> str:
     return text[:220] + ("..." if len(text) > 220 else "")
 
 
-def table(rows: list[Row]) -> str:
-    counts = {s: sum(r.status == s for r in rows) for s in ("exact", "in place", "refused", "differs", "error")}
+STATUSES = ("exact", "in place", "refused", "differs", "error", "skipped")
+COLUMNS = ("source", "model", "parameters", "input", "result", "detail")
+
+
+def table(rows: list[Row], seconds: bool = True) -> str:
+    """The rows as a markdown table under their counts; with `seconds`, each row's time."""
+    counts = {s: sum(r.status == s for r in rows) for s in STATUSES}
+    columns = COLUMNS + (("seconds",) if seconds else ())
     lines = [" / ".join(f"{n} {s}" for s, n in counts.items() if n), "",
-             "| source | model | parameters | input | result | detail | seconds |", "|---|---|---|---|---|---|---|"]
+             f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     lines += [f"| {r.source} | {r.name} | {r.params / 1e6:.1f}M | {r.size} | {r.status} | "
-              f"{r.detail.replace('|', '/')} | {r.seconds:.0f} |" for r in rows]
+              f"{r.detail.replace('|', '/')} |" + (f" {r.seconds:.0f} |" if seconds else "") for r in rows]
     return "\n".join(lines)
 
 
-def write(text: str) -> None:
-    """The table into docs/conversion.md between its markers."""
-    page = GUIDE.read_text()
-    start, end = "<!-- zoo table -->", "<!-- end zoo table -->"
-    before, _, rest = page.partition(start)
-    _, _, after = rest.partition(end)
-    GUIDE.write_text(f"{before}{start}\n{text}\n{end}{after}")
+START, END = "<!-- zoo table -->", "<!-- end zoo table -->"
+
+
+def written() -> list[Row]:
+    """The rows of docs/conversion.md's zoo table."""
+    _, _, rest = GUIDE.read_text().partition(START)
+    return rows_of(rest.partition(END)[0])
+
+
+def rows_of(text: str) -> list[Row]:
+    """The rows of the zoo tables in `text` (this script's printed output, or the written table), in order."""
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) >= len(COLUMNS) and cells[0] in ("torchvision", "timm"):
+            source, name, params, size, status, detail = cells[:len(COLUMNS)]
+            rows.append(Row(source, name, round(float(params.removesuffix("M")) * 1e6), int(size), status, detail))
+    return rows
+
+
+def write(rows: list[Row]) -> None:
+    """The rows into docs/conversion.md's zoo table, between its markers: each replaces the table's row of the same
+    source and model (a skipped one only another skipped one: a measurement stays until measured again), the table's
+    other rows stay (a run of --only updates its models), in the order of models()."""
+    order = {key: i for i, key in enumerate(models("all", None))}
+    merged = {(r.source, r.name): r for r in written()}
+    merged |= {(r.source, r.name): r for r in rows
+               if r.status != "skipped" or merged.get((r.source, r.name), r).status == "skipped"}
+    text = table(sorted(merged.values(), key=lambda r: order.get((r.source, r.name), len(order))), seconds=False)
+    before, _, rest = GUIDE.read_text().partition(START)
+    GUIDE.write_text(f"{before}{START}\n{text}\n{END}{rest.partition(END)[2]}")
+
+
+def memory(params: int) -> float:
+    """About how many GB a float64 check of a model with `params` parameters needs at its peak: 120 bytes a parameter
+    (15 float64 copies: torch's module, the conversion's states, a circuit's W and B, the gradients, a mirror batch),
+    and 1 GB for torch itself; measured 2.6 GB on resnet50 (23.5M), 5.0 GB on resnet101 (42.5M)."""
+    return params * 120 / 1e9 + 1
 
 
 def models(source: str, only: list[str] | None) -> list[tuple[str, str]]:
@@ -234,9 +276,20 @@ def main() -> None:
     p.add_argument("--source", choices=["all", "torchvision", "timm"], default="all")
     p.add_argument("--only", nargs="*", help="model names to check (default: all of the source)")
     p.add_argument("--max-params", type=float, default=float("inf"), help="skip models above this many millions")
+    p.add_argument("--max-memory", type=float, default=float("inf"),
+                   help="skip models whose float64 check needs more than this many GB (memory())")
     p.add_argument("--write", action="store_true", help="write the table into docs/conversion.md")
+    p.add_argument("--rows-from", nargs="*", metavar="LOG",
+                   help="instead of checking models, read the rows of this script's printed tables in these files "
+                        "(runs of one model each: a later row of a model replaces an earlier one)")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.rows_from:
+        rows = list({(r.source, r.name): r for log in args.rows_from for r in rows_of(Path(log).read_text())}.values())
+        print(table(rows, seconds=False))
+        if args.write:
+            write(rows)
+        return
     rows = []
     for source, name in models(args.source, args.only):
         row = Row(source, name, size=size_of(name))
@@ -246,6 +299,10 @@ def main() -> None:
             row.params = parameters(make)
             if row.params > args.max_params * 1e6:
                 row.status, row.detail = "skipped", f"over --max-params {args.max_params:g}M"
+            elif memory(row.params) > args.max_memory:
+                row.status, row.detail = "skipped", (
+                    f"its float64 check needs about {memory(row.params):.0f} GB (120 bytes a parameter), over "
+                    f"--max-memory {args.max_memory:g} GB")
             else:
                 try:
                     check(row, make)
@@ -254,10 +311,9 @@ def main() -> None:
         row.seconds = time.time() - start
         print(f"{source:12s} {name:34s} {row.params / 1e6:7.1f}M {row.status:9s} {row.detail}", flush=True)
         rows.append(row)
-    text = table([r for r in rows if r.status != "skipped"])
-    print(text)
+    print(table(rows))
     if args.write:
-        write(text)
+        write(rows)
 
 
 if __name__ == "__main__":

@@ -387,12 +387,14 @@ def test_every_rule_trains_a_converted_transformer_block(rule):
 
 # --- the torchvision zoo -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,size", [("squeezenet1_0", 48), ("mobilenet_v2", 32), ("efficientnet_b0", 32),
-                                       ("densenet121", 32)])
+                                       ("densenet121", 32), ("swin_t", 32)])
 def test_torchvision_zoo_converts_exactly(arch, size):
     """Eval mode (batch-norm running statistics; dropout and stochastic depth off), float64: outputs equal torch's bit
     for bit; under bp input and parameter gradients equal autograd's up to the order of sums in a synapse's own
     backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
-    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation."""
+    squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation; Swin's
+    shifted_window_attention (wrapped for fx) is traced into: its qkv and projection weights are synapses on windows
+    folded into the batch axis, its shifted windows' attention mask a constant."""
     torchvision = pytest.importorskip("torchvision")
     module = true_float64(getattr(torchvision.models, arch)(num_classes=10)).eval()
     net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
@@ -407,6 +409,20 @@ def test_torchvision_zoo_converts_exactly(arch, size):
         assert not torch.equal(net(x), net(x))           # stochastic depth and dropout follow the net's mode
     if arch == "densenet121":
         assert sum(p.junction.op == "torch.cat" for p in junctions) == 58
+    if arch == "swin_t":
+        synapses = dict(net.projections())
+        assert {"features.1.0.attn.qkv", "features.1.0.attn.proj", "features.7.1.attn.qkv"} <= set(synapses)
+        assert any(p.shape[0] == 4 for p in net.circuit.populations())     # 4 windows of 7 x 7 per example
+
+
+def test_torchvision_swin_v2_says_why_it_converts_only_in_place():
+    """Swin-V2's relative-position bias is an MLP (cpb_mlp) on a constant table, whose result every window shares:
+    refused before any run, naming the MLP's second layer (its first layer's result has no population)."""
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.swin_v2_t(num_classes=10).eval()
+    with pytest.raises(circuits.CircuitError, match=r"layer 'features.1.0.attn.cpb_mlp.2' \(Linear\) computes from "
+                                                    r"parameters and constants alone .*circuits.in_place"):
+        circuits.from_torch(module, input_shape=(3, 32, 32))
 
 
 def test_vit_b_16_converts_at_its_224_input():
@@ -734,8 +750,93 @@ def test_python_branches_on_sizes_trace_with_the_input_shape_known():
     with pytest.raises(Exception, match="control flow"):
         torch.fx.symbolic_trace(module)
     _same_as_torch(module, torch.randn(3, 2, 6, 6, dtype=torch.float64), 1e-13, input_shape=(2, 6, 6))
-    with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx"):
+    with pytest.raises(circuits.CircuitError, match="cannot be traced by torch.fx: .*control flow; given input_shape, "
+                                                    "it is traced again with its sizes known"):
         circuits.from_torch(module)
+
+
+class Masked(nn.Module):
+    """torchvision Swin's attention mask: x.new_zeros(...) set slice by slice, under a branch on sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        scores = self.fc(x) @ x.transpose(1, 2)
+        n = x.shape[1]
+        if n > 2:
+            mask = x.new_zeros((n, n))
+            mask[:2, 2:] = -100.0
+            mask[2:, :2] = -100.0
+            scores = scores + mask
+        return torch.softmax(scores, -1).flatten(1)
+
+
+def test_item_assignment_on_a_new_tensor_traces_as_a_constant():
+    module = true_float64(Masked())
+    net = _same_as_torch(module, torch.randn(3, 5, 4, dtype=torch.float64), 1e-13, input_shape=(5, 4))
+    held = [t for n, t in net.named_buffers() if "set_item" in n]      # the mask, held by the operation adding it
+    assert len(held) == 1 and held[0].shape == (5, 5) and held[0][0, 3] == -100.0 and held[0][3, 3] == 0.0
+
+
+def test_item_assignment_seen_by_a_view_and_in_place_changes_of_parameters_are_refused():
+    class Viewed(Masked):
+        def forward(self, x):
+            n = x.shape[1]
+            if n > 2:
+                mask = x.new_zeros((n, n))
+                flat = mask.view(-1)
+                mask[:2, 2:] = -100.0          # flat changes too, which a graph of calls would not show
+                x = x + flat[:4]
+            return self.fc(x)
+
+    class Zeroed(Masked):
+        def forward(self, x):
+            bias = self.fc.bias.clone()
+            bias[1:2].zero_()
+            return F.linear(x, self.fc.weight, bias)
+
+    with pytest.raises(circuits.CircuitError, match=r"cannot be traced by torch.fx: .*control flow; traced with its "
+                                                    r"sizes known: item assignment on .*new_zeros.*: only a new "
+                                                    r"tensor \(x.new_zeros\(...\)\) not read since it was made"):
+        circuits.from_torch(Viewed(), input_shape=(5, 4))
+    with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* modifies in place a tensor computed from "
+                                                    r"parameters.*circuits.in_place"):
+        circuits.from_torch(Zeroed(), input_shape=(5, 4))
+
+
+class Fourier(nn.Module):
+    """XCiT's and EdgeNeXt's positional encodings: a 1x1 convolution on a constant table of sines and cosines, its
+    result repeated over the batch (XCiT) or on the batch's rows of the table (EdgeNeXt), added to the data."""
+
+    def __init__(self, rows: bool):
+        super().__init__()
+        self.rows, self.conv = rows, nn.Conv2d(2, 3, 1)
+        self.proj, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(48, 2)
+
+    def forward(self, x):
+        b = x.shape[0]
+        grid = torch.arange(16, device=self.conv.weight.device).to(x.dtype).reshape(1, 1, 4, 4)
+        table = torch.cat((grid.sin(), grid.cos()), 1)
+        pos = self.conv(table.repeat(b, 1, 1, 1)) if self.rows else self.conv(table).repeat(b, 1, 1, 1)
+        return self.head(torch.relu(self.proj(x) + pos).flatten(1))
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_layer_on_a_constant_read_per_example_is_a_synapse_from_it(rows):
+    module = true_float64(Fourier(rows))
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    net = _same_as_torch(module, x, 1e-13, input_shape=(3, 4, 4))
+    assert "conv" in dict(net.projections())            # a synapse with its B, from the table's population
+    for rule in ("fa", "wm", "dfa"):
+        net = circuits.from_torch(module, rule=rule, input_shape=(3, 4, 4)).build()
+        before = net.get_parameter("proj.conv.weight").detach().clone()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1])).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        assert not torch.equal(net.get_parameter("proj.conv.weight"), before), rule
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
 
 
 def test_a_layer_that_mixes_folded_windows_is_refused():

@@ -54,6 +54,28 @@ def test_the_zoo_reports_a_refusal_with_its_reason_and_the_in_place_fallback():
     assert table.startswith("1 in place") and "| timm | test_nfnet | 0.2M | 32 | in place |" in table
 
 
+def test_the_zoo_merges_its_rows_into_the_written_table(tmp_path, monkeypatch):
+    """--write replaces the rows of the models it ran and keeps the others, in the zoo's order; a skipped row does
+    not replace a measured one."""
+    page = tmp_path / "conversion.md"
+    page.write_text("intro\n<!-- zoo table -->\n1 exact / 1 in place\n\n| source | model | parameters | input | result "
+                    "| detail |\n|---|---|---|---|---|---|\n| timm | resnet18 | 11.2M | 32 | exact | forward 0e+00 |\n"
+                    "| torchvision | swin_t | 27.5M | 64 | in place | wrapped |\n<!-- end zoo table -->\nafter\n")
+    monkeypatch.setattr(zoo, "GUIDE", page)
+    zoo.write([zoo.Row("torchvision", "swin_t", 27_500_000, 64, "exact", "forward 0e+00"),
+               zoo.Row("timm", "resnet18", 11_200_000, 32, "skipped", "over --max-params 1M"),
+               zoo.Row("torchvision", "alexnet", 57_000_000, 32, "skipped", "over --max-params 30M")])
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- zoo table -->\n2 exact / 1 skipped\n") and text.endswith("-->\nafter\n")
+    lines = [line for line in text.splitlines() if line.startswith(("| torchvision", "| timm"))]
+    assert lines == ["| torchvision | alexnet | 57.0M | 32 | skipped | over --max-params 30M |",
+                     "| torchvision | swin_t | 27.5M | 64 | exact | forward 0e+00 |",
+                     "| timm | resnet18 | 11.2M | 32 | exact | forward 0e+00 |"]
+    assert [(r.name, r.params, r.size, r.status) for r in zoo.written()][1] == ("swin_t", 27_500_000, 64, "exact")
+    printed = zoo.table([zoo.Row("timm", "test_vit", 300_000, 32, "exact", "forward 0e+00", seconds=12.0)])
+    assert zoo.rows_of(f"log\n{printed}\n") == [zoo.Row("timm", "test_vit", 300_000, 32, "exact", "forward 0e+00")]
+
+
 def test_imagenet_arch_takes_torchvision_and_timm_models_through_from_torch():
     circuit = imagenet_recipe.architecture("mobilenet_v3_small")(classes=3, input_shape=(3, 32, 32),
                                                                  rule=rules.get("fa"))

@@ -2,7 +2,8 @@
 and calls on the data that no circuit part computes. Each refusal says why and what to do (docs/conversion.md).
 
 A node depends on the data when it reads the input through anything but a shape read (x.size(), x.shape,
-x.dim(), x.dtype): such a node becomes a population, so its call must be one the walk converts.
+x.dim(), x.dtype) or a new tensor's dtype and device (x.new_zeros(sizes)): such a node becomes a population, so its
+call must be one the walk converts.
 """
 from __future__ import annotations
 
@@ -26,12 +27,21 @@ SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.c
 GUIDE = "docs/conversion.md"
 _SHAPE_OF_SECOND = {"reshape_as", "view_as", "expand_as", "type_as"}
 """Methods that read only the shape or dtype of their second argument."""
+NEW_TENSORS = {"new_zeros", "new_ones", "new_full"}
+"""Tensor methods that make a new tensor, reading only their tensor's dtype and device."""
 
 
 def is_shape_read(node: fx.Node) -> bool:
     """x.size(), x.dim(), x.shape, x.ndim, x.dtype, x.device: a plain value, not a population."""
     return (node.op, node.target) in SHAPE_READS and (node.target != getattr or node.args[1] in ("shape", "ndim",
                                                                                                   "dtype", "device"))
+
+
+def is_new_tensor(node: fx.Node, data: set[fx.Node]) -> bool:
+    """x.new_zeros(sizes), x.new_ones, x.new_full whose sizes and fill do not follow the data (`data`): a tensor
+    that reads only x's dtype and device, a constant (torchvision Swin's attention mask starts so)."""
+    return node.op == "call_method" and node.target in NEW_TENSORS and not any(
+        a in data for a in node.all_input_nodes if a is not node.args[0])
 
 
 def tied_parameters(module: nn.Module) -> list[list[str]]:
@@ -62,11 +72,12 @@ def has_state(layer: nn.Module) -> bool:
 
 def data_nodes(traced: fx.GraphModule) -> set[fx.Node]:
     """The nodes that depend on the data: reached from an input (a placeholder not fixed at its default) other than
-    through shape reads."""
+    through shape reads and new tensors (is_new_tensor)."""
     found: set[fx.Node] = set()
     for node in traced.graph.nodes:
-        if (node.op == "placeholder" and not node.args) or (not is_shape_read(node) and node.op != "output"
-                                        and any(a in found for a in node.all_input_nodes)):
+        if (node.op == "placeholder" and not node.args) or (
+                not is_shape_read(node) and not is_new_tensor(node, found) and node.op != "output"
+                and any(a in found for a in node.all_input_nodes)):
             found.add(node)
     return found
 
@@ -82,6 +93,8 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
             if len(users) > 1:
                 raise CircuitError(f"{name}: parameter {node.target!r} is read by {len(users)} calls "
                                    f"({', '.join(u.name for u in users)}): shared weights. {_SHARED}")
+        if node not in data:
+            _refuse_from_parameters(traced, node, name)
         if node not in data or node.op in ("placeholder", "get_attr"):
             continue
         if node.op == "call_module":
@@ -105,6 +118,42 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
                                f"circuit part computes: operations call only the torch functions listed in "
                                f"circuits.graph.operations.OPS. Write it with those, or convert the module with "
                                f"circuits.in_place, which keeps the module's own forward (see {GUIDE})")
+
+
+def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) -> None:
+    """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on what
+    parameters compute (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp: its second Linear), whose
+    synapses would have no population to learn from (one on a constant may convert: fx's constant_layer; one with
+    buffers alone computes a constant); a tensor method that modifies in place a tensor computed from parameters
+    (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which an operation computing that tensor would not see."""
+    read = [u.name for u in node.users if not is_shape_read(u)]
+    layer = traced.get_submodule(node.target) if node.op == "call_module" else None
+    if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]):
+        raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}) computes from parameters and "
+                           f"constants alone (not from the data), for {', '.join(read)}: its synapses would have no "
+                           f"population to learn from. Convert the module with circuits.in_place (see {GUIDE})")
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") and \
+            from_parameters(traced, node.args[0]):
+        raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) modifies in place a tensor computed "
+                           f"from parameters, which an operation computing that tensor would not see. Compute it "
+                           f"without in-place methods, or convert the module with circuits.in_place (see {GUIDE})")
+
+
+def from_parameters(traced: fx.GraphModule, node: Any) -> bool:
+    """Whether `node` is computed from parameters: a parameter, or a layer holding some, among what it reads (not
+    through shape reads, dtype and device included)."""
+    seen: set[fx.Node] = set()
+    todo = [node] if isinstance(node, fx.Node) else []
+    while todo:
+        n = todo.pop()
+        if n in seen or is_shape_read(n):
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and isinstance(_attribute(traced, n.target), nn.Parameter) or n.op == "call_module" \
+                and any(True for _ in traced.get_submodule(n.target).parameters()):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
 
 
 def refuse_dropped_branches(module: nn.Module, traced: fx.GraphModule, retrace: Callable[[], fx.GraphModule]) -> None:

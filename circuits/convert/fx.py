@@ -31,7 +31,7 @@ from .. import rules
 from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
-from ..graph.operations import SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
+from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
 from . import checks, layers
 from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple
 from .layers import CALL_SETTINGS, attention, call_activation, call_projection, module_activation, synaptic_call
@@ -43,6 +43,12 @@ from .tracing import trace
 def _argument(node: fx.Node, position: int, name: str) -> Any:
     """A call's argument by position or keyword (None if not given)."""
     return node.args[position] if len(node.args) > position else node.kwargs.get(name)
+
+
+def _rows(value: Any, row: Tensor, count: int) -> bool:
+    """Whether `value` is a tensor of `count` rows, each equal to `row`."""
+    return isinstance(value, Tensor) and value.shape == (count, *row.shape) and all(torch.equal(r, row)
+                                                                                  for r in value)
 
 
 def _settings(node: fx.Node) -> dict[str, Any]:
@@ -99,12 +105,16 @@ class _Walk:
 
     def visit(self, node: fx.Node) -> None:
         kind = self.found[node].kind
+        if node in self.pop_of:
+            return                              # made by an earlier node's conversion (constant_layer)
         if node.op == "output":
             self.returns = self.returned(node, node.args[0])
         elif kind == POPULATION and node.op == "placeholder":
             self.new_population(node, is_input=True)
         elif kind == POPULATION:
             self.population(node)
+        elif kind == LEARNED and node.op == "call_module" and self.constant_layer(node):
+            return
         elif kind == LEARNED and node.op != "get_attr" and len(node.users) > 1 and all(
                 isinstance(v, Tensor) and v.dim() and v.shape[0] == batch for v, batch in zip(self.found[node].values,
                                                                                              (2, 3), strict=True)):
@@ -308,6 +318,48 @@ class _Walk:
                                     input=False, junction=None, operands=None)
         self.pop_of[node] = node.name
         self.connect(self.pop_of[first], node.name, operation)
+
+    def constant_layer(self, node: fx.Node) -> bool:
+        """A layer on a constant that is the same for every example, read one per example (XCiT's and EdgeNeXt's
+        Fourier positional encodings: a 1x1 convolution on a table of sines and cosines): the constant has the
+        batch's rows, all alike, and so has the layer's result; or the constant has one row and the layer's result
+        is repeated or expanded over the batch by its one user (each of whose rows is the result's row). The
+        constant's row becomes a population, driven from the input by an operation holding it, and the layer a
+        synapse from it with its B (whose error reaches no parameter), so that its weight learns under the rule as
+        any synapse's. Whether it converted so."""
+        constant = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(constant, fx.Node) or self.found[constant].kind != CONSTANT:
+            return False
+        a, b = self.found[constant].values
+        result = self.found[node].values
+        if not a.dim() or not all(isinstance(v, Tensor) and v.dim() for v in result):
+            return False
+        user = next(iter(node.users)) if len(node.users) == 1 else None
+        if user is not None and not (user.op == "call_method" and user.target in ("repeat", "expand")
+                                     and user.args[0] is node):
+            user = None                         # only a copy over the batch is the result, one per example
+        if _rows(result[0], result[0][0], 2) and _rows(result[1], result[0][0], 3):
+            per_example = node
+        elif user is not None and result[0].shape[0] == 1 and all(
+                _rows(v, result[0][0], n) for v, n in zip(self.found[user].values, (2, 3), strict=True)):
+            per_example = user
+        else:
+            return False
+        if not (_rows(a, a[0], len(a)) and _rows(b, a[0], len(b))):
+            return False
+        self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+        first = next(n for n in self.traced.graph.nodes if n.op == "placeholder" and n in self.pop_of)
+        row = a[0]
+        spec = dict(activation="identity", input=False, junction=None, operands=None)
+        if constant.name not in self.pops:                    # one population for a table that several layers read
+            self.pops[constant.name] = dict(spec, shape=tuple(row.shape))
+            self.connect(self.pop_of[first], constant.name, Operation(
+                ".expand", (Held(constant.name), BATCH, *(-1,) * row.dim()), state={constant.name: row.unsqueeze(0)}))
+        self.pops[per_example.name] = dict(spec, shape=tuple(self.found[per_example].values[0].shape[1:]))
+        self.pop_of[per_example] = per_example.name
+        layer = self.traced.get_submodule(node.target)
+        self.connect(constant.name, per_example.name, layer_projection(layer, node.target), node.target)
+        return True
 
     def synaptic_call(self, node: fx.Node) -> None:
         """F.linear / F.conv1d / F.conv2d / F.conv_transpose2d with a module's own weight (and bias): a synaptic

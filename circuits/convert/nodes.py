@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import CircuitError
 from ..graph.operations import BATCH, Batch
-from .checks import is_shape_read
+from .checks import is_new_tensor, is_shape_read
 from .tracing import evaluating, slow_attention
 
 POPULATION, BUNDLE, VALUE, CONSTANT, LEARNED = "population", "bundle", "value", "constant", "learned"
@@ -49,6 +49,8 @@ class Run(fx.Interpreter):
             kind = LEARNED if isinstance(out, nn.Parameter) else CONSTANT if isinstance(out, Tensor) else VALUE
         elif is_shape_read(n):
             kind = VALUE
+        elif is_new_tensor(n, {m for m in n.all_input_nodes if self.found[m].kind in (POPULATION, BUNDLE)}):
+            kind = CONSTANT
         elif kinds & {POPULATION, BUNDLE} and out is not None:     # None: attention weights not computed
             kind = POPULATION if isinstance(out, Tensor) else BUNDLE if holds_tensor(out) else None
             if kind is None:

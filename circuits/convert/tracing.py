@@ -27,6 +27,7 @@ from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from ..errors import CircuitError
 from ..graph.operations import register_function
+from .checks import NEW_TENSORS
 from .layers import LAYERS, is_activation
 
 
@@ -79,18 +80,52 @@ def _timm_drop_path() -> tuple[Callable[..., Any], ...]:
     return (drop_path,)
 
 
+def torchvision_traced_into() -> tuple[Callable[..., Any], ...]:
+    """The functions torchvision wraps for fx (torch.fx.wrap) that tracing goes into, where torchvision is imported:
+    its Swin's shifted_window_attention (the qkv and projection weights then become F.linear calls, synapses, on
+    windows folded into the batch axis), _patch_merging_pad and _get_relative_position_bias. Kept whole, each would be
+    one call no circuit part computes. Their bodies branch on sizes, so they trace with sizes known (input_shape)."""
+    if "torchvision" not in sys.modules:
+        return ()
+    try:
+        from torchvision.models import swin_transformer as swin
+    except ImportError:
+        return ()
+    return swin.shifted_window_attention, swin._patch_merging_pad, swin._get_relative_position_bias
+
+
 class _Tracer(fx.Tracer):
     """fx tracing that keeps nn.MultiheadAttention whole (its forward branches on its inputs) and traces into
     nn.TransformerEncoderLayer; with `buffers`, reads buffers as graph nodes, so that slicing one by a size
     (nanoGPT's causal mask) traces. With `whole`: its functions are one call each, and each of its modules is one
     layer call where fx cannot trace into it on its own (a module of its classes that traces stays traced into:
-    timm's BatchNormAct2d)."""
+    timm's BatchNormAct2d). The functions torchvision wraps for fx that torchvision_traced_into names are traced
+    into."""
 
     def __init__(self, buffers: bool, whole: Whole | None = None) -> None:
         super().__init__(autowrap_functions=(whole.functions if whole else ()) + _timm_drop_path())
         self.proxy_buffer_attributes = buffers
         self.whole = whole
         self.untraceable: dict[nn.Module, bool] = {}
+        self.traced_into = torchvision_traced_into()      # read before tracing, which patches them
+        self.bodies: list[fx.Node] = []
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any, **more: Any) -> Any:
+        """fx's proxy; a call of a function torchvision wraps for fx that tracing goes into (torchvision_traced_into)
+        is instead that function run on the proxies, so that its body is traced."""
+        if kind == "call_function" and target in self.traced_into:
+            made = target(*args, **kwargs)
+            self.bodies.append(made.node)
+            return made
+        return super().create_proxy(kind, target, args, kwargs, *rest, **more)
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """fx's graph; the last node of each body traced into is not marked as a wrapped call (fx marks what the
+        wrapper's create_proxy returns)."""
+        graph = super().trace(root, concrete_args)
+        for node in self.bodies:
+            node.meta.pop("is_wrapped", None)
+        return graph
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
@@ -173,6 +208,13 @@ def slow_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def set_item(tensor: Tensor, key: Any, value: Any) -> Tensor:
+    """A copy of `tensor` with tensor[key] = value: item assignment as a call (_SizedProxy.__setitem__)."""
+    copied = tensor.clone()
+    copied[key] = value
+    return copied
+
+
 class _SizedProxy(MetaProxy):
     """A proxy that knows its tensor's shape (on the meta device), so that Python branches on sizes trace: its sizes
     are numbers, except the leading axis of a tensor computed from the input where it is a multiple of the batch's
@@ -190,6 +232,19 @@ class _SizedProxy(MetaProxy):
     @property
     def shape(self) -> Any:
         return self.size()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """x[key] = value on a new tensor not read since it was made (torchvision Swin's attention mask,
+        x.new_zeros(...) set by slices): recorded as set_item, which returns a copy with the item set, and this proxy
+        then stands for that copy. Elsewhere a view of the tensor, or the tensor a view was taken of, would change
+        too, which a graph of calls does not show: refused."""
+        node = self.node
+        fresh = node.op == "call_method" and node.target in NEW_TENSORS or node.target is set_item
+        if not fresh or node.users:
+            raise TypeError(f"item assignment on {node.format_node()}: only a new tensor (x.new_zeros(...)) not read "
+                            f"since it was made can be assigned to while tracing")
+        made = self.tracer.create_proxy("call_function", set_item, (self, key, value), {})
+        self.node, self._tensor_meta = made.node, made.__dict__.get("_tensor_meta")
 
     def _leading(self, meta: Tensor) -> Any:
         if self.node not in self.tracer.data or meta.shape[0] % self.tracer.batch:
@@ -254,12 +309,14 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.G
     """fx's graph of the module: traced with buffers as tensors, else as graph nodes, else with its optional
     arguments fixed at their defaults (nn.TransformerEncoderLayer's masks and is_causal); if none traces, given one
     example's `input_shape`, with its sizes known (_sized_trace: Python branches on sizes); then with what timm keeps
-    whole (timm_whole), where timm is installed (_ways). The error is plain fx's."""
+    whole (timm_whole), where timm is installed (_ways). The error is plain fx's, and the one tracing with sizes known
+    met."""
     root = _Layer(module) if isinstance(module, LAYERS) or is_activation(module) else \
         _Encoder(module) if isinstance(module, nn.TransformerEncoder) else module
     optional = list(inspect.signature(root.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in optional if p.default is not inspect.Parameter.empty}
     errors = []
+    sized_error = ""
     ways = ((False, None), (True, None), (False, concrete))
     with slow_attention():
         for whole, sized in _ways(input_shape):
@@ -268,10 +325,14 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.G
                     return fx.GraphModule(root, _sized_trace(root, whole, tuple(input_shape)))
                 except Exception as e:  # noqa: BLE001 - fx raises many kinds
                     errors.append(e)
+                    sized_error = f"; traced with its sizes known: {e}"
                 continue
             for buffers, concrete_args in ways:
                 try:
                     return fx.GraphModule(root, _Tracer(buffers, whole).trace(root, concrete_args=concrete_args))
                 except Exception as e:  # noqa: BLE001 - fx raises many kinds
                     errors.append(e)
-    raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}") from errors[0]
+    hint = "" if input_shape is not None else \
+        "; given input_shape, it is traced again with its sizes known (Python branches on sizes)"
+    raise CircuitError(f"{type(module).__name__} cannot be traced by torch.fx: {errors[0]}{sized_error}{hint}") \
+        from errors[0]
