@@ -17,7 +17,7 @@ from models.mlp import mlp
 
 SEEDS = (11, 12, 13)
 RULES = {"bp": "bp", "fa": "fa", "ss": "ss", "dfa": "dfa", "kp": rules.KolenPollack(decay=0.01),
-         "wm": rules.WeightMirror(eta=0.05, decay=0.05)}
+         "wm": rules.WeightMirror(eta=0.05, decay=0.05), "ia": "ia"}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_refusals(digits, tmp_path):
         SeedLoader([loader(train, 1), torch.utils.data.DataLoader(train, batch_size=32)])
 
 
-@pytest.mark.parametrize("rule", ["fa", "wm", "dfa"])
+@pytest.mark.parametrize("rule", ["fa", "wm", "dfa", "ia"])
 def test_convolutions_and_batch_norm_batch_too(rule, one_thread):
     """A converted convnet with batch norm: two learning steps and mirror batches both ways, then evaluation:
     every parameter, running statistic and output of copy s is seed s's alone (float64, 1e-12)."""
