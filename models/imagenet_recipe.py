@@ -61,7 +61,7 @@ REFERENCE_BATCH = 256        # the batch at which lr = 0.1 (He et al. 2016; Goya
 _WM = rules.WeightMirror()
 
 
-WM, KP = "weight mirror (--rule wm)", "Kolen-Pollack (--rule kp)"
+WM, KP, IA = "weight mirror (--rule wm)", "Kolen-Pollack (--rule kp)", "Kunin et al.'s IA (--rule ia)"
 
 
 @dataclass
@@ -118,6 +118,10 @@ class Recipe:
                                  group=WM)
     kp_decay: float = option(0.0, "decay of W and B beyond --weight-decay, which already applies to both",
                              type=NON_NEGATIVE, group=KP)
+    ia_sub_batch: int | None = option(None, "examples of each per-process batch that IA's primitives read, drawn at "
+                                            "random (InformationAlignment.sub_batch: an unbiased estimate of B's "
+                                            "gradient at about that fraction of its cost); None: the whole batch",
+                                      type=POSITIVE_INT, group=IA)
 
     @property
     def checkpoint_key(self) -> dict[str, Any]:
@@ -200,7 +204,8 @@ def feedback_rule(recipe: Recipe) -> rules.FeedbackRule:
     """The rule named by the recipe, with its parameters."""
     return rules.get(recipe.rule, {"kp": {"decay": recipe.kp_decay},
                                    "wm": {"sigma": recipe.wm_sigma, "eta": recipe.wm_eta, "decay": recipe.wm_decay,
-                                          "noise": recipe.wm_noise}})
+                                          "noise": recipe.wm_noise},
+                                   "ia": {"sub_batch": recipe.ia_sub_batch}})
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> LRScheduler:

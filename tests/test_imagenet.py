@@ -65,10 +65,11 @@ def kp_contraction(steps: int, lr: float, momentum: float, decay: float) -> floa
     return d
 
 
-@pytest.mark.parametrize("rule", ["bp", "fa", "ss", "kp", "wm"])
+@pytest.mark.parametrize("rule", ["bp", "fa", "ss", "kp", "wm", "ia"])
 def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
     extra = {
         "kp": ["--weight-decay", "0.05", "--kp-decay", "0.05"],
+        "ia": ["--ia-sub-batch", "2"],
         "wm": ["--mirror-warmup", "20", "--probe-every", "2"],
     }
     trainer = run(folder, tmp_path / rule, "--rule", rule, "--epochs", "1", *extra.get(rule, []))
@@ -88,6 +89,8 @@ def test_every_rule_trains_a_few_steps(folder, tmp_path, rule):
             ), name
         if rule == "wm":    # B learned from noise alone, toward W
             assert angle(synapse.B, synapse.weight) < angle(before.B, before.weight) - 5, name
+        if rule == "ia":    # B learned by the optimizer, from a sub-batch of 2
+            assert synapse.rule.sub_batch == 2 and not torch.equal(synapse.B, before.B), name
     assert rule != "kp" or shrink < 0.96        # a visible contraction, far beyond atol
     assert rule != "wm" or trainer.progress.tick == 20 + 2 * 4              # warm-up + one mirror batch per step
     with open_recording(tmp_path / rule / "run.h5") as f:                  # recorded on the way
