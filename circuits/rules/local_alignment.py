@@ -130,7 +130,8 @@ class LocalAlignment(FeedbackRule):
 
     How y is prepared, before the primitives read it:
       normalize (this project's, the default):  y <- (y - batch mean) / rms(y - batch mean), the rms over the
-          whole batch in y's dtype, so that y has unit variance per unit, as the weight mirror's noise does,
+          whole batch (computed in float32 at least, applied in y's dtype), so that y has unit variance per unit,
+          as the weight mirror's noise does,
           and a coefficient means the same in every layer. Not an option of Kunin et al.'s code.
       Kunin et al.'s options (neuroailab/Neural-Alignment, Alignments/alignment.py, AlignmentBase; all off
       there by default), applied in their order, after `normalize`:
