@@ -312,12 +312,16 @@ class _Walk:
         held: dict[str, Tensor] = {}
         learned: list[str] = []
         call = self.template(node, node, operands, held, learned)
-        first = next(n for n in self.traced.graph.nodes if n.op == "placeholder" and n in self.pop_of)
         operation = Operation(call.op, call.args, call.kwargs, learned=tuple(learned), state=held or None)
-        self.pops[node.name] = dict(shape=tuple(self.found[node].values[0].shape[1:]), activation="identity",
-                                    input=False, junction=None, operands=None)
+        self.driven_from_input(node.name, tuple(self.found[node].values[0].shape[1:]), operation)
         self.pop_of[node] = node.name
-        self.connect(self.pop_of[first], node.name, operation)
+
+    def driven_from_input(self, name: str, shape: tuple[int, ...], operation: Operation) -> None:
+        """A population `name` that reads no data, driven from the circuit's first input by `operation` (which
+        reads the input's batch size only)."""
+        first = next(n for n in self.traced.graph.nodes if n.op == "placeholder" and n in self.pop_of)
+        self.pops[name] = dict(shape=shape, activation="identity", input=False, junction=None, operands=None)
+        self.connect(self.pop_of[first], name, operation)
 
     def constant_layer(self, node: fx.Node) -> bool:
         """A layer on a constant that is the same for every example, read one per example (XCiT's and EdgeNeXt's
@@ -348,14 +352,12 @@ class _Walk:
         if not (_rows(a, a[0], len(a)) and _rows(b, a[0], len(b))):
             return False
         self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
-        first = next(n for n in self.traced.graph.nodes if n.op == "placeholder" and n in self.pop_of)
         row = a[0]
-        spec = dict(activation="identity", input=False, junction=None, operands=None)
         if constant.name not in self.pops:                    # one population for a table that several layers read
-            self.pops[constant.name] = dict(spec, shape=tuple(row.shape))
-            self.connect(self.pop_of[first], constant.name, Operation(
+            self.driven_from_input(constant.name, tuple(row.shape), Operation(
                 ".expand", (Held(constant.name), BATCH, *(-1,) * row.dim()), state={constant.name: row.unsqueeze(0)}))
-        self.pops[per_example.name] = dict(spec, shape=tuple(self.found[per_example].values[0].shape[1:]))
+        self.pops[per_example.name] = dict(shape=tuple(self.found[per_example].values[0].shape[1:]),
+                                           activation="identity", input=False, junction=None, operands=None)
         self.pop_of[per_example] = per_example.name
         layer = self.traced.get_submodule(node.target)
         self.connect(constant.name, per_example.name, layer_projection(layer, node.target), node.target)
