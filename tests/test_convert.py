@@ -387,18 +387,26 @@ def test_every_rule_trains_a_converted_transformer_block(rule):
 
 # --- the torchvision zoo -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,size", [("squeezenet1_0", 48), ("mobilenet_v2", 32), ("efficientnet_b0", 32),
-                                       ("densenet121", 32), ("swin_t", 32)])
+                                       ("densenet121", 32), ("swin_t", 32), ("swin_v2_t", 32)])
 def test_torchvision_zoo_converts_exactly(arch, size):
     """Eval mode (batch-norm running statistics; dropout and stochastic depth off), float64: outputs equal torch's bit
     for bit; under bp input and parameter gradients equal autograd's up to the order of sums in a synapse's own
     backward (1e-10 relative). MobileNet's and DenseNet's concatenations are junctions, EfficientNet's
     squeeze-and-excitation a product junction with a sigmoid population, its stochastic depth an operation; Swin's
     shifted_window_attention (wrapped for fx) is traced into: its qkv and projection weights are synapses on windows
-    folded into the batch axis, its shifted windows' attention mask a constant."""
+    folded into the batch axis, its shifted windows' attention mask a constant. Swin-V2's relative-position MLP
+    (cpb_mlp) on a constant table, computed once for the batch, is a chain of synapses between shared populations
+    (each example computes the table's bias), and its qkv bias, a clone with the key part zeroed in place, a copy
+    (set_item), added after the synapse's product (torch adds it inside its product: equal to rounding); its biases
+    are drawn, so that the zeroed part matters."""
     torchvision = pytest.importorskip("torchvision")
     module = true_float64(getattr(torchvision.models, arch)(num_classes=10)).eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("qkv.bias"):
+                p.normal_(generator=torch.Generator().manual_seed(1))
     net = _same_as_torch(module, torch.randn(2, 3, size, size, dtype=torch.float64), 1e-10,
-                         input_shape=(3, size, size))
+                         1e-13 if arch == "swin_v2_t" else 0.0, input_shape=(3, size, size))
     assert sum(p.numel() for p in net.forward_parameters()) == sum(p.numel() for p in module.parameters())
     junctions = [p for p in net.circuit.populations() if p.junction is not None]
     if arch == "efficientnet_b0":
@@ -413,16 +421,11 @@ def test_torchvision_zoo_converts_exactly(arch, size):
         synapses = dict(net.projections())
         assert {"features.1.0.attn.qkv", "features.1.0.attn.proj", "features.7.1.attn.qkv"} <= set(synapses)
         assert any(p.shape[0] == 4 for p in net.circuit.populations())     # 4 windows of 7 x 7 per example
-
-
-def test_torchvision_swin_v2_says_why_it_converts_only_in_place():
-    """Swin-V2's relative-position bias is an MLP (cpb_mlp) on a constant table, whose result every window shares:
-    refused before any run, naming the MLP's second layer (its first layer's result has no population)."""
-    torchvision = pytest.importorskip("torchvision")
-    module = torchvision.models.swin_v2_t(num_classes=10).eval()
-    with pytest.raises(circuits.CircuitError, match=r"layer 'features.1.0.attn.cpb_mlp.2' \(Linear\) computes from "
-                                                    r"parameters and constants alone .*circuits.in_place"):
-        circuits.from_torch(module, input_shape=(3, 32, 32))
+    if arch == "swin_v2_t":
+        synapses = dict(net.projections())
+        assert {"features.1.0.attn.cpb_mlp.0", "features.1.0.attn.cpb_mlp.2", "features.1.0.attn.qkv"} <= set(synapses)
+        qkv_bias = net.get_parameter("proj.linear_unbiased->linear.held_features_1_0_attn_qkv_bias")
+        assert qkv_bias.grad[96:192].eq(0).all() and qkv_bias.grad[:96].ne(0).any()     # the key part: zeroed
 
 
 def test_vit_b_16_converts_at_its_224_input():
@@ -794,12 +797,14 @@ def test_item_assignment_seen_by_a_view_and_in_place_changes_of_parameters_are_r
     class Zeroed(Masked):
         def forward(self, x):
             bias = self.fc.bias.clone()
+            seen = bias.view(-1)                # a view taken before: it would change too
             bias[1:2].zero_()
-            return F.linear(x, self.fc.weight, bias)
+            return F.linear(x, self.fc.weight, bias) + seen[0]
 
     with pytest.raises(circuits.CircuitError, match=r"cannot be traced by torch.fx: .*control flow; traced with its "
                                                     r"sizes known: item assignment on .*new_zeros.*: only a new "
-                                                    r"tensor \(x.new_zeros\(...\)\) not read since it was made"):
+                                                    r"tensor \(x.new_zeros\(...\), x.clone\(\)\) not read since it "
+                                                    r"was made"):
         circuits.from_torch(Viewed(), input_shape=(5, 4))
     with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* modifies in place a tensor computed from "
                                                     r"parameters.*circuits.in_place"):
@@ -821,6 +826,87 @@ class Fourier(nn.Module):
         table = torch.cat((grid.sin(), grid.cos()), 1)
         pos = self.conv(table.repeat(b, 1, 1, 1)) if self.rows else self.conv(table).repeat(b, 1, 1, 1)
         return self.head(torch.relu(self.proj(x) + pos).flatten(1))
+
+
+class Zeroed(nn.Module):
+    """torchvision Swin-V2's qkv bias: a clone of the layer's bias with a part zeroed in place, twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        bias = self.fc.bias.clone()
+        bias[1:3].zero_()
+        bias[4:5].fill_(2.0)
+        return F.linear(x, self.fc.weight, bias)
+
+
+def test_an_item_of_a_clone_filled_in_place_traces_as_a_copy():
+    module = true_float64(Zeroed())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    net = _same_as_torch(module, x, 1e-15, 1e-15, input_shape=(4,))
+    grad = net.get_parameter("proj.linear_unbiased->linear.held_fc_bias").grad
+    assert grad[[1, 2, 4]].eq(0).all() and grad[[0, 3, 5]].ne(0).all()     # the filled items reach no parameter
+    calls = [n.target for n in circuits.convert.tracing.trace(module).graph.nodes if n.op != "placeholder"]
+    assert "zero_" not in calls and "fill_" not in calls and calls.count(circuits.graph.operations.set_item) == 2
+
+
+class RelativeBias(nn.Module):
+    """Swin-V2's attention in miniature: 2 windows of 3 tokens per example folded into the batch axis, 2 heads, and
+    an MLP on a constant table computed once for the batch whose result, a bias per head and pair of tokens, is added
+    to every window's attention scores: torchvision's table of shape (1, 3, 3, 2) and its (1, heads, 3, 3) bias, or
+    timm's Swin-V2-CR table of shape (9, 2) and its (heads, 3, 3) bias, which torch broadcasts as (1, heads, 3, 3)."""
+
+    def __init__(self, leading_one: bool):
+        super().__init__()
+        self.leading_one = leading_one
+        self.register_buffer("table", torch.randn(1, 3, 3, 2) if leading_one else torch.randn(9, 2))
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(inplace=True), nn.Linear(8, 2))
+        self.qkv, self.head = nn.Linear(4, 12), nn.Linear(24, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x.reshape(-1, 3, 4)).reshape(-1, 3, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        bias = self.mlp(self.table)
+        bias = bias.permute(0, 3, 1, 2) if self.leading_one else bias.transpose(0, 1).reshape(2, 3, 3)
+        scores = q @ k.transpose(-2, -1) + 16 * torch.sigmoid(bias)
+        out = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(-1, 3, 4)
+        return self.head(out.reshape(x.shape[0], 24))
+
+
+@pytest.mark.parametrize("leading_one", [True, False])
+def test_a_layer_on_a_constant_computed_once_for_the_batch_is_a_synapse_between_shared_populations(leading_one):
+    """Each example computes the MLP on the table in a shared population of its own, and the bias is repeated over
+    its windows: equal to torch, whose gradient to the MLP sums over every window of every example; each rule's
+    step moves the MLP's weights, and a mirror batch its Bs."""
+    module = true_float64(RelativeBias(leading_one))
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    net = _same_as_torch(module, x, 1e-13, 1e-15, input_shape=(6, 4))
+    shared = [p for p in net.circuit.populations() if p.name.startswith("mlp")]
+    assert sorted(p.shape for p in shared) == sorted([(1, 3, 3, 8), (1, 3, 3, 2)] if leading_one else [(9, 8), (9, 2)])
+    assert {"mlp.0", "mlp.2"} <= set(dict(net.projections()))
+    for rule in ("fa", "kp", "wm", "dfa"):
+        net = circuits.from_torch(module, rule=rule, input_shape=(6, 4)).build()
+        before = net.get_parameter("proj.mlp_0.weight").detach().clone()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2])).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        assert not torch.equal(net.get_parameter("proj.mlp_0.weight"), before), rule
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
+
+
+def test_a_layer_on_a_parameter_is_refused_before_any_run():
+    class OnParameter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table, self.fc, self.head = nn.Parameter(torch.randn(1, 4)), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x + self.fc(self.table))
+
+    with pytest.raises(circuits.CircuitError, match=r"layer 'fc' \(Linear\) computes from parameters and constants "
+                                                    r"alone .*no population to learn from.*circuits.in_place"):
+        circuits.from_torch(OnParameter(), input_shape=(4,))
 
 
 @pytest.mark.parametrize("rows", [False, True])

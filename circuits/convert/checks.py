@@ -19,7 +19,7 @@ from ..errors import CircuitError
 from ..graph.operations import op_name
 from .layers import call_activation, call_projection, is_activation, projection
 
-SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)}
+SHAPE_READS = {("call_method", "size"), ("call_method", "dim"), ("call_method", "numel"), ("call_function", getattr)}
 SUMS = (operator.add, torch.add, operator.iadd)
 SYNAPTIC_FUNCTIONS = {F.linear: "F.linear", F.conv1d: "F.conv1d", F.conv2d: "F.conv2d",
                       F.conv_transpose2d: "F.conv_transpose2d"}
@@ -32,7 +32,7 @@ NEW_TENSORS = {"new_zeros", "new_ones", "new_full"}
 
 
 def is_shape_read(node: fx.Node) -> bool:
-    """x.size(), x.dim(), x.shape, x.ndim, x.dtype, x.device: a plain value, not a population."""
+    """x.size(), x.dim(), x.numel(), x.shape, x.ndim, x.dtype, x.device: a plain value, not a population."""
     return (node.op, node.target) in SHAPE_READS and (node.target != getattr or node.args[1] in ("shape", "ndim",
                                                                                                   "dtype", "device"))
 
@@ -122,13 +122,14 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
 
 def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) -> None:
     """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on what
-    parameters compute (timm's relative-position MLPs, torchvision Swin-V2's cpb_mlp: its second Linear), whose
-    synapses would have no population to learn from (one on a constant may convert: fx's constant_layer; one with
-    buffers alone computes a constant); a tensor method that modifies in place a tensor computed from parameters
-    (torchvision Swin-V2's qkv_bias.clone()[...].zero_()), which an operation computing that tensor would not see."""
+    parameters compute, other than in a chain of layers on a constant (on_constant; one with buffers alone computes a
+    constant), whose synapses would have no population to learn from; a tensor method that modifies in place a
+    tensor computed from parameters, which an operation computing that tensor would not see (an item of a clone
+    filled in place traces as a copy: tracing's set_item)."""
     read = [u.name for u in node.users if not is_shape_read(u)]
     layer = traced.get_submodule(node.target) if node.op == "call_module" else None
-    if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]):
+    if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]) \
+            and not on_constant(traced, node):
         raise CircuitError(f"{name}: layer {node.target!r} ({type(layer).__name__}) computes from parameters and "
                            f"constants alone (not from the data), for {', '.join(read)}: its synapses would have no "
                            f"population to learn from. Convert the module with circuits.in_place (see {GUIDE})")
@@ -137,6 +138,16 @@ def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) ->
         raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) modifies in place a tensor computed "
                            f"from parameters, which an operation computing that tensor would not see. Compute it "
                            f"without in-place methods, or convert the module with circuits.in_place (see {GUIDE})")
+
+
+def on_constant(traced: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` is a layer in a chain of layers, each reading the one before, on a constant (torchvision
+    Swin-V2's cpb_mlp on relative_coords_table): its synapses learn from a population of the constant's row
+    (fx's constant_layer)."""
+    while isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr" and \
+        not isinstance(_attribute(traced, node.target), nn.Parameter)
 
 
 def from_parameters(traced: fx.GraphModule, node: Any) -> bool:

@@ -115,6 +115,8 @@ class _Walk:
             self.population(node)
         elif kind == LEARNED and node.op == "call_module" and self.constant_layer(node):
             return
+        elif kind == LEARNED and node.op == "call_module" and self.shared(node.args[0]):
+            self.shared_layer(node)
         elif kind == LEARNED and node.op != "get_attr" and len(node.users) > 1 and all(
                 isinstance(v, Tensor) and v.dim() and v.shape[0] == batch for v, batch in zip(self.found[node].values,
                                                                                              (2, 3), strict=True)):
@@ -221,8 +223,9 @@ class _Walk:
         fold = self.fold(node) or 1
         if fold == 1 and set(folds) <= {1}:
             folds = ()
+        shared = tuple(i for i, pop in enumerate(operands) if self.pops[pop].get("shared"))
         operation = Operation(call.op, args, kwargs, learned=tuple(learned), state=held or None, folds=folds,
-                              fold=fold)
+                              fold=fold, shared=shared)
         if len(operands) == 1:
             self.connect(operands[0], self.new_population(node), operation)
         else:
@@ -324,13 +327,16 @@ class _Walk:
         self.connect(self.pop_of[first], name, operation)
 
     def constant_layer(self, node: fx.Node) -> bool:
-        """A layer on a constant that is the same for every example, read one per example (XCiT's and EdgeNeXt's
-        Fourier positional encodings: a 1x1 convolution on a table of sines and cosines): the constant has the
-        batch's rows, all alike, and so has the layer's result; or the constant has one row and the layer's result
-        is repeated or expanded over the batch by its one user (each of whose rows is the result's row). The
-        constant's row becomes a population, driven from the input by an operation holding it, and the layer a
-        synapse from it with its B (whose error reaches no parameter), so that its weight learns under the rule as
-        any synapse's. Whether it converted so."""
+        """A layer on a constant that is the same for every example. The constant's row becomes a population, driven
+        from the input by an operation holding it, and the layer a synapse from it with its B (whose error reaches no
+        parameter), so that its weight learns under the rule as any synapse's. Either the layer's result is read one
+        per example (XCiT's and EdgeNeXt's Fourier positional encodings: a 1x1 convolution on a table of sines and
+        cosines): the constant has the batch's rows, all alike, and so has the layer's result; or the constant has
+        one row and the result is repeated or expanded over the batch by its one user (each of whose rows is the
+        result's row). Or the constant and the result are tensors that torch computes once for the batch (Swin-V2's
+        cpb_mlp on its relative_coords_table, whose result every window of every example reads): the populations
+        are then `shared`, each example holding the whole tensor, and their readers compute on it per example
+        (Operation.shared). Whether it converted so."""
         constant = node.args[0] if len(node.args) == 1 and not node.kwargs else None
         if not isinstance(constant, fx.Node) or self.found[constant].kind != CONSTANT:
             return False
@@ -342,26 +348,57 @@ class _Walk:
         if user is not None and not (user.op == "call_method" and user.target in ("repeat", "expand")
                                      and user.args[0] is node):
             user = None                         # only a copy over the batch is the result, one per example
+        shared = False
         if _rows(result[0], result[0][0], 2) and _rows(result[1], result[0][0], 3):
             per_example = node
         elif user is not None and result[0].shape[0] == 1 and all(
                 _rows(v, result[0][0], n) for v, n in zip(self.found[user].values, (2, 3), strict=True)):
             per_example = user
+        elif a.shape == b.shape and torch.equal(a, b) and result[0].shape == result[1].shape \
+                and torch.equal(*result):
+            per_example, shared = node, True            # the same tensors whatever the batch
         else:
             return False
-        if not (_rows(a, a[0], len(a)) and _rows(b, a[0], len(b))):
+        if not shared and not (_rows(a, a[0], len(a)) and _rows(b, a[0], len(b))):
             return False
         self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
-        row = a[0]
+        row = a if shared else a[0]
         if constant.name not in self.pops:                    # one population for a table that several layers read
             self.driven_from_input(constant.name, tuple(row.shape), Operation(
                 ".expand", (Held(constant.name), BATCH, *(-1,) * row.dim()), state={constant.name: row.unsqueeze(0)}))
-        self.pops[per_example.name] = dict(shape=tuple(self.found[per_example].values[0].shape[1:]),
-                                           activation="identity", input=False, junction=None, operands=None)
-        self.pop_of[per_example] = per_example.name
-        layer = self.traced.get_submodule(node.target)
-        self.connect(constant.name, per_example.name, layer_projection(layer, node.target), node.target)
+        self.layer_on(constant.name, per_example, self.traced.get_submodule(node.target), node.target, shared)
+        self.pops[constant.name]["shared"] = shared
         return True
+
+    def shared(self, arg: Any) -> bool:
+        """Whether `arg` is a shared population's node: a tensor torch computes once for the batch (constant_layer)."""
+        return arg in self.pop_of and self.pops[self.pop_of[arg]].get("shared", False)
+
+    def shared_layer(self, node: fx.Node) -> None:
+        """A layer on a shared population (Swin-V2's cpb_mlp after its first Linear): its activation, or a synapse
+        into a shared population of its own."""
+        layer = self.traced.get_submodule(node.target)
+        pre = self.source(node, node.args[0])
+        act = module_activation(layer, node.target)
+        if act is not None and self.pops[pre]["activation"] == "identity" and len(node.args[0].users) == 1:
+            self.pops[pre]["activation"] = act          # fold phi into the population it acts on
+            self.pop_of[node] = pre
+            return
+        if has_state(layer):
+            self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
+        self.layer_on(pre, node, layer, node.target, shared=True, activation=act)
+
+    def layer_on(self, pre: str, node: fx.Node, layer: nn.Module, name: str, shared: bool,
+                 activation: str | None = None) -> None:
+        """A population for `node`, its result, reached from population `pre` by `layer` (its synapse; an Identity
+        into the population for an activation); shared: the population holds, per example, the whole tensor torch
+        computes once for the batch."""
+        shape = tuple(self.found[node].values[0].shape)
+        self.pops[node.name] = dict(shape=shape if shared else shape[1:], activation=activation or "identity",
+                                    input=False, junction=None, operands=None, shared=shared)
+        self.pop_of[node] = node.name
+        projection = P.Identity() if activation is not None else layer_projection(layer, name)
+        self.connect(pre, node.name, projection, None if activation is not None else name)
 
     def synaptic_call(self, node: fx.Node) -> None:
         """F.linear / F.conv1d / F.conv2d / F.conv_transpose2d with a module's own weight (and bias): a synaptic

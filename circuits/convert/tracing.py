@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import sys
 import warnings
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from ..errors import CircuitError
-from ..graph.operations import register_function
-from .checks import NEW_TENSORS
+from ..graph.operations import register_function, set_item
+from .checks import NEW_TENSORS, is_shape_read
 from .layers import LAYERS, is_activation
 
 
@@ -208,11 +209,10 @@ def slow_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def set_item(tensor: Tensor, key: Any, value: Any) -> Tensor:
-    """A copy of `tensor` with tensor[key] = value: item assignment as a call (_SizedProxy.__setitem__)."""
-    copied = tensor.clone()
-    copied[key] = value
-    return copied
+def _fresh(node: fx.Node) -> bool:
+    """Whether `node` makes a new tensor, of which no view exists (x.new_zeros(...), x.clone(), set_item's copy)."""
+    return node.op == "call_method" and (node.target in NEW_TENSORS or node.target == "clone") \
+        or node.target is set_item
 
 
 class _SizedProxy(MetaProxy):
@@ -234,15 +234,14 @@ class _SizedProxy(MetaProxy):
         return self.size()
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        """x[key] = value on a new tensor not read since it was made (torchvision Swin's attention mask,
-        x.new_zeros(...) set by slices): recorded as set_item, which returns a copy with the item set, and this proxy
-        then stands for that copy. Elsewhere a view of the tensor, or the tensor a view was taken of, would change
-        too, which a graph of calls does not show: refused."""
+        """x[key] = value on a new tensor not read since it was made but for its shape (torchvision Swin's attention
+        mask, x.new_zeros(...) set by slices; Swin-V2's qkv bias, a clone of a parameter): recorded as set_item, which
+        returns a copy with the item set, and this proxy then stands for that copy. Elsewhere a view of the tensor, or
+        the tensor a view was taken of, would change too, which a graph of calls does not show: refused."""
         node = self.node
-        fresh = node.op == "call_method" and node.target in NEW_TENSORS or node.target is set_item
-        if not fresh or node.users:
-            raise TypeError(f"item assignment on {node.format_node()}: only a new tensor (x.new_zeros(...)) not read "
-                            f"since it was made can be assigned to while tracing")
+        if not _fresh(node) or any(not is_shape_read(u) for u in node.users):
+            raise TypeError(f"item assignment on {node.format_node()}: only a new tensor (x.new_zeros(...), "
+                            f"x.clone()) not read since it was made can be assigned to while tracing")
         made = self.tracer.create_proxy("call_function", set_item, (self, key, value), {})
         self.node, self._tensor_meta = made.node, made.__dict__.get("_tensor_meta")
 
@@ -293,6 +292,30 @@ def _sized_trace(root: nn.Module, whole: Whole | None, input_shape: tuple[int, .
     return graphs[0]
 
 
+def _fills_as_copies(graph: fx.Graph) -> fx.Graph:
+    """The graph with each x[key].zero_() or x[key].fill_(value) on a new tensor x (a clone, x.new_zeros(...)) as
+    set_item(x, key, value), a copy with the item set, read in x's place by every call after it (torchvision
+    Swin-V2's qkv_bias.clone()[C:2 * C].zero_()). Only where nothing but shape reads read x before, so that no view
+    of x would see the change; any other in-place change stays, and is refused (checks)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        view = node.args[0] if node.op == "call_method" and node.target in ("zero_", "fill_") else None
+        if node.users or not (isinstance(view, fx.Node) and view.target is operator.getitem and len(view.users) == 1):
+            continue
+        whole = view.args[0]
+        if not _fresh(whole) or any(order.get(u, len(order)) < order[node] and u is not view and not is_shape_read(u)
+                            for u in whole.users):
+            continue
+        value = 0 if node.target == "zero_" else node.args[1]
+        with graph.inserting_after(node):
+            copy = graph.call_function(set_item, (whole, view.args[1], value))
+        for user in [u for u in whole.users if order.get(u, -1) > order[node]]:
+            user.replace_input_with(whole, copy)
+        graph.erase_node(node)
+        graph.erase_node(view)
+    return graph
+
+
 def _ways(input_shape: tuple[int, ...] | None) -> Iterator[tuple[Whole | None, bool]]:
     """How to trace, in order, each as (what is kept whole, whether sizes are known): plain fx first; then, given an
     input shape, with sizes known and timm's functions kept whole (tracing into timm's registered modules); then with
@@ -322,14 +345,15 @@ def trace(module: nn.Module, input_shape: tuple[int, ...] | None = None) -> fx.G
         for whole, sized in _ways(input_shape):
             if sized:
                 try:
-                    return fx.GraphModule(root, _sized_trace(root, whole, tuple(input_shape)))
+                    return fx.GraphModule(root, _fills_as_copies(_sized_trace(root, whole, tuple(input_shape))))
                 except Exception as e:  # noqa: BLE001 - fx raises many kinds
                     errors.append(e)
                     sized_error = f"; traced with its sizes known: {e}"
                 continue
             for buffers, concrete_args in ways:
                 try:
-                    return fx.GraphModule(root, _Tracer(buffers, whole).trace(root, concrete_args=concrete_args))
+                    return fx.GraphModule(root, _fills_as_copies(_Tracer(buffers, whole).trace(
+                        root, concrete_args=concrete_args)))
                 except Exception as e:  # noqa: BLE001 - fx raises many kinds
                     errors.append(e)
     hint = "" if input_shape is not None else \

@@ -105,6 +105,14 @@ def multi_head_attention(qkv: Tensor, num_heads: int, batch_first: bool, need_we
     return out.transpose(1, 0) if batch_first else out
 
 
+def set_item(tensor: Tensor, key: Any, value: Any) -> Tensor:
+    """A copy of `tensor` with tensor[key] = value: item assignment as a call (torchvision Swin's attention mask set
+    slice by slice; Swin-V2's qkv bias with its key part zeroed)."""
+    copied = tensor.clone()
+    copied[key] = value
+    return copied
+
+
 def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A module without parameters or buffers that tracing kept whole (timm's MaxPool2dSame), called: its own
     forward, in the operation's train/eval mode."""
@@ -122,7 +130,7 @@ _TORCH = ("cat", "stack", "reshape", "permute", "transpose", "flatten", "split",
           "sub", "div", "neg", "unsqueeze", "squeeze", "narrow", "masked_fill", "where", "tril", "triu", "exp", "log",
           "sqrt", "rsqrt", "mean", "sum", "pow", "abs", "clamp", "erf", "movedim", "swapaxes", "einsum", "ones",
           "zeros", "full", "arange", "unflatten", "outer", "roll", "baddbmm", "amax", "amin", "maximum", "minimum",
-          "zeros_like", "ones_like", "flip", "unbind", "addcmul", "addcdiv", "lerp", "square")
+          "zeros_like", "ones_like", "flip", "unbind", "addcmul", "addcdiv", "lerp", "square", "sigmoid", "tanh")
 _METHODS = ("view", "reshape", "permute", "transpose", "flatten", "contiguous", "expand", "expand_as", "unsqueeze",
             "squeeze", "split", "chunk", "masked_fill", "mean", "sum", "pow", "sqrt", "exp", "mul",
             "add", "div", "sub", "neg", "matmul", "unflatten", "swapaxes", "movedim", "narrow", "repeat", "clone",
@@ -139,7 +147,7 @@ _OPERATOR = ("add", "sub", "mul", "truediv", "floordiv", "neg", "pos", "pow", "m
 OPS: dict[str, Callable[..., Any]] = {
     **{f"torch.{n}": getattr(torch, n) for n in _TORCH}, **{f"F.{n}": getattr(F, n) for n in _FUNCTIONAL},
     **{f"operator.{n}": getattr(operator, n) for n in _OPERATOR}, **{f".{n}": _method(n) for n in _METHODS},
-    "multi_head_attention": multi_head_attention, "module": call_module,
+    "multi_head_attention": multi_head_attention, "module": call_module, "set_item": set_item,
 }
 """The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name"), and
 torchvision's stochastic depth where torchvision is installed."""
@@ -217,7 +225,13 @@ class Operation(Projection):
     `folds` (one per operand) and `fold`: torch's module computed on windows or tokens folded into the batch axis
     (a (batch * k, ...) tensor), which a population holds as (batch, k, ...): an operand folded by k > 1 is flattened
     back to torch's (batch * k, ...) before the call, and a result folded by `fold` > 1 is unflattened to
-    (batch, fold, ...). The call is then torch's, on torch's tensors."""
+    (batch, fold, ...). The call is then torch's, on torch's tensors.
+
+    `shared` (operand positions): populations holding, per example, the whole tensor torch computes once for the
+    batch (a layer on a constant: Swin-V2's relative-position MLP). Each largest part of the template that reads only
+    them (PerExample) is computed per example as torch computes it once (torch.vmap); its result, a tensor with a
+    leading axis of 1 in torch, is repeated for each of the example's windows or tokens, as torch broadcasts it over
+    the batch."""
 
     op: str
     args: tuple = ()
@@ -225,6 +239,7 @@ class Operation(Projection):
     learned: tuple[str, ...] = ()
     folds: tuple[int, ...] = ()
     fold: int = 1
+    shared: tuple[int, ...] = ()
     synaptic: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -264,7 +279,7 @@ class OperationModule(nn.Module):
 
     def __init__(self, spec: Operation) -> None:
         super().__init__()
-        self.spec, self.call = spec, Call(spec.op, spec.args, spec.kwargs)
+        self.spec, self.call = spec, _per_example(Call(spec.op, spec.args, spec.kwargs), set(spec.shared))
         for key, value in (spec.state or {}).items():
             if key in spec.learned:
                 self.register_parameter(f"held_{key}", nn.Parameter(value.detach().clone()))
@@ -282,6 +297,8 @@ class OperationModule(nn.Module):
     def _evaluate(self, item: Any, operands: tuple[Tensor, ...], batch: int) -> Any:
         if isinstance(item, Operand):
             return operands[item.position]
+        if isinstance(item, PerExample):
+            return self._broadcast(item, operands, batch)
         if isinstance(item, Batch):
             return batch * item.factor
         if isinstance(item, Held):
@@ -299,8 +316,62 @@ class OperationModule(nn.Module):
             return slice(*(self._evaluate(a, operands, batch) for a in (item.start, item.stop, item.step)))
         return item
 
+    def _broadcast(self, item: PerExample, operands: tuple[Tensor, ...], batch: int) -> Tensor:
+        """`item` computed per example on the shared operands, each example's as torch's tensor, then its result
+        (with a leading axis of 1, as torch broadcasts it) repeated for each of the example's windows or tokens:
+        (batch * k, ...), as torch broadcasts its one row over its (batch * k, ...) operands."""
+        shared = self.spec.shared
+
+        def one(*tensors: Tensor) -> Tensor:
+            local = list(operands)
+            for position, tensor in zip(shared, tensors, strict=True):
+                local[position] = tensor
+            return self._evaluate(item.item, tuple(local), batch)
+
+        out = torch.vmap(one)(*(operands[p] for p in shared))
+        rank = max(x.dim() for i, x in enumerate(operands) if i not in shared)     # torch's data tensors' axes
+        if out.dim() <= rank:                   # torch broadcasts it with a leading axis of 1 as its first
+            out = out.reshape(batch, *(1,) * (rank + 1 - out.dim()), *out.shape[1:])
+        if out.dim() != rank + 1 or out.shape[1] != 1:
+            raise CircuitError(f"{self.spec}: what it computes from shared operands {list(shared)} has shape "
+                               f"{tuple(out.shape[1:])} per example, which torch does not broadcast over its batch "
+                               f"as one row")
+        windows = max(self.spec.folds, default=1)
+        return out.expand(batch, windows, *out.shape[2:]).flatten(0, 1)
+
     def extra_repr(self) -> str:
         return repr(self.spec)
+
+
+@dataclass(frozen=True)
+class PerExample:
+    """A part of a template that reads only shared operands (Operation.shared): computed per example."""
+
+    item: Any
+
+
+def _positions(item: Any) -> set[int]:
+    """The operand positions a template reads."""
+    positions: set[int] = set()
+    _walk(item, lambda leaf: positions.add(leaf.position) if isinstance(leaf, Operand) else None)
+    return positions
+
+
+def _per_example(item: Any, shared: set[int]) -> Any:
+    """The template with each largest part that reads shared operands alone marked PerExample."""
+    if not shared:
+        return item
+    positions = _positions(item)
+    if positions and positions <= shared:
+        return PerExample(item)
+    if isinstance(item, Call):
+        return Call(item.op, _per_example(item.args, shared),
+                    {k: _per_example(v, shared) for k, v in item.kwargs.items()})
+    if isinstance(item, (tuple, list)):
+        return type(item)(_per_example(a, shared) for a in item)
+    if isinstance(item, dict):
+        return {k: _per_example(v, shared) for k, v in item.items()}
+    return item
 
 
 def _walk(item: Any, visit: Callable[[Any], Any]) -> None:
