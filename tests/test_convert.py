@@ -925,18 +925,62 @@ def test_a_layer_on_a_constant_read_per_example_is_a_synapse_from_it(rows):
             mirror_moves_every_B(net, batch_size=4)
 
 
-def test_a_layer_that_mixes_folded_windows_is_refused():
-    class Conv(nn.Module):
+class PixelPatches(nn.Module):
+    """TNT's pixel embedding in miniature: each example's 4 x 4 image cut into 4 patches of 2 x 2 (nn.Unfold), folded
+    into the batch axis, a convolution on each patch (a layer, or F.conv2d with its weight), a learned position added,
+    then the patches back per example; or, `conv1d`, a Conv1d on windows of a Linear's result folded so."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.unfold = how, nn.Unfold(2, stride=2)
+        if how == "conv1d":
+            self.fc, self.conv, self.head = nn.Linear(4, 4), nn.Conv1d(4, 3, 1), nn.Linear(12, 2)
+        else:
+            self.conv, self.head = nn.Conv2d(2, 3, 2, padding=1), nn.Linear(108, 2)
+            self.pos = nn.Parameter(torch.randn(1, 3, 3, 3))
+
+    def forward(self, x):
+        if self.how == "conv1d":
+            return self.head(torch.tanh(self.conv(self.fc(x).reshape(-1, 4, 2))).reshape(x.shape[0], -1))
+        patches = self.unfold(x).transpose(1, 2).reshape(-1, 2, 2, 2)          # (batch * 4, 2, 2, 2)
+        made = self.conv(patches) if self.how == "layer" else F.conv2d(patches, self.conv.weight, self.conv.bias,
+                                                                         padding=1)
+        return self.head(torch.relu(made + self.pos).reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("how", ["layer", "function", "conv1d"])
+def test_a_convolution_on_patches_folded_into_the_batch_axis_is_a_synapse_on_each_patch(how):
+    """The population holds (patches, channels, ...) per example and the synapse convolves each patch as torch does
+    its (batch * patches, ...) tensor: exact under bp; each rule's step moves W, a mirror batch every B."""
+    module = true_float64(PixelPatches(how))
+    shape = (4, 4) if how == "conv1d" else (2, 4, 4)
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    net = _same_as_torch(module, x, 1e-13, input_shape=shape)
+    synapse = dict(net.projections())["conv"]
+    assert synapse.fold == (2 if how == "conv1d" else 4) and synapse.in_shape == ((4, 2) if how == "conv1d" else
+                                                                                 (2, 2, 2))
+    for rule in ("fa", "kp", "wm", "dfa"):
+        net = circuits.from_torch(module, rule=rule, input_shape=shape).build()
+        before = net.get_parameter("proj.conv.weight").detach().clone()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1])).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        assert not torch.equal(net.get_parameter("proj.conv.weight"), before), rule
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
+
+
+def test_a_pooling_layer_on_folded_windows_is_refused():
+    class Pool(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc, self.conv = nn.Linear(4, 4), nn.Conv1d(4, 4, 1)
+            self.fc, self.pool = nn.Linear(4, 4), nn.MaxPool2d(2)
 
         def forward(self, x):
-            return self.conv(self.fc(x).reshape(-1, 4, 2)).reshape(x.shape[0], -1)
+            return self.pool(self.fc(x).reshape(-1, 1, 2, 4)).reshape(x.shape[0], -1)
 
-    with pytest.raises(circuits.CircuitError, match=r"layer Conv1d reads or makes windows or tokens folded into the "
-                                                    r"batch axis.*circuits.in_place"):
-        circuits.from_torch(Conv(), input_shape=(4, 4))
+    with pytest.raises(circuits.CircuitError, match=r"layer MaxPool2d reads or makes windows or tokens folded into "
+                                                    r"the batch axis.*circuits.in_place"):
+        circuits.from_torch(Pool(), input_shape=(4, 4))
 
 
 def test_a_layer_without_a_projection_says_what_to_do():

@@ -178,11 +178,11 @@ class _Walk:
                 self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
             if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and self.folded(node, node.args[0]):
                 return self.folded_batch_norm(node, layer)
-            self.refuse_folded(node, node.args[0], isinstance(layer, _ALONG_LAST_AXIS), f"layer {type(layer).__name__}")
+            projection = self.on_patches(node, layer_projection(layer, node.target), isinstance(
+                layer, _ALONG_LAST_AXIS), f"layer {type(layer).__name__}")
             name = node.target if node.target not in self.called else None     # a stateless layer: any call
             self.called.add(node.target)
-            self.connect(self.source(node, node.args[0]), self.new_population(node),
-                         layer_projection(layer, node.target), name)
+            self.connect(self.source(node, node.args[0]), self.new_population(node), projection, name)
             return None
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.pop_of \
                 and self.found[node.args[0]].kind == BUNDLE:
@@ -194,8 +194,6 @@ class _Walk:
         if act is not None:
             return self.activate(node, node.args[0], act)
         if node.op == "call_function" and node.target in SYNAPTIC_FUNCTIONS:
-            self.refuse_folded(node, node.args[0], SYNAPTIC_FUNCTIONS[node.target] == "F.linear",
-                               SYNAPTIC_FUNCTIONS[node.target])
             return self.synaptic_call(node)
         projection = call_projection(node)
         if projection is not None and not self.folded(node, node.args[0]):
@@ -423,7 +421,9 @@ class _Walk:
         settings = {k: self.constant(node, v) for k, v in _settings(node).items()}
         where = f"node {node.name!r} ({node.format_node()})"
         layer = weight.target.removesuffix(".weight")
-        projection = synaptic_call(SYNAPTIC_FUNCTIONS[node.target], state, settings, where)
+        function = SYNAPTIC_FUNCTIONS[node.target]
+        projection = self.on_patches(node, synaptic_call(function, state, settings, where), function == "F.linear",
+                                     function)
         pre = self.source(node, node.args[0])
         if not computed_bias:
             self.connect(pre, self.new_population(node), projection, layer)
@@ -487,6 +487,17 @@ class _Walk:
         """Whether `node` or the population it reads (`arg`) holds windows or tokens folded into the batch axis."""
         return (self.fold(node) or 1) > 1 or (arg in self.pop_of and self.pops[self.pop_of[arg]].get("fold", 1) > 1)
 
+    def on_patches(self, node: fx.Node, projection: P.Projection, along_last_axis: bool, what: str) -> P.Projection:
+        """`projection` of `node` (`what`: a layer or function) on its first argument, where it reads windows or
+        patches folded into the batch axis: a convolution on each patch (P.Conv2d's fold; TNT's pixel embedding,
+        a video's frames), a layer along the last axis as it is, with the same fold in and out; else refused."""
+        arg = node.args[0]
+        if isinstance(projection, P.Conv2d) and self.folded(node, arg):
+            self.refuse_folded(node, arg, True, what)          # the same fold in and out
+            return dataclasses.replace(projection, fold=self.fold(node))
+        self.refuse_folded(node, arg, along_last_axis, what)
+        return projection
+
     def refuse_folded(self, node: fx.Node, arg: Any, along_last_axis: bool, what: str) -> None:
         """A CircuitError unless `node` (`what`: a layer or function) acts along the last axis or elementwise, where
         it reads or makes windows or tokens folded into the batch axis: on (batch, k, ...) it computes what torch's
@@ -497,8 +508,9 @@ class _Walk:
         if not (along_last_axis and same):
             raise CircuitError(f"node {node.name!r} ({node.format_node()}): {what} reads or makes windows or tokens "
                                f"folded into the batch axis, where only layers along the last axis (Linear, "
-                               f"LayerNorm, Dropout, Identity, activations) and operations convert; convert with "
-                               f"circuits.in_place (see {GUIDE})")
+                               f"LayerNorm, Dropout, Identity, activations), convolutions on each patch (with the "
+                               f"same fold in and out) and operations convert; convert with circuits.in_place (see "
+                               f"{GUIDE})")
 
     def source(self, node: fx.Node, arg: Any) -> str:
         if not isinstance(arg, fx.Node) or arg not in self.pop_of:

@@ -9,6 +9,7 @@ A projection is a specification; `build` makes the torch module once the populat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
@@ -122,7 +123,10 @@ class Conv2d(Projection):
     """Convolutional synapses with zero padding: a = W * y + bias. Output channels from the target.
 
     W is (out, in/groups, k_h, k_w). Conv1d and ConvTranspose2d are the same projection with one spatial axis or
-    transposed; they share its checks, its operator (circuits.rules.synapse.ConvOperator) and every rule's B."""
+    transposed; they share its checks, its operator (circuits.rules.synapse.ConvOperator) and every rule's B.
+
+    `fold` > 1: patches or frames per example folded into the batch axis (TNT's pixel patches, a video's frames):
+    both populations have shape (fold, channels, *sizes), and each patch is convolved as an example is."""
 
     synaptic: ClassVar[bool] = True
     dims: ClassVar[int] = 2
@@ -134,10 +138,11 @@ class Conv2d(Projection):
     dilation: int | tuple[int, ...] = 1
     groups: int = 1
     bias: bool = False
+    fold: int = field(default=1, kw_only=True)
 
     def __post_init__(self) -> None:
         _check_window(self, kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                      dilation=self.dilation, groups=self.groups)
+                      dilation=self.dilation, groups=self.groups, fold=self.fold)
         for name in ("kernel_size", "stride", "padding", "dilation"):
             value = getattr(self, name)
             if not isinstance(value, int) and len(tuple(value)) != self.dims:
@@ -150,7 +155,19 @@ class Conv2d(Projection):
     def operator(self) -> ConvOperator:
         return ConvOperator(self._axes(self.stride), self._axes(self.padding), self._axes(self.dilation), self.groups)
 
+    def _unfolded(self, pop: Population) -> Population:
+        """One patch of `pop` (its shape without the leading fold), or `pop` itself where nothing is folded."""
+        if self.fold == 1:
+            return pop
+        if len(pop.shape) != self.dims + 2 or pop.shape[0] != self.fold:
+            raise CircuitError(f"{self}: population {pop.name!r} has shape {pop.shape}, but this projection needs "
+                               f"({self.fold}, channels, {self.dims} sizes): {self.fold} patches per example")
+        return dataclasses.replace(pop, shape=pop.shape[1:])
+
     def output_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
+        if self.fold > 1:
+            return (self.fold, *dataclasses.replace(self, fold=1).output_shape(self._unfolded(pre),
+                                                                                self._unfolded(post)))
         self._require_dims(pre, self.dims + 1, "input")
         self._require_dims(post, self.dims + 1, "output")
         for pop in (pre, post):
@@ -165,11 +182,13 @@ class Conv2d(Projection):
         return window_output_size(size, kernel, stride, padding, dilation)
 
     def weight_shape(self, pre: Population, post: Population) -> tuple[int, ...]:
-        """W's shape: (out, in/groups, k...)."""
+        """W's shape: (out, in/groups, k...) (of one patch's populations, where patches are folded)."""
         return (post.shape[0], pre.shape[0] // self.groups, *self._axes(self.kernel_size))
 
     def _module(self, pre, post, rule) -> nn.Module:
-        return Synapse(self.operator(), self.weight_shape(pre, post), self.bias, rule, pre.shape, self.state)
+        pre, post = self._unfolded(pre), self._unfolded(post)
+        return Synapse(self.operator(), self.weight_shape(pre, post), self.bias, rule, pre.shape, self.state,
+                       self.fold)
 
 
 @dataclass(frozen=True)

@@ -263,13 +263,16 @@ class Synapse(nn.Module):
 
     def __init__(self, operator: DenseOperator | ConvOperator | EmbeddingOperator, weight_shape: tuple[int, ...],
                  bias: bool, rule: FeedbackRule | None, in_shape: tuple[int, ...],
-                 state: Mapping[str, Tensor] | None = None) -> None:
-        """`in_shape`: the input population's shape; `state`: initial W (and bias), else torch's init."""
+                 state: Mapping[str, Tensor] | None = None, fold: int = 1) -> None:
+        """`in_shape`: the input population's shape (without `fold`); `state`: initial W (and bias), else torch's
+        init; `fold`: windows or patches per example folded into the batch axis (TNT's pixel patches): the input
+        population holds (fold, *in_shape) per example, and the synapse acts on each patch as on an example."""
         super().__init__()
         self.operator = operator
         self.feedback_shape = tuple(weight_shape)
         self.transport = False
         self.in_shape = tuple(in_shape)
+        self.fold = fold
         self.weight = nn.Parameter(torch.empty(weight_shape))
         self.bias = nn.Parameter(torch.empty(operator.forward_shape(weight_shape)[0])) if bias else None
         self.reset_parameters()
@@ -298,6 +301,11 @@ class Synapse(nn.Module):
         self.rule.set_feedback(self, value)
 
     def forward(self, y: Tensor) -> Tensor:
+        if self.fold > 1:        # (batch, fold, ...) as torch's (batch * fold, ...), and back
+            return self._forward(y.flatten(0, 1)).unflatten(0, (-1, self.fold))
+        return self._forward(y)
+
+    def _forward(self, y: Tensor) -> Tensor:
         if self.transport:       # backprop reference: plain autograd through W
             return self.operator.forward(y, self.weight, self.bias)
         if self.rule is None or self.rule.reads_output_error:    # no feedback of its own (ldfa: from the output)
