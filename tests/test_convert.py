@@ -68,6 +68,20 @@ def _same_as_torch(module: nn.Module, x: torch.Tensor, grad_tol: float = 0.0, ou
     return net
 
 
+def _each_rule_learns(module: nn.Module, x: torch.Tensor, labels: list[int], input_shape: tuple[int, ...],
+                      weight: str, rules: tuple[str, ...] = ("fa", "kp", "wm", "dfa")) -> None:
+    """Under each rule one SGD step on `labels` moves `weight` (a parameter's name in the net), and under wm one
+    mirror batch moves every B."""
+    for rule in rules:
+        net = circuits.from_torch(module, rule=rule, input_shape=input_shape).build()
+        before = net.get_parameter(weight).detach().clone()
+        torch.nn.functional.cross_entropy(net(x), torch.tensor(labels)).backward()
+        torch.optim.SGD(net.parameters(), lr=0.1).step()
+        assert not torch.equal(net.get_parameter(weight), before), rule
+        if rule == "wm":
+            mirror_moves_every_B(net, batch_size=4)
+
+
 @pytest.mark.parametrize("act", ACTIVATION_MODULES, ids=repr)
 def test_every_activation_module_converts_with_its_settings_bit_for_bit(act):
     module = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 3))
@@ -885,14 +899,7 @@ def test_a_layer_on_a_constant_computed_once_for_the_batch_is_a_synapse_between_
     shared = [p for p in net.circuit.populations() if p.name.startswith("mlp")]
     assert sorted(p.shape for p in shared) == sorted([(1, 3, 3, 8), (1, 3, 3, 2)] if leading_one else [(9, 8), (9, 2)])
     assert {"mlp.0", "mlp.2"} <= set(dict(net.projections()))
-    for rule in ("fa", "kp", "wm", "dfa"):
-        net = circuits.from_torch(module, rule=rule, input_shape=(6, 4)).build()
-        before = net.get_parameter("proj.mlp_0.weight").detach().clone()
-        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2])).backward()
-        torch.optim.SGD(net.parameters(), lr=0.1).step()
-        assert not torch.equal(net.get_parameter("proj.mlp_0.weight"), before), rule
-        if rule == "wm":
-            mirror_moves_every_B(net, batch_size=4)
+    _each_rule_learns(module, x, [0, 1, 2], (6, 4), "proj.mlp_0.weight")
 
 
 def test_a_layer_on_a_parameter_is_refused_before_any_run():
@@ -915,14 +922,7 @@ def test_a_layer_on_a_constant_read_per_example_is_a_synapse_from_it(rows):
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
     net = _same_as_torch(module, x, 1e-13, input_shape=(3, 4, 4))
     assert "conv" in dict(net.projections())            # a synapse with its B, from the table's population
-    for rule in ("fa", "wm", "dfa"):
-        net = circuits.from_torch(module, rule=rule, input_shape=(3, 4, 4)).build()
-        before = net.get_parameter("proj.conv.weight").detach().clone()
-        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1])).backward()
-        torch.optim.SGD(net.parameters(), lr=0.1).step()
-        assert not torch.equal(net.get_parameter("proj.conv.weight"), before), rule
-        if rule == "wm":
-            mirror_moves_every_B(net, batch_size=4)
+    _each_rule_learns(module, x, [0, 1, 1], (3, 4, 4), "proj.conv.weight", ("fa", "wm", "dfa"))
 
 
 class PixelPatches(nn.Module):
@@ -959,14 +959,7 @@ def test_a_convolution_on_patches_folded_into_the_batch_axis_is_a_synapse_on_eac
     synapse = dict(net.projections())["conv"]
     assert synapse.fold == (2 if how == "conv1d" else 4) and synapse.in_shape == ((4, 2) if how == "conv1d" else
                                                                                  (2, 2, 2))
-    for rule in ("fa", "kp", "wm", "dfa"):
-        net = circuits.from_torch(module, rule=rule, input_shape=shape).build()
-        before = net.get_parameter("proj.conv.weight").detach().clone()
-        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 1])).backward()
-        torch.optim.SGD(net.parameters(), lr=0.1).step()
-        assert not torch.equal(net.get_parameter("proj.conv.weight"), before), rule
-        if rule == "wm":
-            mirror_moves_every_B(net, batch_size=4)
+    _each_rule_learns(module, x, [0, 1, 1], shape, "proj.conv.weight")
 
 
 def test_a_pooling_layer_on_folded_windows_is_refused():
