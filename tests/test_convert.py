@@ -820,8 +820,8 @@ def test_item_assignment_seen_by_a_view_and_in_place_changes_of_parameters_are_r
                                                     r"tensor \(x.new_zeros\(...\), x.clone\(\)\) not read since it "
                                                     r"was made"):
         circuits.from_torch(Viewed(), input_shape=(5, 4))
-    with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* modifies in place a tensor computed from "
-                                                    r"parameters.*circuits.in_place"):
+    with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* changes 'getitem' in place, and later calls "
+                                                    r"read it or what it views \(getitem_1, linear\).*in_place"):
         circuits.from_torch(Zeroed(), input_shape=(5, 4))
 
 
@@ -866,6 +866,45 @@ def test_an_item_of_a_clone_filled_in_place_traces_as_a_copy():
     assert "zero_" not in calls and "fill_" not in calls and calls.count(circuits.graph.operations.set_item) == 2
 
 
+def test_fills_that_would_not_be_views_or_are_read_before_are_refused_and_a_value_may_be_a_keyword():
+    class Advanced(Zeroed):
+        def forward(self, x):
+            bias = self.fc.bias.clone()
+            bias[[0, 2]].zero_()                # an index list picks a copy: torch's bias stays as it is
+            return F.linear(x, self.fc.weight, bias)
+
+    class ReadBefore(Zeroed):
+        def forward(self, x):
+            m = x.new_zeros(x.shape)
+            t = m + x                           # reads m before the fill
+            m[:, 0].fill_(1.0)
+            return self.fc(t + m)
+
+    class ReluReadAfter(Zeroed):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.relu(h) + h             # torch's h is relu(h) by then
+
+    class Keyword(Zeroed):
+        def forward(self, x):
+            bias = self.fc.bias.clone()
+            bias[0:1].fill_(value=3.0)
+            return F.linear(x, self.fc.weight, bias)
+
+    with pytest.raises(circuits.CircuitError, match=r"node 'zero_' .* changes 'getitem' in place, and later calls "
+                                                    r"read it or what it views \(linear\)"):
+        circuits.from_torch(Advanced(), input_shape=(4,))
+    for module in (ReadBefore(), ReluReadAfter()):
+        with pytest.raises(circuits.CircuitError, match=r"changes '\w+' in place, and later calls read it or what it "
+                                                        r"views .*out of place.*circuits.in_place"):
+            circuits.from_torch(module, input_shape=(4,))
+    _same_as_torch(true_float64(Keyword()), torch.randn(3, 4, dtype=torch.float64), 1e-15, 1e-15, input_shape=(4,))
+
+
 class RelativeBias(nn.Module):
     """Swin-V2's attention in miniature: 2 windows of 3 tokens per example folded into the batch axis, 2 heads, and
     an MLP on a constant table computed once for the batch whose result, a bias per head and pair of tokens, is added
@@ -900,6 +939,41 @@ def test_a_layer_on_a_constant_computed_once_for_the_batch_is_a_synapse_between_
     assert sorted(p.shape for p in shared) == sorted([(1, 3, 3, 8), (1, 3, 3, 2)] if leading_one else [(9, 8), (9, 2)])
     assert {"mlp.0", "mlp.2"} <= set(dict(net.projections()))
     _each_rule_learns(module, x, [0, 1, 2], (6, 4), "proj.mlp_0.weight")
+
+
+def test_dropout_on_a_shared_population_draws_one_mask_for_the_batch_as_torch():
+    """torch drops units of its one tensor, the same for every example; so does the circuit in train mode."""
+    module = RelativeBias(True)
+    module.mlp.insert(2, nn.Dropout(0.5))
+    net = circuits.from_torch(module.double(), input_shape=(6, 4)).build().train()
+    masks = [m for m in net.modules() if getattr(m, "spec", None) is not None and m.spec.op == "batch_dropout"]
+    assert len(masks) == 1
+    seen = {}
+    masks[0].register_forward_hook(lambda mod, args, out: seen.update(out=out, into=args[0]))
+    net(torch.randn(5, 6, 4, dtype=torch.float64))
+    kept = seen["out"] != 0
+    assert torch.equal(kept, kept[:1].expand_as(kept)) and 0 < kept.double().mean() < 1      # one mask, some dropped
+    assert torch.equal(seen["out"][kept], 2 * seen["into"][kept])
+
+
+@pytest.mark.parametrize("use", ["bias", "expanded"])
+def test_what_layers_on_a_constant_compute_is_refused_where_parameters_alone_are_expected(use):
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.randn(1, 5, 4))
+            self.mlp, self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(20, 2)
+
+        def forward(self, x):
+            t = self.mlp(self.table)
+            if use == "bias":                   # a computed bias, which converts from parameters alone
+                return self.head(F.linear(x, self.fc.weight, t[0, 0] * 2).flatten(1))
+            e = t.expand(x.shape[0], -1, -1)    # read twice: a class token's population, driven from the input
+            return self.head((self.fc(x) * e + e + t).flatten(1))
+
+    with pytest.raises(circuits.CircuitError, match=r"computes from parameters and from what layers on a constant "
+                                                    r"compute \(mlp\).*circuits.in_place"):
+        circuits.from_torch(Reader(), input_shape=(5, 4))
 
 
 def test_a_layer_on_a_parameter_is_refused_before_any_run():
@@ -960,6 +1034,12 @@ def test_a_convolution_on_patches_folded_into_the_batch_axis_is_a_synapse_on_eac
     assert synapse.fold == (2 if how == "conv1d" else 4) and synapse.in_shape == ((4, 2) if how == "conv1d" else
                                                                                  (2, 2, 2))
     _each_rule_learns(module, x, [0, 1, 1], shape, "proj.conv.weight")
+
+
+def test_ldfa_on_a_convolution_on_folded_patches_is_refused():
+    with pytest.raises(circuits.CircuitError, match=r"rule ldfa sends the output error through B to this "
+                                                    r"convolution's input, which holds 4 patches .*rules_by_layer"):
+        circuits.from_torch(PixelPatches("layer"), rule="ldfa", input_shape=(2, 4, 4)).build()
 
 
 def test_a_pooling_layer_on_folded_windows_is_refused():

@@ -86,7 +86,9 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
     """The refusals the graph alone shows, before any run: a CircuitError saying why and what to do."""
     data = data_nodes(traced)
     calls: dict[str, int] = {}
+    order = {n: i for i, n in enumerate(traced.graph.nodes)}
     for node in traced.graph.nodes:
+        _refuse_unseen_change(traced, node, order, name)
         if node.op == "get_attr" and isinstance(_attribute(traced, node.target), nn.Parameter):
             users = [u for u in node.users if not is_shape_read(u) and not (
                 u.target in _SHAPE_OF_SECOND and len(u.args) > 1 and u.args[1] is node)]
@@ -120,12 +122,58 @@ def refuse_early(traced: fx.GraphModule, name: str) -> None:
                                f"circuits.in_place, which keeps the module's own forward (see {GUIDE})")
 
 
+def changes_in_place(traced: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` changes its first argument in place: a tensor method named with a trailing underscore
+    (x.add_(y)), a call with inplace=True, a layer built with inplace=True (nn.ReLU(inplace=True))."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_module":
+        return getattr(traced.get_submodule(node.target), "inplace", False) is True
+    return node.op == "call_function" and node.kwargs.get("inplace") is True
+
+
+def _refuse_unseen_change(traced: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int], name: str) -> None:
+    """A CircuitError where `node` changes a tensor in place that a later call reads (other than its shape): the
+    graph gives that call the tensor before the change, torch gives it the changed one. (An item of a new tensor
+    filled in place is a copy by then: tracing's _fills_as_copies.)"""
+    changed = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if changed is None or not changes_in_place(traced, node):
+        return
+    base = changed                       # what the tensor is a view of, and every view of that made before
+    while _is_view(base) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    aliases, todo = set(), [base]
+    while todo:
+        alias = todo.pop()
+        aliases.add(alias)
+        todo.extend(u for u in alias.users if _is_view(u) and order[u] < order[node] and u not in aliases)
+    later = sorted({u.name for a in aliases for u in a.users if order[u] > order[node] and not is_shape_read(u)})
+    if later:
+        raise CircuitError(f"{name}: node {node.name!r} ({node.format_node()}) changes {changed.name!r} in place, "
+                           f"and later calls read it or what it views ({', '.join(later)}): the converted graph "
+                           f"would give them the tensor before the change. Compute it out of place (y = x.add(...), "
+                           f"inplace=False), or convert the module with circuits.in_place (see {GUIDE})")
+
+
+_VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select", "expand",
+          "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "t", "T", "movedim", "swapaxes", "unbind",
+          "split", "chunk", torch.narrow, torch.select, torch.transpose, torch.permute, torch.reshape, torch.squeeze,
+          torch.unsqueeze, torch.flatten, torch.movedim, torch.swapaxes, torch.unbind, torch.split, torch.chunk}
+"""Calls whose result may be a view of their first argument (so a change of it changes the argument)."""
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether `node`'s result may be a view of its first argument (an item of it, a reshape, ...)."""
+    return node.op in ("call_method", "call_function") and bool(node.args) and (
+        node.target is operator.getitem or node.target in _VIEWS)
+
+
 def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) -> None:
     """A CircuitError for a node off the data that a circuit cannot compute: a layer with parameters called on what
     parameters compute, other than in a chain of layers on a constant (on_constant; one with buffers alone computes a
     constant), whose synapses would have no population to learn from; a tensor method that modifies in place a
-    tensor computed from parameters, which an operation computing that tensor would not see (an item of a clone
-    filled in place traces as a copy: tracing's set_item)."""
+    tensor computed from parameters, which an operation computing that tensor would not see (an item of a new
+    tensor filled in place traces as a copy: tracing's _fills_as_copies)."""
     read = [u.name for u in node.users if not is_shape_read(u)]
     layer = traced.get_submodule(node.target) if node.op == "call_module" else None
     if layer is not None and read and any(True for _ in layer.parameters()) and from_parameters(traced, node.args[0]) \

@@ -31,7 +31,7 @@ from .. import rules
 from ..errors import CircuitError
 from ..graph import projections as P
 from ..graph.circuit import Circuit, LayerRules
-from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, follows_mode, op_name
+from ..graph.operations import BATCH, SYNAPTIC_OPS, Call, Held, Operand, Operation, WhileLearning, follows_mode, op_name
 from . import checks, layers
 from .checks import GUIDE, SUMS, SYNAPTIC_FUNCTIONS, has_state, is_named_tuple
 from .layers import CALL_SETTINGS, attention, call_activation, call_projection, module_activation, synaptic_call
@@ -274,6 +274,19 @@ class _Walk:
                                f"{node.name!r}; write it with those, or convert with circuits.in_place (see {GUIDE})")
         return Call(op, inner(arg.args), inner(dict(arg.kwargs)))
 
+    def parameters_alone(self, node: fx.Node, arg: Any, held: dict[str, Tensor], learned: list[str]) -> Any:
+        """`arg` of `node` as an operation template that reads parameters and constants alone (a class token, a
+        computed bias); a CircuitError where it reads a population (one every example computes from a constant:
+        constant_layer), which such an operation would not receive."""
+        operands: list[str] = []
+        call = self.template(node, arg, operands, held, learned)
+        if operands:
+            raise CircuitError(f"node {node.name!r} ({node.format_node()}) computes from parameters and from what "
+                               f"layers on a constant compute ({', '.join(operands)}), as a class token or a bias "
+                               f"would, which converts from parameters alone; convert with circuits.in_place (see "
+                               f"{GUIDE})")
+        return call
+
     def attention(self, node: fx.Node) -> None:
         """nn.MultiheadAttention: in-projection, attention, out-projection (circuits.convert.layers.attention)."""
         layer = self.traced.get_submodule(node.target)
@@ -309,10 +322,9 @@ class _Walk:
         """A tensor computed from parameters alone, one per example (a class token expanded over the batch), that
         several calls read: a population of its own, driven from the input by an operation that holds the
         parameters (it reads the input's batch size only), so that each parameter is used once."""
-        operands: list[str] = []
         held: dict[str, Tensor] = {}
         learned: list[str] = []
-        call = self.template(node, node, operands, held, learned)
+        call = self.parameters_alone(node, node, held, learned)
         operation = Operation(call.op, call.args, call.kwargs, learned=tuple(learned), state=held or None)
         self.driven_from_input(node.name, tuple(self.found[node].values[0].shape[1:]), operation)
         self.pop_of[node] = node.name
@@ -364,7 +376,8 @@ class _Walk:
         if constant.name not in self.pops:                    # one population for a table that several layers read
             self.driven_from_input(constant.name, tuple(row.shape), Operation(
                 ".expand", (Held(constant.name), BATCH, *(-1,) * row.dim()), state={constant.name: row.unsqueeze(0)}))
-        self.layer_on(constant.name, per_example, self.traced.get_submodule(node.target), node.target, shared)
+        self.layer_on(constant.name, per_example, layer_projection(self.traced.get_submodule(node.target), node.target),
+                      node.target, shared)
         self.pops[constant.name]["shared"] = shared
         return True
 
@@ -384,18 +397,23 @@ class _Walk:
             return
         if has_state(layer):
             self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
-        self.layer_on(pre, node, layer, node.target, shared=True, activation=act)
+        if act is not None:
+            projection: P.Projection = P.Identity()
+        elif isinstance(layer, nn.Dropout):       # torch draws one mask for its one tensor, not one per example
+            projection = Operation("batch_dropout", (Operand(0), layer.p, WhileLearning(True, False)))
+        else:
+            projection = layer_projection(layer, node.target)
+        self.layer_on(pre, node, projection, node.target, shared=True, activation=act)
 
-    def layer_on(self, pre: str, node: fx.Node, layer: nn.Module, name: str, shared: bool,
+    def layer_on(self, pre: str, node: fx.Node, projection: P.Projection, name: str, shared: bool,
                  activation: str | None = None) -> None:
-        """A population for `node`, its result, reached from population `pre` by `layer` (its synapse; an Identity
-        into the population for an activation); shared: the population holds, per example, the whole tensor torch
-        computes once for the batch."""
+        """A population for `node`, its result, reached from population `pre` by `projection` (a layer's; an
+        Identity into the population for an activation); shared: the population holds, per example, the whole tensor
+        torch computes once for the batch."""
         shape = tuple(self.found[node].values[0].shape)
         self.pops[node.name] = dict(shape=shape if shared else shape[1:], activation=activation or "identity",
                                     input=False, junction=None, operands=None, shared=shared)
         self.pop_of[node] = node.name
-        projection = P.Identity() if activation is not None else layer_projection(layer, name)
         self.connect(pre, node.name, projection, None if activation is not None else name)
 
     def synaptic_call(self, node: fx.Node) -> None:
@@ -428,10 +446,9 @@ class _Walk:
         if not computed_bias:
             self.connect(pre, self.new_population(node), projection, layer)
             return
-        operands: list[str] = []
         held: dict[str, Tensor] = {}
         learned: list[str] = []
-        added = self.template(node, bias, operands, held, learned)
+        added = self.parameters_alone(node, bias, held, learned)
         unbiased = f"{node.name}_unbiased"
         post = self.new_population(node)
         spec = self.pops.pop(post)

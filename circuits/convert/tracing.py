@@ -296,17 +296,20 @@ def _fills_as_copies(graph: fx.Graph) -> fx.Graph:
     """The graph with each x[key].zero_() or x[key].fill_(value) on a new tensor x (a clone, x.new_zeros(...)) as
     set_item(x, key, value), a copy with the item set, read in x's place by every call after it (torchvision
     Swin-V2's qkv_bias.clone()[C:2 * C].zero_()). Only where nothing but shape reads read x before, so that no view
-    of x would see the change; any other in-place change stays, and is refused (checks)."""
+    of x would see the change, and where the key picks a view (integers, slices, None, ...; an index tensor or list
+    picks a copy, which torch fills and drops). Any other in-place change stays: checks refuses one on a tensor
+    computed from parameters, or one that a later call would not see."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         view = node.args[0] if node.op == "call_method" and node.target in ("zero_", "fill_") else None
-        if node.users or not (isinstance(view, fx.Node) and view.target is operator.getitem and len(view.users) == 1):
+        if node.users or not (isinstance(view, fx.Node) and view.target is operator.getitem and len(view.users) == 1
+                              and _basic(view.args[1])):
             continue
         whole = view.args[0]
         if not _fresh(whole) or any(order.get(u, len(order)) < order[node] and u is not view and not is_shape_read(u)
                             for u in whole.users):
             continue
-        value = 0 if node.target == "zero_" else node.args[1]
+        value = 0 if node.target == "zero_" else node.args[1] if len(node.args) > 1 else node.kwargs["value"]
         with graph.inserting_after(node):
             copy = graph.call_function(set_item, (whole, view.args[1], value))
         for user in [u for u in whole.users if order.get(u, -1) > order[node]]:
@@ -314,6 +317,14 @@ def _fills_as_copies(graph: fx.Graph) -> fx.Graph:
         graph.erase_node(node)
         graph.erase_node(view)
     return graph
+
+
+def _basic(key: Any) -> bool:
+    """Whether an index `key` surely picks a view (basic indexing: integers, slices, None, Ellipsis, or a tuple of
+    them); a graph node may be an index tensor, which picks a copy."""
+    if isinstance(key, tuple):
+        return all(_basic(k) for k in key)
+    return key is None or key is Ellipsis or isinstance(key, slice) or type(key) is int
 
 
 def _ways(input_shape: tuple[int, ...] | None) -> Iterator[tuple[Whole | None, bool]]:

@@ -113,6 +113,12 @@ def set_item(tensor: Tensor, key: Any, value: Any) -> Tensor:
     return copied
 
 
+def batch_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout with one mask for the whole batch: what torch draws for a tensor it computes once for the batch, which
+    a shared population holds per example (fx's constant_layer: dropout in Swin-V2-CR's meta MLP)."""
+    return x * F.dropout(torch.ones_like(x[:1]), p, training)
+
+
 def call_module(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A module without parameters or buffers that tracing kept whole (timm's MaxPool2dSame), called: its own
     forward, in the operation's train/eval mode."""
@@ -148,6 +154,7 @@ OPS: dict[str, Callable[..., Any]] = {
     **{f"torch.{n}": getattr(torch, n) for n in _TORCH}, **{f"F.{n}": getattr(F, n) for n in _FUNCTIONAL},
     **{f"operator.{n}": getattr(operator, n) for n in _OPERATOR}, **{f".{n}": _method(n) for n in _METHODS},
     "multi_head_attention": multi_head_attention, "module": call_module, "set_item": set_item,
+    "batch_dropout": batch_dropout,
 }
 """The functions an operation may call, by name: torch.*, F.*, operator.* and tensor methods (".name"), and
 torchvision's stochastic depth where torchvision is installed."""
@@ -188,7 +195,8 @@ def _registered(op: str) -> bool:
     if not callable(fn) or register_function(fn) != op:
         return False
     return True
-TRAINING_FLAG = {"F.dropout": ("training", 2), "torchvision.stochastic_depth": ("training", 3),
+TRAINING_FLAG = {"F.dropout": ("training", 2), "batch_dropout": ("training", 2),
+                 "torchvision.stochastic_depth": ("training", 3),
                  "F.rrelu": ("training", 3), "F.batch_norm": ("training", 5), "F.dropout1d": ("training", 2),
                  "F.dropout2d": ("training", 2)}
 """Functions with a `training` flag (name, position), which modules pass as self.training: the operation's own

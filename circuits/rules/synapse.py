@@ -279,6 +279,10 @@ class Synapse(nn.Module):
         if state is not None:
             self.load_state_dict(state)
         self.rule = rule
+        if fold > 1 and rule is not None and rule.reads_output_error:
+            raise CircuitError(f"rule {rule} sends the output error through B to this convolution's input, which "
+                               f"holds {fold} patches per example folded into the batch axis: not supported; give "
+                               f"this layer another rule (rules_by_layer)")
         if rule is not None:
             rule.attach(self)
 
