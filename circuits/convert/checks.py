@@ -156,7 +156,7 @@ def _refuse_unseen_change(traced: fx.GraphModule, node: fx.Node, order: dict[fx.
 
 
 _VIEWS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "narrow", "select", "expand",
-          "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "t", "T", "movedim", "swapaxes", "unbind",
+          "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "t", "movedim", "swapaxes", "unbind",
           "split", "chunk", torch.narrow, torch.select, torch.transpose, torch.permute, torch.reshape, torch.squeeze,
           torch.unsqueeze, torch.flatten, torch.movedim, torch.swapaxes, torch.unbind, torch.split, torch.chunk}
 """Calls whose result may be a view of their first argument (so a change of it changes the argument)."""
@@ -190,8 +190,8 @@ def _refuse_from_parameters(traced: fx.GraphModule, node: fx.Node, name: str) ->
 
 def on_constant(traced: fx.GraphModule, node: fx.Node) -> bool:
     """Whether `node` is a layer in a chain of layers, each reading the one before, on a constant (torchvision
-    Swin-V2's cpb_mlp on relative_coords_table): its synapses learn from a population of the constant's row
-    (fx's constant_layer)."""
+    Swin-V2's cpb_mlp on relative_coords_table): its synapses learn from populations of the constant (fx's
+    constant_layer)."""
     while isinstance(node, fx.Node) and node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
         node = node.args[0]
     return isinstance(node, fx.Node) and node.op == "get_attr" and \
