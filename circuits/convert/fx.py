@@ -391,9 +391,7 @@ class _Walk:
         layer = self.traced.get_submodule(node.target)
         pre = self.source(node, node.args[0])
         act = module_activation(layer, node.target)
-        if act is not None and self.pops[pre]["activation"] == "identity" and len(node.args[0].users) == 1:
-            self.pops[pre]["activation"] = act          # fold phi into the population it acts on
-            self.pop_of[node] = pre
+        if act is not None and self.folds_into(node, node.args[0], act):
             return
         if has_state(layer):
             self.use(node.target, "layer", "it is called more than once; shared weights cannot be converted")
@@ -536,13 +534,19 @@ class _Walk:
 
     def activate(self, node: fx.Node, arg: fx.Node, act: str) -> None:
         self.refuse_folded(node, arg, "dim=" not in act or "dim=-" in act, f"activation {act}")
+        if not self.folds_into(node, arg, act):
+            self.connect(self.source(node, arg), self.new_population(node, act), P.Identity())
+
+    def folds_into(self, node: fx.Node, arg: fx.Node, act: str) -> bool:
+        """Whether activation `act` of `node` folded into the population it acts on (`arg`'s): where that one has
+        none, is no input, and nothing else reads its summed input."""
         pre = self.source(node, arg)
         pop = self.pops[pre]
-        if pop["activation"] == "identity" and not pop.get("input") and len(arg.users) == 1:
-            pop["activation"] = act          # fold phi into the population it acts on
-            self.pop_of[node] = pre
-        else:
-            self.connect(pre, self.new_population(node, act), P.Identity())
+        if pop["activation"] != "identity" or pop.get("input") or len(arg.users) != 1:
+            return False
+        pop["activation"] = act
+        self.pop_of[node] = pre
+        return True
 
     def connect(self, pre: str, post: str, projection: P.Projection, layer: str | None = None) -> None:
         self.edges.append((pre, post, projection, layer or f"{pre}->{post}"))
