@@ -124,7 +124,7 @@ def released_net(rule: str, seed: int, inputs: int, classes: int = 10, *, init: 
             s.bias.normal_(0, std, generator=generator)
             s.weight.normal_(0, std, generator=generator)
         for s in stored:
-            s.feedback = torch.randn(s.weight.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
+            s.feedback = torch.randn(s.B.shape, generator=generator) / math.sqrt(sum(s.weight.shape))
     return net.to(dtype)
 
 
@@ -132,7 +132,8 @@ def authors_init(synapses: Sequence[circuits.Synapse], stored: Sequence[circuits
     """b, W and B set as the authors' code draws them, in the synapses' dtype: NumPy's legacy generator seeded
     with `seed` (np.random.seed, main.py), then every layer's b = s randn(n_out, 1), every layer's
     W = s randn(n_out, n_in) (FCNN_BP.py lines 29-32) and every stored B = s randn(n_in, n_out), our B transposed
-    (FCNN_FA.py line 30, which FCNN_KP and FCNN_WM inherit), with s = sqrt(1 / (n_in + n_out))."""
+    (FCNN_FA.py line 30, which FCNN_KP and FCNN_WM inherit), with s = sqrt(1 / (n_in + n_out)). A B shaped
+    otherwise (LDFA's, from the output) is drawn in its own shape at the same scale."""
     generator = np.random.RandomState(seed)
 
     def draw(synapse: circuits.Synapse, *shape: int) -> Tensor:
@@ -145,7 +146,7 @@ def authors_init(synapses: Sequence[circuits.Synapse], stored: Sequence[circuits
         for s in synapses:
             s.weight.copy_(draw(s, *s.weight.shape))
         for s in stored:
-            s.feedback = draw(s, *s.weight.shape[::-1]).T
+            s.feedback = draw(s, *s.B.shape[::-1]).T
 
 
 def released_optimizer(net: circuits.CircuitNet, rule: str, batch_size: int = BATCH) -> torch.optim.SGD:

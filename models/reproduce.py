@@ -321,6 +321,14 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     unknown = [r for r in config.rules if r not in rules.RULES]
     if unknown:
         raise ValueError(f"unknown rules {unknown}; rules: {', '.join(rules.RULES)}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; dtypes: {', '.join(DTYPES)}")
+    other = PAPER_ONLY if config.settings == "released" else RELEASED_ONLY
+    changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
+               if f.metadata.get("group") == other and getattr(config, f.name) != f.default]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} set(s) {other}, not --settings {config.settings}"
+                         + (" (which takes the authors' values)" if config.settings == "released" else ""))
     split = data.with_dtype(DATASETS[config.dataset](config.cache_dir, config.root, flat=True,
                                                      standardize=config.settings == "paper"), DTYPES[config.dtype])
     folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite,
@@ -371,12 +379,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.reprod
     p.add_argument("--threads", type=POSITIVE_INT, default=compare.MLP_THREADS,
                    help="torch's CPU threads (models.compare.MLP_THREADS: the MLP's products are small)")
     config, args = parse(ReproduceConfig, argv, p)
-    d, other = ReproduceConfig(), PAPER_ONLY if config.settings == "released" else RELEASED_ONLY
-    changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
-               if f.metadata.get("group") == other and getattr(config, f.name) != getattr(d, f.name)]
-    if changed:
-        print(f"{prog}: {', '.join(changed)} set(s) {other}, not --settings {config.settings}", file=sys.stderr)
-        return 2
     command = (f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     try:
         with torch_threads(args.threads):

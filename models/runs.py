@@ -160,14 +160,15 @@ def _order(run: Run) -> tuple[int, str, int]:
 
 class RunFolder:
     """The runs in `out`/runs made with `settings` (a job's configuration but for its rules, seeds and
-    bookkeeping): read when opened, refused if made with other settings, or all deleted with `overwrite`.
-    `defaults`: the settings' default values, which a run kept from before a setting existed ran with."""
+    bookkeeping): read when opened, refused if made with other settings, or all deleted with `overwrite`; a
+    checkpoint made with other settings is refused when its group would go on from it. `defaults`: the settings'
+    default values, which a run or checkpoint kept from before a setting existed ran with."""
 
     def __init__(self, out: Path, settings: dict[str, Any], *, overwrite: bool = False,
                  defaults: dict[str, Any] | None = None) -> None:
         self.out, self.runs = out, out / "runs"
         self.settings = json.loads(json.dumps(settings))       # as read back from a file: tuples are lists
-        defaults = json.loads(json.dumps(defaults or {}))
+        self.defaults = json.loads(json.dumps(defaults or {}))
         if overwrite:
             self._delete()
         self.done: dict[Run, RunResult] = {}
@@ -181,14 +182,18 @@ class RunFolder:
                                   f"this job; pass --overwrite to delete them, or --out to write elsewhere")
         for path in sorted(self.runs.glob("*.json")) if self.runs.is_dir() else []:
             kept = json.loads(path.read_text())
-            kept["settings"] = {**defaults, **kept["settings"]}
-            if kept["settings"] != self.settings:
-                changed = [f"{k} {kept['settings'].get(k)!r} there, {v!r} here"
-                           for k, v in self.settings.items() if kept["settings"].get(k) != v]
-                raise FileExistsError(f"{out} holds runs made with other settings ({path.name}: {'; '.join(changed)})"
-                                      f": pass --overwrite to replace them, or --out to write elsewhere")
+            self._refuse_other(kept["settings"], "runs", path.name)
             result = RunResult(**kept["result"])
             self.done[result.rule, result.seed], self._commands[result.rule, result.seed] = result, kept["command"]
+
+    def _refuse_other(self, settings: dict[str, Any], what: str, name: str) -> None:
+        """A FileExistsError naming each setting in which `settings` (read from `name`) differ from this job's."""
+        settings = {**self.defaults, **settings}
+        if settings != self.settings:
+            changed = [f"{k} {settings.get(k)!r} there, {v!r} here" for k, v in self.settings.items()
+                       if settings.get(k) != v]
+            raise FileExistsError(f"{self.out} holds {what} made with other settings ({name}: {'; '.join(changed)})"
+                                  f": pass --overwrite to replace them, or --out to write elsewhere")
 
     def recording(self, rule: str, seed: int) -> Path:
         return self.runs / f"{rule}-seed{seed}.h5"
@@ -196,6 +201,11 @@ class RunFolder:
     def checkpoint(self, rule: str, seeds: Sequence[int]) -> Path:
         """Where the runs of `rule` with `seeds`, trained together, keep their state after each whole epoch."""
         return self.runs / f"{rule}-seed{'-'.join(map(str, seeds))}.ckpt"
+
+    @staticmethod
+    def made_with(checkpoint: Path) -> Path:
+        """Where the settings that `checkpoint` was made with are kept (beside it, as JSON)."""
+        return checkpoint.with_suffix(".settings")
 
     def _stale_checkpoints(self, rule: str, seeds: Sequence[int]) -> list[Path]:
         """Checkpoints of `rule` holding any of `seeds` but trained in another group (seeds batched otherwise)."""
@@ -236,11 +246,20 @@ class RunFolder:
             checkpoint = self.checkpoint(rule, seeds)
             for stale in self._stale_checkpoints(rule, seeds):
                 stale.unlink()
+                self.made_with(stale).unlink(missing_ok=True)
             partials = [self.recording(rule, seed).with_suffix(".partial.h5") for seed in seeds]
+            made_with = self.made_with(checkpoint)
+            if checkpoint.is_file() and made_with.is_file():
+                self._refuse_other(json.loads(made_with.read_text()), "a checkpoint", checkpoint.name)
             if not checkpoint.is_file():
                 for partial in partials:
                     partial.unlink(missing_ok=True)
-            results = train_group(rule, seeds, partials, checkpoint)
+            made_with.write_text(json.dumps(self.settings))
+            try:
+                results = train_group(rule, seeds, partials, checkpoint)
+            finally:
+                if not checkpoint.is_file():          # stopped before its first whole epoch: nothing to go on from
+                    made_with.unlink(missing_ok=True)
             if not results:
                 raise RuntimeError(f"training {rule} with seeds {seeds} gave no result")
             for result in results:
@@ -248,6 +267,7 @@ class RunFolder:
                 bar.update()
                 yield result
             checkpoint.unlink(missing_ok=True)
+            made_with.unlink(missing_ok=True)
         bar.close()
 
     def _keep(self, result: RunResult, partial: Path, command: str) -> None:
@@ -261,7 +281,7 @@ class RunFolder:
         tqdm.write(f"{result.rule:>2} seed {result.seed}: {result.describe()}", file=sys.stdout)
 
     def _delete(self) -> None:
-        for pattern in ("*.h5", "*.json", "*.ckpt"):
+        for pattern in ("*.h5", "*.json", "*.ckpt", "*.settings"):
             for path in self.runs.glob(pattern) if self.runs.is_dir() else []:
                 path.unlink()
         for name in OUTPUTS:

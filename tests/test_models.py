@@ -441,9 +441,9 @@ def test_a_run_killed_mid_way_goes_on_from_its_last_whole_epoch(batch_seeds, tmp
     import h5py
     import numpy as np
 
-    def config(out):
+    def config(out, **changed):
         return compare.CompareConfig(rules=("wm",), seeds=(0, 1), epochs=3, train_examples=192, batch_size=64,
-                                     out=str(out), report=False, progress=False, batch_seeds=batch_seeds)
+                                     out=str(out), report=False, progress=False, batch_seeds=batch_seeds, **changed)
 
     compare.run(config(tmp_path / "straight"))
     real, epochs = compare.KeepingTrainer.epoch_done, []
@@ -458,13 +458,18 @@ def test_a_run_killed_mid_way_goes_on_from_its_last_whole_epoch(batch_seeds, tmp
     with pytest.raises(KeyboardInterrupt):
         compare.run(config(tmp_path / "stopped"))
     runs = tmp_path / "stopped" / "runs"
-    assert sorted(p.name for p in runs.iterdir()) == (["wm-seed0-1.ckpt", "wm-seed0.partial.h5", "wm-seed1.partial.h5"]
-                                                      if batch_seeds else ["wm-seed0.ckpt", "wm-seed0.partial.h5"])
+    left = (["wm-seed0-1.ckpt", "wm-seed0-1.settings", "wm-seed0.partial.h5", "wm-seed1.partial.h5"]
+            if batch_seeds else ["wm-seed0.ckpt", "wm-seed0.partial.h5", "wm-seed0.settings"])
+    assert sorted(p.name for p in runs.iterdir()) == left
+    checkpoint = "wm-seed0-1.ckpt" if batch_seeds else "wm-seed0.ckpt"
+    with pytest.raises(FileExistsError, match=f"holds a checkpoint made with other settings \\({checkpoint}: lr "):
+        compare.run(config(tmp_path / "stopped", lr=0.5))        # never goes on from another job's state
+    assert sorted(p.name for p in runs.iterdir()) == left
     monkeypatch.setattr(compare.KeepingTrainer, "epoch_done", lambda self, m: (epochs.append(-1), real(self, m)))
     epochs.clear()
     compare.run(config(tmp_path / "stopped"))
     assert epochs == ([-1] if batch_seeds else [-1, -1, -1, -1])      # epoch 3 of seed 0, then seed 1's three
-    assert not list(runs.glob("*.ckpt")) and not list(runs.glob("*.partial.h5"))
+    assert not [p for p in runs.iterdir() if p.suffix in (".ckpt", ".settings") or p.name.endswith(".partial.h5")]
     straight, stopped_runs = (json.loads((tmp_path / name / "results.json").read_text())["runs"]
                               for name in ("straight", "stopped"))
     for a, b in zip(straight, stopped_runs, strict=True):

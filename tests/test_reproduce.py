@@ -433,6 +433,15 @@ def test_numpy_init_starts_from_the_authors_weights(rule):
         released.released_net(rule, seed=1111, inputs=784, init="keras")
 
 
+@pytest.mark.parametrize("init", released.INITS)
+def test_a_feedback_shaped_from_the_output_is_drawn_in_its_own_shape(init):
+    """LDFA's B reaches each layer from the 10 outputs: drawn (10, n_in) at the layer's scale, not refused."""
+    net = released.released_net("ldfa", seed=1111, inputs=784, init=init)
+    for (_, s), fan in zip(net.projections(), (784 + 500, 500 + 10), strict=True):
+        assert s.B.shape == (10, s.weight.shape[1])
+        assert float(s.B.std()) == pytest.approx(fan ** -0.5, rel=0.1)
+
+
 AUTHORS_EPOCH_0 = {"fa": (1.8329758302622237, 85.49, 89.83413833851941, 40.03523815929085),
                    "kp": (1.4140639498810195, 88.9, 70.95141889861671, 19.746329499421954)}
 """Their logs' first epoch, all digits (makrout/Deep-Learning-without-Weight-Transport,

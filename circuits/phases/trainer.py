@@ -396,7 +396,8 @@ class Trainer:
             if labels is not None:
                 hit = copy.topk(min(5, copy.shape[1]), dim=1).indices.eq(labels[:, None])
                 hits = torch.stack([hit[:, :1].sum().double(), hit.sum().double()])
-            loss = (self.loss_fn(copy.float(), target).double() * len(target))[None]
+            copy = copy.to(torch.promote_types(copy.dtype, torch.float32))       # never narrowing float64
+            loss = (self.loss_fn(copy, target).double() * len(target))[None]
             totals[k] += torch.cat([loss, hits, torch.tensor([float(len(target))], dtype=torch.float64,
                                                              device=self.device)])
 
