@@ -241,8 +241,7 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
     name = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}[config.dataset]
     epochs = config.epochs
     tail = tail_epochs(epochs)
-    options = "".join(f" `--{f.name} {getattr(config, f.name)}`" for f in dataclasses.fields(config)
-                      if f.metadata.get("group") == RELEASED_ONLY and getattr(config, f.name) != f.default)
+    options = "".join(f" `--{name} {getattr(config, name)}`" for name in _set_in(config, RELEASED_ONLY))
     lines = [f"{name} ({len(split.train):,} training and {len(split.test):,} test images), "
              f"`--settings {config.settings}`{options}, **{epochs} epoch(s)** (the authors ran 400); mean ± sample "
              f"standard deviation [95% t-interval] over seeds {', '.join(map(str, config.seeds))}; the difference "
@@ -311,6 +310,12 @@ def _authors_400(rule: str) -> tuple[str, str]:
     return f"{top1:.2f}", angles
 
 
+def _set_in(config: ReproduceConfig, group: str) -> list[str]:
+    """The fields of option group `group` (PAPER_ONLY, RELEASED_ONLY) that `config` sets away from their default."""
+    return [f.name for f in dataclasses.fields(config)
+            if f.metadata.get("group") == group and getattr(config, f.name) != f.default]
+
+
 def run(config: ReproduceConfig, command: str = "python -m models.reproduce") -> dict[str, stats.SeedSummary]:
     """Every (rule, seed) run not done yet in --out, results.json and results.md after each, then the report;
     returns the statistics across seeds by rule."""
@@ -324,8 +329,7 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; dtypes: {', '.join(DTYPES)}")
     other = PAPER_ONLY if config.settings == "released" else RELEASED_ONLY
-    changed = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config)
-               if f.metadata.get("group") == other and getattr(config, f.name) != f.default]
+    changed = ["--" + name.replace("_", "-") for name in _set_in(config, other)]
     if changed:
         raise ValueError(f"{', '.join(changed)} set(s) {other}, not --settings {config.settings}"
                          + (" (which takes the authors' values)" if config.settings == "released" else ""))
