@@ -315,6 +315,18 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interva
     return Interval(len(x), mean, sd, mean - half, mean + half, confidence)
 
 
+def prediction(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Where one more run (a new seed) falls, with probability `confidence`: mean ± t_{(1 + c) / 2, n - 1} SD
+    sqrt(1 + 1/n), the prediction interval of a normal sample (the t-interval bounds the mean; this bounds one
+    draw, so it is wider by sqrt(n + 1)). The right test of one run of someone else's, as the authors' single run,
+    against our n seeds: the gap their run may have from our mean grows with our spread and with 1/n."""
+    found = interval(values, confidence)
+    if found.n < 2:
+        return found
+    half = (found.high - found.mean) * math.sqrt(found.n + 1)
+    return Interval(found.n, found.mean, found.sd, found.mean - half, found.mean + half, confidence)
+
+
 def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float],
                       confidence: float = CONFIDENCE) -> Interval:
     """The t-interval of values[seed] - baseline[seed] over the seeds both have (matched seeds: the same data

@@ -59,6 +59,7 @@ from . import compare, data, provenance
 from .cli import POSITIVE, POSITIVE_INT, option, parse, within
 from .released import (
     AUTHORS_EPOCH_400,
+    AUTHORS_EPOCHS,
     AUTHORS_FA_ANGLE,
     AUTHORS_LOG,
     BATCH,
@@ -228,7 +229,25 @@ def checks(summaries: Sequence[stats.SeedSummary], config: ReproduceConfig) -> l
                             f"{authors:.2f}% ({top1.cell()}%, mean of the last {stats.LAST_EVALUATIONS} of "
                             f"{config.epochs} epochs; they ran 400)",
                             stats.verdict(top1, authors - ACCURACY_POINTS, authors + ACCURACY_POINTS)))
+        if config.epochs == AUTHORS_EPOCHS:
+            out += [_as_one_more_seed(by_rule[rule]) for rule in AUTHORS_EPOCH_400 if rule in by_rule]
     return out
+
+
+def _as_one_more_seed(summary: stats.SeedSummary) -> tuple[str, str]:
+    """Claim: the authors' one run after their last epoch (accuracy, each layer's angle) is what one more seed of
+    ours could end at, each number within our seeds' 95% prediction interval (analysis.stats.prediction): holds
+    if all are inside, fails if one is outside. Released setting, after the authors' number of epochs only."""
+    top1, *angles = AUTHORS_EPOCH_400[summary.rule]
+    found = [("accuracy", top1, stats.prediction(list(summary.top1.values())), "%")]
+    if angles[0] is not None:
+        found += [(p, a, stats.prediction(list(summary.angles[p].values())), "°")
+                  for p, a in zip(summary.angles, angles, strict=True)]
+    cells = "; ".join(f"{name} {authors:.2f}{unit} in [{p.low:.2f}, {p.high:.2f}]" for name, authors, p, unit in found)
+    inside = all(p.low <= authors <= p.high for _, authors, p, _ in found)
+    return (f"{summary.rule.upper()}: the authors' run after epoch {AUTHORS_EPOCHS} is one our seeds predict: each "
+            f"of its numbers within the {stats.CONFIDENCE:.0%} prediction interval of one more seed ({cells})",
+            "holds" if inside else "fails")
 
 
 def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], config: ReproduceConfig,
@@ -266,9 +285,9 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
     if mnist:
         lines += ["Authors' numbers: Akrout et al. 2019 and makrout/Deep-Learning-without-Weight-Transport: their "
                   "released code on full MNIST (what `--settings released` reproduces), one run with seed 1111; the "
-                  "same-epoch column from their logs (experiments/mnist/<rule>-V0/log.txt, first 10 epochs kept "
-                  "here), the last two after 400 epochs (the logs' last epoch); their angles start after the first "
-                  "epoch. SS and DFA were not in their code.", ""]
+                  "same-epoch column from their logs (experiments/mnist/<rule>-V0/log.txt, the first 10 epochs and "
+                  "the last kept here), the last two after 400 epochs (the logs' last epoch); their angles start "
+                  "after the first epoch. SS and DFA were not in their code.", ""]
     if config.settings == "paper":
         kp = rules.KolenPollack.per_step(config.kp_lambda, config.lr)
         lines += [
@@ -292,12 +311,16 @@ def markdown(summaries: Sequence[stats.SeedSummary], first: dict[str, dict], con
 
 
 def _logged(rule: str, epochs: int) -> str:
-    """The authors' logged accuracy and angles after `epochs` epochs, or '–' where not kept."""
+    """The authors' logged accuracy and angles after `epochs` epochs, or '–' where not kept (the first 10 and
+    the last are)."""
     log = AUTHORS_LOG.get(rule, ())
-    if epochs > len(log):
+    if epochs == AUTHORS_EPOCHS and rule in AUTHORS_EPOCH_400:
+        top1, *angles = AUTHORS_EPOCH_400[rule]
+    elif epochs <= len(log):
+        top1, *angles = log[epochs - 1]
+    else:
         return "–"
-    top1, *angles = log[epochs - 1]
-    return f"{top1:.2f}; " + (", ".join(f"{a:.1f}" for a in angles) if angles[0] is not None else "0, 0")
+    return f"{top1:.2f}; " + (", ".join(f"{a:.2f}" for a in angles) if angles[0] is not None else "0, 0")
 
 
 def _authors_400(rule: str) -> tuple[str, str]:

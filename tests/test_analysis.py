@@ -294,6 +294,22 @@ def test_t_intervals_paired_differences_and_verdicts_against_hand_computed_value
         stats.interval([1.0, math.nan])
 
 
+def test_a_prediction_interval_bounds_one_more_draw_where_the_t_interval_bounds_the_mean():
+    found = stats.prediction([1.0, 2.0, 3.0, 4.0])
+    half = T_975[3] * math.sqrt(5 / 3) * math.sqrt(1 + 1 / 4)          # t SD sqrt(1 + 1/n)
+    assert (found.n, found.mean) == (4, 2.5)
+    assert (found.low, found.high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-14)
+    one = stats.prediction([97.0])                                       # one seed predicts nothing
+    assert (one.low, one.high) == (-math.inf, math.inf)
+    # 3 draws of N(0, 1), then a 4th: the prediction interval holds the 4th 95% of the time, the t-interval of
+    # the mean about 83% (the 4th is off the mean by t_2 SD sqrt(4/3), inside when |t_2| < 4.30 / 2).
+    draws = np.random.default_rng(0).standard_normal((4000, 4))
+    inside = [(stats.prediction(d[:3]).low <= d[3] <= stats.prediction(d[:3]).high,
+               stats.interval(d[:3]).low <= d[3] <= stats.interval(d[:3]).high) for d in draws]
+    predicted, of_the_mean = np.mean(inside, axis=0)
+    assert abs(predicted - 0.95) < 0.015 and abs(of_the_mean - 0.835) < 0.03
+
+
 SEED_TOP1 = {"fa": {1: (0.90, 0.92, 0.94), 2: (0.90, 0.93, 0.93), 3: (0.90, 0.91, 0.98)},
              "wm": {1: (0.90, 0.922, 0.944), 2: (0.90, 0.927, 0.930), 3: (0.90, 0.915, 0.99)}}
 """Accuracies after three evaluations: means of the last three 92.0, 92.0, 93.0 (fa) and 92.2, 91.9, 93.5 (wm)."""

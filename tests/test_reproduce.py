@@ -1,5 +1,6 @@
 """python -m models.reproduce: the full-set loaders, the released setting against the authors' own update
 lines, and the job end to end on a small written slice (never the full set)."""
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -342,6 +343,32 @@ def test_claims_are_judged_on_paired_intervals_over_seeds_beside_the_authors_fc1
     assert "per-step decay lam = 0.0008 of W and B, a constant whatever --epochs" in table
     assert table.rstrip().endswith("Provenance: commit abc; python 3; m; GPU: none; 1.0 minutes of training time; "
                                    "command `c`.")
+
+
+def test_after_400_epochs_released_the_authors_run_is_judged_as_one_more_seed_of_ours():
+    """BP ends at 98.4, 98.5 and 98.6% (mean 98.5, SD 0.1); FA's fc2 at 38, 40 and 42° (SD 2), its fc1 at 89.9° on
+    every seed (SD 0: the authors' 89.85° lies outside)."""
+    results = [run_result("bp", seed, [90.0, top1], {"fc1": 0.0, "fc2": 0.0})
+               for seed, top1 in ((1, 98.4), (2, 98.5), (3, 98.6))]
+    results += [run_result("fa", seed, [90.0, 97.8], {"fc1": 89.9, "fc2": fc2}) for seed, fc2 in ((1, 38.0), (2, 40.0),
+                                                                                                  (3, 42.0))]
+    summaries = reproduce.across_seeds(results)
+    config = reproduce.ReproduceConfig(settings="released", rules=("bp", "fa"), seeds=(1, 2, 3), epochs=400)
+    found = dict(reversed(c) for c in reproduce.checks(summaries, config) if "one our seeds predict" in c[0])
+    half = T_975_2 * 0.1 * math.sqrt(4 / 3)                                  # 0.497
+    assert found["holds"] == ("BP: the authors' run after epoch 400 is one our seeds predict: each of its numbers "
+                              f"within the 95% prediction interval of one more seed (accuracy 98.50% in "
+                              f"[{98.5 - half:.2f}, {98.5 + half:.2f}])")
+    assert found["fails"].startswith("FA: the authors' run after epoch 400 is one our seeds predict")
+    assert found["fails"].endswith("(accuracy 97.80% in [97.80, 97.80]; fc1 89.85° in [89.90, 89.90]; "
+                                   f"fc2 40.03° in [{40 - 20 * half:.2f}, {40 + 20 * half:.2f}])")
+    shorter = dataclasses.replace(config, epochs=399)                      # a run of other length predicts nothing
+    assert not [c for c in reproduce.checks(summaries, shorter) if "one our seeds predict" in c[0]]
+    split = SimpleNamespace(train=range(60_000), test=range(10_000))
+    first = {r: {"fc1": (1.0, 0.0), "fc2": (2.0, 0.0)} for r in ("bp", "fa")}
+    record = {"commit": "abc", "python": "3", "machine": "m", "gpu": "none", "command": "c", "seconds": 60.0}
+    table = reproduce.markdown(summaries, first, config, split, record)
+    assert "| 97.80; 89.85, 40.03 | 97.80 | 89.83 -> 89.85; 40.04 -> 40.03 |" in table   # their log's last epoch
 
 
 def test_the_wheel_is_refused_unless_its_sha256_is_pinned_and_full_mnist_keeps_the_standard_label_order(
