@@ -11,7 +11,8 @@ the done runs and trains the others: a run with a checkpoint goes on from its la
 the same .partial.h5 (models.compare.fit), one without from the start (its .partial.h5 deleted first); with other
 settings it is refused, and nothing is ever overwritten without `overwrite` (which deletes every file
 named above, results.json, results.md and report/ first). Runs of other rules or seeds made with the same
-settings stay and join the job's results (a merge).
+settings stay and join the job's results (a merge). A folder may be moved or copied: its runs are read from where
+it is.
 """
 from __future__ import annotations
 
@@ -184,6 +185,8 @@ class RunFolder:
             kept = json.loads(path.read_text())
             self._refuse_other(kept["settings"], "runs", path.name)
             result = RunResult(**kept["result"])
+            if result.recording is not None:    # where the folder is now, whatever the folder and cwd it was made in
+                result.recording = str(self.recording(result.rule, result.seed))
             self.done[result.rule, result.seed], self._commands[result.rule, result.seed] = result, kept["command"]
 
     def _refuse_other(self, settings: dict[str, Any], what: str, name: str) -> None:

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import networkx as nx
@@ -373,6 +374,23 @@ def test_an_interrupted_job_keeps_its_done_runs_and_a_rerun_trains_only_the_rest
     assert "holds recordings without a result (other.h5, ...)" in capsys.readouterr().err
     assert compare.main(argv + ["--overwrite"]) == 0 and trained == ["fa", "bp", "fa"]
     assert not (out / "runs" / "other.h5").exists()
+
+
+def test_a_job_folder_moved_elsewhere_is_read_and_reported_from_where_it_is_now(tmp_path, monkeypatch, capsys):
+    """Runs kept with a relative --out, the folder then moved and the job run again from another directory: its
+    done runs are found in their new place (the report reads their recordings there), not trained again."""
+    (tmp_path / "made").mkdir()
+    monkeypatch.chdir(tmp_path / "made")
+    argv = ["--smoke", "--rules", "bp", "--no-progress"]
+    assert compare.main([*argv, "--out", "job", "--no-report"]) == 0
+    (tmp_path / "made" / "job").rename(tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert compare.main([*argv, "--out", "../moved"]) == 0
+    assert "1 of 1 runs already done" in capsys.readouterr().out
+    assert json.loads((tmp_path / "moved" / "results.json").read_text())["runs"][0]["recording"] == str(
+        Path("../moved/runs/bp-seed0.h5"))
+    assert "bp-seed0" in (tmp_path / "moved" / "report" / "summary.md").read_text()
 
 
 def test_a_diverged_run_is_tabled_with_its_step_and_last_finite_numbers(tmp_path, monkeypatch):
