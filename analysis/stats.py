@@ -7,10 +7,10 @@ A run diverged when its numbers became non-finite (divergence()): a learning ste
 an evaluation's or the probe's loss, or a projection's |B| / |W| (NaN once W or B is). Its summary
 then says so and at which step, and its statistics are of the rows before that step.
 
-Across seeds (scipy.stats): interval() gives mean, SD and a 95% t-interval, paired_difference() the interval of
-a rule's difference to a baseline over matched seeds, verdict() judges a claim on an interval (holds, fails,
-undecided), across_seeds() gathers them per rule from SeedRun rows (seed_run() reads one from a recording), claims()
-judges the paper's claims on them.
+Across seeds (scipy.stats): interval() gives mean, SD and a 95% t-interval, prediction() the interval where one
+more seed would fall, paired_difference() the interval of a rule's difference to a baseline over matched seeds,
+verdict() judges a claim on an interval (holds, fails, undecided), across_seeds() gathers them per rule from
+SeedRun rows (seed_run() reads one from a recording), claims() judges the paper's claims on them.
 """
 from __future__ import annotations
 
@@ -276,8 +276,8 @@ LAST_EVALUATIONS = 3
 @dataclass(frozen=True)
 class Interval:
     """Mean, sample standard deviation and t-interval of n values: mean ± t_{(1 + c) / 2, n - 1} SD / sqrt(n)
-    (Student's t with n - 1 degrees of freedom, c the confidence). With one value SD is NaN and the interval
-    (-inf, inf): one seed bounds nothing."""
+    (Student's t with n - 1 degrees of freedom, c the confidence), or from prediction() the wider interval of one
+    more value. With one value SD is NaN and the interval (-inf, inf): one seed bounds nothing."""
 
     n: int
     mean: float

@@ -2,8 +2,8 @@
 run.sh) and their logs: the settings that --settings released of models.reproduce takes (RELEASED_*, each choice
 named in RELEASED_CHOICES, bugs included where they change results), the net, optimizer, loader and loss their
 code trains with (released_net, released_optimizer, released_loader, summed_bce), and the numbers their own
-MNIST runs logged (AUTHORS_LOG, AUTHORS_EPOCHS, AUTHORS_EPOCH_400, AUTHORS_FA_ANGLE), against which
-models.reproduce tables its runs.
+MNIST runs logged (AUTHORS_LOG, AUTHORS_EPOCHS, AUTHORS_SEED, AUTHORS_PROJECTIONS, AUTHORS_EPOCH_400,
+AUTHORS_FA_ANGLE), against which models.reproduce tables its runs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ HIDDEN = 500
 BATCH = 128
 AUTHORS_EPOCHS = 400
 """How long the authors trained on MNIST (their logs' last epoch)."""
+AUTHORS_SEED = 1111
+"""The seed of the authors' logged runs (main.py's default)."""
+AUTHORS_PROJECTIONS = ("fc1", "fc2")
+"""The layers whose angles AUTHORS_LOG and AUTHORS_EPOCH_400 give, in their order."""
 AUTHORS_EPOCH_400 = {"bp": (98.50, None, None), "fa": (97.80, 89.85, 40.03), "kp": (98.45, 19.96, 3.62),
                      "wm": (98.49, 12.79, 3.79)}
 """The authors' own MNIST runs after their last (400th) epoch (experiments/mnist/<rule>-V0/log.txt, as
