@@ -8,13 +8,15 @@ AUTHORS_FA_ANGLE), against which models.reproduce tables its runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 import circuits
@@ -77,8 +79,8 @@ RELEASED_CHOICES = (
     "sigmoid(W y + b) (line 49), correlation summed over the 128 noise samples, eta_B 0.01, no decay (line 51)",
     "WM bug: the growth control rebinds a local name and so does nothing (FCNN_WM.py lines 53-58): B grows "
     "without bound",
-    "float64 NumPy there, float32 torch here (--dtype float64 for theirs); initial draws from NumPy's generator there, "
-    "torch's here (--init numpy for theirs: with seed 1111 their runs' weights)",
+    "float64 NumPy there, float32 torch here (--dtype float64 for theirs); initial draws and WM's noise from NumPy's "
+    "generator there, torch's here (--init numpy for theirs: with seed 1111 their runs' weights and noise)",
 )
 
 
@@ -90,13 +92,59 @@ def summed_bce(output: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy(output, onehot, reduction="sum") / output.shape[0]
 
 
-def released_rule(rule: str) -> rules.FeedbackRule:
-    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51); any other rule as registered."""
+class AuthorsNoise(nn.Module):
+    """The weight mirror's noise as the authors' code draws it, from the NumPy generator that drew the initial
+    weights (authors_init), continued: in each mirror batch, for each layer in order, x = 0.1 (U[0, 1) - 0.5) of
+    shape (n_in, batch) (FCNN_WM.py line 48, our noise transposed); after the `warmup` first batches and after each
+    later one, per layer U[0, 1) of shape (n_out, batch), drawn and discarded by their growth control (lines
+    53-58, which change nothing but the generator's state). A module so that the generator's state and the
+    batch count go with the net's state_dict into a checkpoint (get_extra_state)."""
+
+    def __init__(self, generator: np.random.RandomState, layers: Sequence[tuple[int, int]], warmup: int) -> None:
+        super().__init__()
+        self.generator, self.layers, self.warmup = generator, [tuple(shape) for shape in layers], warmup
+        self.drawn = 0                       # noise draws so far, one per layer per mirror batch
+
+    def draw(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        batch, n_in = shape
+        if n_in != self.layers[self.drawn % len(self.layers)][1]:
+            raise ValueError(f"the authors' noise comes layer by layer, {self.layers} (n_out, n_in): got noise for "
+                             f"{n_in} inputs where layer {self.drawn % len(self.layers)} was next")
+        x = RELEASED_NOISE * (self.generator.rand(n_in, batch) - 0.5)
+        self.drawn += 1
+        if self.drawn % len(self.layers) == 0 and self.drawn // len(self.layers) >= self.warmup:
+            for n_out, _ in self.layers:
+                self.generator.rand(n_out, batch)
+        return torch.from_numpy(x.T.copy()).to(device=like.device, dtype=like.dtype)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = state["drawn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedWeightMirror(rules.WeightMirror):
+    """rules.WeightMirror with its noise drawn by `source` (AuthorsNoise) where one is given."""
+
+    source: AuthorsNoise | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def mirror_noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.source is None:
+            return super().mirror_noise(shape, like, generator)
+        return self.source.draw(shape, like)
+
+
+def released_rule(rule: str, source: AuthorsNoise | None = None) -> rules.FeedbackRule:
+    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51), its noise from `source` if given (else torch's
+    generator); any other rule as registered."""
     if rule == "kp":
         return rules.KolenPollack(decay=0.0)
     if rule == "wm":
-        return rules.WeightMirror(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0,
-                                  noise="uniform", response="sigmoid", reduction="sum")
+        return ReleasedWeightMirror(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0,
+                                    noise="uniform", response="sigmoid", reduction="sum", source=source)
     return rules.get(rule)
 
 
@@ -105,23 +153,31 @@ INITS = ("torch", "numpy")
 
 
 def released_net(rule: str, seed: int, inputs: int, classes: int = 10, *, init: str = "torch",
-                 dtype: torch.dtype = torch.float32) -> circuits.CircuitNet:
+                 dtype: torch.dtype = torch.float32, train_size: int = 60_000) -> circuits.CircuitNet:
     """The authors' inputs-500-classes net with sigmoid output under `rule`, its floats `dtype`, drawn from `seed`
     as their code draws it: W, b and every stored B from N(0, 1 / (n_in + n_out)) (FCNN_BP.py lines 29-32,
     FCNN_FA.py line 30).
 
     init "torch": from torch's generator seeded with `seed` (float32 draws, widened to `dtype`), each layer's b
     and W first, so every rule of a seed starts from the same forward weights. init "numpy": from NumPy's legacy
-    generator (authors_init), so that seed 1111 starts from the authors' own runs' weights."""
+    generator (authors_init), so that seed 1111 starts from the authors' own runs' weights; the weight mirror's
+    noise then comes from the same generator, continued as their code draws it (AuthorsNoise, `net.authors_noise`;
+    its warmup: the whole batches of `train_size` images, their code's first mirror)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; inits: {', '.join(INITS)}")
+    numpy = np.random.RandomState(seed) if init == "numpy" else None
+    source = None
+    if numpy is not None and rule == "wm":
+        source = AuthorsNoise(numpy, [(HIDDEN, inputs), (classes, HIDDEN)], warmup=train_size // BATCH)
     torch.manual_seed(seed)                     # direct feedback (DFA) draws its B at build
-    net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule), output_activation="sigmoid").build()
+    net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule, source), output_activation="sigmoid").build()
     synapses = [s for _, s in net.projections()]
     stored = [s for s in synapses if isinstance(getattr(s, "B", None), Tensor)]  # a B of its own (FA, KP, WM)
-    if init == "numpy":
+    if numpy is not None:
+        if source is not None:
+            net.authors_noise = source          # its generator's state goes into the net's state_dict
         net.to(dtype)
-        authors_init(synapses, stored, seed)
+        authors_init(synapses, stored, numpy)
         return net
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -134,13 +190,13 @@ def released_net(rule: str, seed: int, inputs: int, classes: int = 10, *, init: 
     return net.to(dtype)
 
 
-def authors_init(synapses: Sequence[circuits.Synapse], stored: Sequence[circuits.Synapse], seed: int) -> None:
-    """b, W and B set as the authors' code draws them, in the synapses' dtype: NumPy's legacy generator seeded
-    with `seed` (np.random.seed, main.py), then every layer's b = s randn(n_out, 1), every layer's
-    W = s randn(n_out, n_in) (FCNN_BP.py lines 29-32) and every stored B = s randn(n_in, n_out), our B transposed
-    (FCNN_FA.py line 30, which FCNN_KP and FCNN_WM inherit), with s = sqrt(1 / (n_in + n_out)). A B shaped
-    otherwise (LDFA's, from the output) is drawn in its own shape at the same scale."""
-    generator = np.random.RandomState(seed)
+def authors_init(synapses: Sequence[circuits.Synapse], stored: Sequence[circuits.Synapse],
+                 generator: np.random.RandomState) -> None:
+    """b, W and B set as the authors' code draws them, in the synapses' dtype, from NumPy's legacy generator
+    seeded with the seed (np.random.seed, main.py; here RandomState(seed)): every layer's b = s randn(n_out, 1),
+    every layer's W = s randn(n_out, n_in) (FCNN_BP.py lines 29-32) and every stored B = s randn(n_in, n_out), our
+    B transposed (FCNN_FA.py line 30, which FCNN_KP and FCNN_WM inherit), with s = sqrt(1 / (n_in + n_out)). A B
+    shaped otherwise (LDFA's, from the output) is drawn in its own shape at the same scale."""
 
     def draw(synapse: circuits.Synapse, *shape: int) -> Tensor:
         scale = np.sqrt(1.0 / sum(synapse.weight.shape))

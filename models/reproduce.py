@@ -126,8 +126,9 @@ class ReproduceConfig:
     wm_decay: float = option(PAPER_WM_DECAY, "the weight mirror's lambda_B = eta_B", type=within(0, 1),
                              group=PAPER_ONLY)
     mirror_batch: int = option(BATCH, "noise samples per mirror batch", type=POSITIVE_INT, group=PAPER_ONLY)
-    init: str = option("torch", "the initial weights: torch's generator, or NumPy's as the authors' code draws them "
-                                "(models.released.authors_init; seed 1111: their own runs' weights)",
+    init: str = option("torch", "the initial weights and WM's noise: torch's generator, or NumPy's as the authors' "
+                                "code draws them (models.released.authors_init, AuthorsNoise; seed 1111: their own "
+                                "runs' weights and noise)",
                        choices=list(INITS), group=RELEASED_ONLY)
     dtype: str = option("float32", "the circuit's and the images' floats (float64: the authors' NumPy)",
                         choices=list(DTYPES), group=RELEASED_ONLY)
@@ -157,7 +158,8 @@ def train_released(rule: str, seeds: tuple[int, ...], config: ReproduceConfig, s
     """The runs of `seeds` as the authors' code trains them, recorded to `recordings` (with the provenance
     `record`), going on from `checkpoint` if there is one."""
     net, loader = compare.together(seeds, lambda seed: released_net(rule, seed, split.shape[0], split.classes,
-                                                                    init=config.init, dtype=DTYPES[config.dtype]),
+                                                                    init=config.init, dtype=DTYPES[config.dtype],
+                                                                    train_size=len(split.train)),
                                    lambda seed: released_loader(split.train))
     return compare.fit(rule, seeds, net, released_optimizer(net, rule), loader, split, config.epochs, recordings,
                        mirror_batch=BATCH, loss_fn=summed_bce, checkpoint=checkpoint,
@@ -368,6 +370,9 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     if changed:
         raise ValueError(f"{', '.join(changed)} set(s) {other}, not --settings {config.settings}"
                          + (" (which takes the authors' values)" if config.settings == "released" else ""))
+    if config.init == "numpy" and config.batch_seeds and "wm" in config.rules:
+        raise ValueError("--init numpy draws WM's mirror noise from each seed's NumPy generator, which a checkpoint "
+                         "of seeds batched does not keep: run wm without --batch-seeds")
     split = data.with_dtype(DATASETS[config.dataset](config.cache_dir, config.root, flat=True,
                                                      standardize=config.settings == "paper"), DTYPES[config.dtype])
     folder = RunFolder(config.out_dir, shared_settings(config, BOOKKEEPING), overwrite=config.overwrite,

@@ -471,6 +471,66 @@ def test_numpy_init_starts_from_the_authors_weights(rule):
         released.released_net(rule, seed=1111, inputs=784, init="keras")
 
 
+def test_numpy_noise_goes_on_from_the_authors_init_in_their_order_and_from_a_checkpoint():
+    """FCNN_WM.mirror after the init's draws, transcribed: per mirror batch and layer 0.1 (rand(n_in, 128) - 0.5);
+    after the first mirror call's `warmup` batches (here 256 // 128 = 2) and after every later batch, rand(n_out,
+    128) per layer for the growth control. Our noise is theirs transposed, and the net's state_dict carries the
+    generator: a net loaded from it draws on as the first."""
+    authors_init(1111)                          # np.random.seed(1111) and the init's draws
+    theirs = []
+    for batch in range(4):
+        theirs += [0.1 * (np.random.rand(n_in, 128) - 0.5) for n_in in (784, 500)]
+        if batch + 1 >= 2:
+            np.random.rand(500, 128), np.random.rand(10, 128)
+
+    def net():
+        return released.released_net("wm", seed=1111, inputs=784, init="numpy", dtype=torch.float64,
+                                     train_size=256)
+    first, fresh = net(), net()
+    draws = [first.authors_noise.draw((128, n_in), first.projection("fc1").weight) for _ in range(2)
+             for n_in in (784, 500)]
+    kept = net()
+    kept.load_state_dict(first.state_dict())
+    for mirrored in (first, kept):
+        more = [mirrored.authors_noise.draw((128, n_in), first.projection("fc1").weight) for n_in in (784, 500) * 2]
+        assert all(np.array_equal(a.numpy(), b.T) for a, b in zip(draws + more, theirs, strict=True))
+    assert not torch.equal(fresh.authors_noise.draw((128, 784), first.projection("fc1").weight), more[0])
+    with pytest.raises(ValueError, match=r"noise for 784 inputs where layer 1 was next"):       # fc1 drawn: fc2's turn
+        fresh.authors_noise.draw((128, 784), first.projection("fc1").weight)
+    assert not hasattr(released.released_net("wm", seed=1111, inputs=784), "authors_noise")   # torch's noise
+
+
+def test_a_wm_run_on_numpy_noise_goes_on_from_its_checkpoint_as_if_never_stopped(tmp_path, monkeypatch):
+    """3 epochs straight, and 1 epoch then 2 more from its checkpoint, give the same run; without the noise's
+    generator state in the checkpoint they would not (checked: a set_extra_state that restores nothing)."""
+    subset = data.mnist_subset()
+    flat = [torch.utils.data.TensorDataset(d.tensors[0].flatten(1), d.tensors[1]) for d in (subset.train, subset.test)]
+    split = data.DataSplit(*flat, (784,), 10)
+
+    def run(epochs, checkpoint):
+        net = released.released_net("wm", 1111, 784, init="numpy", train_size=len(split.train))
+        return compare.fit("wm", [1111], net, released.released_optimizer(net, "wm"),
+                           released.released_loader(split.train), split, epochs, None, loss_fn=released.summed_bce,
+                           checkpoint=checkpoint)[0]
+
+    straight = run(3, None)
+    for restores in (True, False):
+        if not restores:
+            monkeypatch.setattr(released.AuthorsNoise, "set_extra_state", lambda self, state: None)
+        checkpoint = tmp_path / f"{restores}.ckpt"
+        run(1, checkpoint)
+        resumed = run(3, checkpoint)
+        assert (resumed.final_angles == straight.final_angles) is restores
+
+
+def test_numpy_noise_is_refused_with_seeds_batched(tmp_path):
+    config = reproduce.ReproduceConfig(settings="released", rules=("wm",), init="numpy", batch_seeds=True,
+                                       out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="run wm without --batch-seeds"):
+        reproduce.run(config)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("init", released.INITS)
 def test_a_feedback_shaped_from_the_output_is_drawn_in_its_own_shape(init):
     """LDFA's B reaches each layer from the 10 outputs: drawn (10, n_in) at the layer's scale, not refused."""
@@ -510,6 +570,27 @@ def test_from_the_authors_weights_our_first_epoch_is_their_logged_one(rule, full
     assert top1 == accuracy
     found = compare.angles(net)
     assert (found["fc1"], found["fc2"]) == pytest.approx((fc1, fc2), abs=1e-9)
+
+
+def test_from_the_authors_weights_and_noise_wm_is_their_logged_run(full_mnist):
+    """WM from their seed 1111, its noise from the same NumPy generator (released_net init "numpy"), under their
+    cadence (468 mirror batches first, one after every step), float64: the first epoch of their log, all digits
+    (experiments/mnist/wm-V0/results.json, "epoch_0")."""
+    net = released.released_net("wm", seed=1111, inputs=784, init="numpy", dtype=torch.float64)
+    loader = released.released_loader(full_mnist.train)
+    trainer = circuits.Trainer(net, released.released_optimizer(net, "wm"),
+                               circuits.paper_schedule(net, len(loader), released.BATCH), loss_fn=released.summed_bce,
+                               config=circuits.TrainerConfig(progress=False))
+    losses, learn = [], trainer.learn
+    trainer.learn = lambda x, y: losses.append(float(learn(x, y))) or losses[-1]
+    trainer.fit(loader, epochs=1)
+    images, labels = full_mnist.test.tensors
+    with torch.no_grad():
+        top1 = 100 * (net(images).argmax(1) == labels).sum().item() / len(labels)
+    assert len(losses) == 468 and statistics.fmean(losses) == pytest.approx(2.585274739111235, rel=1e-12)
+    assert top1 == 78.48
+    found = compare.angles(net)
+    assert (found["fc1"], found["fc2"]) == pytest.approx((83.16215197903317, 61.334420958374515), abs=1e-9)
 
 
 def test_init_and_dtype_reach_the_released_runs_and_are_refused_under_paper(mnist_slice, tmp_path, capsys):
