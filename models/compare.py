@@ -279,7 +279,7 @@ def fit(rule_name: str, seeds: Sequence[int], net: torch.nn.Module, optimizer: t
     for s, (seed, copy) in enumerate(zip(seeds, copies, strict=True)):
         history = [100 * (h[s] if seeded else h)["top1"] for h in trainer.evaluations]   # epochs checked finite
         failed = diverged is not None and not all(bool(torch.isfinite(t).all()) for t in copy.state_dict().values()
-                                                  if t.is_floating_point())
+                                                  if isinstance(t, Tensor) and t.is_floating_point())
         if diverged is not None and seeded and not failed:
             continue        # cut short by another seed: trained again
         epoch_angles = [a[s] for a in run["epoch_angles"]]

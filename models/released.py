@@ -125,26 +125,27 @@ class AuthorsNoise(nn.Module):
         self.drawn = state["drawn"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReleasedWeightMirror(rules.WeightMirror):
-    """rules.WeightMirror with its noise drawn by `source` (AuthorsNoise) where one is given."""
+    """rules.WeightMirror with its noise drawn by `noise_source` (AuthorsNoise), not torch's generator."""
 
-    source: AuthorsNoise | None = dataclasses.field(default=None, compare=False, repr=False)
+    noise_source: AuthorsNoise = dataclasses.field(compare=False, repr=False)
 
     def mirror_noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.source is None:
-            return super().mirror_noise(shape, like, generator)
-        return self.source.draw(shape, like)
+        return self.noise_source.draw(shape, like)
 
 
-def released_rule(rule: str, source: AuthorsNoise | None = None) -> rules.FeedbackRule:
-    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51), its noise from `source` if given (else torch's
-    generator); any other rule as registered."""
+def released_rule(rule: str, noise_source: AuthorsNoise | None = None) -> rules.FeedbackRule:
+    """KP without decay; WM as FCNN_WM.py's mirror (lines 48-51), its noise from `noise_source` if given (else
+    torch's generator); any other rule as registered."""
     if rule == "kp":
         return rules.KolenPollack(decay=0.0)
     if rule == "wm":
-        return ReleasedWeightMirror(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0,
-                                    noise="uniform", response="sigmoid", reduction="sum", source=source)
+        settings = dict(sigma=RELEASED_NOISE / math.sqrt(12), eta=RELEASED_MIRROR_ETA, decay=0.0, noise="uniform",
+                        response="sigmoid", reduction="sum")
+        if noise_source is None:
+            return rules.WeightMirror(**settings)
+        return ReleasedWeightMirror(**settings, noise_source=noise_source)
     return rules.get(rule)
 
 
@@ -165,19 +166,19 @@ def released_net(rule: str, seed: int, inputs: int, classes: int = 10, *, init: 
     its warmup: the whole batches of `train_size` images, their code's first mirror)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; inits: {', '.join(INITS)}")
-    numpy = np.random.RandomState(seed) if init == "numpy" else None
+    drawn = np.random.RandomState(seed) if init == "numpy" else None       # the authors' generator
     source = None
-    if numpy is not None and rule == "wm":
-        source = AuthorsNoise(numpy, [(HIDDEN, inputs), (classes, HIDDEN)], warmup=train_size // BATCH)
+    if drawn is not None and rule == "wm":
+        source = AuthorsNoise(drawn, [(HIDDEN, inputs), (classes, HIDDEN)], warmup=train_size // BATCH)
     torch.manual_seed(seed)                     # direct feedback (DFA) draws its B at build
     net = mlp((inputs, HIDDEN, classes), rule=released_rule(rule, source), output_activation="sigmoid").build()
     synapses = [s for _, s in net.projections()]
     stored = [s for s in synapses if isinstance(getattr(s, "B", None), Tensor)]  # a B of its own (FA, KP, WM)
-    if numpy is not None:
+    if drawn is not None:
         if source is not None:
             net.authors_noise = source          # its generator's state goes into the net's state_dict
         net.to(dtype)
-        authors_init(synapses, stored, numpy)
+        authors_init(synapses, stored, drawn)
         return net
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -370,7 +370,7 @@ def run(config: ReproduceConfig, command: str = "python -m models.reproduce") ->
     if changed:
         raise ValueError(f"{', '.join(changed)} set(s) {other}, not --settings {config.settings}"
                          + (" (which takes the authors' values)" if config.settings == "released" else ""))
-    if config.init == "numpy" and config.batch_seeds and "wm" in config.rules:
+    if config.init == "numpy" and config.batch_seeds and len(config.seeds) > 1 and "wm" in config.rules:
         raise ValueError("--init numpy draws WM's mirror noise from each seed's NumPy generator, which a checkpoint "
                          "of seeds batched does not keep: run wm without --batch-seeds")
     split = data.with_dtype(DATASETS[config.dataset](config.cache_dir, config.root, flat=True,

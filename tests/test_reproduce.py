@@ -523,6 +523,22 @@ def test_a_wm_run_on_numpy_noise_goes_on_from_its_checkpoint_as_if_never_stopped
         assert (resumed.final_angles == straight.final_angles) is restores
 
 
+def test_a_wm_run_on_numpy_noise_that_diverges_is_reported_as_diverged(monkeypatch):
+    """The net's state_dict holds the noise's generator state (not a tensor) beside its tensors."""
+    subset = data.mnist_subset()
+    flat = [torch.utils.data.TensorDataset(d.tensors[0].flatten(1), d.tensors[1]) for d in (subset.train, subset.test)]
+    split = data.DataSplit(*flat, (784,), 10)
+
+    def diverges(self, *args, **kwargs):
+        raise circuits.DivergenceError("the loss is not finite", 3, [])
+
+    monkeypatch.setattr(compare.KeepingTrainer, "fit", diverges)
+    net = released.released_net("wm", 1111, 784, init="numpy", train_size=len(split.train))
+    result = compare.fit("wm", [1111], net, released.released_optimizer(net, "wm"),
+                         released.released_loader(split.train), split, 1, None, loss_fn=released.summed_bce)[0]
+    assert result.diverged_step == 3 and result.top1 is None
+
+
 def test_numpy_noise_is_refused_with_seeds_batched(tmp_path):
     config = reproduce.ReproduceConfig(settings="released", rules=("wm",), init="numpy", batch_seeds=True,
                                        out=str(tmp_path / "out"))
